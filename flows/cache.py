@@ -1,0 +1,113 @@
+"""Dashboard query cache in Redis, keyed by a data version that every landed sync bumps.
+
+A key is `<prefix>:cache:v<version>:<query>:<params hash>`. The flow increments the version after
+each build lands, so a lookup after a sync misses and recomputes: the cache never serves data
+older than the last sync. Old versions simply age out by TTL. Hits and misses are counted in a
+Redis hash so the hit rate can be alerted on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flows.redis_link import RedisLink
+from flows.settings import FlowSettings
+
+Rows = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    hits: int
+    misses: int
+
+    @property
+    def lookups(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def hit_rate(self) -> float | None:
+        return self.hits / self.lookups if self.lookups else None
+
+
+@dataclass
+class Lookup:
+    rows: Rows
+    hit: bool  # False also when Redis is down (nothing cached)
+    version: str | None
+
+
+def _json(rows: Rows) -> str:
+    # str() for datetimes/decimals: the dashboard renders text, and hits and misses must return
+    # the same types, so a miss also returns the JSON round trip.
+    return json.dumps(rows, default=str, separators=(",", ":"))
+
+
+class QueryCache:
+    def __init__(self, settings: FlowSettings, link: RedisLink):
+        self._settings = settings
+        self._link = link
+        self._version_key = settings.key("data_version")
+        self._stats_key = settings.key("cache", "stats")
+
+    def data_version(self) -> str | None:
+        """The current data version ("0" before the first sync), or None without Redis."""
+        return self._link.call(lambda c: c.get(self._version_key) or "0", None)
+
+    def bump_version(self) -> int | None:
+        """Called after each landed sync: every cached entry becomes unreachable."""
+        return self._link.call(lambda c: int(c.incr(self._version_key)), None)
+
+    def _key(self, version: str, name: str, params: dict[str, Any] | None) -> str:
+        digest = hashlib.sha1(
+            json.dumps(params or {}, sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
+        return self._settings.key("cache", f"v{version}", name, digest)
+
+    def get_or_compute(
+        self, name: str, compute: Callable[[], Rows], params: dict[str, Any] | None = None
+    ) -> Lookup:
+        version = self.data_version()
+        if version is None:  # no Redis: straight to ClickHouse, nothing counted
+            return Lookup(json.loads(_json(compute())), hit=False, version=None)
+        key = self._key(version, name, params)
+        cached = self._link.call(lambda c: c.get(key), None)
+        if cached is not None:
+            self._link.call(lambda c: c.hincrby(self._stats_key, "hits", 1), None)
+            return Lookup(json.loads(cached), hit=True, version=version)
+        payload = _json(compute())
+        ttl = self._settings.cache_ttl_seconds
+
+        def store(c: Any) -> None:
+            pipe = c.pipeline()
+            pipe.set(key, payload, ex=ttl)
+            pipe.hincrby(self._stats_key, "misses", 1)
+            pipe.execute()
+
+        self._link.call(store, None)
+        return Lookup(json.loads(payload), hit=False, version=version)
+
+    def stats(self) -> CacheStats | None:
+        raw = self._link.call(lambda c: c.hgetall(self._stats_key), None)
+        if raw is None:
+            return None
+        return CacheStats(hits=int(raw.get("hits", 0)), misses=int(raw.get("misses", 0)))
+
+    def take_stats(self) -> CacheStats | None:
+        """Read and reset the counters atomically: each flow run judges the hit rate of the
+        lookups since the previous run, so one bad hour does not alert forever."""
+
+        def take(c: Any) -> dict[str, str]:
+            pipe = c.pipeline(transaction=True)
+            pipe.hgetall(self._stats_key)
+            pipe.delete(self._stats_key)
+            return pipe.execute()[0]
+
+        raw = self._link.call(take, None)
+        if raw is None:
+            return None
+        return CacheStats(hits=int(raw.get("hits", 0)), misses=int(raw.get("misses", 0)))

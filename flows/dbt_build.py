@@ -1,0 +1,134 @@
+"""`dbt build` of the models downstream of the changed sources, with per-node timings.
+
+Runner choice (measured, see `bench_runners` and the numbers below): plain `dbtRunner` in-process,
+turning its run results into `StepTiming` rows (-> `ops.step_timings` and the run's Prefect table
+artifact), instead of prefect-dbt's `PrefectDbtRunner`, which makes every dbt node a Prefect task.
+MEASUREMENTS_PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from flows.settings import FlowSettings
+from flows.timings import StepTiming
+
+# Node statuses that fail a build; `warn` does not.
+FAILED_STATUSES = {"error", "fail", "runtime error"}
+# An error whose text matches this is the warehouse being unreachable, worth a retry; anything
+# else (SQL errors, failed tests) fails at once.
+TRANSIENT = re.compile(
+    r"connection refused|connection reset|timed out|max retries exceeded|"
+    r"name or service not known|failed to establish a new connection|remote end closed",
+    re.IGNORECASE,
+)
+
+
+class DbtBuildError(RuntimeError):
+    """dbt build failed; the message names every failed node with its warehouse error."""
+
+    def __init__(
+        self, message: str, failed: list[str] | None = None, nodes: list[StepTiming] | None = None
+    ):
+        super().__init__(message)
+        self.failed = failed or []
+        self.nodes = nodes or []  # timings of the nodes that did run, for the run's record
+
+
+class DbtConnectionError(DbtBuildError):
+    """dbt could not reach the warehouse: transient, retried with backoff."""
+
+
+@dataclass
+class BuildResult:
+    select: list[str]
+    nodes: list[StepTiming] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(n.rows for n in self.nodes)
+
+
+def selectors(settings: FlowSettings, sources: Iterable[str]) -> list[str]:
+    """`source:<source>.<table>+` for every source table whose downstream models need a build."""
+    return [f"source:{settings.dbt_source}.{s}+" for s in sorted(set(sources))]
+
+
+def dbt_args(settings: FlowSettings, command: str, select: list[str]) -> list[str]:
+    args = [command, "--project-dir", str(settings.dbt_project_dir)]
+    if select:
+        args += ["--select", *select]
+    if settings.dbt_profiles_dir is not None:
+        args += ["--profiles-dir", str(settings.dbt_profiles_dir)]
+    if settings.dbt_target is not None:
+        args += ["--target", settings.dbt_target]
+    if settings.dbt_target_path is not None:
+        args += ["--target-path", str(settings.dbt_target_path)]
+        args += ["--log-path", str(Path(settings.dbt_target_path) / "logs")]
+    return args
+
+
+def _node_timing(result: Any) -> StepTiming:
+    node = result.node
+    status = str(getattr(result.status, "value", result.status))
+    started = next((t.started_at for t in (result.timing or []) if t.started_at is not None), None)
+    if started is None:
+        started_at = datetime.now(UTC)
+    else:  # dbt reports naive UTC
+        started_at = started if started.tzinfo else started.replace(tzinfo=UTC)
+    response = result.adapter_response or {}
+    rows = response.get("rows_affected") or 0
+    message = result.message or ""
+    if status in FAILED_STATUSES:
+        message = message or "failed"
+    return StepTiming(
+        step=f"dbt:{node.resource_type}:{node.name}",
+        kind="dbt_node",
+        status=status,
+        started_at=started_at,
+        ended_at=started_at + timedelta(seconds=result.execution_time or 0.0),
+        duration_s=float(result.execution_time or 0.0),
+        rows=int(rows) if isinstance(rows, int | float) and rows > 0 else 0,
+        message=message if status in FAILED_STATUSES else "",
+    )
+
+
+def run_build(settings: FlowSettings, select: list[str]) -> BuildResult:
+    """Run `dbt build --select <select>`; raise DbtBuildError naming the failed nodes."""
+    from dbt.cli.main import dbtRunner
+
+    # A fresh runner per build: dbtRunner instances are not meant to be reused concurrently.
+    res = dbtRunner().invoke(dbt_args(settings, "build", select))
+    build = BuildResult(select=select)
+    results = getattr(res.result, "results", None) or []
+    build.nodes = [_node_timing(r) for r in results]
+
+    if res.exception is not None:
+        text = f"{type(res.exception).__name__}: {res.exception}"
+        error = DbtConnectionError if TRANSIENT.search(text) else DbtBuildError
+        raise error(f"dbt build could not run ({' '.join(select)}): {text}", nodes=build.nodes)
+    failed = [n for n in build.nodes if n.status in FAILED_STATUSES]
+    if failed:
+        detail = "\n".join(
+            f"- {n.step.split(':', 2)[2]} ({n.step.split(':')[1]}): {n.message}" for n in failed
+        )
+        names = [n.step.split(":", 2)[2] for n in failed]
+        error = (
+            DbtConnectionError
+            if all(TRANSIENT.search(n.message) for n in failed)
+            else DbtBuildError
+        )
+        raise error(
+            f"dbt build failed in {', '.join(names)}:\n{detail}", failed=names, nodes=build.nodes
+        )
+    if not res.success:
+        raise DbtBuildError(
+            f"dbt build reported failure ({' '.join(select)}) without node errors",
+            nodes=build.nodes,
+        )
+    return build

@@ -1,0 +1,145 @@
+"""The flow's ClickHouse bookkeeping in the `ops` database.
+
+Tables owned here (created if missing): `ops.step_timings`, `ops.alerts`, `ops.build_pending`.
+`ops.sync_runs` belongs to the loader; the flow only adds its "skipped" rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+from flows.settings import FlowSettings
+
+DDL = (
+    "CREATE DATABASE IF NOT EXISTS ops",
+    """
+    CREATE TABLE IF NOT EXISTS ops.step_timings (
+        run_id String,
+        step String,
+        kind LowCardinality(String),
+        status LowCardinality(String),
+        started_at DateTime64(3, 'UTC'),
+        ended_at DateTime64(3, 'UTC'),
+        duration_s Float64,
+        rows UInt64,
+        message String
+    ) ENGINE = MergeTree
+    ORDER BY (started_at, run_id, step)
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS ops.alerts (
+        raised_at DateTime64(3, 'UTC'),
+        run_id String,
+        kind LowCardinality(String),
+        subject String,
+        value Float64,
+        threshold Float64,
+        message String
+    ) ENGINE = MergeTree
+    ORDER BY (raised_at, kind)
+    """,
+    # A dbt source whose downstream models still need a build: set before its data is loaded,
+    # cleared after a successful build, so a failed or interrupted build is retried by the next
+    # run even when no new data arrives.
+    """
+    CREATE TABLE IF NOT EXISTS ops.build_pending (
+        source String,
+        pending UInt8,
+        run_id String,
+        saved_at DateTime64(6, 'UTC')
+    ) ENGINE = ReplacingMergeTree(saved_at)
+    ORDER BY source
+    """,
+)
+
+STEP_COLUMNS = (
+    "run_id",
+    "step",
+    "kind",
+    "status",
+    "started_at",
+    "ended_at",
+    "duration_s",
+    "rows",
+    "message",
+)
+ALERT_COLUMNS = ("raised_at", "run_id", "kind", "subject", "value", "threshold", "message")
+SYNC_RUN_COLUMNS = (
+    "run_id",
+    "collection",
+    "status",
+    "started_at",
+    "ended_at",
+    "duration_s",
+    "docs_read",
+    "rows_written",
+    "rejects",
+    "deletes",
+    "watermark_before",
+    "watermark_after",
+    "peak_rss_bytes",
+    "message",
+)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def connect(settings: FlowSettings) -> Client:
+    return clickhouse_connect.get_client(
+        host=settings.clickhouse_host,
+        port=settings.clickhouse_port,
+        username=settings.clickhouse_user,
+        password=settings.clickhouse_password,
+    )
+
+
+def ensure_tables(client: Client) -> None:
+    for statement in DDL:
+        client.command(statement)
+
+
+def insert_rows(
+    client: Client, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    data = [list(r) for r in rows]
+    if data:
+        client.insert(table, data, column_names=list(columns))
+
+
+def record_skipped_run(
+    client: Client,
+    run_id: str,
+    collections: Iterable[str],
+    started_at: datetime,
+    message: str,
+) -> None:
+    """One `skipped` row per collection in the loader's `ops.sync_runs`."""
+    ended = now()
+    duration = (ended - started_at).total_seconds()
+    rows = [
+        (run_id, c, "skipped", started_at, ended, duration, 0, 0, 0, 0, "", "", 0, message)
+        for c in collections
+    ]
+    insert_rows(client, "ops.sync_runs", SYNC_RUN_COLUMNS, rows)
+
+
+def pending_sources(client: Client) -> set[str]:
+    result = client.query("SELECT source FROM ops.build_pending FINAL WHERE pending = 1")
+    return {row[0] for row in result.result_rows}
+
+
+def set_pending(client: Client, sources: Iterable[str], pending: bool, run_id: str) -> None:
+    stamp = now()
+    insert_rows(
+        client,
+        "ops.build_pending",
+        ("source", "pending", "run_id", "saved_at"),
+        [(s, int(pending), run_id, stamp) for s in sources],
+    )

@@ -1,0 +1,268 @@
+"""The Prefect flow `sync_pipeline`: guard -> detect changes -> load -> dbt build -> timings.
+
+A run does nothing (and records a `skipped` run in `ops.sync_runs`) when another run holds the
+guard, or when no collection changed and no earlier build is still pending. Otherwise it loads the
+changed collections, builds the dbt models downstream of the changed (or still pending) sources,
+bumps the dashboard cache's data version, checks the alert thresholds, and writes every step's
+timing to `ops.step_timings` and a Prefect table artifact. The return value summarises the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import uuid4
+
+from clickhouse_connect.driver.client import Client
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
+
+from flows import ops
+from flows.alerts import (
+    Alert,
+    check_cache_hit_rate,
+    check_loader_memory,
+    check_sync_duration,
+    raise_alerts,
+)
+from flows.cache import QueryCache
+from flows.dbt_build import BuildResult, DbtBuildError, DbtConnectionError, run_build, selectors
+from flows.lock import run_guard
+from flows.redis_link import RedisLink
+from flows.settings import FlowSettings
+from flows.timings import TimingRecorder
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Connection-level failures are worth a retry; data and SQL errors are not."""
+    if exc is None:
+        return False
+    if isinstance(exc, DbtConnectionError):
+        return True
+    if isinstance(exc, DbtBuildError):
+        return False
+    from clickhouse_connect.driver.exceptions import OperationalError
+    from pymongo.errors import AutoReconnect, ConnectionFailure
+
+    transient: tuple[type[BaseException], ...] = (
+        ConnectionError,
+        TimeoutError,
+        ConnectionFailure,
+        AutoReconnect,
+        OperationalError,
+    )
+    return isinstance(exc, transient) or is_transient(exc.__cause__)
+
+
+def _retry_on_transient(task_: Any, task_run: Any, state: Any) -> bool:
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            state.result(raise_on_failure=True)
+        except BaseException as raised:  # the state's exception, re-raised to inspect it
+            exc = raised
+    return is_transient(exc)
+
+
+def _task_options(settings: FlowSettings) -> dict[str, Any]:
+    return {
+        "retries": settings.task_retries,
+        "retry_delay_seconds": exponential_backoff(settings.task_retry_delay_seconds),
+        "retry_condition_fn": _retry_on_transient,
+    }
+
+
+@task(name="detect-changes", cache_policy=NO_CACHE)
+def detect_changes(collections: list[str]) -> list[str]:
+    from loader.settings import Settings
+    from loader.sync import has_changes
+
+    loader_settings = Settings()
+    return [c for c in collections if has_changes(loader_settings, c)]
+
+
+@task(name="load-collection", task_run_name="load-{collection}", cache_policy=NO_CACHE)
+def load_collection(collection: str, full_refresh: bool = False) -> Any:
+    from loader.settings import Settings
+    from loader.sync import sync_collection
+
+    return sync_collection(Settings(), collection, full_refresh=full_refresh)
+
+
+@task(name="dbt-build", cache_policy=NO_CACHE)
+def dbt_build(settings: FlowSettings, select: list[str]) -> BuildResult:
+    return run_build(settings, select)
+
+
+def _summary(
+    run_id: str,
+    status: str,
+    message: str,
+    recorder: TimingRecorder,
+    started: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "status": status,
+        "message": message,
+        "duration_s": round(time.perf_counter() - started, 3),
+        "steps": recorder.table(),
+        **extra,
+    }
+
+
+@flow(name="sync-pipeline", log_prints=True)
+def sync_pipeline(full_refresh: bool = False) -> dict[str, Any]:
+    """Bring ClickHouse in step with MongoDB once; see the module docstring."""
+    settings = FlowSettings()
+    logger = get_run_logger()
+    run_id = str(flow_run.get_id() or uuid4())
+    t0 = time.perf_counter()
+    started_at = ops.now()
+    recorder = TimingRecorder(run_id)
+    link = RedisLink(settings, logger)
+    ch = ops.connect(settings)
+    try:
+        ops.ensure_tables(ch)
+        with recorder.step("guard") as guard_step, run_guard(settings, link, run_id, logger) as g:
+            guard_step.message = g.mechanism
+            if not g.acquired:
+                guard_step.status = "skipped"
+                guard_step.message = g.skip_message
+                logger.info("Run %s %s", run_id, g.skip_message)
+                ops.record_skipped_run(ch, run_id, settings.collections, started_at, g.skip_message)
+                return _summary(run_id, "skipped", g.skip_message, recorder, t0, guard=g.mechanism)
+            run = RunContext(settings, logger, run_id, started_at, t0, recorder, link, ch)
+            return {**_run(run, full_refresh), "guard": g.mechanism}
+    finally:
+        _publish(recorder, ch, logger)
+        link.close()
+        ch.close()
+
+
+@dataclass
+class RunContext:
+    settings: FlowSettings
+    logger: logging.Logger | logging.LoggerAdapter
+    run_id: str
+    started_at: datetime
+    t0: float  # perf_counter at the start, for durations
+    recorder: TimingRecorder
+    link: RedisLink
+    ch: Client
+
+
+def _run(run: RunContext, full_refresh: bool) -> dict[str, Any]:
+    settings, logger, run_id, recorder, ch = (
+        run.settings,
+        run.logger,
+        run.run_id,
+        run.recorder,
+        run.ch,
+    )
+    started_at, t0, link = run.started_at, run.t0, run.link
+    collections = list(settings.collections)
+    options = _task_options(settings)
+
+    with recorder.step("detect_changes") as step:
+        if full_refresh:
+            changed = collections
+        else:
+            changed = detect_changes.with_options(**options)(collections)
+        pending = ops.pending_sources(ch)
+        step.rows = len(changed)
+        step.message = f"changed={changed} pending_build={sorted(pending)}"
+    to_build = sorted(set(changed) | pending)
+    if not to_build:
+        message = "skipped: no changes since the last sync"
+        recorder.steps[-1].status = "skipped"
+        logger.info("Run %s %s", run_id, message)
+        ops.record_skipped_run(ch, run_id, collections, started_at, message)
+        return _summary(run_id, "skipped", message, recorder, t0, changed=[], built=[])
+
+    # Durable before loading: if this run dies after the load, the next run still builds.
+    ops.set_pending(ch, changed, True, run_id)
+    alerts: list[Alert | None] = []
+    loads: dict[str, dict[str, Any]] = {}
+    for collection in changed:
+        with recorder.step(f"load:{collection}") as step:
+            result = load_collection.with_options(**options)(collection, full_refresh)
+            step.rows = int(result.rows_written)
+            step.message = (
+                f"docs_read={result.docs_read} rejects={result.rejects} deletes={result.deletes}"
+            )
+        loads[collection] = {
+            "status": result.status,
+            "docs_read": result.docs_read,
+            "rows_written": result.rows_written,
+            "rejects": result.rejects,
+            "deletes": result.deletes,
+            "peak_rss_bytes": result.peak_rss_bytes,
+            "loader_run_id": result.run_id,
+        }
+        alerts.append(check_loader_memory(settings, run_id, collection, result.peak_rss_bytes))
+
+    select = selectors(settings, to_build)
+    with recorder.step("dbt_build") as step:
+        step.message = " ".join(select)
+        try:
+            build = dbt_build.with_options(**options)(settings, select)
+        except DbtBuildError as exc:
+            for node in exc.nodes:
+                recorder.add(node)
+            logger.error(
+                "dbt build failed; the loaded data and its watermark stay valid and the next "
+                "run retries the build of %s.\n%s",
+                ", ".join(to_build),
+                exc,
+            )
+            raise
+        step.rows = build.rows
+        for node in build.nodes:
+            recorder.add(node)
+    ops.set_pending(ch, to_build, False, run_id)
+
+    cache = QueryCache(settings, link)
+    version = cache.bump_version()
+    elapsed = time.perf_counter() - t0
+    alerts.append(check_sync_duration(settings, run_id, elapsed))
+    alerts.append(check_cache_hit_rate(settings, run_id, cache.take_stats()))
+    raised = raise_alerts(settings, ch, alerts, logger)
+    message = f"loaded {', '.join(changed) or 'nothing'}; built {' '.join(select)}"
+    logger.info("Run %s: %s in %.2f s", run_id, message, elapsed)
+    return _summary(
+        run_id,
+        "ok",
+        message,
+        recorder,
+        t0,
+        changed=changed,
+        built=select,
+        loads=loads,
+        data_version=version,
+        alerts=[a.message for a in raised],
+    )
+
+
+def _publish(
+    recorder: TimingRecorder, ch: Client, logger: logging.Logger | logging.LoggerAdapter
+) -> None:
+    """Write the timings and the artifact, even for a failed run; never mask the run's error."""
+    try:
+        recorder.write(ch)
+    except Exception as exc:
+        logger.error("Could not write ops.step_timings: %s", exc)
+    try:
+        recorder.publish_artifact()
+    except Exception as exc:
+        logger.error("Could not create the timings artifact: %s", exc)
+
+
+if __name__ == "__main__":
+    print(sync_pipeline())

@@ -1,0 +1,78 @@
+"""Settings of the flow, the cache, the lock and the alerts (env vars; unset = default).
+
+Connection settings reuse the names of `loader.settings` (`CLICKHOUSE_*`, `REDIS_URL`) so one
+environment drives every part; the flow's own knobs carry the `PIPELINE_` prefix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The repository root: `dbt_project.yml` lives there and dbt runs from there.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class FlowSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_", extra="ignore")
+
+    clickhouse_host: str = Field(
+        "127.0.0.1", validation_alias=AliasChoices("CLICKHOUSE_HOST", "clickhouse_host")
+    )
+    clickhouse_port: int = Field(
+        8123, validation_alias=AliasChoices("CLICKHOUSE_PORT", "clickhouse_port")
+    )
+    clickhouse_user: str = Field(
+        "default", validation_alias=AliasChoices("CLICKHOUSE_USER", "clickhouse_user")
+    )
+    clickhouse_password: str = Field(
+        "", validation_alias=AliasChoices("CLICKHOUSE_PASSWORD", "clickhouse_password")
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "redis_url")
+    )
+
+    # Collections the flow keeps in step, in load order.
+    collections: tuple[str, ...] = ("tasks", "employee")
+    # The dbt source declaring the raw tables (models/staging/mongo/_mongo__sources.yml).
+    dbt_source: str = "mongo"
+    dbt_project_dir: Path = REPO_ROOT
+    # None: dbt's own lookup (the project dir, then ~/.dbt); `make setup` writes profiles.yml.
+    dbt_profiles_dir: Path | None = None
+    dbt_target: str | None = None
+    # None: the project's `target/`; tests point this at a temp dir so runs never share it.
+    dbt_target_path: Path | None = None
+
+    # Embedded stack data (PIPELINE_DATA_DIR, shared with devstack): Prefect home, lock files.
+    data_dir: Path = Path(".data")
+
+    # Scheduling.
+    sync_interval_minutes: float = 15.0
+    # Prefect global concurrency limit guarding overlap when Redis is unreachable.
+    concurrency_limit_name: str = "sync-pipeline"
+
+    # Redis keys and lifetimes.
+    redis_prefix: str = "pipeline"
+    lock_ttl_seconds: int = 3600
+    cache_ttl_seconds: int = 3600
+    redis_timeout_seconds: float = 1.0
+
+    # Alert thresholds (defaults from the seed).
+    alert_sync_seconds: float = 30.0
+    alert_query_seconds: float = 2.0
+    alert_cache_hit_rate: float = 0.70
+    # A hit rate measured on fewer lookups than this says nothing; do not alert on it.
+    alert_cache_min_lookups: int = 20
+    alert_loader_rss_bytes: int = 1024 * 1024 * 1024
+    # Name of a Prefect notification block (e.g. "slack-webhook/ops"); empty = no notification.
+    alert_notification_block: str = ""
+
+    # Retries of transient failures (connection errors) per task.
+    task_retries: int = 3
+    task_retry_delay_seconds: float = 2.0
+
+    def key(self, *parts: str) -> str:
+        """A Redis key under this pipeline's prefix."""
+        return ":".join((self.redis_prefix, *parts))
