@@ -1,0 +1,177 @@
+"""`python -m flows.serve` (`make serve`): a local Prefect server plus the scheduled deployment.
+
+Starts `prefect server start` with its SQLite database under `<PIPELINE_DATA_DIR>/prefect` (the
+ephemeral API cannot schedule), then serves `sync_pipeline` every `PIPELINE_SYNC_INTERVAL_MINUTES`
+(15 by default). Overlap protection: the deployment's concurrency limit of 1 (runs queue, never
+overlap) on top of the flow's own Redis lock. `--events` adds the event-driven mode: a watcher
+turns MongoDB change events into entries of a Redis stream, and a listener blocked on that stream
+starts a deployment run within seconds of a change.
+
+Prefect reads its settings when it is imported, so this module sets the environment first and
+imports Prefect only inside `main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from flows.settings import FlowSettings
+
+DEPLOYMENT = "sync-pipeline-scheduled"
+
+
+def prefect_env(settings: FlowSettings, port: int) -> dict[str, str]:
+    home = (settings.data_dir / "prefect").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # The runner polls for due runs this often; low so an event-driven run starts quickly.
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+    }
+
+
+def start_server(settings: FlowSettings, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    log_dir = settings.data_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    prefect_cli = Path(sys.executable).with_name("prefect")
+    log = open(log_dir / "prefect-server.log", "ab")  # noqa: SIM115 (lives as long as the server)
+    proc = subprocess.Popen(
+        [str(prefect_cli), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"prefect server exited with code {proc.returncode}; see {log.name}. "
+                f"Is port {port} already in use? Set PIPELINE_PREFECT_PORT."
+            )
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(1)
+    proc.terminate()
+    raise RuntimeError(f"prefect server did not answer on port {port} within 120 s; see {log.name}")
+
+
+def _event_threads(
+    settings: FlowSettings, stop: threading.Event, watch: bool
+) -> list[threading.Thread]:
+    from prefect.deployments import run_deployment
+
+    from flows.events import run_on_signals, watch_mongo
+
+    logger = logging.getLogger("flows.events")
+
+    def run(signals: list[dict[str, str]]) -> Any:
+        collections = sorted({s.get("collection", "?") for s in signals})
+        flow_run = run_deployment(
+            f"sync-pipeline/{DEPLOYMENT}",
+            timeout=None,  # wait: signals are acknowledged only after a finished run
+            as_subflow=False,
+            tags=["event-driven"],
+            flow_run_name=f"on-change-{'-'.join(collections)}",
+        )
+        if flow_run.state is None or not flow_run.state.is_completed():
+            raise RuntimeError(f"flow run {flow_run.id} ended {flow_run.state}")
+        return flow_run
+
+    threads = [
+        threading.Thread(
+            target=run_on_signals, args=(settings, run, stop, logger), name="signals", daemon=True
+        )
+    ]
+    if watch:
+        threads.append(
+            threading.Thread(
+                target=watch_mongo, args=(settings, stop, logger), name="watch", daemon=True
+            )
+        )
+    return threads
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = FlowSettings()
+    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__)
+    parser.add_argument(
+        "--interval-minutes",
+        type=float,
+        default=settings.sync_interval_minutes,
+        help="schedule interval (default: PIPELINE_SYNC_INTERVAL_MINUTES or 15)",
+    )
+    parser.add_argument("--port", type=int, default=settings.prefect_port)
+    parser.add_argument(
+        "--events",
+        action="store_true",
+        help="also start a run within seconds of each signalled change (Redis stream)",
+    )
+    parser.add_argument(
+        "--watch",
+        action="store_true",
+        help="with --events: follow MongoDB's change stream and signal changes from here",
+    )
+    parser.add_argument(
+        "--no-server",
+        action="store_true",
+        help="use the Prefect API that PREFECT_API_URL already points to",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    server = None
+    if not args.no_server:
+        env = prefect_env(settings, args.port)
+        os.environ.update(env)  # before Prefect is imported: it reads its settings on import
+        server = start_server(settings, args.port, env)
+        logging.info("Prefect server at http://127.0.0.1:%d (UI and API)", args.port)
+
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    from flows.pipeline import sync_pipeline
+
+    stop = threading.Event()
+    threads = _event_threads(settings, stop, args.watch) if args.events else []
+    for t in threads:
+        t.start()
+    try:
+        sync_pipeline.serve(
+            name=DEPLOYMENT,
+            interval=timedelta(minutes=args.interval_minutes),
+            # Runs queue behind a running one instead of overlapping; the flow's Redis lock
+            # is the second line (a run that slips through records "skipped").
+            global_limit=ConcurrencyLimitConfig(
+                limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
+            ),
+            limit=1,
+            tags=["scheduled"],
+        )
+    finally:
+        stop.set()
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+if __name__ == "__main__":
+    main()
