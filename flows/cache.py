@@ -69,7 +69,11 @@ class QueryCache:
         return self._settings.key("cache", f"v{version}", name, digest)
 
     def get_or_compute(
-        self, name: str, compute: Callable[[], Rows], params: dict[str, Any] | None = None
+        self,
+        name: str,
+        compute: Callable[[], Rows],
+        params: dict[str, Any] | None = None,
+        ttl_seconds: int | None = None,
     ) -> Lookup:
         version = self.data_version()
         if version is None:  # no Redis: straight to ClickHouse, nothing counted
@@ -80,7 +84,7 @@ class QueryCache:
             self._link.call(lambda c: c.hincrby(self._stats_key, "hits", 1), None)
             return Lookup(json.loads(cached), hit=True, version=version)
         payload = _json(compute())
-        ttl = self._settings.cache_ttl_seconds
+        ttl = ttl_seconds or self._settings.cache_ttl_seconds
 
         def store(c: Any) -> None:
             pipe = c.pipeline()

@@ -1,0 +1,183 @@
+"""`python -m flows.dashboard` (`make dashboard`): the current pipeline, through the query cache.
+
+Panels: files per stage and status, the longest-waiting open files, employee workload, and the
+last runs' timings. Every query goes through `QueryCache` (keyed by the data version each landed
+sync bumps); a query slower than `PIPELINE_ALERT_QUERY_SECONDS` raises an alert.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import DatabaseError
+from rich.console import Console
+from rich.table import Table
+
+from flows import ops
+from flows.alerts import check_query_duration, raise_alerts
+from flows.cache import QueryCache, Rows
+from flows.redis_link import RedisLink
+from flows.settings import FlowSettings
+
+# Open = still needs work from the assignee (dbt var `open_statuses`).
+OPEN = "status IN ('assigned', 'in_progress')"
+
+
+@dataclass(frozen=True)
+class PanelQuery:
+    name: str
+    title: str
+    sql: str
+    # Cache lifetime override: run history changes with every run, landed sync or not.
+    ttl_seconds: int | None = None
+
+
+PANELS: tuple[PanelQuery, ...] = (
+    PanelQuery(
+        "files_by_stage_status",
+        "Files per stage and status",
+        """
+        SELECT stage, status, files,
+               round(max_time_in_stage_seconds / 3600, 1) AS max_hours_in_stage
+        FROM analytics.mart_backlog_by_stage
+        ORDER BY stage_order, status
+        """,
+    ),
+    PanelQuery(
+        "longest_waiting",
+        "Longest-waiting open files",
+        f"""
+        SELECT file_id, stage, status, employee_name, assigned_at,
+               round(time_in_stage_seconds / 3600, 1) AS hours_in_stage
+        FROM analytics.pipeline_state
+        WHERE {OPEN}
+        ORDER BY time_in_stage_seconds DESC, file_id
+        LIMIT 10
+        """,
+    ),
+    PanelQuery(
+        "employee_workload",
+        "Employee workload (open tasks)",
+        """
+        SELECT employee_code, employee_name, team, open_tasks,
+               round(oldest_open_task_age_seconds / 3600, 1) AS oldest_open_hours
+        FROM analytics.mart_employee_workload
+        WHERE open_tasks > 0
+        ORDER BY open_tasks DESC, employee_code
+        LIMIT 15
+        """,
+    ),
+    PanelQuery(
+        "last_runs",
+        "Last runs",
+        """
+        SELECT run_id,
+               min(started_at) AS started_at,
+               multiIf(countIf(kind = 'step' AND status = 'failed') > 0, 'failed',
+                       countIf(kind = 'step' AND status = 'skipped') > 0, 'skipped',
+                       'ok') AS outcome,
+               round(dateDiff('millisecond', min(started_at), max(ended_at)) / 1000, 2)
+                   AS total_s,
+               sumIf(rows, startsWith(step, 'load:')) AS rows_loaded,
+               round(sumIf(duration_s, startsWith(step, 'load:')), 2) AS load_s,
+               round(sumIf(duration_s, step = 'dbt_build'), 2) AS dbt_s,
+               countIf(kind = 'dbt_node') AS dbt_nodes,
+               anyIf(message, kind = 'step' AND status IN ('failed', 'skipped')) AS note
+        FROM ops.step_timings
+        GROUP BY run_id
+        ORDER BY started_at DESC
+        LIMIT 8
+        """,
+        ttl_seconds=30,
+    ),
+)
+
+
+@dataclass
+class Panel:
+    query: PanelQuery
+    rows: Rows
+    hit: bool
+    seconds: float  # of the ClickHouse query; 0 on a cache hit
+
+
+def _query(ch: Client, sql: str) -> Rows:
+    result = ch.query(sql)
+    return [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
+
+
+def collect(
+    settings: FlowSettings,
+    link: RedisLink,
+    ch: Client,
+    logger: logging.Logger | logging.LoggerAdapter,
+    panels: tuple[PanelQuery, ...] = PANELS,
+) -> list[Panel]:
+    """Every panel's rows through the cache; alerts for queries over the threshold."""
+    cache = QueryCache(settings, link)
+    out: list[Panel] = []
+    alerts = []
+    for panel in panels:
+        elapsed = 0.0
+
+        def compute(sql: str = panel.sql) -> Rows:
+            nonlocal elapsed
+            t0 = time.perf_counter()
+            rows = _query(ch, sql)
+            elapsed = time.perf_counter() - t0
+            return rows
+
+        try:
+            lookup = cache.get_or_compute(panel.name, compute, ttl_seconds=panel.ttl_seconds)
+        except DatabaseError as exc:  # e.g. marts not built yet: show it, cache nothing
+            first_line = str(exc).strip().splitlines()[0][:200]
+            rows = [{"error": f"{first_line} (has `make sync` run yet?)"}]
+            out.append(Panel(panel, rows, False, elapsed))
+            continue
+        out.append(Panel(panel, lookup.rows, lookup.hit, elapsed))
+        alerts.append(check_query_duration(settings, panel.name, elapsed))
+    raise_alerts(settings, ch, alerts, logger)
+    return out
+
+
+def render(panels: list[Panel], console: Console, cache_line: str = "") -> None:
+    for panel in panels:
+        source = "cache" if panel.hit else f"ClickHouse {panel.seconds * 1000:.0f} ms"
+        table = Table(title=f"{panel.query.title}  [dim]({source})[/dim]", title_justify="left")
+        columns = list(panel.rows[0]) if panel.rows else ["(no rows)"]
+        for col in columns:
+            table.add_column(col, overflow="fold")
+        for row in panel.rows:
+            table.add_row(*("" if row[c] is None else str(row[c]) for c in columns))
+        console.print(table)
+    if cache_line:
+        console.print(cache_line)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.dashboard", description=__doc__)
+    parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logger = logging.getLogger("flows.dashboard")
+    settings = FlowSettings()
+    link = RedisLink(settings, logger)
+    ch = ops.connect(settings)
+    try:
+        ops.ensure_tables(ch)
+        panels = collect(settings, link, ch, logger)
+        stats = QueryCache(settings, link).stats()
+        line = ""
+        if stats is not None and stats.hit_rate is not None:
+            line = f"cache: {stats.hits} hits, {stats.misses} misses ({stats.hit_rate:.0%})"
+        render(panels, Console(), line)
+    finally:
+        link.close()
+        ch.close()
+
+
+if __name__ == "__main__":
+    main()
