@@ -129,7 +129,7 @@ def sync_pipeline(full_refresh: bool = False) -> dict[str, Any]:
     link = RedisLink(settings, logger)
     ch = ops.connect(settings)
     try:
-        ops.ensure_tables(ch)
+        _ensure_schema(ch)
         with recorder.step("guard") as guard_step, run_guard(settings, link, run_id, logger) as g:
             guard_step.message = g.mechanism
             if not g.acquired:
@@ -248,6 +248,14 @@ def _run(run: RunContext, full_refresh: bool) -> dict[str, Any]:
         data_version=version,
         alerts=[a.message for a in raised],
     )
+
+
+def _ensure_schema(ch: Client) -> None:
+    """The loader's tables (ops.sync_runs receives skipped runs) and the flow's own."""
+    from loader.schema import ensure_schema
+
+    ensure_schema(ch)
+    ops.ensure_tables(ch)
 
 
 def _publish(

@@ -1,0 +1,80 @@
+"""Event-driven mode: change signals in a Redis stream wake a runner; they are durable."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from flows.events import GROUP, connect, run_on_signals, signal_change, stream_key
+from flows.settings import FlowSettings
+
+
+@pytest.fixture
+def settings(stack: Any) -> FlowSettings:
+    return FlowSettings(redis_prefix=f"test-events-{uuid.uuid4().hex[:8]}")
+
+
+def serve_until_first_run(
+    settings: FlowSettings, run: Callable[[list[dict[str, str]]], Any]
+) -> list[list[dict[str, str]]]:
+    """Run a runner until it has made one call to `run`; return the signals of that call."""
+    stop = threading.Event()
+    calls: list[list[dict[str, str]]] = []
+
+    def record(signals: list[dict[str, str]]) -> Any:
+        calls.append(signals)
+        try:
+            return run(signals)
+        finally:
+            stop.set()
+
+    thread = threading.Thread(
+        target=run_on_signals,
+        args=(settings, record, stop, logging.getLogger("test")),
+        kwargs={"block_ms": 200},
+    )
+    thread.start()
+    thread.join(timeout=60)
+    stop.set()
+    thread.join()
+    return calls
+
+
+def test_a_signalled_change_starts_a_run(settings: FlowSettings) -> None:
+    signal_change(connect(settings), settings, "tasks", op="update")
+
+    calls = serve_until_first_run(settings, lambda signals: None)
+
+    assert [[s["collection"] for s in signals] for signals in calls] == [["tasks"]]
+
+
+def test_signals_waiting_before_a_run_are_served_by_one_run(settings: FlowSettings) -> None:
+    client = connect(settings)
+    for collection in ("tasks", "tasks", "employee"):
+        signal_change(client, settings, collection)
+
+    calls = serve_until_first_run(settings, lambda signals: None)
+
+    assert len(calls) == 1
+    assert sorted(s["collection"] for s in calls[0]) == ["employee", "tasks", "tasks"]
+
+
+def test_signal_of_a_failed_run_stays_pending_for_the_next_runner(settings: FlowSettings) -> None:
+    client = connect(settings)
+    signal_change(client, settings, "employee")
+
+    def fail(signals: list[dict[str, str]]) -> None:
+        raise RuntimeError("run failed")
+
+    serve_until_first_run(settings, fail)
+    assert client.xpending(stream_key(settings), GROUP)["pending"] == 1
+
+    calls = serve_until_first_run(settings, lambda signals: None)
+
+    assert [s["collection"] for s in calls[0]] == ["employee"]
+    assert client.xpending(stream_key(settings), GROUP)["pending"] == 0

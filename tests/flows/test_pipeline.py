@@ -1,0 +1,227 @@
+"""sync_pipeline on the real stack under Prefect's test harness."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from flows.pipeline import sync_pipeline
+from loader.synthetic import mutate
+
+if TYPE_CHECKING:  # fixtures' types, from this suite's conftest.py
+    from conftest import Captured, Pipeline
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(900)
+
+
+def steps_of(pipeline: Pipeline, run_id: str) -> dict[str, dict[str, Any]]:
+    rows = pipeline.rows(
+        "SELECT step, kind, status, duration_s, rows FROM ops.step_timings"
+        " WHERE run_id = {r:String}",
+        r=run_id,
+    )
+    return {r["step"]: r for r in rows}
+
+
+def test_full_run_loads_builds_and_records_timings(pipeline: Pipeline) -> None:
+    summary = sync_pipeline()
+
+    assert summary["status"] == "ok"
+    assert summary["changed"] == ["tasks", "employee"]
+    loaded = pipeline.scalar("SELECT count() FROM raw.tasks FINAL")
+    assert loaded == pipeline.db.tasks.count_documents({})
+    files = pipeline.db.tasks.distinct("file_id")
+    assert pipeline.scalar("SELECT count() FROM analytics.pipeline_state") == len(files)
+    steps = steps_of(pipeline, summary["run_id"])
+    for step in ("guard", "detect_changes", "load:tasks", "load:employee", "dbt_build"):
+        assert steps[step]["status"] == "ok", step
+    assert steps["load:tasks"]["rows"] == loaded
+    assert "dbt:model:pipeline_state" in steps
+    assert {s["step"] for s in summary["steps"]} == set(steps)
+
+
+def test_full_run_publishes_a_timings_artifact(pipeline: Pipeline) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    summary = sync_pipeline()
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sync-pipeline-timings"]))
+        )
+    mine = [a for a in artifacts if str(a.flow_run_id) == summary["run_id"]]
+    assert len(mine) == 1
+    assert "dbt:model:pipeline_state" in str(mine[0].data)
+
+
+def test_immediate_second_run_is_skipped(pipeline: Pipeline) -> None:
+    sync_pipeline()
+
+    summary = sync_pipeline()
+
+    assert summary["status"] == "skipped"
+    recorded = pipeline.rows(
+        "SELECT collection, status, message FROM ops.sync_runs WHERE run_id = {r:String}",
+        r=summary["run_id"],
+    )
+    assert {r["collection"] for r in recorded} == {"tasks", "employee"}
+    assert {r["status"] for r in recorded} == {"skipped"}
+    assert all("no changes" in r["message"] for r in recorded)
+
+
+def test_run_after_an_update_processes_just_that_change(pipeline: Pipeline) -> None:
+    sync_pipeline()
+    changed_task = pipeline.db.tasks.find_one({"status": "assigned"}, sort=[("_id", 1)])
+    pipeline.db.tasks.update_one(
+        {"_id": changed_task["_id"]},
+        {"$set": {"status": "in_progress", "updated_at": datetime.now(UTC)}},
+    )
+
+    summary = sync_pipeline()
+
+    assert summary["status"] == "ok"
+    assert summary["changed"] == ["tasks"]
+    assert set(summary["loads"]) == {"tasks"}
+    assert summary["built"] == ["source:mongo.tasks+"]
+    assert summary["loads"]["tasks"]["rows_written"] >= 1
+    assert summary["loads"]["tasks"]["rows_written"] < pipeline.db.tasks.count_documents({})
+    status = pipeline.scalar(
+        "SELECT status FROM analytics.pipeline_state WHERE task_id = {t:String}",
+        t=str(changed_task["_id"]),
+    )
+    assert status == "in_progress"
+
+
+def test_two_runs_started_together_one_runs_and_one_is_skipped(pipeline: Pipeline) -> None:
+    barrier = threading.Barrier(2)
+    results: list[dict[str, Any]] = []
+
+    def start() -> None:
+        barrier.wait()
+        results.append(sync_pipeline())
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert sorted(r["status"] for r in results) == ["ok", "skipped"]
+    skipped = next(r for r in results if r["status"] == "skipped")
+    assert "another run holds the lock" in skipped["message"]
+    recorded = pipeline.rows(
+        "SELECT DISTINCT status, message FROM ops.sync_runs WHERE run_id = {r:String}",
+        r=skipped["run_id"],
+    )
+    assert [r["status"] for r in recorded] == ["skipped"]
+    assert "another run holds the lock" in recorded[0]["message"]
+
+
+def test_cache_returns_the_new_numbers_right_after_a_sync(pipeline: Pipeline) -> None:
+    from flows.dashboard import PANELS, collect
+    from flows.redis_link import RedisLink
+
+    panel = tuple(p for p in PANELS if p.name == "files_by_stage_status")
+    log = logging.getLogger("test")
+    sync_pipeline()
+    link = RedisLink(pipeline.settings, log)
+    collect(pipeline.settings, link, pipeline.ch, log, panel)
+    before = collect(pipeline.settings, link, pipeline.ch, log, panel)[0]
+    assert before.hit
+    mutate(pipeline.db, count=40, seed=3)
+
+    sync_pipeline()
+
+    after = collect(pipeline.settings, link, pipeline.ch, log, panel)[0]
+    fresh = pipeline.rows(panel[0].sql)
+    assert not after.hit
+    assert after.rows != before.rows
+    assert [(r["stage"], r["status"], r["files"]) for r in after.rows] == [
+        (r["stage"], r["status"], r["files"]) for r in fresh
+    ]
+
+
+def test_flow_completes_with_redis_stopped_and_warns_once(
+    pipeline: Pipeline, run_logs: Captured
+) -> None:
+    pipeline.stack.kill("redis")
+    try:
+        summary = sync_pipeline()
+    finally:
+        pipeline.stack.start("redis")
+
+    assert summary["status"] == "ok"
+    assert summary["guard"] == "prefect-concurrency-limit"
+    warnings = [m for m in run_logs.messages(logging.WARNING) if "Redis" in m]
+    assert len(warnings) == 1, warnings
+
+
+def test_crossed_threshold_writes_an_alert_and_a_warning(
+    pipeline: Pipeline, run_logs: Captured, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PIPELINE_ALERT_SYNC_SECONDS", "0")
+
+    summary = sync_pipeline()
+
+    alerts = pipeline.rows(
+        "SELECT kind, threshold FROM ops.alerts WHERE run_id = {r:String}", r=summary["run_id"]
+    )
+    assert alerts == [{"kind": "sync_duration", "threshold": 0.0}]
+    assert any(m.startswith("ALERT sync_duration") for m in run_logs.messages(logging.WARNING))
+
+
+def broken_project(tmp_path: Path) -> Path:
+    """A copy of the dbt project with one model downstream of the tasks source that fails in
+    ClickHouse (unknown column)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(REPO / "dbt_project.yml", project)
+    for folder in ("models", "macros", "tests/data", "tests/generic"):
+        if (REPO / folder).exists():
+            shutil.copytree(REPO / folder, project / folder)
+    (project / "models" / "marts" / "broken_backlog.sql").write_text(
+        "select stage, no_such_column from {{ ref('stg_mongo__tasks') }}\n"
+    )
+    return project
+
+
+def test_failing_dbt_model_fails_the_flow_naming_it(
+    pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PIPELINE_DBT_PROJECT_DIR", str(broken_project(tmp_path)))
+    monkeypatch.setenv("PIPELINE_DBT_TARGET_PATH", str(tmp_path / "target"))
+
+    with pytest.raises(Exception, match="broken_backlog") as failure:
+        sync_pipeline()
+
+    assert "no_such_column" in str(failure.value)  # ClickHouse's own message
+    # The load landed and its watermark advanced: nothing is left to load.
+    from loader.sync import has_changes
+
+    assert not has_changes(pipeline.loader_settings, "tasks")
+
+
+def test_run_after_a_failed_build_retries_the_build(
+    pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PIPELINE_DBT_PROJECT_DIR", str(broken_project(tmp_path)))
+    monkeypatch.setenv("PIPELINE_DBT_TARGET_PATH", str(tmp_path / "target"))
+    with pytest.raises(Exception, match="broken_backlog"):
+        sync_pipeline()
+    monkeypatch.delenv("PIPELINE_DBT_PROJECT_DIR")
+    monkeypatch.setenv("PIPELINE_DBT_TARGET_PATH", str(tmp_path / "target-fixed"))
+
+    summary = sync_pipeline()
+
+    assert summary["status"] == "ok"
+    assert summary["changed"] == []
+    assert summary["built"] == ["source:mongo.employee+", "source:mongo.tasks+"]
+    assert pipeline.scalar("SELECT count() FROM analytics.pipeline_state") > 0
