@@ -1,0 +1,1 @@
+"""Mongo → ClickHouse loader: streams changed documents into the `raw` tables by watermark."""

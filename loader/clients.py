@@ -1,0 +1,185 @@
+"""Server connections with retries, and the errors raised when a server stays unreachable.
+
+One `Clients` per process run: a pooled `clickhouse-connect` client and a `MongoClient`, created
+once and passed to every operation (the first version opened a connection per operation).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import OperationalError
+from pymongo import MongoClient
+from pymongo.database import Database
+from pymongo.errors import ConnectionFailure
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from loader.mapping import CODEC_OPTIONS
+from loader.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors worth retrying: the server may come back. `ConnectionFailure` covers AutoReconnect,
+# NetworkTimeout and ServerSelectionTimeoutError; clickhouse-connect raises OperationalError for
+# refused/reset connections and timeouts. SQL errors are not retried.
+MONGO_TRANSIENT: tuple[type[BaseException], ...] = (ConnectionFailure,)
+CLICKHOUSE_TRANSIENT: tuple[type[BaseException], ...] = (OperationalError, ConnectionError)
+
+
+class ServerUnavailable(RuntimeError):
+    """A server did not answer after every retry. The message says which and what to fix."""
+
+    def __init__(
+        self, server: str, address: str, env_vars: str, attempts: int, cause: BaseException
+    ):
+        self.server = server
+        self.address = address
+        self.env_vars = env_vars
+        super().__init__(
+            f"{server} at {address} is unreachable after {attempts} attempt(s) "
+            f"({type(cause).__name__}: {str(cause)[:300]}). Check {env_vars} and that the server "
+            f"is running (`make up` starts the embedded stack). The watermark was not moved."
+        )
+
+
+def mongo_unavailable(settings: Settings, attempts: int, cause: BaseException) -> ServerUnavailable:
+    return ServerUnavailable("MongoDB", settings.redacted_mongo_uri(), "MONGO_URI", attempts, cause)
+
+
+def clickhouse_unavailable(
+    settings: Settings, attempts: int, cause: BaseException
+) -> ServerUnavailable:
+    return ServerUnavailable(
+        "ClickHouse",
+        settings.clickhouse_address(),
+        "CLICKHOUSE_HOST / CLICKHOUSE_PORT",
+        attempts,
+        cause,
+    )
+
+
+def retrying(settings: Settings, transient: tuple[type[BaseException], ...]) -> Retrying:
+    return Retrying(
+        stop=stop_after_attempt(settings.retry_attempts),
+        wait=wait_exponential(
+            multiplier=settings.retry_initial_wait,
+            min=settings.retry_initial_wait,
+            max=settings.retry_max_wait,
+        ),
+        retry=retry_if_exception_type(transient),
+        before_sleep=lambda rs: log.warning(
+            "transient error (attempt %d): %s; retrying", rs.attempt_number, rs.outcome.exception()
+        ),
+        reraise=False,
+    )
+
+
+def _call(
+    settings: Settings,
+    fn: Callable[[], T],
+    transient: tuple[type[BaseException], ...],
+    unavailable: Callable[[Settings, int, BaseException], ServerUnavailable],
+) -> T:
+    try:
+        return retrying(settings, transient)(fn)
+    except RetryError as err:
+        cause = err.last_attempt.exception() or err
+        raise unavailable(settings, err.last_attempt.attempt_number, cause) from cause
+
+
+def mongo_call(settings: Settings, fn: Callable[[], T]) -> T:
+    """Run `fn` (a Mongo operation), retrying transient errors with backoff."""
+    return _call(settings, fn, MONGO_TRANSIENT, mongo_unavailable)
+
+
+def clickhouse_call(settings: Settings, fn: Callable[[], T]) -> T:
+    """Run `fn` (a ClickHouse operation), retrying transient errors with backoff."""
+    return _call(settings, fn, CLICKHOUSE_TRANSIENT, clickhouse_unavailable)
+
+
+@dataclass
+class Clients:
+    """The two connections of one process run. Close with `close()` or use `open_clients`."""
+
+    settings: Settings
+    mongo: MongoClient
+    clickhouse: Client
+    schema_ready: set[str] = field(default_factory=set)  # tables known to be migrated
+
+    @property
+    def db(self) -> Database:
+        return self.mongo.get_database(self.settings.mongo_db, codec_options=CODEC_OPTIONS)
+
+    def close(self) -> None:
+        self.mongo.close()
+        self.clickhouse.close()
+
+
+def connect_clickhouse(settings: Settings) -> Client:
+    timeout = settings.connect_timeout_seconds
+    return clickhouse_call(
+        settings,
+        lambda: clickhouse_connect.get_client(
+            host=settings.clickhouse_host,
+            port=settings.clickhouse_port,
+            username=settings.clickhouse_user,
+            password=settings.clickhouse_password.get_secret_value(),
+            connect_timeout=timeout,
+            send_receive_timeout=max(300.0, timeout),
+            # Sessions serialise queries on the server; the loader does not need them.
+            autogenerate_session_id=False,
+        ),
+    )
+
+
+def connect_mongo(settings: Settings) -> MongoClient:
+    timeout_ms = int(settings.connect_timeout_seconds * 1000)
+    client: MongoClient = MongoClient(
+        settings.mongo_uri,
+        serverSelectionTimeoutMS=timeout_ms,
+        connectTimeoutMS=timeout_ms,
+        appname="mongo-clickhouse-loader",
+    )
+    try:
+        mongo_call(settings, lambda: client.admin.command("ping"))
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def open_clients_now(settings: Settings) -> Clients:
+    """Connect to both servers (ClickHouse first: it holds the run records)."""
+    ch = connect_clickhouse(settings)
+    try:
+        mongo = connect_mongo(settings)
+    except BaseException:
+        ch.close()
+        raise
+    return Clients(settings, mongo, ch)
+
+
+@contextmanager
+def open_clients(settings: Settings, clients: Clients | None = None) -> Iterator[Clients]:
+    """Yield `clients` if given (the caller owns them), else new ones closed on exit."""
+    if clients is not None:
+        yield clients
+        return
+    own = open_clients_now(settings)
+    try:
+        yield own
+    finally:
+        own.close()

@@ -1,0 +1,227 @@
+"""Document → row, or document → reject with a reason.
+
+Rules (every mapped field must pass all of them, otherwise the whole document is rejected):
+- `_id` is an ObjectId (the raw tables key on its hex form and partition on its timestamp).
+- Every field of the collection (see `schema.COLLECTION_FIELDS`) is present and not null.
+- Strings are strings, at most `Settings.max_string_chars` characters, without NUL characters
+  (they break most downstream tools) and valid Unicode (invalid UTF-8 from the server is decoded
+  with `surrogateescape` so that it reaches this check instead of aborting the whole batch).
+  `file_id` (tasks) and `employee_code` (employee) must not be empty.
+- Dates are BSON dates inside ClickHouse `DateTime64(3)`'s range (1900-01-01 .. 2299-12-31);
+  `updated_at` must also be on or after 1970-01-01 because it becomes the unsigned `_version`.
+- Booleans are BSON booleans.
+A rejected document is kept in `raw.rejects` as canonical extended JSON (truncated past
+`MAX_REJECT_DOCUMENT_CHARS`; a document that cannot even be serialised is stored as its repr).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+from bson import ObjectId, json_util
+from bson.codec_options import CodecOptions, DatetimeConversion
+from bson.datetime_ms import DatetimeMS
+
+from loader.schema import BOOKKEEPING, ID_COLUMNS, Field, fields_of
+
+# Read dates as raw milliseconds: no datetime objects to build, no failure on dates Python's
+# datetime cannot hold (those become rejects instead of aborting the cursor).
+CODEC_OPTIONS: CodecOptions = CodecOptions(
+    tz_aware=False,
+    datetime_conversion=DatetimeConversion.DATETIME_MS,
+    unicode_decode_error_handler="surrogateescape",
+)
+
+MIN_DATETIME64_MS = -2_208_988_800_000  # 1900-01-01T00:00:00Z
+MAX_DATETIME64_MS = 10_413_791_999_999  # 2299-12-31T23:59:59.999Z
+MAX_REJECT_DOCUMENT_CHARS = 1_000_000
+NON_EMPTY: dict[str, frozenset[str]] = {
+    "tasks": frozenset({"file_id"}),
+    "employee": frozenset({"employee_code"}),
+}
+_JSON = json_util.CANONICAL_JSON_OPTIONS
+
+
+def id_to_str(value: Any) -> str:
+    """The `_id` as stored in ClickHouse: ObjectId hex, else extended JSON ('' when missing)."""
+    if isinstance(value, ObjectId):
+        return str(value)
+    if value is None:
+        return ""
+    try:
+        return json_util.dumps(value, json_options=_JSON)
+    except Exception:  # noqa: BLE001 - an id we cannot print must still be recorded
+        return repr(value)[:1000]
+
+
+def dump_document(doc: Any) -> str:
+    """Extended JSON of a document, never raising (falls back to repr), bounded in size."""
+    try:
+        text = json_util.dumps(doc, json_options=_JSON)
+    except Exception as exc:  # noqa: BLE001 - any document must be storable as a reject
+        try:
+            text = f"<not serialisable as extended JSON: {exc}> {doc!r}"
+        except Exception:  # noqa: BLE001
+            text = f"<not serialisable as extended JSON: {exc}>"
+    if len(text) > MAX_REJECT_DOCUMENT_CHARS:
+        text = text[:MAX_REJECT_DOCUMENT_CHARS] + f"…<truncated, {len(text)} characters>"
+    # Lone surrogates (from invalid UTF-8) cannot be sent as UTF-8; escape them visibly.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def check_string(name: str, value: Any, max_chars: int, non_empty: bool) -> str | None:
+    if type(value) is not str:
+        return f"{name}: expected a string, got {_type_name(value)}"
+    if len(value) > max_chars:
+        return f"{name}: string of {len(value)} characters exceeds the limit of {max_chars}"
+    if non_empty and not value:
+        return f"{name}: must not be empty"
+    if "\x00" in value:
+        return f"{name}: contains a NUL character"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{name}: invalid UTF-8 / lone surrogate"
+    return None
+
+
+def check_datetime(name: str, value: Any, min_ms: int) -> str | None:
+    if type(value) is not DatetimeMS:
+        return f"{name}: expected a date, got {_type_name(value)}"
+    ms = int(value)
+    if not min_ms <= ms <= MAX_DATETIME64_MS:
+        return f"{name}: date {ms} ms since epoch is outside the storable range"
+    return None
+
+
+@dataclass
+class Reject:
+    id: Any
+    reason: str
+    doc: Any = None  # the document as read (projected)
+
+
+@dataclass
+class MappedBatch:
+    """One batch in columnar form plus its rejects."""
+
+    collection: str
+    columns: dict[str, list[Any]]
+    rejects: list[Reject] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return len(self.columns["_id"])
+
+
+class BatchMapper:
+    """Validates documents of one collection and accumulates valid ones column by column."""
+
+    def __init__(self, collection: str, max_string_chars: int) -> None:
+        self.collection = collection
+        self.fields: tuple[Field, ...] = fields_of(collection)
+        self.max_string_chars = max_string_chars
+        self.non_empty = NON_EMPTY.get(collection, frozenset())
+        self.reset()
+
+    def reset(self) -> None:
+        names = [n for n, _ in ID_COLUMNS] + [f.name for f in self.fields]
+        self._cols: dict[str, list[Any]] = {n: [] for n in names}
+        self._rejects: list[Reject] = []
+
+    def problems(self, doc: dict[str, Any]) -> list[str]:
+        """Every rule `doc` breaks; empty when it maps."""
+        out: list[str] = []
+        if type(doc.get("_id")) is not ObjectId:
+            out.append(f"_id: expected an ObjectId, got {_type_name(doc.get('_id'))}")
+        for f in self.fields:
+            if f.name not in doc:
+                out.append(f"{f.name}: missing")
+                continue
+            value = doc[f.name]
+            if value is None:
+                out.append(f"{f.name}: null")
+                continue
+            if f.kind == "str":
+                problem = check_string(
+                    f.name, value, self.max_string_chars, f.name in self.non_empty
+                )
+            elif f.kind == "datetime":
+                min_ms = 0 if f.name == "updated_at" else MIN_DATETIME64_MS
+                problem = check_datetime(f.name, value, min_ms)
+            elif type(value) is not bool:
+                problem = f"{f.name}: expected a boolean, got {_type_name(value)}"
+            else:
+                problem = None
+            if problem:
+                out.append(problem)
+        return out
+
+    def add(self, doc: dict[str, Any]) -> bool:
+        """Map one document; True when it became a row, False when rejected."""
+        problems = self.problems(doc)
+        if problems:
+            self._rejects.append(Reject(doc.get("_id"), "; ".join(problems), doc))
+            return False
+        cols = self._cols
+        oid: ObjectId = doc["_id"]
+        cols["_id"].append(str(oid))
+        cols["_id_created_at"].append(int.from_bytes(oid.binary[:4], "big"))
+        for f in self.fields:
+            value = doc[f.name]
+            if f.kind == "datetime":
+                cols[f.name].append(int(value))
+            elif f.kind == "bool":
+                cols[f.name].append(1 if value else 0)
+            else:
+                cols[f.name].append(value)
+        return True
+
+    def take(self) -> MappedBatch:
+        """Hand over the accumulated batch and start a new one."""
+        batch = MappedBatch(self.collection, self._cols, self._rejects)
+        self.reset()
+        return batch
+
+
+def _arrow_type(ch_type: str) -> pa.DataType:
+    if ch_type.startswith("DateTime64"):
+        return pa.timestamp("ms", tz="UTC")
+    if ch_type.startswith("DateTime"):
+        return pa.timestamp("s", tz="UTC")
+    if ch_type == "UInt8":
+        return pa.uint8()
+    if ch_type == "UInt64":
+        return pa.uint64()
+    return pa.string()
+
+
+def to_arrow(
+    batch: MappedBatch, column_types: tuple[tuple[str, str], ...], run_id: str, loaded_at_ms: int
+) -> pa.Table:
+    """The batch as an Arrow table in `raw.<collection>` column order (bookkeeping filled in)."""
+    n = batch.rows
+    cols = batch.columns
+    data: dict[str, pa.Array] = {}
+    for name, ch_type in column_types:
+        if name == "_version":
+            data[name] = pa.array(cols["updated_at"], pa.uint64())
+        elif name == "is_deleted":
+            data[name] = pa.repeat(pa.scalar(0, pa.uint8()), n)
+        elif name == "_loaded_at":
+            data[name] = pa.repeat(pa.scalar(loaded_at_ms, pa.timestamp("ms", tz="UTC")), n)
+        elif name == "_run_id":
+            data[name] = pa.repeat(pa.scalar(run_id, pa.string()), n)
+        else:
+            data[name] = pa.array(cols[name], _arrow_type(ch_type))
+    return pa.table(data)
+
+
+BOOKKEEPING_NAMES = tuple(n for n, _ in BOOKKEEPING)

@@ -1,0 +1,237 @@
+"""DDL of the loader's ClickHouse tables (`raw.*`, `ops.*`) and a small additive migrator.
+
+The column lists here are the single source of truth: `mapping.py` builds rows in exactly this
+order and `docs/ARCHITECTURE.md` documents them. Migration is additive: a missing column is added
+with `ALTER TABLE ... ADD COLUMN`; a column whose type changed is reported, not rewritten (that
+needs `sync --full-refresh` after dropping the table, a decision for a human).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from clickhouse_connect.driver.client import Client
+
+log = logging.getLogger(__name__)
+
+RAW_DB = "raw"
+OPS_DB = "ops"
+
+# Bookkeeping columns present on every raw table, after the document's own columns.
+BOOKKEEPING: tuple[tuple[str, str], ...] = (
+    ("_version", "UInt64"),
+    ("is_deleted", "UInt8"),
+    ("_loaded_at", "DateTime64(3, 'UTC')"),
+    ("_run_id", "String"),
+)
+ID_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("_id", "String"),
+    ("_id_created_at", "DateTime('UTC')"),
+)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One mapped document field: Mongo name (= column name), ClickHouse type, value kind."""
+
+    name: str
+    ch_type: str
+    kind: str  # "str", "datetime" or "bool"
+
+
+COLLECTION_FIELDS: dict[str, tuple[Field, ...]] = {
+    "tasks": (
+        Field("file_id", "String", "str"),
+        Field("stage", "LowCardinality(String)", "str"),
+        Field("employee_code", "LowCardinality(String)", "str"),
+        Field("employee_name", "String", "str"),
+        Field("status", "LowCardinality(String)", "str"),
+        Field("assigned_at", "DateTime64(3, 'UTC')", "datetime"),
+        Field("updated_at", "DateTime64(3, 'UTC')", "datetime"),
+    ),
+    "employee": (
+        Field("employee_code", "String", "str"),
+        Field("employee_name", "String", "str"),
+        Field("team", "LowCardinality(String)", "str"),
+        Field("active", "UInt8", "bool"),
+        Field("updated_at", "DateTime64(3, 'UTC')", "datetime"),
+    ),
+}
+COLLECTIONS: tuple[str, ...] = tuple(COLLECTION_FIELDS)
+
+
+def raw_columns(collection: str) -> tuple[tuple[str, str], ...]:
+    """(name, type) of every column of `raw.<collection>`, in insert order."""
+    fields = tuple((f.name, f.ch_type) for f in fields_of(collection))
+    return ID_COLUMNS + fields + BOOKKEEPING
+
+
+def fields_of(collection: str) -> tuple[Field, ...]:
+    try:
+        return COLLECTION_FIELDS[collection]
+    except KeyError:
+        raise ValueError(
+            f"unknown collection {collection!r}; the loader knows {', '.join(COLLECTIONS)}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Table:
+    database: str
+    name: str
+    columns: tuple[tuple[str, str], ...]
+    engine: str
+    order_by: str
+    partition_by: str | None = None
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.database}.{self.name}"
+
+    def create_sql(self) -> str:
+        cols = ",\n  ".join(f"`{n}` {t}" for n, t in self.columns)
+        sql = f"CREATE TABLE IF NOT EXISTS {self.qualified} (\n  {cols}\n) ENGINE = {self.engine}"
+        if self.partition_by:
+            sql += f"\nPARTITION BY {self.partition_by}"
+        return sql + f"\nORDER BY {self.order_by}"
+
+
+def raw_table(collection: str) -> Table:
+    # Sorting key `_id` alone: every other field of a document may change, and the engine only
+    # collapses rows with equal sorting keys. The partition key is the ObjectId's creation month,
+    # which never changes, so all versions of a document meet in one partition.
+    return Table(
+        RAW_DB,
+        collection,
+        raw_columns(collection),
+        "ReplacingMergeTree(_version)",
+        "_id",
+        "toYYYYMM(_id_created_at)",
+    )
+
+
+REJECTS = Table(
+    RAW_DB,
+    "rejects",
+    (
+        ("collection", "LowCardinality(String)"),
+        ("_id", "String"),
+        ("reason", "String"),
+        ("document", "String"),
+        ("run_id", "String"),
+        ("rejected_at", "DateTime64(3, 'UTC')"),
+    ),
+    "MergeTree",
+    "(collection, _id, rejected_at)",
+)
+WATERMARKS = Table(
+    OPS_DB,
+    "watermarks",
+    (
+        ("collection", "String"),
+        ("updated_at", "DateTime64(3, 'UTC')"),
+        ("last_id", "String"),
+        ("read_started_at", "DateTime64(3, 'UTC')"),
+        ("run_id", "String"),
+        ("saved_at", "DateTime64(6, 'UTC')"),
+    ),
+    "ReplacingMergeTree(saved_at)",
+    "collection",
+)
+SYNC_RUNS = Table(
+    OPS_DB,
+    "sync_runs",
+    (
+        ("run_id", "String"),
+        ("collection", "String"),
+        ("kind", "LowCardinality(String) DEFAULT 'sync'"),
+        ("status", "LowCardinality(String)"),
+        ("started_at", "DateTime64(3, 'UTC')"),
+        ("ended_at", "DateTime64(3, 'UTC')"),
+        ("duration_s", "Float64"),
+        ("docs_read", "UInt64"),
+        ("rows_written", "UInt64"),
+        ("rejects", "UInt64"),
+        ("deletes", "UInt64"),
+        ("watermark_before", "String"),
+        ("watermark_after", "String"),
+        ("peak_rss_bytes", "UInt64"),
+        ("message", "String"),
+    ),
+    "MergeTree",
+    "(started_at, run_id)",
+)
+CHANGE_STREAM_STATE = Table(
+    OPS_DB,
+    "change_stream_state",
+    (
+        ("collection", "String"),
+        ("resume_token", "String"),
+        ("events", "UInt64"),
+        ("saved_at", "DateTime64(6, 'UTC')"),
+    ),
+    "ReplacingMergeTree(saved_at)",
+    "collection",
+)
+OPS_TABLES: tuple[Table, ...] = (WATERMARKS, SYNC_RUNS, CHANGE_STREAM_STATE)
+
+
+def all_tables() -> tuple[Table, ...]:
+    return tuple(raw_table(c) for c in COLLECTIONS) + (REJECTS,) + OPS_TABLES
+
+
+def _strip_default(ch_type: str) -> str:
+    return ch_type.split(" DEFAULT ", 1)[0]
+
+
+def _normalise(ch_type: str) -> str:
+    return ch_type.replace(" ", "")
+
+
+def migrate_table(client: Client, table: Table) -> list[str]:
+    """Create `table` if missing, add missing columns; return the changes made (for logs)."""
+    changes: list[str] = []
+    exists = client.command(
+        "SELECT count() FROM system.tables WHERE database = {db:String} AND name = {t:String}",
+        parameters={"db": table.database, "t": table.name},
+    )
+    if not int(exists):
+        client.command(table.create_sql())
+        return [f"created {table.qualified}"]
+    present = dict(
+        client.query(
+            "SELECT name, type FROM system.columns "
+            "WHERE database = {db:String} AND table = {t:String}",
+            parameters={"db": table.database, "t": table.name},
+        ).result_rows
+    )
+    previous = None
+    for name, ch_type in table.columns:
+        if name not in present:
+            after = f" AFTER `{previous}`" if previous else " FIRST"
+            client.command(f"ALTER TABLE {table.qualified} ADD COLUMN `{name}` {ch_type}{after}")
+            changes.append(f"added column {table.qualified}.{name} {ch_type}")
+        elif _normalise(present[name]) != _normalise(_strip_default(ch_type)):
+            log.warning(
+                "%s.%s is %s but the loader expects %s; drop the table and run "
+                "`python -m loader sync --full-refresh` to rebuild it",
+                table.qualified,
+                name,
+                present[name],
+                ch_type,
+            )
+        previous = name
+    return changes
+
+
+def ensure_schema(client: Client) -> list[str]:
+    """Create or migrate every loader table. Idempotent; returns what changed."""
+    for db in (RAW_DB, OPS_DB):
+        client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
+    changes: list[str] = []
+    for table in all_tables():
+        changes.extend(migrate_table(client, table))
+    for change in changes:
+        log.info("schema: %s", change)
+    return changes

@@ -1,0 +1,449 @@
+"""Incremental sync of one Mongo collection into `raw.<collection>` by watermark.
+
+Per batch: read `batch_size` documents in `(updated_at, _id)` order past the read bounds, map
+them to columns (bad ones to `raw.rejects`), insert the rows as one Arrow batch, *then* save the
+watermark at the batch's last document. A crash between insert and save re-reads that batch on
+the next run; the raw table's ReplacingMergeTree collapses the duplicates. Only one batch is in
+memory at a time, so memory does not grow with the collection.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from bson.datetime_ms import DatetimeMS
+from pymongo.collection import Collection
+
+from loader.clients import (
+    MONGO_TRANSIENT,
+    Clients,
+    clickhouse_call,
+    mongo_call,
+    mongo_unavailable,
+    open_clients,
+)
+from loader.mapping import BatchMapper, MappedBatch, Reject, dump_document, id_to_str, to_arrow
+from loader.runs import PeakRss, RunRecord, new_run_id, write_run
+from loader.schema import (
+    COLLECTIONS,
+    REJECTS,
+    ensure_schema,
+    fields_of,
+    raw_columns,
+    raw_table,
+)
+from loader.settings import Settings
+from loader.watermark import (
+    ReadBounds,
+    Watermark,
+    load_watermark,
+    now_ms,
+    read_bounds,
+    reset_watermark,
+    save_watermark,
+)
+
+log = logging.getLogger(__name__)
+
+WATERMARK_INDEX = [("updated_at", 1), ("_id", 1)]
+WATERMARK_INDEX_NAME = "updated_at_1__id_1"
+
+# `updated_at` values the main (date-typed) read can never see: one tiny index range each.
+# (Several `$type`s in one query make MongoDB scan the whole index.)
+_NON_DATE_TYPES = (
+    "string",
+    "number",
+    "bool",
+    "object",
+    "array",
+    "objectId",
+    "timestamp",
+    "binData",
+    "regex",
+    "minKey",
+    "maxKey",
+    "undefined",
+    "symbol",
+    "javascript",
+    "dbPointer",
+)
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    run_id: str
+    collection: str
+    status: str
+    docs_read: int
+    rows_written: int
+    rejects: int
+    deletes: int
+    watermark_before: str
+    watermark_after: str
+    duration_s: float
+    peak_rss_bytes: int
+    index_created: bool = False
+    message: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BatchStored:
+    """Passed to `after_insert`: the batch is in ClickHouse, the watermark not yet moved."""
+
+    batch_no: int
+    rows: int
+    rejects: int
+    watermark: Watermark
+
+
+class ProgressSink(Protocol):
+    def start(self, collection: str, total: int | None) -> None: ...
+
+    def advance(self, docs: int) -> None: ...
+
+
+def ensure_watermark_index(coll: Collection, settings: Settings) -> bool:
+    """Create the `(updated_at, _id)` index if missing; True when it had to be created."""
+    existing = mongo_call(settings, coll.index_information)
+    if any(info.get("key") == WATERMARK_INDEX for info in existing.values()):
+        return False
+    log.warning(
+        "creating index %s on %s.%s (needed by the watermark query)",
+        WATERMARK_INDEX_NAME,
+        coll.database.name,
+        coll.name,
+    )
+    mongo_call(settings, lambda: coll.create_index(WATERMARK_INDEX, name=WATERMARK_INDEX_NAME))
+    return True
+
+
+def _projection(collection: str) -> dict[str, int]:
+    return {"_id": 1} | {f.name: 1 for f in fields_of(collection)}
+
+
+def _prepare(clients: Clients) -> None:
+    if "loader" not in clients.schema_ready:
+        clickhouse_call(clients.settings, lambda: ensure_schema(clients.clickhouse))
+        clients.schema_ready.add("loader")
+
+
+class _Run:
+    """State of one `sync_collection` call."""
+
+    def __init__(
+        self,
+        clients: Clients,
+        collection: str,
+        batch_size: int,
+        after_insert: Callable[[BatchStored], None] | None,
+        progress: ProgressSink | None,
+    ) -> None:
+        self.clients = clients
+        self.settings = clients.settings
+        self.collection = collection
+        self.coll: Collection = clients.db[collection]
+        self.batch_size = batch_size
+        self.after_insert = after_insert
+        self.progress = progress
+        self.run_id = new_run_id()
+        self.record = RunRecord(self.run_id, collection)
+        self.rss = PeakRss()
+        self.mapper = BatchMapper(collection, self.settings.max_string_chars)
+        self.columns = raw_columns(collection)
+        self.batch_no = 0
+        self.watermark: Watermark | None = None
+        self.read_started_ms = 0
+
+    # -- writing -------------------------------------------------------------------------------
+    def _insert_rows(self, batch: MappedBatch) -> None:
+        if not batch.rows:
+            return
+        table = to_arrow(batch, self.columns, self.run_id, now_ms())
+        self.rss.sample()
+        ch = self.clients.clickhouse
+        clickhouse_call(
+            self.settings, lambda: ch.insert_arrow(raw_table(self.collection).qualified, table)
+        )
+
+    def _insert_rejects(self, batch: MappedBatch) -> None:
+        if not batch.rejects:
+            return
+        # The read used a projection; store the whole document as it is now (or as read, if it
+        # has gone since), so the reject can be diagnosed.
+        ids = [r.id for r in batch.rejects if r.id is not None]
+        full: dict[str, Any] = {}
+        if ids:
+            for doc in mongo_call(
+                self.settings, lambda: list(self.coll.find({"_id": {"$in": ids}}))
+            ):
+                full[id_to_str(doc.get("_id"))] = doc
+        now = datetime.now(UTC)
+        rows = []
+        for r in batch.rejects:
+            key = id_to_str(r.id)
+            doc = full.get(key, r.doc)
+            rows.append([self.collection, key, r.reason, dump_document(doc), self.run_id, now])
+        ch = self.clients.clickhouse
+        clickhouse_call(
+            self.settings,
+            lambda: ch.insert(
+                REJECTS.qualified, rows, column_names=[n for n, _ in REJECTS.columns]
+            ),
+        )
+
+    def flush(self, docs: list[dict[str, Any]]) -> None:
+        """Map, store, then move the watermark to the batch's last document."""
+        if not docs:
+            return
+        for doc in docs:
+            self.mapper.add(doc)
+        batch = self.mapper.take()
+        self.rss.sample()
+        self._insert_rows(batch)
+        self._insert_rejects(batch)
+        self.record.docs_read += len(docs)
+        self.record.rows_written += batch.rows
+        self.record.rejects += len(batch.rejects)
+        last = docs[-1]
+        wm = Watermark.at(int(last["updated_at"]), last["_id"], self.read_started_ms)
+        self.batch_no += 1
+        if self.after_insert:
+            self.after_insert(BatchStored(self.batch_no, batch.rows, len(batch.rejects), wm))
+        clickhouse_call(
+            self.settings,
+            lambda: save_watermark(self.clients.clickhouse, self.collection, wm, self.run_id),
+        )
+        self.watermark = wm
+        self.rss.sample()
+        if self.progress:
+            self.progress.advance(len(docs))
+
+    # -- reading -------------------------------------------------------------------------------
+    def _cursor(self, bounds: ReadBounds) -> Iterator[dict[str, Any]]:
+        return (
+            self.coll.find(bounds.mongo_filter(), _projection(self.collection))
+            .sort(WATERMARK_INDEX)
+            .hint(WATERMARK_INDEX)
+            .batch_size(self.batch_size)
+        )
+
+    def read_main(self, bounds: ReadBounds) -> None:
+        """Stream documents past `bounds` in batches, reopening the cursor after transient
+        errors at the last stored position (documents read but not stored are re-read)."""
+        failures = 0
+        while True:
+            buf: list[dict[str, Any]] = []
+            try:
+                for doc in self._cursor(bounds):
+                    buf.append(doc)
+                    if len(buf) >= self.batch_size:
+                        self.flush(buf)
+                        buf = []
+                        failures = 0
+                self.flush(buf)
+                return
+            except MONGO_TRANSIENT as exc:
+                failures += 1
+                if failures >= self.settings.retry_attempts:
+                    raise mongo_unavailable(self.settings, failures, exc) from exc
+                wait = min(
+                    self.settings.retry_max_wait,
+                    self.settings.retry_initial_wait * 2 ** (failures - 1),
+                )
+                log.warning("MongoDB read failed (%s); resuming in %.1fs", exc, wait)
+                time.sleep(wait)
+                if self.watermark is not None:
+                    wm = self.watermark
+                    bounds = ReadBounds(wm.updated_at_ms, wm.id_value(), bounds.upper_ms)
+
+    def sweep_undatable(self, upper_ms: int) -> None:
+        """Reject, once, documents the main read cannot reach: `updated_at` missing or not a
+        date, or further in the future than `max_future_seconds`. Ids already in
+        `raw.rejects` are skipped, so a quiet collection costs a few empty index probes."""
+        proj = _projection(self.collection)
+        queries: list[dict[str, Any]] = [{"updated_at": None}]
+        queries += [{"updated_at": {"$type": t}} for t in _NON_DATE_TYPES]
+        queries.append({"updated_at": {"$gt": DatetimeMS(upper_ms)}})
+        for query in queries:
+            buf: list[dict[str, Any]] = []
+            cursor = mongo_call(
+                self.settings,
+                lambda q=query: self.coll.find(q, proj).hint(WATERMARK_INDEX).sort("_id", 1),
+            )
+            for doc in cursor:
+                buf.append(doc)
+                if len(buf) >= self.batch_size:
+                    self._reject_new(buf, upper_ms)
+                    buf = []
+            self._reject_new(buf, upper_ms)
+
+    def _reject_new(self, docs: list[dict[str, Any]], upper_ms: int) -> None:
+        if not docs:
+            return
+        ids = [id_to_str(d.get("_id")) for d in docs]
+        known = {
+            row[0]
+            for row in clickhouse_call(
+                self.settings,
+                lambda: (
+                    self.clients.clickhouse.query(
+                        f"SELECT DISTINCT _id FROM {REJECTS.qualified} "
+                        "WHERE collection = {c:String} AND _id IN {ids:Array(String)}",
+                        parameters={"c": self.collection, "ids": ids},
+                    ).result_rows
+                ),
+            )
+        }
+        fresh = [d for d, i in zip(docs, ids, strict=True) if i not in known]
+        for doc in fresh:
+            self.mapper.add(doc)
+        batch = self.mapper.take()
+        for reject in batch.rejects:
+            reject.reason = f"updated_at unusable for incremental sync: {reject.reason}"
+        # A future-dated but otherwise valid document maps fine; it still cannot be loaded now.
+        if batch.rows:
+            by_id = {id_to_str(d["_id"]): d for d in fresh}
+            for key in batch.columns["_id"]:
+                batch.rejects.append(
+                    Reject(
+                        by_id[key]["_id"],
+                        f"updated_at is more than {self.settings.max_future_seconds:g}s ahead "
+                        "of the loader's clock (LOADER_MAX_FUTURE_SECONDS)",
+                        by_id[key],
+                    )
+                )
+            batch.columns = {k: [] for k in batch.columns}
+        self._insert_rejects(batch)
+        self.record.docs_read += len(fresh)
+        self.record.rejects += len(batch.rejects)
+
+
+def sync_collection(
+    settings: Settings,
+    collection: str,
+    *,
+    full_refresh: bool = False,
+    batch_size: int | None = None,
+    clients: Clients | None = None,
+    after_insert: Callable[[BatchStored], None] | None = None,
+    progress: ProgressSink | None = None,
+) -> SyncResult:
+    """Load what changed in `collection` since its watermark into `raw.<collection>`.
+
+    `clients`: reuse open connections (one pair per process run); opened and closed here if
+    None. `after_insert` is called after each batch is stored and before its watermark is saved
+    (tests inject crashes there). Raises `ServerUnavailable` when a server stays unreachable.
+    """
+    if collection not in COLLECTIONS:
+        raise ValueError(f"unknown collection {collection!r}; choose from {', '.join(COLLECTIONS)}")
+    size = batch_size or settings.batch_size
+    with open_clients(settings, clients) as cl:
+        _prepare(cl)
+        run = _Run(cl, collection, size, after_insert, progress)
+        rec = run.record
+        ch = cl.clickhouse
+        before: Watermark | None = None
+        index_created = False
+        try:
+            index_created = ensure_watermark_index(run.coll, settings)
+            if full_refresh:
+                _truncate(cl, collection)
+            before = clickhouse_call(settings, lambda: load_watermark(ch, collection))
+            rec.watermark_before = before.describe() if before else ""
+            run.read_started_ms = now_ms()
+            bounds = read_bounds(
+                before, settings.overlap_seconds, settings.max_future_seconds, run.read_started_ms
+            )
+            if progress:
+                total = mongo_call(
+                    settings,
+                    lambda: run.coll.count_documents(bounds.mongo_filter(), hint=WATERMARK_INDEX),
+                )
+                progress.start(collection, total)
+            run.read_main(bounds)
+            run.sweep_undatable(bounds.upper_ms)
+            after = run.watermark or before
+            rec.watermark_after = after.describe() if after else ""
+            rec.peak_rss_bytes = run.rss.peak
+            if rec.docs_read != rec.rows_written + rec.rejects:
+                raise AssertionError(
+                    f"accounting error: read {rec.docs_read} != written {rec.rows_written} "
+                    f"+ rejected {rec.rejects}"
+                )
+            notes = []
+            if index_created:
+                notes.append(f"created index {WATERMARK_INDEX_NAME}")
+            if full_refresh:
+                notes.append("full refresh")
+            rec.finish("ok", "; ".join(notes))
+        except BaseException as exc:
+            after = run.watermark or before
+            rec.watermark_after = after.describe() if after else rec.watermark_before
+            rec.peak_rss_bytes = run.rss.peak
+            rec.finish("failed", f"{type(exc).__name__}: {exc}")
+            _try_write_run(cl, rec)
+            raise
+        clickhouse_call(settings, lambda: write_run(ch, rec))
+        return SyncResult(
+            run_id=rec.run_id,
+            collection=collection,
+            status=rec.status,
+            docs_read=rec.docs_read,
+            rows_written=rec.rows_written,
+            rejects=rec.rejects,
+            deletes=rec.deletes,
+            watermark_before=rec.watermark_before,
+            watermark_after=rec.watermark_after,
+            duration_s=rec.duration_s,
+            peak_rss_bytes=rec.peak_rss_bytes,
+            index_created=index_created,
+            message=rec.message,
+        )
+
+
+def _try_write_run(clients: Clients, rec: RunRecord) -> None:
+    try:
+        write_run(clients.clickhouse, rec)
+    except Exception as exc:  # noqa: BLE001 - the original error matters more
+        log.error("could not record failed run %s in ops.sync_runs: %s", rec.run_id, exc)
+
+
+def _truncate(clients: Clients, collection: str) -> None:
+    ch = clients.clickhouse
+    settings = clients.settings
+
+    def go() -> None:
+        ch.command(f"TRUNCATE TABLE IF EXISTS {raw_table(collection).qualified}")
+        ch.command(
+            f"DELETE FROM {REJECTS.qualified} WHERE collection = {{c:String}}",
+            parameters={"c": collection},
+        )
+        reset_watermark(ch, collection)
+
+    clickhouse_call(settings, go)
+
+
+def has_changes(settings: Settings, collection: str, *, clients: Clients | None = None) -> bool:
+    """True when a sync would read something: one indexed `find_one` past the read bounds.
+
+    Documents whose `updated_at` is not a usable date are not considered (the next sync that
+    runs for another reason rejects them)."""
+    with open_clients(settings, clients) as cl:
+        _prepare(cl)
+        coll = cl.db[collection]
+        ensure_watermark_index(coll, settings)
+        wm = clickhouse_call(settings, lambda: load_watermark(cl.clickhouse, collection))
+        bounds = read_bounds(wm, settings.overlap_seconds, settings.max_future_seconds, now_ms())
+        doc = mongo_call(
+            settings,
+            lambda: coll.find_one(bounds.mongo_filter(), {"_id": 1}, hint=WATERMARK_INDEX),
+        )
+        return doc is not None
