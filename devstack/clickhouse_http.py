@@ -137,6 +137,12 @@ HTTP_STATUS_BY_CODE = {
 }
 
 _CODE_RE = re.compile(r"Code: (\d+)\. ")
+# "Code: 73. DB::Exception: Code: 73. DB::Exception: msg (version v). (NAME)" -> inner message
+_NESTED_RE = re.compile(
+    r"^Code: \d+\. DB::Exception: (Code: \d+\. DB::Exception: .*)"
+    r" \(version [^)]*\)\. \([A-Z_0-9]+\)$",
+    re.DOTALL,
+)
 _FORMAT_RE = re.compile(
     r"\bFORMAT\s+([A-Za-z][A-Za-z0-9_]*)\s*(?:SETTINGS\s+.*?)?;?\s*$", re.IGNORECASE | re.DOTALL
 )
@@ -174,7 +180,10 @@ class ClickHouseError(Exception):
         text = str(exc)
         match = _CODE_RE.search(text)
         if match:  # chdb wraps the engine's text in prefixes like "Streaming query failed: "
-            return cls(int(match.group(1)), text[match.start() :])
+            message = text[match.start() :]
+            while nested := _NESTED_RE.match(message):  # and sometimes in itself, repeatedly
+                message = nested.group(1)
+            return cls(int(match.group(1)), message)
         return cls(1001, f"Code: 1001. DB::Exception: {text}. (STD_EXCEPTION)")
 
     @classmethod
@@ -416,9 +425,7 @@ async def _prepend(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[byt
 
 
 def _form_fields(content_type: str, body: bytes) -> dict[str, str]:
-    """Fields of a multipart/form-data or urlencoded POST (clickhouse-connect sends binds so)."""
-    if content_type.startswith("application/x-www-form-urlencoded"):
-        return dict(parse_qsl(body.decode(), keep_blank_values=True))
+    """Fields of a multipart/form-data POST (clickhouse-connect sends server-side binds so)."""
     message = BytesParser(policy=HTTP).parsebytes(
         b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body
     )
@@ -444,7 +451,9 @@ async def parse_request(request: Request, config: ServerConfig) -> QueryRequest:
     sql = url.get("query", "")
     if request.method == "POST":
         decoded = _decoded_body(request, request_decoder(request.headers.get("content-encoding")))
-        if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        # Like ClickHouse, only multipart bodies are forms; curl's default urlencoded type is
+        # not, its body is the query (or INSERT data) as is.
+        if content_type.startswith("multipart/form-data"):
             raw = b"".join([chunk async for chunk in decoded])
             form = _form_fields(content_type, raw)
             url.update(form)
@@ -637,6 +646,7 @@ class QueryResponse(Response):
             async with self.engine.lock:
                 await self._run(receive, send)
         except ClickHouseError as exc:
+            log.warning("query %s failed: %s", self.req.query_id, exc.message.splitlines()[0])
             if not self._started:
                 await exc.response(self.req.query_id)(scope, receive, send)
 
@@ -836,7 +846,13 @@ def serve(
     app = build_app(config, engine)
     server = uvicorn.Server(
         uvicorn.Config(
-            app, host=host, port=port, log_level="warning", access_log=False, lifespan="off"
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            log_config=None,  # keep this process's logging setup (stderr)
+            access_log=False,
+            lifespan="off",
         )
     )
     ready = threading.Event()
