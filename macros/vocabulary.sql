@@ -1,0 +1,40 @@
+{#- Helpers over the project vocabularies (`vars` in dbt_project.yml). -#}
+
+{% macro sql_string_list(values) -%}
+    {#- ('a', 'b') from a list of strings, quotes escaped -#}
+    ({%- for value in values -%}
+        '{{ value | replace("\\", "\\\\") | replace("'", "\\'") }}'{{ ", " if not loop.last }}
+    {%- endfor -%})
+{%- endmacro %}
+
+{% macro stage_order(column) -%}
+    {#- 1-based position of the stage in the pipeline, 0 for a value outside var('stages') -#}
+    indexOf([{%- for stage in var('stages') -%}'{{ stage }}'{{ ", " if not loop.last }}{%- endfor -%}], {{ column }})
+{%- endmacro %}
+
+{% macro is_open_status(column) -%}
+    {{ column }} in {{ sql_string_list(var('open_statuses')) }}
+{%- endmacro %}
+
+{% macro age_bucket(seconds) -%}
+    {#- label of the ageing bucket for an age in seconds; see age_bucket_order -#}
+    multiIf(
+        {{ seconds }} < 86400, '0-1d',
+        {{ seconds }} < 3 * 86400, '1-3d',
+        {{ seconds }} < 7 * 86400, '3-7d',
+        {{ seconds }} < 14 * 86400, '7-14d',
+        {{ seconds }} < 30 * 86400, '14-30d',
+        '30d+'
+    )
+{%- endmacro %}
+
+{% macro age_bucket_order(seconds) -%}
+    multiIf(
+        {{ seconds }} < 86400, 1,
+        {{ seconds }} < 3 * 86400, 2,
+        {{ seconds }} < 7 * 86400, 3,
+        {{ seconds }} < 14 * 86400, 4,
+        {{ seconds }} < 30 * 86400, 5,
+        6
+    )
+{%- endmacro %}

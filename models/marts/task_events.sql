@@ -1,0 +1,44 @@
+{{
+    config(
+        materialized='incremental',
+        incremental_strategy='delete+insert',
+        unique_key='task_id',
+        engine='MergeTree()',
+        partition_by='toYYYYMM(assigned_at)',
+        order_by='(file_id, assigned_at, task_id)',
+        indexes=[
+            {'name': 'idx_task_id', 'definition': 'task_id TYPE bloom_filter GRANULARITY 1'},
+            {'name': 'idx_loaded_at', 'definition': '_loaded_at TYPE minmax GRANULARITY 1'},
+        ],
+        on_schema_change='fail',
+        pre_hook="{{ pipeline_state_record_retractions() }}",
+        post_hook="{{ pipeline_state_sync() }}",
+    )
+}}
+-- depends_on: {{ source('mongo', 'tasks') }}
+
+{#
+    One row per task (its current version), deleted tasks included with is_deleted = 1.
+    Incremental path: only tasks with a raw row loaded since the last run are rebuilt
+    (see macros/task_events.sql); delete+insert replaces their old row wherever its
+    partition was, then the materialized view of pipeline_state sees the inserted rows.
+#}
+
+select
+    task_id,
+    file_id,
+    stage,
+    employee_code,
+    employee_name,
+    status,
+    assigned_at,
+    updated_at,
+    is_deleted,
+    task_created_at,
+    _version,
+    _loaded_at,
+    _run_id
+from {{ ref('stg_mongo__tasks') }}
+{% if is_incremental() %}
+where task_id in ({{ task_events_changed_task_ids() }})
+{% endif %}
