@@ -1,0 +1,438 @@
+"""Deletes: polling by watermark cannot see a document that is gone, so two ways find them.
+
+- `follow_changes` follows the collection's change stream and turns delete events into
+  tombstones; it stores the resume token in `ops.change_stream_state` after each processed
+  batch of events, so a restart resumes where it stopped.
+- `reconcile_collection` compares the ids in Mongo with the live ids in ClickHouse in hashed
+  buckets (count + XOR of a 64-bit hash per bucket on both sides), ships ids only for buckets
+  that differ, and tombstones ids that are in ClickHouse but gone from Mongo.
+
+A tombstone is a copy of the last stored row with `is_deleted = 1` and a higher `_version`
+(`max(deleted_at_ms, last _version + 1)`), written by one `INSERT ... SELECT ... FINAL` with
+server-side parameters, so the last known values stay in the table as history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from bson import ObjectId, json_util
+from pymongo.errors import OperationFailure
+
+from loader.clients import Clients, clickhouse_call, mongo_call, open_clients
+from loader.runs import PeakRss, RunRecord, new_run_id, write_run
+from loader.schema import CHANGE_STREAM_STATE, COLLECTIONS, REJECTS, raw_columns, raw_table
+from loader.settings import Settings
+from loader.sync import _prepare
+from loader.watermark import now_ms
+
+log = logging.getLogger(__name__)
+
+TOMBSTONE_CHUNK = 10_000
+# The same 64-bit hash on both sides: the first 8 bytes of MD5(hex id), little-endian.
+CH_HASH = "reinterpretAsUInt64(substring(MD5(_id), 1, 8))"
+CHANGE_STREAM_HISTORY_LOST = 286
+
+
+def id_hash(hex_id: str) -> int:
+    return int.from_bytes(hashlib.md5(hex_id.encode()).digest()[:8], "little")
+
+
+# -- tombstones --------------------------------------------------------------------------------
+def write_tombstones(
+    clients: Clients, collection: str, deleted: dict[str, int], run_id: str
+) -> int:
+    """Tombstone every id in `deleted` (hex id → deletion time in ms) that has a live row.
+
+    Ids without a live row (never loaded, or already tombstoned) are skipped, which makes
+    replaying the same delete events harmless. Returns the number of tombstones written."""
+    table = raw_table(collection).qualified
+    names = [n for n, _ in raw_columns(collection)]
+    exprs = {
+        "is_deleted": "toUInt8(1)",
+        "_version": "greatest(prev_version + 1, transform(_id, {ids:Array(String)}, "
+        "{ms:Array(UInt64)}, toUInt64(0)))",
+        "_loaded_at": "now64(3, 'UTC')",
+        "_run_id": "{run:String}",
+    }
+    select = ", ".join(f"{exprs[n]} AS `{n}`" if n in exprs else f"`{n}`" for n in names)
+    cols = ", ".join(f"`{n}`" for n in names)
+    # The filter sits in a subquery: in ClickHouse a SELECT alias (`1 AS is_deleted`) would
+    # shadow the column of the same name in a WHERE at the same level.
+    live = (
+        f"SELECT *, _version AS prev_version FROM {table} FINAL "
+        "WHERE _id IN {ids:Array(String)} AND is_deleted = 0"
+    )
+    count = f"SELECT count() FROM ({live})"
+    insert = f"INSERT INTO {table} ({cols}) SELECT {select} FROM ({live})"
+    written = 0
+    items = list(deleted.items())
+    ch = clients.clickhouse
+    for start in range(0, len(items), TOMBSTONE_CHUNK):
+        chunk = items[start : start + TOMBSTONE_CHUNK]
+        params = {"ids": [i for i, _ in chunk], "ms": [m for _, m in chunk], "run": run_id}
+
+        def go(params: dict[str, Any] = params) -> int:
+            n = int(ch.command(count, parameters=params))
+            if n:
+                ch.command(insert, parameters=params)
+            return n
+
+        written += clickhouse_call(clients.settings, go)
+    return written
+
+
+# -- change stream -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FollowResult:
+    run_id: str
+    collection: str
+    events: int  # delete events seen
+    deletes: int  # tombstones written
+    resumed: bool  # started from a stored resume token
+    stopped_because: str
+
+
+def load_resume_token(clients: Clients, collection: str) -> Any:
+    rows = clickhouse_call(
+        clients.settings,
+        lambda: (
+            clients.clickhouse.query(
+                f"SELECT resume_token FROM {CHANGE_STREAM_STATE.qualified} "
+                "WHERE collection = {c:String} ORDER BY saved_at DESC LIMIT 1",
+                parameters={"c": collection},
+            ).result_rows
+        ),
+    )
+    if not rows or not rows[0][0]:
+        return None
+    return json_util.loads(rows[0][0])
+
+
+def save_resume_token(clients: Clients, collection: str, token: Any, events: int) -> None:
+    text = json_util.dumps(token, json_options=json_util.CANONICAL_JSON_OPTIONS) if token else ""
+    clickhouse_call(
+        clients.settings,
+        lambda: clients.clickhouse.command(
+            f"INSERT INTO {CHANGE_STREAM_STATE.qualified} "
+            "(collection, resume_token, events, saved_at) "
+            "SELECT {c:String}, {t:String}, {n:UInt64}, now64(6)",
+            parameters={"c": collection, "t": text, "n": events},
+        ),
+    )
+
+
+def _deleted_at_ms(change: dict[str, Any]) -> int:
+    wall = change.get("wallTime")
+    if wall is not None:
+        return int(wall) if not hasattr(wall, "timestamp") else int(wall.timestamp() * 1000)
+    cluster = change.get("clusterTime")
+    return int(cluster.time) * 1000 if cluster is not None else now_ms()
+
+
+def follow_changes(
+    settings: Settings,
+    collection: str,
+    *,
+    clients: Clients | None = None,
+    max_events: int | None = None,
+    idle_timeout_s: float | None = None,
+    stop: threading.Event | None = None,
+    flush_every: int = 1_000,
+    max_await_ms: int = 500,
+    on_flush: Callable[[int, int], None] | None = None,
+) -> FollowResult:
+    """Follow `collection`'s change stream and tombstone deleted documents.
+
+    Resumes from the token in `ops.change_stream_state` (from "now" on the first run). Stops
+    after `max_events` delete events, after `idle_timeout_s` without any, when `stop` is set,
+    or on Ctrl-C; runs forever otherwise. `on_flush(events, deletes)` reports progress.
+    """
+    if collection not in COLLECTIONS:
+        raise ValueError(f"unknown collection {collection!r}; choose from {', '.join(COLLECTIONS)}")
+    with open_clients(settings, clients) as cl:
+        _prepare(cl)
+        run_id = new_run_id()
+        rec = RunRecord(run_id, collection, kind="watch")
+        rss = PeakRss()
+        token = load_resume_token(cl, collection)
+        resumed = token is not None
+        coll = cl.db[collection]
+        events = deletes = 0
+        pending: dict[str, int] = {}
+        last_event = time.monotonic()
+        saved_token = token
+        why = "stopped"
+
+        def flush(stream: Any) -> None:
+            nonlocal deletes, saved_token
+            if pending:
+                deletes += write_tombstones(cl, collection, pending, run_id)
+                pending.clear()
+            current = stream.resume_token
+            if current is not None and current != saved_token:
+                save_resume_token(cl, collection, current, events)
+                saved_token = current
+            rss.sample()
+            if on_flush:
+                on_flush(events, deletes)
+
+        try:
+            stream = mongo_call(
+                settings,
+                lambda: coll.watch(
+                    [{"$match": {"operationType": "delete"}}],
+                    resume_after=token,
+                    max_await_time_ms=max_await_ms,
+                    batch_size=flush_every,
+                ),
+            )
+            with stream:
+                while True:
+                    change = mongo_call(settings, stream.try_next)
+                    if change is not None:
+                        last_event = time.monotonic()
+                        if change.get("operationType") == "invalidate":
+                            why = "collection dropped or renamed (run reconcile)"
+                            flush(stream)
+                            break
+                        key = change.get("documentKey", {}).get("_id")
+                        if isinstance(key, ObjectId):
+                            events += 1
+                            pending[str(key)] = _deleted_at_ms(change)
+                        if len(pending) < flush_every and (
+                            max_events is None or events < max_events
+                        ):
+                            continue
+                    flush(stream)
+                    if max_events is not None and events >= max_events:
+                        why = "max_events"
+                        break
+                    if stop is not None and stop.is_set():
+                        why = "stop requested"
+                        break
+                    if (
+                        idle_timeout_s is not None
+                        and time.monotonic() - last_event >= idle_timeout_s
+                    ):
+                        why = "idle"
+                        break
+        except OperationFailure as exc:
+            if exc.code == CHANGE_STREAM_HISTORY_LOST:
+                rec.finish("failed", f"resume token too old: {exc}")
+                _record(cl, rec, events, deletes, rss)
+                raise RuntimeError(
+                    f"The change stream of {collection} cannot resume: the oplog no longer holds "
+                    "the stored position. Run `python -m loader reconcile` to catch up on "
+                    "deletes, then `python -m loader watch --reset` to start from now."
+                ) from exc
+            rec.finish("failed", f"{type(exc).__name__}: {exc}")
+            _record(cl, rec, events, deletes, rss)
+            raise
+        except KeyboardInterrupt:
+            why = "interrupted"
+        except BaseException as exc:
+            rec.finish("failed", f"{type(exc).__name__}: {exc}")
+            _record(cl, rec, events, deletes, rss)
+            raise
+        rec.finish("ok", f"watch: {why}; resumed={resumed}")
+        _record(cl, rec, events, deletes, rss)
+        return FollowResult(run_id, collection, events, deletes, resumed, why)
+
+
+def reset_resume_token(
+    settings: Settings, collection: str, *, clients: Clients | None = None
+) -> None:
+    """Forget the stored position: the next `follow_changes` starts from now."""
+    with open_clients(settings, clients) as cl:
+        _prepare(cl)
+        save_resume_token(cl, collection, None, 0)
+
+
+def _record(cl: Clients, rec: RunRecord, events: int, deletes: int, rss: PeakRss) -> None:
+    rec.deletes = deletes
+    rec.peak_rss_bytes = rss.peak
+    rec.message = f"{rec.message}; delete events={events}".lstrip("; ")
+    try:
+        clickhouse_call(cl.settings, lambda: write_run(cl.clickhouse, rec))
+    except Exception as exc:  # noqa: BLE001 - do not hide the original outcome
+        log.error("could not record run %s: %s", rec.run_id, exc)
+
+
+# -- reconciliation ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReconcileResult:
+    run_id: str
+    collection: str
+    buckets: int
+    mismatched_buckets: int
+    mongo_ids: int
+    clickhouse_ids: int
+    deletes: int  # tombstones written
+    missing_in_clickhouse: int  # in Mongo, not (yet) loaded: the next sync brings them
+    duration_s: float
+
+
+def _bucket_count(live_rows: int) -> int:
+    # About 2,000 ids per bucket: a mismatch ships few ids, the digest stays small.
+    n = 16
+    while n < 65_536 and n * 2_000 < live_rows:
+        n *= 2
+    return n
+
+
+def _known_ids_sql(collection: str) -> str:
+    """Ids ClickHouse accounts for: live rows, plus ObjectIds only ever rejected (they are in
+    Mongo too; leaving them out would make every bucket differ). Takes parameter `c`."""
+    table = raw_table(collection).qualified
+    return (
+        f"SELECT _id FROM {table} FINAL WHERE is_deleted = 0 UNION ALL "
+        f"SELECT DISTINCT _id FROM {REJECTS.qualified} WHERE collection = {{c:String}} "
+        "AND length(_id) = 24 AND match(_id, '^[0-9a-f]+$') "
+        f"AND _id NOT IN (SELECT _id FROM {table})"
+    )
+
+
+def _mongo_ids(cl: Clients, collection: str) -> Iterable[str]:
+    cursor = mongo_call(
+        cl.settings,
+        lambda: cl.db[collection].find({}, {"_id": 1}).hint([("_id", 1)]).batch_size(50_000),
+    )
+    for doc in cursor:
+        oid = doc["_id"]
+        if type(oid) is ObjectId:  # other ids are never loaded (rejected), so never compared
+            yield str(oid)
+
+
+def reconcile_collection(
+    settings: Settings,
+    collection: str,
+    *,
+    clients: Clients | None = None,
+    buckets: int | None = None,
+    max_ids_in_memory: int = 200_000,
+) -> ReconcileResult:
+    """Tombstone ids that are live in `raw.<collection>` but gone from Mongo."""
+    if collection not in COLLECTIONS:
+        raise ValueError(f"unknown collection {collection!r}; choose from {', '.join(COLLECTIONS)}")
+    started = time.monotonic()
+    with open_clients(settings, clients) as cl:
+        _prepare(cl)
+        run_id = new_run_id()
+        rec = RunRecord(run_id, collection, kind="reconcile")
+        rss = PeakRss()
+        ch = cl.clickhouse
+        live = _known_ids_sql(collection)
+        try:
+            ch_total = int(
+                clickhouse_call(
+                    settings,
+                    lambda: ch.command(
+                        f"SELECT count() FROM ({live})", parameters={"c": collection}
+                    ),
+                )
+            )
+            n = buckets or _bucket_count(ch_total)
+            ch_digest = {
+                int(b): (int(c), int(x))
+                for b, c, x in clickhouse_call(
+                    settings,
+                    lambda: (
+                        ch.query(
+                            f"SELECT h % {{n:UInt64}} AS b, count(), groupBitXor(h) FROM "
+                            f"(SELECT {CH_HASH} AS h FROM ({live})) GROUP BY b",
+                            parameters={"n": n, "c": collection},
+                        ).result_rows
+                    ),
+                )
+            }
+            counts = [0] * n
+            xors = [0] * n
+            mongo_total = 0
+            for hex_id in _mongo_ids(cl, collection):
+                h = id_hash(hex_id)
+                b = h % n
+                counts[b] += 1
+                xors[b] ^= h
+                mongo_total += 1
+            rss.sample()
+            bad = [b for b in range(n) if ch_digest.get(b, (0, 0)) != (counts[b], xors[b])]
+            deletes = missing = 0
+            per_bucket = max(1, max(ch_total, mongo_total) // n)
+            group = max(1, max_ids_in_memory // per_bucket)
+            for start in range(0, len(bad), group):
+                chosen = bad[start : start + group]
+                gone, absent = _diff_buckets(cl, collection, n, chosen)
+                missing += absent
+                if gone:
+                    deletes += write_tombstones(
+                        cl, collection, dict.fromkeys(gone, now_ms()), run_id
+                    )
+                rss.sample()
+            rec.deletes = deletes
+            rec.peak_rss_bytes = rss.peak
+            rec.finish(
+                "ok",
+                f"reconcile: {n} buckets, {len(bad)} differ; mongo ids={mongo_total}, "
+                f"clickhouse live ids={ch_total}, not yet loaded={missing}",
+            )
+        except BaseException as exc:
+            rec.peak_rss_bytes = rss.peak
+            rec.finish("failed", f"{type(exc).__name__}: {exc}")
+            _record(cl, rec, 0, rec.deletes, rss)
+            raise
+        clickhouse_call(settings, lambda: write_run(ch, rec))
+        return ReconcileResult(
+            run_id,
+            collection,
+            n,
+            len(bad),
+            mongo_total,
+            ch_total,
+            deletes,
+            missing,
+            time.monotonic() - started,
+        )
+
+
+def _diff_buckets(cl: Clients, collection: str, n: int, chosen: list[int]) -> tuple[list[str], int]:
+    """Ids of the chosen buckets live in ClickHouse but absent from Mongo (checked twice), and
+    how many ids of those buckets Mongo has that ClickHouse lacks."""
+    wanted = set(chosen)
+    ch_ids = {
+        row[0]
+        for row in clickhouse_call(
+            cl.settings,
+            lambda: (
+                cl.clickhouse.query(
+                    f"SELECT _id FROM ({_known_ids_sql(collection)}) "
+                    f"WHERE {CH_HASH} % {{n:UInt64}} IN {{b:Array(UInt64)}}",
+                    parameters={"n": n, "b": chosen, "c": collection},
+                ).result_rows
+            ),
+        )
+    }
+    mongo_ids = {i for i in _mongo_ids(cl, collection) if id_hash(i) % n in wanted}
+    candidates = ch_ids - mongo_ids
+    missing = len(mongo_ids - ch_ids)
+    if not candidates:
+        return [], missing
+    # A document loaded after the Mongo scan started would look deleted: ask Mongo again.
+    still_there = {
+        str(d["_id"])
+        for d in mongo_call(
+            cl.settings,
+            lambda: list(
+                cl.db[collection].find(
+                    {"_id": {"$in": [ObjectId(i) for i in candidates]}}, {"_id": 1}
+                )
+            ),
+        )
+    }
+    return sorted(candidates - still_there), missing
