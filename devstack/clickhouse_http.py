@@ -21,9 +21,11 @@ import logging
 import os
 import re
 import secrets
+import signal
+import subprocess
 import sys
-import threading
 import time
+import urllib.request
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import parse_qsl
 
 import anyio
@@ -855,13 +857,11 @@ def serve(
             lifespan="off",
         )
     )
-    ready = threading.Event()
 
     async def announce() -> None:
         while not server.started:
             await anyio.sleep(0.05)
         print(f"clickhouse-http ready on http://{host}:{port}", file=sys.stderr, flush=True)
-        ready.set()
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
@@ -869,13 +869,53 @@ def serve(
             await server.serve()
             tg.cancel_scope.cancel()
 
+    def stop(signum: int, frame: object) -> None:
+        # uvicorn swaps in its own handler while serving and re-raises the signal once it has
+        # stopped; landing here then lets us close the engine and exit 0 instead of dying.
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
-        anyio.run(main)  # uvicorn installs SIGTERM/SIGINT handlers that end serve() cleanly
+        anyio.run(main)
     finally:
         engine.close()
         log.info("chdb session closed")
     if not server.started:
         raise SystemExit(f"clickhouse-http could not listen on {host}:{port} (is the port taken?)")
+
+
+def spawn(
+    data_dir: str | Path,
+    port: int,
+    host: str = "127.0.0.1",
+    password: str | None = None,
+    log_file: IO[bytes] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start this server as a child process (stop it with SIGTERM so data is flushed)."""
+    cmd = [sys.executable, "-m", "devstack.clickhouse_http", "--data-dir", str(data_dir)]
+    cmd += ["--host", host, "--port", str(port)]
+    if password is not None:
+        cmd += ["--password", password]
+    return subprocess.Popen(cmd, stdout=log_file, stderr=log_file)
+
+
+def wait_ready(proc: subprocess.Popen[bytes], host: str, port: int, timeout: float = 60.0) -> None:
+    """Wait until `/ping` answers; fail early, naming the cause, if the process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"clickhouse-http exited with code {proc.returncode} before answering on "
+                f"{host}:{port}; see its log (port taken? data dir locked by another process?)"
+            )
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/ping", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"clickhouse-http did not answer on {host}:{port} within {timeout}s")
 
 
 def main(argv: list[str] | None = None) -> None:
