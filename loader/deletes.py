@@ -38,6 +38,7 @@ TOMBSTONE_CHUNK = 10_000
 # The same 64-bit hash on both sides: the first 8 bytes of MD5(hex id), little-endian.
 CH_HASH = "reinterpretAsUInt64(substring(MD5(_id), 1, 8))"
 CHANGE_STREAM_HISTORY_LOST = 286
+INVALID_RESUME_TOKEN = 260
 
 
 def id_hash(hex_id: str) -> int:
@@ -199,8 +200,12 @@ def follow_changes(
                     if change is not None:
                         last_event = time.monotonic()
                         if change.get("operationType") == "invalidate":
-                            why = "collection dropped or renamed (run reconcile)"
+                            # The collection was dropped or renamed: this stream cannot resume.
+                            # Forget the token so the next run starts from now; deletes before
+                            # then are for `reconcile` (or a full refresh) to find.
+                            why = "collection dropped or renamed: run reconcile"
                             flush(stream)
+                            save_resume_token(cl, collection, None, events)
                             break
                         key = change.get("documentKey", {}).get("_id")
                         if isinstance(key, ObjectId):
@@ -224,12 +229,14 @@ def follow_changes(
                         why = "idle"
                         break
         except OperationFailure as exc:
-            if exc.code == CHANGE_STREAM_HISTORY_LOST:
-                rec.finish("failed", f"resume token too old: {exc}")
+            if exc.code in (CHANGE_STREAM_HISTORY_LOST, INVALID_RESUME_TOKEN):
+                rec.finish("failed", f"cannot resume change stream: {exc}")
                 _record(cl, rec, events, deletes, rss)
+                code = (exc.details or {}).get("codeName", exc.code)
                 raise RuntimeError(
-                    f"The change stream of {collection} cannot resume: the oplog no longer holds "
-                    "the stored position. Run `python -m loader reconcile` to catch up on "
+                    f"The change stream of {collection} cannot resume from the stored token "
+                    f"({code}: the oplog no longer holds that position, or "
+                    "the collection was dropped). Run `python -m loader reconcile` to catch up on "
                     "deletes, then `python -m loader watch --reset` to start from now."
                 ) from exc
             rec.finish("failed", f"{type(exc).__name__}: {exc}")

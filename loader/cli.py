@@ -1,0 +1,340 @@
+"""`python -m loader sync|watch|reconcile|seed`: the loader's command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from loader.clients import ServerUnavailable, open_clients
+from loader.schema import COLLECTIONS
+from loader.settings import Settings
+
+app = typer.Typer(
+    help="Stream changed MongoDB documents into ClickHouse `raw` tables (see docs/ARCHITECTURE.md)."
+    " Servers come from MONGO_URI, MONGO_DB, CLICKHOUSE_HOST/PORT/USER/PASSWORD.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+# Summary tables stay readable when the output is piped (rich assumes 80 columns then).
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+class Which(StrEnum):
+    tasks = "tasks"
+    employee = "employee"
+    all = "all"
+
+
+def _collections(which: Which) -> list[str]:
+    return list(COLLECTIONS) if which == Which.all else [which.value]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False)],
+    )
+
+
+class _RichProgress:
+    """Adapter from the loader's progress protocol to a rich progress bar."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task: int | None = None
+
+    def start(self, collection: str, total: int | None) -> None:
+        self.task = self.progress.add_task(f"sync {collection}", total=total)
+
+    def advance(self, docs: int) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task, docs)
+
+
+def _fail(exc: BaseException) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {exc}")
+    return typer.Exit(code=2)
+
+
+@app.command()
+def sync(
+    collection: Annotated[Which, typer.Option(help="Collection to load.")] = Which.all,
+    full_refresh: Annotated[
+        bool, typer.Option("--full-refresh", help="Truncate the raw table and watermark, reload.")
+    ] = False,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Documents per batch (default LOADER_BATCH_SIZE).")
+    ] = None,
+    progress: Annotated[
+        bool | None,
+        typer.Option("--progress/--no-progress", help="Progress bars (default: when a TTY)."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Load what changed since the watermark into raw.<collection>, then print a summary."""
+    from loader.sync import sync_collection
+
+    _setup_logging(verbose)
+    settings = Settings()
+    show = sys.stdout.isatty() if progress is None else progress
+    results = []
+    try:
+        with open_clients(settings) as clients:
+            bars = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                disable=not show,
+            )
+            with bars:
+                sink = _RichProgress(bars) if show else None
+                for name in _collections(collection):
+                    results.append(
+                        sync_collection(
+                            settings,
+                            name,
+                            full_refresh=full_refresh,
+                            batch_size=batch_size,
+                            clients=clients,
+                            progress=sink,
+                        )
+                    )
+    except ServerUnavailable as exc:
+        raise _fail(exc) from exc
+    table = Table(title="sync")
+    for col in ("collection", "read", "written", "rejects", "seconds", "docs/s", "peak RSS MiB"):
+        table.add_column(col, justify="left" if col == "collection" else "right")
+    table.add_column("watermark")
+    for r in results:
+        rate = r.docs_read / r.duration_s if r.duration_s > 0 else 0.0
+        table.add_row(
+            r.collection,
+            f"{r.docs_read:,}",
+            f"{r.rows_written:,}",
+            f"{r.rejects:,}",
+            f"{r.duration_s:.2f}",
+            f"{rate:,.0f}",
+            f"{r.peak_rss_bytes / 2**20:.0f}",
+            r.watermark_after or "-",
+        )
+        if r.index_created:
+            console.print(f"created the (updated_at, _id) index on {r.collection}")
+    console.print(table)
+
+
+@app.command()
+def watch(
+    collection: Annotated[Which, typer.Option(help="Collection(s) to follow.")] = Which.all,
+    idle_timeout: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds without a delete event.")
+    ] = None,
+    reset: Annotated[
+        bool, typer.Option("--reset", help="Forget the stored resume token; start from now.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Follow the change stream and tombstone deleted documents (Ctrl-C to stop).
+
+    The resume token is stored in ops.change_stream_state after each processed batch of events,
+    so a restart resumes where the previous run stopped."""
+    from loader.deletes import follow_changes, reset_resume_token
+
+    _setup_logging(verbose)
+    settings = Settings()
+    stop = threading.Event()
+    results: dict[str, object] = {}
+    errors: list[BaseException] = []
+    names = _collections(collection)
+    try:
+        with open_clients(settings) as clients:
+            if reset:
+                for name in names:
+                    reset_resume_token(settings, name, clients=clients)
+
+            def run(name: str) -> None:
+                try:
+                    results[name] = follow_changes(
+                        settings,
+                        name,
+                        idle_timeout_s=idle_timeout,
+                        stop=stop,
+                        on_flush=lambda events, deletes: logging.getLogger("loader.watch").info(
+                            "%s: %d delete events, %d tombstones", name, events, deletes
+                        ),
+                    )
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+                    stop.set()
+
+            threads = [threading.Thread(target=run, args=(n,), daemon=True) for n in names]
+            console.print(f"following {', '.join(names)} (Ctrl-C to stop)")
+            for t in threads:
+                t.start()
+            try:
+                while any(t.is_alive() for t in threads):
+                    for t in threads:
+                        t.join(timeout=0.5)
+            except KeyboardInterrupt:
+                stop.set()
+                for t in threads:
+                    t.join()
+    except ServerUnavailable as exc:
+        raise _fail(exc) from exc
+    if errors:
+        raise _fail(errors[0])
+    table = Table(title="watch")
+    for col in ("collection", "delete events", "tombstones", "resumed", "stopped"):
+        table.add_column(col)
+    for name, r in results.items():
+        table.add_row(
+            name,
+            str(r.events),  # type: ignore[attr-defined]
+            str(r.deletes),  # type: ignore[attr-defined]
+            str(r.resumed),  # type: ignore[attr-defined]
+            str(r.stopped_because),  # type: ignore[attr-defined]
+        )
+    console.print(table)
+
+
+@app.command()
+def reconcile(
+    collection: Annotated[Which, typer.Option(help="Collection(s) to check.")] = Which.all,
+    buckets: Annotated[
+        int | None, typer.Option(min=1, help="Hash buckets (default: about 2,000 ids each).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Tombstone ids that are live in ClickHouse but gone from MongoDB.
+
+    Both sides are summarised per hash bucket (count and XOR of a 64-bit hash of each id); only
+    buckets that differ have their ids compared."""
+    from loader.deletes import reconcile_collection
+
+    _setup_logging(verbose)
+    settings = Settings()
+    try:
+        with open_clients(settings) as clients:
+            results = [
+                reconcile_collection(settings, n, clients=clients, buckets=buckets)
+                for n in _collections(collection)
+            ]
+    except ServerUnavailable as exc:
+        raise _fail(exc) from exc
+    table = Table(title="reconcile")
+    cols = ("collection", "mongo ids", "clickhouse ids", "buckets", "differ", "tombstones")
+    for col in (*cols, "not yet loaded", "seconds"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(
+            r.collection,
+            f"{r.mongo_ids:,}",
+            f"{r.clickhouse_ids:,}",
+            str(r.buckets),
+            str(r.mismatched_buckets),
+            str(r.deletes),
+            str(r.missing_in_clickhouse),
+            f"{r.duration_s:.2f}",
+        )
+    console.print(table)
+
+
+@app.command()
+def seed(
+    tasks: Annotated[int, typer.Option(min=0, help="Number of task documents.")] = 10_000,
+    seed_: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same data).")] = 0,
+    malformed_ratio: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of malformed task documents.")
+    ] = 0.0,
+    batch: Annotated[int, typer.Option(min=1, help="Documents per insert_many.")] = 10_000,
+    live: Annotated[
+        bool, typer.Option("--live", help="End the data at the current time (default: fixed date).")
+    ] = False,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Do not drop the existing collections first.")
+    ] = False,
+    activity: Annotated[
+        bool, typer.Option("--activity", help="Then keep mutating the data until Ctrl-C.")
+    ] = False,
+    per_tick: Annotated[int, typer.Option(min=1, help="Activity: changes per tick.")] = 100,
+    interval: Annotated[
+        float, typer.Option(min=0.0, help="Activity: seconds between ticks.")
+    ] = 1.0,
+    ticks: Annotated[int | None, typer.Option(min=1, help="Activity: stop after N ticks.")] = None,
+) -> None:
+    """Create the deterministic synthetic dataset in MONGO_DB (and optionally keep it busy)."""
+    from pymongo import MongoClient
+
+    from loader import synthetic
+
+    settings = Settings()
+    client: MongoClient = MongoClient(
+        settings.mongo_uri, serverSelectionTimeoutMS=int(settings.connect_timeout_seconds * 1000)
+    )
+    db = client[settings.mongo_db]
+    try:
+        if tasks:
+            with console.status(f"seeding {tasks:,} tasks into {settings.mongo_db}"):
+                result = synthetic.seed(
+                    db,
+                    tasks,
+                    seed=seed_,
+                    malformed_ratio=malformed_ratio,
+                    batch=batch,
+                    end=datetime.now(UTC) if live else None,
+                    drop=not keep,
+                )
+            console.print(
+                f"seeded {result.tasks:,} tasks ({result.files:,} files), "
+                f"{result.employees:,} employees, malformed: {result.malformed or 'none'}"
+            )
+        if activity:
+            console.print(f"activity: {per_tick} changes every {interval}s (Ctrl-C to stop)")
+            try:
+                synthetic.activity(
+                    db,
+                    seed=seed_,
+                    per_tick=per_tick,
+                    interval_s=interval,
+                    ticks=ticks,
+                    on_tick=lambda i, r: console.print(
+                        f"tick {i}: {r.updated} updated, {r.inserted} inserted"
+                    ),
+                )
+            except KeyboardInterrupt:
+                console.print("activity stopped")
+    except Exception as exc:
+        if type(exc).__module__.startswith("pymongo"):
+            raise _fail(
+                RuntimeError(
+                    f"MongoDB at {settings.redacted_mongo_uri()} failed: {exc}. Check MONGO_URI."
+                )
+            ) from exc
+        raise
+    finally:
+        client.close()
+
+
+def main() -> None:
+    app()
