@@ -98,10 +98,24 @@ def _node_timing(result: Any) -> StepTiming:
     )
 
 
+def _forget_ensured_databases() -> None:
+    """dbt-clickhouse remembers per process which databases it has created and never checks
+    again; a long-lived process (tests, an in-process serve) then fails with UNKNOWN_DATABASE
+    after the target database is dropped. Forgetting costs one EXISTS query per build."""
+    try:
+        from dbt.adapters.clickhouse import dbclient
+    except ImportError:  # another adapter: nothing cached
+        return
+    ensured = getattr(dbclient, "_ensured_databases", None)
+    if isinstance(ensured, set):
+        ensured.clear()
+
+
 def run_build(settings: FlowSettings, select: list[str]) -> BuildResult:
     """Run `dbt build --select <select>`; raise DbtBuildError naming the failed nodes."""
     from dbt.cli.main import dbtRunner
 
+    _forget_ensured_databases()
     # A fresh runner per build: dbtRunner instances are not meant to be reused concurrently.
     res = dbtRunner().invoke(dbt_args(settings, "build", select))
     build = BuildResult(select=select)

@@ -49,12 +49,15 @@ def is_transient(exc: BaseException | None) -> bool:
     from clickhouse_connect.driver.exceptions import OperationalError
     from pymongo.errors import AutoReconnect, ConnectionFailure
 
+    from loader.clients import ServerUnavailable
+
     transient: tuple[type[BaseException], ...] = (
         ConnectionError,
         TimeoutError,
         ConnectionFailure,
         AutoReconnect,
         OperationalError,
+        ServerUnavailable,  # the loader's own retries ran out; one more try after a pause
     )
     return isinstance(exc, transient) or is_transient(exc.__cause__)
 
