@@ -46,7 +46,7 @@ test: setup ## Run every test on a private stack (free ports, temp dir); set RUN
 	$(PY) -m pytest
 
 sync: setup ## One flow run against whatever the env vars point to
-	@echo "make sync arrives with issue 3 (loader)"
+	$(PY) -m loader sync
 
 lint: setup ## ruff check + ruff format --check
 	$(VENV)/bin/ruff check .
