@@ -1,21 +1,23 @@
 """Session fixtures: a private embedded stack on free ports, and clients bound to it.
 
 The `stack` fixture exports the contract env vars (`MONGO_URI`, `MONGO_DB`, `CLICKHOUSE_*`,
-`REDIS_URL`) into `os.environ` for the whole session, so `Settings()` and every subprocess a test
-starts (dbt, the loader CLI, flows) talk to this stack and never to the data of `make demo`.
+`REDIS_URL`, and `PIPELINE_DATA_DIR` = its temp dir) into `os.environ` for the whole session, so
+`Settings()` and every subprocess a test starts (dbt, the loader CLI, flows) talk to this stack
+and never to the data of `make demo`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import clickhouse_connect
 import pytest
 import redis
 from pymongo import MongoClient
 
-from devstack.process import free_ports
+from devstack.process import PortBusyError, free_ports
 from devstack.stack import Stack
 
 TEST_MONGO_DB = "pipeline_test"
@@ -27,6 +29,7 @@ CONTRACT_VARS = (
     "CLICKHOUSE_USER",
     "CLICKHOUSE_PASSWORD",
     "REDIS_URL",
+    "PIPELINE_DATA_DIR",
 )
 
 
@@ -40,19 +43,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def start_private_stack(data_dir: Path, attempts: int = 3) -> Stack:
+    """A stack on free ports; new ports if another program grabs one between choice and start."""
+    for attempt in range(attempts):
+        mongo_port, clickhouse_port, redis_port = free_ports(3)
+        private = Stack(data_dir, mongo_port, clickhouse_port, redis_port)
+        try:
+            private.up()
+        except PortBusyError:
+            if attempt == attempts - 1:
+                raise
+            continue
+        return private
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    mongo_port, clickhouse_port, redis_port = free_ports(3)
-    test_stack = Stack(
-        tmp_path_factory.mktemp("stack"),
-        mongo_port=mongo_port,
-        clickhouse_port=clickhouse_port,
-        redis_port=redis_port,
-    )
+    data_dir = tmp_path_factory.mktemp("stack")
     saved = {name: os.environ.get(name) for name in CONTRACT_VARS}
-    test_stack.up()
+    test_stack = start_private_stack(data_dir)
     os.environ.update(test_stack.env)
     os.environ["MONGO_DB"] = TEST_MONGO_DB
+    # Anything that keeps files under the data dir (Prefect home, lock files) stays in the temp dir.
+    os.environ["PIPELINE_DATA_DIR"] = str(data_dir)
     try:
         yield test_stack
     finally:

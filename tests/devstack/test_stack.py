@@ -201,3 +201,20 @@ def test_cli_help_lists_the_commands() -> None:
     assert result.returncode == 0
     for command in ("up", "down", "status"):
         assert command in result.stdout
+
+
+def test_clickhouse_password_when_configured_is_required(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, *free_ports(3), clickhouse_password="s3cret")
+    stack.up(["clickhouse"])
+    try:
+        good = clickhouse_connect.get_client(
+            host=stack.clickhouse_host, port=stack.clickhouse_port, password="s3cret"
+        )
+        assert good.query("SELECT 1").result_rows == [(1,)]
+        with pytest.raises(clickhouse_connect.driver.exceptions.DatabaseError, match="516"):
+            clickhouse_connect.get_client(
+                host=stack.clickhouse_host, port=stack.clickhouse_port, password="wrong"
+            )
+    finally:
+        stack.down()
+    assert stack.env["CLICKHOUSE_PASSWORD"] == "s3cret"
