@@ -1,0 +1,54 @@
+"""Loader fixtures: settings bound to the session stack and a clean slate for every test.
+
+The `raw` and `ops` databases are shared by the whole session (their names are part of the
+contract), so each loader test starts by emptying the loader's tables and its own Mongo database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from clickhouse_connect.driver.client import Client
+from pymongo import MongoClient
+from pymongo.database import Database
+
+from loader.clients import Clients, open_clients_now
+from loader.mapping import CODEC_OPTIONS
+from loader.schema import CHANGE_STREAM_STATE, COLLECTIONS, REJECTS, WATERMARKS, ensure_schema
+from loader.settings import Settings
+
+LOADER_TEST_DB = "loader_test"
+
+
+@pytest.fixture
+def settings(stack: Any, clickhouse_client: Client, mongo_client: MongoClient) -> Settings:
+    """Settings from the stack's env vars, a private Mongo database, quick retries."""
+    mongo_client.drop_database(LOADER_TEST_DB)
+    ensure_schema(clickhouse_client)
+    for name in COLLECTIONS:
+        clickhouse_client.command(f"TRUNCATE TABLE raw.{name}")
+    clickhouse_client.command(f"TRUNCATE TABLE {REJECTS.qualified}")
+    clickhouse_client.command(f"TRUNCATE TABLE {WATERMARKS.qualified}")
+    clickhouse_client.command(f"TRUNCATE TABLE {CHANGE_STREAM_STATE.qualified}")
+    return Settings(
+        mongo_db=LOADER_TEST_DB,
+        retry_attempts=2,
+        retry_initial_wait=0.05,
+        retry_max_wait=0.2,
+        connect_timeout_seconds=1.0,
+    )
+
+
+@pytest.fixture
+def clients(settings: Settings) -> Iterator[Clients]:
+    opened = open_clients_now(settings)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def db(mongo_client: MongoClient, settings: Settings) -> Database:
+    """The test's Mongo database, dates read as milliseconds (like the loader reads them)."""
+    return mongo_client.get_database(settings.mongo_db, codec_options=CODEC_OPTIONS)

@@ -1,0 +1,237 @@
+"""Incremental sync by watermark: exact, incremental, resumable."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from bson.datetime_ms import DatetimeMS
+from clickhouse_connect.driver.client import Client
+from loader_testlib import clickhouse_tasks, mongo_tasks, run_record
+from pymongo.database import Database
+
+from loader.clients import Clients
+from loader.settings import Settings
+from loader.sync import BatchStored, has_changes, sync_collection
+from loader.synthetic import mutate, seed
+from loader.watermark import load_watermark
+
+
+class InjectedCrash(RuntimeError):
+    pass
+
+
+def test_initial_load_equals_mongo_for_every_id(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 3_000, seed=11)
+
+    result = sync_collection(settings, "tasks", clients=clients, batch_size=700)
+
+    assert result.docs_read == 3_000
+    assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
+
+
+def test_initial_load_fills_bookkeeping_columns(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 500, seed=12)
+
+    result = sync_collection(settings, "tasks", clients=clients)
+
+    bad = clickhouse_client.command(
+        "SELECT count() FROM raw.tasks WHERE _run_id != {r:String} OR is_deleted != 0 "
+        "OR _version != toUnixTimestamp64Milli(updated_at) "
+        "OR _id_created_at "
+        "!= toDateTime(reinterpretAsUInt32(reverse(unhex(substring(_id, 1, 8)))))",
+        parameters={"r": result.run_id},
+    )
+    assert bad == 0
+
+
+def test_employee_collection_loads(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 1_000, seed=13)
+
+    result = sync_collection(settings, "employee", clients=clients)
+
+    assert result.rows_written == db.employee.count_documents({})
+    assert (
+        clickhouse_client.command("SELECT count() FROM raw.employee FINAL") == result.rows_written
+    )
+
+
+def test_second_sync_without_changes_reads_and_writes_nothing(
+    settings: Settings, clients: Clients, db: Database
+) -> None:
+    seed(db, 2_000, seed=21)
+    sync_collection(settings, "tasks", clients=clients)
+
+    again = sync_collection(settings, "tasks", clients=clients)
+
+    assert (again.docs_read, again.rows_written, again.rejects) == (0, 0, 0)
+
+
+def test_sync_after_updating_one_percent_reads_only_those(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 5_000, seed=31)
+    sync_collection(settings, "tasks", clients=clients)
+    changed = mutate(db, fraction=0.01, seed=31, new_stages=False)
+
+    result = sync_collection(settings, "tasks", clients=clients)
+
+    assert changed.updated == 50
+    assert result.docs_read == changed.updated
+    assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
+
+
+def test_same_updated_at_across_a_batch_boundary_loses_nothing(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 1_000, seed=41)
+    sync_collection(settings, "tasks", clients=clients)
+    tied = [d["_id"] for d in db.tasks.find({}, {"_id": 1}).sort("_id", 1).limit(250)]
+    same = datetime(2026, 6, 1, tzinfo=UTC)  # after the seeded data, well before now
+    db.tasks.update_many({"_id": {"$in": tied}}, {"$set": {"updated_at": same}})
+
+    def crash_on_second_batch(stored: BatchStored) -> None:
+        if stored.batch_no == 2:
+            raise InjectedCrash("stop after the first batch's watermark was saved")
+
+    with pytest.raises(InjectedCrash):
+        sync_collection(
+            settings, "tasks", clients=clients, batch_size=100, after_insert=crash_on_second_batch
+        )
+    wm = load_watermark(clickhouse_client, "tasks")
+    resumed = sync_collection(settings, "tasks", clients=clients, batch_size=100)
+
+    assert wm is not None and wm.last_id == str(tied[99])  # saved inside the tie
+    assert resumed.docs_read == 150
+    assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
+
+
+def test_late_write_older_than_watermark_inside_overlap_is_picked_up(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    now = datetime.now(UTC)
+    seed(db, 1_000, seed=51, end=now - timedelta(seconds=5))
+    sync_collection(settings, "tasks", clients=clients)
+    wm = load_watermark(clickhouse_client, "tasks")
+    assert wm is not None
+    # Committed now, stamped 10 s before the watermark: within the 60 s overlap window.
+    late = DatetimeMS(wm.updated_at_ms - 10_000)
+    victim = db.tasks.find_one({"updated_at": {"$lt": late}}, sort=[("updated_at", 1)])
+    db.tasks.update_one(
+        {"_id": victim["_id"]}, {"$set": {"status": "rejected", "updated_at": late}}
+    )
+
+    sync_collection(settings.model_copy(update={"overlap_seconds": 60}), "tasks", clients=clients)
+
+    row = clickhouse_tasks(clickhouse_client)[str(victim["_id"])]
+    assert (row[4], row[6]) == ("rejected", int(late))
+
+
+def test_crash_after_insert_before_watermark_rerun_leaves_no_duplicate_and_no_loss(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 2_500, seed=61)
+
+    def crash(stored: BatchStored) -> None:
+        if stored.batch_no == 2:
+            raise InjectedCrash("crash between insert and watermark save")
+
+    with pytest.raises(InjectedCrash):
+        sync_collection(settings, "tasks", clients=clients, batch_size=1_000, after_insert=crash)
+    rerun = sync_collection(settings, "tasks", clients=clients, batch_size=1_000)
+
+    # Batch 2 was stored but its watermark was not: it is read (and stored) again...
+    assert rerun.docs_read == 1_500
+    assert clickhouse_client.command("SELECT count() FROM raw.tasks") == 3_500
+    # ...and deduplication leaves exactly one row per document, equal to Mongo.
+    assert clickhouse_client.command("SELECT count() FROM raw.tasks FINAL") == 2_500
+    assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
+
+
+def test_failed_run_is_recorded_and_keeps_the_last_stored_watermark(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 1_500, seed=62)
+    runs: list[str] = []
+
+    def crash(stored: BatchStored) -> None:
+        runs.append(stored.watermark.describe())
+        if stored.batch_no == 2:
+            raise InjectedCrash("boom")
+
+    with pytest.raises(InjectedCrash):
+        sync_collection(settings, "tasks", clients=clients, batch_size=1_000, after_insert=crash)
+    rec = clickhouse_client.query(
+        "SELECT status, watermark_after, message FROM ops.sync_runs "
+        "WHERE collection = 'tasks' ORDER BY started_at DESC LIMIT 1"
+    ).result_rows[0]
+
+    assert rec[0] == "failed"
+    assert rec[1] == runs[0]
+    assert "InjectedCrash" in rec[2]
+
+
+def test_run_record_accounts_for_every_document(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 2_000, seed=71, malformed_ratio=0.05)
+
+    result = sync_collection(settings, "tasks", clients=clients)
+    rec = run_record(clickhouse_client, result.run_id)
+
+    assert rec["status"] == "ok"
+    assert rec["docs_read"] == 2_000
+    assert rec["docs_read"] == rec["rows_written"] + rec["rejects"]
+    assert rec["watermark_after"] == result.watermark_after != ""
+    assert rec["peak_rss_bytes"] > 0
+
+
+def test_has_changes_is_false_after_a_sync(
+    settings: Settings, clients: Clients, db: Database
+) -> None:
+    seed(db, 1_000, seed=81)
+    sync_collection(settings, "tasks", clients=clients)
+
+    assert has_changes(settings, "tasks", clients=clients) is False
+
+
+def test_has_changes_is_true_after_an_update(
+    settings: Settings, clients: Clients, db: Database
+) -> None:
+    seed(db, 1_000, seed=82)
+    sync_collection(settings, "tasks", clients=clients)
+    mutate(db, 1, seed=82)
+
+    assert has_changes(settings, "tasks", clients=clients) is True
+
+
+def test_full_refresh_reloads_from_scratch(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 1_000, seed=91)
+    sync_collection(settings, "tasks", clients=clients)
+    clickhouse_client.command("INSERT INTO raw.tasks (_id, file_id) VALUES ('stray', 'x')")
+
+    result = sync_collection(settings, "tasks", clients=clients, full_refresh=True)
+
+    assert result.watermark_before == ""
+    assert result.docs_read == 1_000
+    assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
+
+
+def test_missing_watermark_index_is_created_and_reported(
+    settings: Settings, clients: Clients, db: Database
+) -> None:
+    seed(db, 100, seed=92)
+
+    first = sync_collection(settings, "tasks", clients=clients)
+    second = sync_collection(settings, "tasks", clients=clients)
+
+    assert (first.index_created, second.index_created) == (True, False)
+    assert "created index" in first.message
