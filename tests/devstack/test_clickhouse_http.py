@@ -176,6 +176,41 @@ def test_result_over_100_mb_streams_without_the_server_holding_it(front: Front) 
     assert peak - baseline < result_bytes / 2
 
 
+def test_large_insert_body_streams_into_the_engine_unbuffered(front: Front) -> None:
+    httpx.post(front.url, content=b"CREATE TABLE big_in (a UInt64, s String) ENGINE = Null")
+    server = psutil.Process(front.proc.pid)
+    row_tail = b"\t" + b"x" * 200 + b"\n"
+    batches = 500  # 500 x 1000 rows x ~206 bytes: ~100 MB of TSV
+
+    def body() -> Iterator[bytes]:
+        for i in range(batches):
+            yield b"".join(b"%d%s" % (n, row_tail) for n in range(i * 1000, (i + 1) * 1000))
+
+    peak = baseline = server.memory_info().rss
+    sampling = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not sampling.wait(0.01):
+            peak = max(peak, server.memory_info().rss)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    # Small squashing thresholds: by default ClickHouse itself gathers up to 256 MB per block.
+    settings = {"min_insert_block_size_rows": "65536", "min_insert_block_size_bytes": "8000000"}
+    response = httpx.post(
+        front.url,
+        params={"query": "INSERT INTO big_in FORMAT TSV", **settings},
+        content=body(),
+        timeout=300,
+    )
+    sampling.set()
+    sampler.join()
+    assert response.status_code == 200, response.text
+    assert json.loads(response.headers["X-ClickHouse-Summary"])["written_rows"] == "500000"
+    assert peak - baseline < 50_000_000
+
+
 def test_sql_error_surfaces_with_clickhouse_code_and_message(client: Client) -> None:
     with pytest.raises(DatabaseError) as failure:
         client.query("SELECT no_such_column FROM system.one")
