@@ -1,0 +1,1 @@
+"""Baselines the loader is measured against. They live here, never in the product."""

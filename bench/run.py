@@ -1,0 +1,552 @@
+"""`python -m bench` (`make bench`): every measurement against its baseline, on one dataset.
+
+The bench starts its own embedded stack (temp dir, free ports), seeds it with the deterministic
+synthetic source, and runs each measured operation `BENCH_REPEAT` times, each in a fresh
+subprocess (`bench.worker`) so memory and caches never carry over between runs. Settings: see
+`bench.config`; the report's layout: see `bench.report`. A measurement whose part is missing or
+fails is reported as "unavailable: <reason>", and the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from bench.catalogue import new_comparisons, new_measurements
+from bench.config import GROUPS, REPO_ROOT, BenchConfig, ConfigError
+from bench.report import OK, Comparison, Measurement, render, write_json
+from bench.worker import MARKER
+
+MAIN_DB = "bench"
+SMALL_DB = "bench_small"
+MIB = 1024 * 1024
+# Which measurements each group fills (a group left out marks them "not selected").
+GROUP_MEASUREMENTS: dict[str, tuple[str, ...]] = {
+    "memory": ("memory.loader_small", "memory.seed_v1_small"),
+    "decode": ("decode.pymongo", "decode.pymongoarrow"),
+    "drain": ("load.cursor_drain",),
+    "dlt": ("load.dlt",),
+    "seed_v1": ("load.seed_v1", "memory.seed_v1_full"),
+    "loader": ("load.loader", "sync.full", "memory.loader_full"),
+    "noop": ("sync.noop", "sync.has_changes"),
+    "incremental": ("sync.incremental_1pct",),
+    "dbt": ("dbt.full_refresh", "dbt.incremental_1pct"),
+    "dashboard": ("dashboard.pipeline_state", "dashboard.naive", "dashboard.cached"),
+}
+
+
+class StepFailed(RuntimeError):
+    """A measured step could not run; its message becomes the "unavailable" reason."""
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    first = lines[0] if lines else ""
+    if isinstance(exc, StepFailed):
+        return text[:600]
+    return f"{type(exc).__name__}: {first}"[:600]
+
+
+@contextmanager
+def private_stack(cfg: BenchConfig, console: Console) -> Iterator[tuple[Any, Path]]:
+    """A stack of its own (never the `make demo` data), stopped and removed afterwards."""
+    from devstack.process import free_ports
+    from devstack.stack import Stack
+
+    temp = cfg.data_dir is None
+    root = Path(tempfile.mkdtemp(prefix="bench-")) if temp else Path(cfg.data_dir or ".")
+    root.mkdir(parents=True, exist_ok=True)
+    if cfg.port_base:
+        ports = [cfg.port_base, cfg.port_base + 1, cfg.port_base + 2]
+    else:
+        ports = free_ports(3)
+    mongo, clickhouse, redis = ports
+    stack = Stack(root / "stack", mongo_port=mongo, clickhouse_port=clickhouse, redis_port=redis)
+    console.log(f"starting the bench's stack in {root} (ports {ports})")
+    stack.up()
+    try:
+        yield stack, root
+    finally:
+        try:
+            stack.down()
+        finally:
+            if temp:
+                shutil.rmtree(root, ignore_errors=True)
+
+
+class Harness:
+    def __init__(self, cfg: BenchConfig, stack: Any, workdir: Path, console: Console) -> None:
+        self.cfg = cfg
+        self.stack = stack
+        self.workdir = workdir
+        self.console = console
+        self.env = {
+            **_base_env(),
+            **stack.env,
+            "MONGO_DB": MAIN_DB,
+            "PIPELINE_DATA_DIR": str(workdir / "pipeline"),
+            "RUNTIME__DLTHUB_TELEMETRY": "false",
+            "DLT_DATA_DIR": str(workdir / "dlt-home"),
+            "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+        }
+        self.measurements = new_measurements(cfg.scale, cfg.small_scale)
+        self.dataset: dict[str, Any] = {}
+        self.decoder_default: str | None = None
+        self.loaded = False  # raw.* holds the main dataset
+        self.built = False  # the dbt models are built on it
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def settings(self, db: str = MAIN_DB) -> Any:
+        from loader.settings import Settings
+
+        return Settings(
+            mongo_uri=self.stack.mongo_uri,
+            mongo_db=db,
+            clickhouse_host=self.stack.clickhouse_host,
+            clickhouse_port=self.stack.clickhouse_port,
+            redis_url=self.stack.redis_url,
+        )
+
+    def worker(self, job: dict[str, Any], db: str = MAIN_DB) -> dict[str, Any]:
+        cmd = [sys.executable, "-m", "bench.worker", json.dumps(job)]
+        try:
+            proc = subprocess.run(
+                cmd,
+                cwd=REPO_ROOT,
+                env={**self.env, "MONGO_DB": db},
+                capture_output=True,
+                text=True,
+                timeout=self.cfg.worker_timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise StepFailed(
+                f"{job['kind']} took longer than BENCH_WORKER_TIMEOUT={self.cfg.worker_timeout:g}s"
+            ) from None
+        for line in reversed(proc.stdout.splitlines()):
+            if line.startswith(MARKER) and proc.returncode == 0:
+                return json.loads(line[len(MARKER) :])
+        # The last line of a traceback names the exception; that is the reason to report.
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        last = lines[-1] if lines else "no output"
+        raise StepFailed(f"{job['kind']} failed (exit {proc.returncode}): {last}")
+
+    def log(self, text: str) -> None:
+        self.console.log(text)
+
+    def measure(
+        self, keys: tuple[str, ...], run_once: Callable[[int], dict[str, float]], label: str
+    ) -> None:
+        """Run `run_once(i)` `repeat` times; each returns a figure per measurement key."""
+        ms = [self.measurements[k] for k in keys]
+        for m in ms:
+            m.runs = []
+        try:
+            for i in range(self.cfg.repeat):
+                t0 = time.perf_counter()
+                figures = run_once(i)
+                for m in ms:
+                    m.runs.append(figures[m.key])
+                shown = ", ".join(f"{k}={v:,.3f}" for k, v in figures.items())
+                self.log(f"{label} run {i + 1}/{self.cfg.repeat}: {shown} ({_secs(t0)})")
+            for m in ms:
+                m.status = OK
+        except Exception as exc:  # noqa: BLE001 - any failure is reported, the run goes on
+            reason = _reason(exc)
+            self.log(f"[red]{label}: unavailable: {reason}[/red]")
+            for m in ms:
+                m.unavailable(reason)
+
+    # -- data ----------------------------------------------------------------------------------
+    def seed(self) -> None:
+        from pymongo import MongoClient
+
+        from bench.baselines.seed_v1 import ensure_lookup_index
+        from loader.sync import ensure_watermark_index
+        from loader.synthetic import seed
+
+        client: MongoClient = MongoClient(self.stack.mongo_uri)
+        try:
+            t0 = time.perf_counter()
+            big = seed(client[MAIN_DB], self.cfg.scale, seed=0)
+            self.dataset.update(
+                tasks=big.tasks,
+                files=big.files,
+                employees=big.employees,
+                seed_seconds=round(time.perf_counter() - t0, 3),
+            )
+            dbs = [MAIN_DB]
+            if self.cfg.wants("memory"):
+                small = seed(client[SMALL_DB], self.cfg.small_scale, seed=0)
+                self.dataset["small_tasks"] = small.tasks
+                dbs.append(SMALL_DB)
+            for db in dbs:
+                # One-time setup both the loader (on its first run) and the bench's own readers
+                # need; not part of any measured run.
+                ensure_watermark_index(client[db].tasks, self.settings(db))
+                ensure_lookup_index(self.settings(db))
+        finally:
+            client.close()
+        self.log(f"seeded {self.dataset}")
+
+    def sync(self, collection: str, full: bool, db: str = MAIN_DB) -> dict[str, Any]:
+        job = {"kind": "loader_sync", "collection": collection, "full_refresh": full}
+        return self.worker(job, db)
+
+    def ensure_loaded(self) -> None:
+        if not self.loaded:
+            self.log("setup: full load of tasks and employees (not measured)")
+            self.sync("employee", True)
+            self.sync("tasks", True)
+            self.loaded = True
+
+    def dbt(self, *args: str) -> float:
+        profiles = self.workdir / "dbt-profiles"
+        if not (profiles / "profiles.yml").exists():
+            profiles.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO_ROOT / "profiles.yml.example", profiles / "profiles.yml")
+        cmd = [
+            str(Path(sys.executable).parent / "dbt"),
+            *args,
+            "--project-dir",
+            str(REPO_ROOT),
+            "--profiles-dir",
+            str(profiles),
+            "--target-path",
+            str(self.workdir / "dbt-target"),
+            "--log-path",
+            str(self.workdir / "dbt-logs"),
+        ]
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            cmd, cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, check=False
+        )
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            lines = [ln for ln in proc.stdout.splitlines() if "ERROR" in ln or "FAIL" in ln]
+            raise StepFailed(f"dbt {' '.join(args)} failed: " + " | ".join(lines[-3:])[:500])
+        return seconds
+
+    def ensure_built(self) -> None:
+        if not self.built:
+            self.log("setup: dbt build --full-refresh (not measured)")
+            self.dbt("build", "--full-refresh")
+            self.built = True
+
+    def mutate(self, i: int) -> int:
+        from pymongo import MongoClient
+
+        from loader.synthetic import mutate
+
+        client: MongoClient = MongoClient(self.stack.mongo_uri)
+        try:
+            return mutate(client[MAIN_DB], fraction=0.01, seed=1000 + i).changed
+        finally:
+            client.close()
+
+    # -- groups, in the order they run ---------------------------------------------------------
+    def run_memory(self) -> None:
+        def loader(i: int) -> dict[str, float]:
+            r = self.sync("tasks", True, SMALL_DB)
+            return {"memory.loader_small": r["peak_rss_bytes"] / MIB}
+
+        def seed_v1(i: int) -> dict[str, float]:
+            r = self.worker({"kind": "seed_v1"}, SMALL_DB)
+            return {"memory.seed_v1_small": r["peak_rss_bytes"] / MIB}
+
+        self.measure(("memory.loader_small",), loader, "loader RSS (small)")
+        self.loaded = False  # raw.tasks now holds the small dataset
+        self.measure(("memory.seed_v1_small",), seed_v1, "seed v1 RSS (small)")
+        for key in GROUP_MEASUREMENTS["memory"]:
+            self.measurements[key].note = f"{self.cfg.small_scale:,} tasks; whole-process peak"
+
+    def run_decode(self) -> None:
+        for how in ("pymongo", "pymongoarrow"):
+
+            def once(i: int, how: str = how) -> dict[str, float]:
+                r = self.worker({"kind": "decode", "how": how})
+                self.decoder_default = r["extra"]["loader_default"]
+                return {f"decode.{how}": r["items"] / r["seconds"]}
+
+            self.measure((f"decode.{how}",), once, f"decode {how}")
+        if self.decoder_default:
+            key = f"decode.{self.decoder_default}"
+            self.measurements[key].note = "the loader's default"
+
+    def run_drain(self) -> None:
+        def once(i: int) -> dict[str, float]:
+            r = self.worker({"kind": "drain"})
+            return {"load.cursor_drain": r["items"] / r["seconds"]}
+
+        self.measure(("load.cursor_drain",), once, "cursor drain")
+
+    def run_dlt(self) -> None:
+        from devstack.process import free_ports
+
+        # The embedded ClickHouse has no native TCP port; point dlt at a closed one.
+        native_port = free_ports(1)[0]
+        m = self.measurements["load.dlt"]
+        load = False
+        try:
+            r = self.worker(
+                {
+                    "kind": "dlt_try_load",
+                    "pipelines_dir": str(self.workdir / "dlt" / "try"),
+                    "native_port": native_port,
+                }
+            )
+            error = r["extra"]["error"]
+            load = error is None
+        except Exception as exc:  # noqa: BLE001
+            error = _reason(exc)
+        if load:
+            note = "full dlt run: extract + normalize + load into the embedded ClickHouse"
+        else:
+            note = (
+                "extract + normalize only: dlt's ClickHouse destination could not load into the "
+                f"embedded (HTTP-only) ClickHouse: {error}"
+            )
+        self.log(f"dlt: {note}")
+
+        def once(i: int) -> dict[str, float]:
+            pipelines = self.workdir / "dlt" / f"run{i}"
+            try:
+                job = {
+                    "kind": "dlt_run",
+                    "pipelines_dir": str(pipelines),
+                    "native_port": native_port,
+                    "load": load,
+                }
+                r = self.worker(job)
+            finally:
+                shutil.rmtree(pipelines, ignore_errors=True)
+            return {"load.dlt": r["items"] / r["seconds"]}
+
+        self.measure(("load.dlt",), once, "dlt")
+        m.note = note
+
+    def run_seed_v1(self) -> None:
+        def once(i: int) -> dict[str, float]:
+            r = self.worker({"kind": "seed_v1"})
+            return {
+                "load.seed_v1": r["items"] / r["seconds"],
+                "memory.seed_v1_full": r["peak_rss_bytes"] / MIB,
+            }
+
+        self.measure(("load.seed_v1", "memory.seed_v1_full"), once, "seed v1")
+
+    def run_loader(self) -> None:
+        self.sync("employee", True)
+
+        def once(i: int) -> dict[str, float]:
+            r = self.sync("tasks", True)
+            return {
+                "load.loader": r["items"] / r["seconds"],
+                "sync.full": r["seconds"],
+                "memory.loader_full": r["peak_rss_bytes"] / MIB,
+            }
+
+        self.measure(("load.loader", "sync.full", "memory.loader_full"), once, "loader full")
+        self.loaded = self.measurements["load.loader"].ok
+        self.built = False
+
+    def run_noop(self) -> None:
+        self.ensure_loaded()
+        docs: list[int] = []
+
+        def sync(i: int) -> dict[str, float]:
+            r = self.sync("tasks", False)
+            docs.append(r["extra"]["docs_read"])
+            return {"sync.noop": r["seconds"]}
+
+        def probe(i: int) -> dict[str, float]:
+            r = self.worker({"kind": "has_changes"})
+            if r["extra"]["changed"]:
+                raise StepFailed("has_changes said True with nothing changed")
+            return {"sync.has_changes": r["seconds"]}
+
+        self.measure(("sync.noop",), sync, "no-op sync")
+        self.measurements["sync.noop"].detail["docs_read"] = docs
+        self.measure(("sync.has_changes",), probe, "has_changes")
+
+    def run_changes(self) -> None:
+        """1% of tasks change, then the loader syncs and dbt builds (each timed if selected)."""
+        want_sync, want_dbt = self.cfg.wants("incremental"), self.cfg.wants("dbt")
+        self.ensure_loaded()
+        if want_dbt:
+            self.measure(
+                ("dbt.full_refresh",),
+                lambda i: {"dbt.full_refresh": self.dbt("build", "--full-refresh")},
+                "dbt full refresh",
+            )
+            self.built = self.measurements["dbt.full_refresh"].ok
+        elif self.cfg.wants("dashboard"):
+            self.ensure_built()
+        wanted = {"sync.incremental_1pct": want_sync, "dbt.incremental_1pct": want_dbt}
+        keys = tuple(k for k, yes in wanted.items() if yes)
+        changed: list[int] = []
+        docs: list[int] = []
+
+        def once(i: int) -> dict[str, float]:
+            changed.append(self.mutate(i))
+            r = self.sync("tasks", False)
+            docs.append(r["extra"]["docs_read"])
+            figures = {"sync.incremental_1pct": r["seconds"]}
+            if want_dbt:
+                if not self.built:
+                    raise StepFailed("dbt full refresh did not succeed")
+                figures["dbt.incremental_1pct"] = self.dbt("build")
+            return {k: v for k, v in figures.items() if k in keys}
+
+        if keys:
+            self.measure(keys, once, "1% change")
+            detail = {"tasks_changed": changed, "docs_read": docs}
+            for k in keys:
+                self.measurements[k].detail.update(detail)
+            self.measurements[
+                "sync.incremental_1pct"
+            ].note = "docs_read includes the loader's overlap window re-read"
+
+    def run_dashboard(self) -> None:
+        self.ensure_loaded()
+        self.ensure_built()
+        for page, key in (
+            ("state", "dashboard.pipeline_state"),
+            ("naive", "dashboard.naive"),
+            ("cached", "dashboard.cached"),
+        ):
+            m = self.measurements[key]
+            try:
+                job = {"kind": "dashboard", "page": page, "runs": self.cfg.dashboard_runs}
+                r = self.worker(job)
+                m.runs = [s * 1000 for s in r["extra"]["samples_s"]]
+                m.status = OK
+                m.detail = {
+                    "first_load_ms": round(r["extra"]["first_load_s"] * 1000, 3),
+                    "rows_per_page": r["extra"]["rows_per_page"],
+                }
+                m.note = f"{len(m.runs)} page loads after one warm-up load"
+                p50, p95 = m.stat("p50") or 0, m.stat("p95") or 0
+                self.log(f"dashboard {page}: p50 {p50:.1f} ms, p95 {p95:.1f} ms")
+            except Exception as exc:  # noqa: BLE001
+                m.unavailable(_reason(exc))
+                self.log(f"[red]dashboard {page}: {m.status}[/red]")
+
+    def run_all(self) -> None:
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("memory", self.run_memory),
+            ("decode", self.run_decode),
+            ("drain", self.run_drain),
+            ("dlt", self.run_dlt),
+            ("seed_v1", self.run_seed_v1),
+            ("loader", self.run_loader),
+            ("noop", self.run_noop),
+        ]
+        for group, step in steps:
+            if self.cfg.wants(group):
+                self._guarded(group, step)
+        if self.cfg.wants("incremental") or self.cfg.wants("dbt"):
+            self._guarded("incremental", self.run_changes)
+        if self.cfg.wants("dashboard"):
+            self._guarded("dashboard", self.run_dashboard)
+
+    def _guarded(self, group: str, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - setup of a group failed: report, go on
+            reason = _reason(exc)
+            self.log(f"[red]{group}: unavailable: {reason}[/red]")
+            keys = GROUP_MEASUREMENTS[group]
+            if group == "incremental":
+                keys = keys + GROUP_MEASUREMENTS["dbt"]
+            for key in keys:
+                if not self.measurements[key].ok:
+                    self.measurements[key].unavailable(reason)
+
+
+def _base_env() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
+
+
+def _secs(t0: float) -> str:
+    return f"{time.perf_counter() - t0:.1f}s wall"
+
+
+def _mark_unselected(cfg: BenchConfig, measurements: dict[str, Measurement]) -> None:
+    for group in GROUPS:
+        if not cfg.wants(group):
+            for key in GROUP_MEASUREMENTS[group]:
+                measurements[key].unavailable(f"group {group!r} not selected (BENCH_ONLY/SKIP)")
+
+
+def main() -> int:
+    console = Console()
+    progress = Console(stderr=True)
+    try:
+        cfg = BenchConfig.from_env()
+    except ConfigError as exc:
+        progress.print(f"[red]bench: {exc}[/red]")
+        return 2
+    progress.log(
+        f"bench: scale {cfg.scale:,} tasks (small {cfg.small_scale:,}), repeat {cfg.repeat}, "
+        f"dashboard runs {cfg.dashboard_runs}, "
+        f"groups {', '.join(g for g in GROUPS if cfg.wants(g))}"
+    )
+    measurements: dict[str, Measurement] = new_measurements(cfg.scale, cfg.small_scale)
+    comparisons: dict[str, Comparison] = new_comparisons()
+    dataset: dict[str, Any] = {}
+    decoder: str | None = None
+    t0 = time.perf_counter()
+    try:
+        with private_stack(cfg, progress) as (stack, root):
+            harness = Harness(cfg, stack, root / "work", progress)
+            measurements = harness.measurements
+            dataset = harness.dataset
+            harness.seed()
+            harness.run_all()
+            decoder = harness.decoder_default
+    except Exception as exc:  # noqa: BLE001 - no stack / no data: every figure is unavailable
+        reason = _reason(exc)
+        progress.log(f"[red]bench could not run: {reason}[/red]")
+        for m in measurements.values():
+            if not m.ok:
+                m.unavailable(f"bench setup failed: {reason}")
+    _mark_unselected(cfg, measurements)
+    for c in comparisons.values():
+        c.evaluate(measurements)
+    config = {
+        "scale": cfg.scale,
+        "small_scale": cfg.small_scale,
+        "repeat": cfg.repeat,
+        "dashboard_runs": cfg.dashboard_runs,
+        "groups": [g for g in GROUPS if cfg.wants(g)],
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+    }
+    render(
+        measurements,
+        comparisons,
+        console,
+        f"bench: {cfg.scale:,} tasks, {cfg.repeat} run(s) each, median/min/max",
+    )
+    write_json(
+        cfg.output,
+        config=config,
+        dataset=dataset,
+        decoder_default=decoder,
+        measurements=measurements,
+        comparisons=comparisons,
+    )
+    console.print(f"wrote {cfg.output}")
+    return 0
