@@ -1,0 +1,174 @@
+"""Documents that cannot be mapped land in `raw.rejects` with a reason; the rest load."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import bson
+import pytest
+from bson.raw_bson import RawBSONDocument
+from clickhouse_connect.driver.client import Client
+from loader_testlib import clickhouse_tasks
+from pymongo import MongoClient
+from pymongo.database import Database
+
+from loader.clients import Clients
+from loader.mapping import dump_document
+from loader.settings import Settings
+from loader.sync import sync_collection
+from loader.synthetic import REJECTED_KINDS, corrupt, seed
+
+EXPECTED_REASON = {
+    "missing_file_id": "file_id: missing",
+    "missing_updated_at": "updated_at: missing",
+    "string_updated_at": "updated_at: expected a date, got str",
+    "string_assigned_at": "assigned_at: expected a date, got str",
+    "wrong_type_file_id": "file_id: expected a string, got int",
+    "nested_junk": "employee_name: expected a string, got dict",
+    "long_string": "employee_name: string of 70005 characters exceeds the limit of 65536",
+    "null_status": "status: null",
+    "date_out_of_range": "assigned_at: date -5364662400000 ms since epoch is outside",
+    "nul_in_string": "file_id: contains a NUL character",
+}
+
+
+def _rejects(client: Client) -> dict[str, tuple[str, str]]:
+    rows = client.query("SELECT _id, reason, document FROM raw.rejects").result_rows
+    return {r[0]: (r[1], r[2]) for r in rows}
+
+
+def _replace_with_corrupt(mongo: Database, kind: str) -> bson.ObjectId:
+    """Corrupt one stored task in place; returns its id."""
+    doc = mongo.tasks.find_one({}, sort=[("_id", 1)])
+    mongo.tasks.replace_one({"_id": doc["_id"]}, corrupt(dict(doc), kind))
+    return doc["_id"]
+
+
+@pytest.mark.parametrize("kind", sorted(REJECTED_KINDS))
+def test_malformed_document_is_rejected_with_its_reason_and_the_rest_load(
+    kind: str,
+    settings: Settings,
+    clients: Clients,
+    mongo_client: MongoClient,
+    clickhouse_client: Client,
+) -> None:
+    plain = mongo_client[settings.mongo_db]  # default codec: writes real datetimes
+    seed(plain, 200, seed=101)
+    bad_id = _replace_with_corrupt(plain, kind)
+
+    result = sync_collection(settings, "tasks", clients=clients)
+
+    reason, document = _rejects(clickhouse_client)[str(bad_id)]
+    assert EXPECTED_REASON[kind] in reason
+    assert json.loads(document)["_id"] == {"$oid": str(bad_id)}
+    assert (result.rows_written, result.rejects) == (199, 1)
+    assert str(bad_id) not in clickhouse_tasks(clickhouse_client)
+
+
+def test_malformed_mix_rejects_exactly_the_broken_documents(
+    settings: Settings, clients: Clients, mongo_client: MongoClient
+) -> None:
+    seeded = seed(mongo_client[settings.mongo_db], 3_000, seed=102, malformed_ratio=0.1)
+
+    result = sync_collection(settings, "tasks", clients=clients)
+
+    assert result.rejects == seeded.expected_rejects > 0
+    assert result.rows_written == 3_000 - seeded.expected_rejects
+
+
+def test_non_ascii_text_loads_unchanged(
+    settings: Settings, clients: Clients, mongo_client: MongoClient, clickhouse_client: Client
+) -> None:
+    plain = mongo_client[settings.mongo_db]
+    seed(plain, 100, seed=103)
+    doc_id = _replace_with_corrupt(plain, "non_ascii")
+
+    sync_collection(settings, "tasks", clients=clients)
+
+    row = clickhouse_tasks(clickhouse_client)[str(doc_id)]
+    assert row[3] == "Zoë Ñúñez-王 😀"
+    assert row[0].endswith("-Ωmega-文件-ü")
+
+
+def test_invalid_utf8_is_rejected_without_aborting_the_batch(
+    settings: Settings, clients: Clients, mongo_client: MongoClient, clickhouse_client: Client
+) -> None:
+    plain = mongo_client[settings.mongo_db]
+    seed(plain, 300, seed=104)
+    doc = plain.tasks.find_one({}, sort=[("_id", 1)])
+    doc["employee_name"] = "ZZZZ"
+    raw = bson.encode(doc).replace(b"ZZZZ", b"Z\xff\xfeZ")  # same length: BSON stays valid
+    plain.tasks.delete_one({"_id": doc["_id"]})
+    plain.tasks.insert_one(RawBSONDocument(raw))
+
+    result = sync_collection(settings, "tasks", clients=clients)
+
+    assert "employee_name: invalid UTF-8" in _rejects(clickhouse_client)[str(doc["_id"])][0]
+    assert (result.rows_written, result.rejects) == (299, 1)
+
+
+def test_reject_keeps_the_whole_document_not_just_the_loaded_fields(
+    settings: Settings, clients: Clients, mongo_client: MongoClient, clickhouse_client: Client
+) -> None:
+    plain = mongo_client[settings.mongo_db]
+    seed(plain, 50, seed=105)
+    bad_id = _replace_with_corrupt(plain, "missing_file_id")
+    plain.tasks.update_one({"_id": bad_id}, {"$set": {"note": {"extra": [1, 2]}}})
+
+    sync_collection(settings, "tasks", clients=clients)
+
+    document = json.loads(_rejects(clickhouse_client)[str(bad_id)][1])
+    assert document["note"] == {"extra": [{"$numberInt": "1"}, {"$numberInt": "2"}]}
+
+
+def test_document_without_usable_updated_at_is_rejected_once(
+    settings: Settings, clients: Clients, mongo_client: MongoClient
+) -> None:
+    plain = mongo_client[settings.mongo_db]
+    seed(plain, 100, seed=106)
+    _replace_with_corrupt(plain, "string_updated_at")
+
+    first = sync_collection(settings, "tasks", clients=clients)
+    second = sync_collection(settings, "tasks", clients=clients)
+
+    assert (first.rejects, second.rejects, second.docs_read) == (1, 0, 0)
+
+
+def test_undated_document_written_after_the_watermark_passed_is_still_rejected(
+    settings: Settings, clients: Clients, mongo_client: MongoClient, clickhouse_client: Client
+) -> None:
+    plain = mongo_client[settings.mongo_db]
+    seed(plain, 100, seed=107)
+    sync_collection(settings, "tasks", clients=clients)
+    late_id = plain.tasks.insert_one({"file_id": "late", "updated_at": "yesterday"}).inserted_id
+
+    result = sync_collection(settings, "tasks", clients=clients)
+
+    assert (result.docs_read, result.rejects) == (1, 1)
+    assert "updated_at unusable" in _rejects(clickhouse_client)[str(late_id)][0]
+
+
+def test_far_future_document_is_rejected_once_and_does_not_move_the_watermark(
+    settings: Settings, clients: Clients, mongo_client: MongoClient
+) -> None:
+    plain = mongo_client[settings.mongo_db]
+    seed(plain, 100, seed=108)
+    future = datetime.now(UTC) + timedelta(days=400)
+    plain.tasks.update_one({}, {"$set": {"updated_at": future}})
+
+    first = sync_collection(settings, "tasks", clients=clients)
+    second = sync_collection(settings, "tasks", clients=clients)
+
+    assert (first.docs_read, first.rejects, second.docs_read) == (100, 1, 0)
+    assert first.watermark_after < future.isoformat()
+
+
+def test_dump_document_never_raises() -> None:
+    class Unserialisable:
+        def __repr__(self) -> str:
+            return "<thing>"
+
+    text = dump_document({"x": Unserialisable()})
+
+    assert text.startswith("<not serialisable as extended JSON") and "<thing>" in text
