@@ -647,6 +647,8 @@ class QueryResponse(Response):
         try:
             async with self.engine.lock:
                 await self._run(receive, send)
+        except ClientDisconnect:
+            log.info("query %s: client went away while sending its body", self.req.query_id)
         except ClickHouseError as exc:
             log.warning("query %s failed: %s", self.req.query_id, exc.message.splitlines()[0])
             if not self._started:
