@@ -1,0 +1,155 @@
+"""Deleted documents become tombstones, through the change stream and through reconcile."""
+
+from __future__ import annotations
+
+from bson import ObjectId
+from clickhouse_connect.driver.client import Client
+from loader_testlib import clickhouse_tasks
+from pymongo.database import Database
+
+from loader.clients import Clients
+from loader.deletes import follow_changes, id_hash, reconcile_collection
+from loader.settings import Settings
+from loader.sync import sync_collection
+from loader.synthetic import seed
+
+
+def _first_ids(db: Database, n: int) -> list[ObjectId]:
+    return [d["_id"] for d in db.tasks.find({}, {"_id": 1}).sort("_id", 1).limit(n)]
+
+
+def _versions(client: Client, ids: list[ObjectId]) -> list[tuple[str, int, int]]:
+    """(_id, is_deleted, _version) of every stored row of `ids`, history included."""
+    return client.query(
+        "SELECT _id, is_deleted, _version FROM raw.tasks WHERE _id IN {ids:Array(String)} "
+        "ORDER BY _id, _version",
+        parameters={"ids": [str(i) for i in ids]},
+    ).result_rows
+
+
+def _start_following(settings: Settings, clients: Clients) -> None:
+    """A first, idle run stores the stream position from which later runs resume."""
+    follow_changes(settings, "tasks", clients=clients, idle_timeout_s=0.2)
+
+
+def test_delete_becomes_a_tombstone_through_watch(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 500, seed=201)
+    sync_collection(settings, "tasks", clients=clients)
+    _start_following(settings, clients)
+    gone = _first_ids(db, 3)
+    before = {k: v for k, v in clickhouse_tasks(clickhouse_client).items() if k in map(str, gone)}
+    db.tasks.delete_many({"_id": {"$in": gone}})
+
+    result = follow_changes(settings, "tasks", clients=clients, idle_timeout_s=0.5)
+
+    assert (result.events, result.deletes, result.resumed) == (3, 3, True)
+    # The tombstone keeps the last known values; the live set no longer has the documents.
+    assert clickhouse_tasks(clickhouse_client, deleted=True) == before
+    assert not set(map(str, gone)) & set(clickhouse_tasks(clickhouse_client))
+
+
+def test_tombstone_keeps_history_with_a_higher_version(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 100, seed=202)
+    sync_collection(settings, "tasks", clients=clients)
+    _start_following(settings, clients)
+    gone = _first_ids(db, 1)
+    db.tasks.delete_many({"_id": {"$in": gone}})
+
+    follow_changes(settings, "tasks", clients=clients, idle_timeout_s=0.5)
+
+    (_, live_flag, live_version), (_, dead_flag, dead_version) = _versions(clickhouse_client, gone)
+    assert (live_flag, dead_flag) == (0, 1)
+    assert dead_version > live_version
+
+
+def test_watch_resumes_after_the_last_processed_event(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 200, seed=203)
+    sync_collection(settings, "tasks", clients=clients)
+    _start_following(settings, clients)
+    first, second = _first_ids(db, 2)
+    db.tasks.delete_one({"_id": first})
+    follow_changes(settings, "tasks", clients=clients, idle_timeout_s=0.5)
+    db.tasks.delete_one({"_id": second})
+
+    resumed = follow_changes(settings, "tasks", clients=clients, idle_timeout_s=0.5)
+
+    # Only the event after the stored token is seen again.
+    assert (resumed.resumed, resumed.events, resumed.deletes) == (True, 1, 1)
+
+
+def test_delete_becomes_a_tombstone_through_reconcile(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 3_000, seed=204)
+    sync_collection(settings, "tasks", clients=clients)
+    gone = _first_ids(db, 5)
+    db.tasks.delete_many({"_id": {"$in": gone}})
+
+    result = reconcile_collection(settings, "tasks", clients=clients, buckets=64)
+
+    assert result.deletes == 5
+    assert set(clickhouse_tasks(clickhouse_client, deleted=True)) == set(map(str, gone))
+    assert clickhouse_tasks(clickhouse_client).keys() == {str(d["_id"]) for d in db.tasks.find()}
+
+
+def test_reconcile_compares_ids_only_in_buckets_that_differ(
+    settings: Settings, clients: Clients, db: Database
+) -> None:
+    seed(db, 3_000, seed=205)
+    sync_collection(settings, "tasks", clients=clients)
+    gone = _first_ids(db, 2)
+    db.tasks.delete_many({"_id": {"$in": gone}})
+
+    result = reconcile_collection(settings, "tasks", clients=clients, buckets=64)
+
+    assert result.mismatched_buckets == len({id_hash(str(i)) % 64 for i in gone})
+    assert result.buckets == 64
+
+
+def test_reconcile_of_an_unchanged_collection_finds_no_difference(
+    settings: Settings, clients: Clients, db: Database
+) -> None:
+    seed(db, 1_000, seed=206, malformed_ratio=0.05)  # rejected ids count as known
+    sync_collection(settings, "tasks", clients=clients)
+
+    result = reconcile_collection(settings, "tasks", clients=clients)
+
+    assert (result.mismatched_buckets, result.deletes) == (0, 0)
+
+
+def test_hash_matches_clickhouse(clickhouse_client: Client) -> None:
+    oid = "6949f9808bb6605dda000000"
+
+    server = clickhouse_client.command(
+        "SELECT reinterpretAsUInt64(substring(MD5({i:String}), 1, 8))", parameters={"i": oid}
+    )
+
+    assert int(server) == id_hash(oid)
+
+
+def test_deletes_are_counted_in_run_records(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 300, seed=207)
+    sync_collection(settings, "tasks", clients=clients)
+    _start_following(settings, clients)
+    a, b = _first_ids(db, 2)
+    db.tasks.delete_one({"_id": a})
+    watched = follow_changes(settings, "tasks", clients=clients, idle_timeout_s=0.5)
+    db.tasks.delete_one({"_id": b})
+    reconciled = reconcile_collection(settings, "tasks", clients=clients)
+
+    recorded = dict(
+        clickhouse_client.query(
+            "SELECT run_id, deletes FROM ops.sync_runs WHERE run_id IN {r:Array(String)}",
+            parameters={"r": [watched.run_id, reconciled.run_id]},
+        ).result_rows
+    )
+
+    assert recorded == {watched.run_id: 1, reconciled.run_id: 1}
