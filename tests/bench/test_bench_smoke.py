@@ -1,0 +1,83 @@
+"""The bench harness runs end to end at a tiny scale and writes every key of its report.
+
+No timing assertions: figures at this scale mean nothing; the point is that `make bench` works
+and that its JSON keeps the keys documented in `bench.report`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.catalogue import COMPARISON_KEYS, MEASUREMENT_KEYS
+
+REPO = Path(__file__).resolve().parents[2]
+TOP_LEVEL = {
+    "schema",
+    "generated_at",
+    "command",
+    "config",
+    "machine",
+    "dataset",
+    "decoder_default",
+    "measurements",
+    "comparisons",
+}
+MEASUREMENT_FIELDS = {"title", "unit", "status", "runs", "median", "min", "max", "p50", "p95"}
+COMPARISON_FIELDS = {"title", "subject", "baseline", "ratio", "target", "passed", "status"}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench") / "latest.json"
+    env = {
+        **os.environ,
+        "BENCH_SCALE": "2000",
+        "BENCH_REPEAT": "1",
+        "BENCH_DASHBOARD_RUNS": "3",
+        "BENCH_OUTPUT": str(out),
+        # dbt's own timing needs two extra builds; the dashboard still builds the models once.
+        "BENCH_SKIP": "dbt",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_report_has_every_top_level_key(report: dict[str, Any]) -> None:
+    assert set(report) >= TOP_LEVEL
+
+
+def test_report_has_every_measurement_with_its_fields(report: dict[str, Any]) -> None:
+    assert set(report["measurements"]) == set(MEASUREMENT_KEYS)
+    for key, m in report["measurements"].items():
+        assert set(m) >= MEASUREMENT_FIELDS, key
+
+
+def test_report_has_every_comparison_with_its_fields(report: dict[str, Any]) -> None:
+    assert set(report["comparisons"]) == set(COMPARISON_KEYS)
+    for key, c in report["comparisons"].items():
+        assert set(c) >= COMPARISON_FIELDS, key
+
+
+def test_a_skipped_group_is_reported_unavailable_with_its_reason(report: dict[str, Any]) -> None:
+    status = report["measurements"]["dbt.full_refresh"]["status"]
+    assert status.startswith("unavailable:") and "not selected" in status
+
+
+def test_the_loader_measurements_ran(report: dict[str, Any]) -> None:
+    assert report["measurements"]["load.loader"]["status"] == "ok"
+    assert len(report["measurements"]["load.loader"]["runs"]) == 1
