@@ -52,8 +52,9 @@ lint: setup ## ruff check + ruff format --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: setup ## Benchmarks against the baselines
-	@echo "make bench arrives with the benchmark issue (bench/)"
+bench: setup ## Benchmarks against the baselines (quick run: BENCH_SCALE=20000; see bench/config.py)
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[dev,bench]'
+	$(PY) -m bench
 
 reliability: setup ## The slow fault-injection scenarios
 	@echo "make reliability arrives with the reliability issue (tests/reliability/)"
