@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from devstack.process import StackError
+from devstack.process import StackError, port_is_free, port_owner
 from devstack.service import Outcome
 from devstack.settings import StackSettings
 from devstack.stack import DEFAULT_PORTS, SERVICES, Stack
@@ -26,7 +27,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-out = Console()
+# Outside a terminal (CI logs, pipes) rich would assume 80 columns and fold the URLs.
+ENV_PREFIX = {"mongo": "MONGO_", "clickhouse": "CLICKHOUSE_", "redis": "REDIS_"}
+out = Console() if sys.stdout.isatty() else Console(width=120)
 err = Console(stderr=True)
 
 DataDir = Annotated[
@@ -37,25 +40,65 @@ DataDir = Annotated[
         help="Where data, logs (logs/) and pid files (run/) live.",
     ),
 ]
-MongoPort = Annotated[int, typer.Option(help="MongoDB port on 127.0.0.1.")]
-ClickHousePort = Annotated[int, typer.Option(help="ClickHouse HTTP port on 127.0.0.1.")]
-RedisPort = Annotated[int, typer.Option(help="Redis port on 127.0.0.1.")]
+PORT_HELP = " Default: the port in {var} if it points at 127.0.0.1/localhost, else {port}."
+MongoPort = Annotated[
+    int | None,
+    typer.Option(
+        help="MongoDB port on 127.0.0.1." + PORT_HELP.format(var="MONGO_URI", port=27017),
+        show_default=False,
+    ),
+]
+ClickHousePort = Annotated[
+    int | None,
+    typer.Option(
+        help="ClickHouse HTTP port on 127.0.0.1."
+        + PORT_HELP.format(var="CLICKHOUSE_HOST/CLICKHOUSE_PORT", port=8123),
+        show_default=False,
+    ),
+]
+RedisPort = Annotated[
+    int | None,
+    typer.Option(
+        help="Redis port on 127.0.0.1." + PORT_HELP.format(var="REDIS_URL", port=6379),
+        show_default=False,
+    ),
+]
 
 
-def _stack(data_dir: Path, mongo_port: int, clickhouse_port: int, redis_port: int):
+def _stack(
+    data_dir: Path, mongo_port: int | None, clickhouse_port: int | None, redis_port: int | None
+) -> tuple[Stack, list[str], dict[str, str]]:
+    """The stack to manage, the embedded parts in it, and the external ones (with the reason).
+
+    Ports: the option if given, else the port of a contract env var that points at this
+    machine, else the default.
+    """
     settings = StackSettings()
-    ports = {"mongo": mongo_port, "clickhouse": clickhouse_port, "redis": redis_port}
+    local = settings.local_ports()
+    given = {"mongo": mongo_port, "clickhouse": clickhouse_port, "redis": redis_port}
+    ports = {
+        name: port if port is not None else local.get(name, DEFAULT_PORTS[name])
+        for name, port in given.items()
+    }
     stack = Stack(
         data_dir,
-        mongo_port=mongo_port,
-        clickhouse_port=clickhouse_port,
-        redis_port=redis_port,
+        mongo_port=ports["mongo"],
+        clickhouse_port=ports["clickhouse"],
+        redis_port=ports["redis"],
         clickhouse_password=settings.clickhouse_password or None,
         clickhouse_user=settings.clickhouse_user,
     )
     external = settings.external(ports)
+    for name, why in settings.configured().items():
+        service = stack.service(name)
+        if name in external or service.pidfile.live() is not None:
+            continue
+        if not port_is_free(service.port):
+            # The env var points here and a server we did not start answers: use it as it is.
+            owner = port_owner(service.port) or "another process"
+            external[name] = f"{why}; already served by {owner}"
     for name, why in external.items():
-        out.print(f"[yellow]{name}[/]: external ({why}); not managed here")
+        out.print(f"[yellow]{name}[/]: external ({why}); not managed here", soft_wrap=True)
     embedded = [name for name in SERVICES if name not in external]
     return stack, embedded, external
 
@@ -92,9 +135,9 @@ def _outcome_table(stack: Stack, outcomes: list[Outcome], external: dict[str, st
 @app.command()
 def up(
     data_dir: DataDir = Path(".data"),
-    mongo_port: MongoPort = DEFAULT_PORTS["mongo"],
-    clickhouse_port: ClickHousePort = DEFAULT_PORTS["clickhouse"],
-    redis_port: RedisPort = DEFAULT_PORTS["redis"],
+    mongo_port: MongoPort = None,
+    clickhouse_port: ClickHousePort = None,
+    redis_port: RedisPort = None,
 ) -> None:
     """Start every embedded server that is not running yet; wait until each answers."""
     stack, embedded, external = _stack(data_dir, mongo_port, clickhouse_port, redis_port)
@@ -105,19 +148,22 @@ def up(
         raise _fail(exc) from None
     out.print(_outcome_table(stack, outcomes, external))
     out.print(f"logs: {stack.data_dir / 'logs'}")
-    if any(port != DEFAULT_PORTS[name] for name, port in _ports(stack).items()):
+    if any(_ports(stack)[name] != DEFAULT_PORTS[name] for name in embedded):
         # Not the default ports: the pipeline finds this stack only through the env vars.
         out.print("point the pipeline at it with:")
+        prefixes = tuple(ENV_PREFIX[name] for name in SERVICES if name not in external)
         for name, value in stack.env.items():
+            if not name.startswith(prefixes):
+                continue
             out.print(f"  export {name}={shlex.quote(value)}", soft_wrap=True, highlight=False)
 
 
 @app.command()
 def down(
     data_dir: DataDir = Path(".data"),
-    mongo_port: MongoPort = DEFAULT_PORTS["mongo"],
-    clickhouse_port: ClickHousePort = DEFAULT_PORTS["clickhouse"],
-    redis_port: RedisPort = DEFAULT_PORTS["redis"],
+    mongo_port: MongoPort = None,
+    clickhouse_port: ClickHousePort = None,
+    redis_port: RedisPort = None,
 ) -> None:
     """Stop the embedded servers cleanly; their data stays in the data dir."""
     stack, embedded, external = _stack(data_dir, mongo_port, clickhouse_port, redis_port)
@@ -132,9 +178,9 @@ def down(
 @app.command()
 def status(
     data_dir: DataDir = Path(".data"),
-    mongo_port: MongoPort = DEFAULT_PORTS["mongo"],
-    clickhouse_port: ClickHousePort = DEFAULT_PORTS["clickhouse"],
-    redis_port: RedisPort = DEFAULT_PORTS["redis"],
+    mongo_port: MongoPort = None,
+    clickhouse_port: ClickHousePort = None,
+    redis_port: RedisPort = None,
 ) -> None:
     """Show each server: running or not, pid, port, connection string."""
     stack, _, external = _stack(data_dir, mongo_port, clickhouse_port, redis_port)

@@ -34,9 +34,8 @@ class ClickHouseServer(Service):
         self.user = user
         self.password = password or None
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    def url_at(self, port: int) -> str:
+        return f"http://{self.host}:{port}"
 
     @property
     def db_path(self) -> Path:

@@ -46,9 +46,8 @@ class MongoServer(Service):
         super().__init__(data_dir, port)
         self._mongod = mongod
 
-    @property
-    def url(self) -> str:
-        return f"mongodb://{self.host}:{self.port}/?replicaSet={REPLICA_SET}"
+    def url_at(self, port: int) -> str:
+        return f"mongodb://{self.host}:{port}/?replicaSet={REPLICA_SET}"
 
     @property
     def db_path(self) -> Path:

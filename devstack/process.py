@@ -148,7 +148,7 @@ def port_owner(port: int) -> str | None:
                 return None
             try:
                 proc = psutil.Process(conn.pid)
-                cmdline = " ".join(proc.cmdline())
+                cmdline = " ".join(" ".join(proc.cmdline()).split())
                 if len(cmdline) > 160:
                     cmdline = cmdline[:157] + "..."
                 return f"{proc.name()} (pid {conn.pid}: {cmdline})"

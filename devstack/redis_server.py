@@ -36,9 +36,8 @@ class RedisServer(Service):
         super().__init__(data_dir, port)
         self._binary = redis_server
 
-    @property
-    def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+    def url_at(self, port: int) -> str:
+        return f"redis://{self.host}:{port}/0"
 
     @property
     def dir(self) -> Path:

@@ -57,9 +57,13 @@ class Service(ABC):
         self.pidfile = PidFile(self.data_dir / "run" / f"{self.name}.pid")
 
     # --- what a subclass provides -------------------------------------------------------------
-    @property
     @abstractmethod
-    def url(self) -> str: ...
+    def url_at(self, port: int) -> str:
+        """The connection string of this server when it listens on `port`."""
+
+    @property
+    def url(self) -> str:
+        return self.url_at(self.port)
 
     @property
     @abstractmethod
@@ -93,7 +97,7 @@ class Service(ABC):
         live = self.pidfile.live()
         if live is not None:
             record, _ = live
-            return Outcome(self.name, "already running", record.pid, self.url)
+            return Outcome(self.name, "already running", record.pid, self.url_at(record.port))
         cmd = self.command()  # before the port check: a missing binary is the first thing to fix
         self.ensure_port_free()
         self.prepare_dirs()
@@ -144,8 +148,9 @@ class Service(ABC):
         live = self.pidfile.live()
         if live is not None:
             record, _ = live
-            note = "" if record.port == self.port else f"listening on port {record.port}"
-            return ServiceStatus(self.name, True, record.pid, record.port, self.url, note)
+            note = "" if record.port == self.port else f"started on port {record.port}"
+            url = self.url_at(record.port)
+            return ServiceStatus(self.name, True, record.pid, record.port, url, note)
         note = ""
         if not port_is_free(self.port, self.host):
             note = f"port taken by {port_owner(self.port) or 'another process'}"

@@ -1,9 +1,10 @@
 """What the environment says about the stack: the data dir, and which parts are external.
 
 A contract env var (`MONGO_URI`, `CLICKHOUSE_HOST`, `REDIS_URL`) that is set means "use that
-server": `up` and `down` leave that part alone. One exception keeps the variables usable with the
-embedded stack itself: a variable that points exactly at the embedded server's own address
-(127.0.0.1 or localhost, on the port `up` would use) still counts as embedded.
+server": `up` and `down` leave that part alone. A variable that points at this machine
+(127.0.0.1 or localhost) names the embedded server's port instead, so the exported variables that
+`up` prints drive `up`, `down`, the loader and dbt alike; if some other program already listens
+there, the CLI leaves it alone as an external server.
 """
 
 from __future__ import annotations
@@ -31,34 +32,54 @@ class StackSettings(BaseSettings):
     clickhouse_password: str | None = Field(None, validation_alias="CLICKHOUSE_PASSWORD")
     redis_url: str | None = Field(None, validation_alias="REDIS_URL")
 
-    def external(self, ports: dict[str, int]) -> dict[str, str]:
-        """Parts served from elsewhere: service name -> the env var (and value) that says so."""
+    def local_ports(self) -> dict[str, int]:
+        """Ports of the parts whose env var points at this machine (127.0.0.1 / localhost)."""
+        out: dict[str, int] = {}
+        if self.mongo_uri and (port := _mongo_local_port(self.mongo_uri)) is not None:
+            out["mongo"] = port
+        if self.clickhouse_host in LOCAL_HOSTS:
+            out["clickhouse"] = self.clickhouse_port or 8123
+        if self.redis_url and (port := _url_local_port(self.redis_url)) is not None:
+            out["redis"] = port
+        return out
+
+    def configured(self) -> dict[str, str]:
+        """Parts named by an env var: service name -> the variable (password hidden)."""
         out: dict[str, str] = {}
-        if self.mongo_uri and not _mongo_is_local(self.mongo_uri, ports["mongo"]):
+        if self.mongo_uri:
             out["mongo"] = f"MONGO_URI={_redact(self.mongo_uri)}"
-        if self.clickhouse_host and not (
-            self.clickhouse_host in LOCAL_HOSTS
-            and (self.clickhouse_port or 8123) == ports["clickhouse"]
-        ):
+        if self.clickhouse_host:
             out["clickhouse"] = f"CLICKHOUSE_HOST={self.clickhouse_host}" + (
                 f", CLICKHOUSE_PORT={self.clickhouse_port}" if self.clickhouse_port else ""
             )
-        if self.redis_url and not _url_is_local(self.redis_url, ports["redis"]):
+        if self.redis_url:
             out["redis"] = f"REDIS_URL={_redact(self.redis_url)}"
         return out
 
+    def external(self, ports: dict[str, int]) -> dict[str, str]:
+        """Parts served from elsewhere: named by an env var that does not point at the embedded
+        server's address (this machine, on the port in `ports`)."""
+        local = self.local_ports()
+        return {
+            name: why for name, why in self.configured().items() if local.get(name) != ports[name]
+        }
 
-def _mongo_is_local(uri: str, port: int) -> bool:
+
+def _mongo_local_port(uri: str) -> int | None:
     try:
         nodes = parse_uri(uri)["nodelist"]
     except Exception:  # malformed, or an SRV record that does not resolve: not ours
-        return False
-    return len(nodes) == 1 and nodes[0][0] in LOCAL_HOSTS and nodes[0][1] == port
+        return None
+    if len(nodes) == 1 and nodes[0][0] in LOCAL_HOSTS:
+        return int(nodes[0][1])
+    return None
 
 
-def _url_is_local(url: str, port: int) -> bool:
+def _url_local_port(url: str) -> int | None:
     parts = urlsplit(url)
-    return parts.hostname in LOCAL_HOSTS and (parts.port or 6379) == port
+    if parts.hostname in LOCAL_HOSTS:
+        return parts.port or 6379
+    return None
 
 
 def _redact(url: str) -> str:

@@ -181,6 +181,37 @@ def test_up_leaves_parts_named_by_env_vars_alone(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
+ELSEWHERE = {
+    "MONGO_URI": "mongodb://mongo.example.invalid:27017/?replicaSet=prod",
+    "CLICKHOUSE_HOST": "clickhouse.example.invalid",
+}
+
+
+def test_up_starts_the_embedded_server_on_the_port_its_local_env_var_names(
+    tmp_path: Path,
+) -> None:
+    port = free_ports(1)[0]
+    env = {**ELSEWHERE, "REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+    try:
+        result = cli("up", "--data-dir", str(tmp_path), env=env)
+        assert result.returncode == 0, result.stderr
+        assert redis.Redis(port=port).ping()
+    finally:
+        cli("down", "--data-dir", str(tmp_path), env=env)
+    assert port_is_free(port)
+
+
+def test_up_leaves_a_foreign_server_at_a_local_env_var_alone(
+    tmp_path: Path, listening_socket: int
+) -> None:
+    env = {**ELSEWHERE, "REDIS_URL": f"redis://127.0.0.1:{listening_socket}/0"}
+    result = cli("up", "--data-dir", str(tmp_path), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "redis: external" in result.stdout
+    assert f"pid {os.getpid()}" in result.stdout  # the owner, named
+    assert not (tmp_path / "run" / "redis.pid").exists()
+
+
 def test_env_var_pointing_at_the_embedded_address_still_counts_as_embedded() -> None:
     settings = StackSettings(
         MONGO_URI="mongodb://127.0.0.1:18001/?replicaSet=rs0",
