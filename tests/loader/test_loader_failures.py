@@ -1,0 +1,77 @@
+"""Unreachable servers: retries, then an error naming the server and the variable to fix."""
+
+from __future__ import annotations
+
+import pytest
+from clickhouse_connect.driver.client import Client
+from pymongo.database import Database
+
+from devstack.process import free_ports
+from loader.clients import ServerUnavailable
+from loader.settings import Settings
+from loader.sync import has_changes, sync_collection
+from loader.synthetic import mutate, seed
+from loader.watermark import load_watermark
+
+
+@pytest.fixture
+def closed_port() -> int:
+    return free_ports(1)[0]
+
+
+def test_unreachable_mongo_names_mongo_uri_and_keeps_the_watermark(
+    settings: Settings, db: Database, clickhouse_client: Client, closed_port: int
+) -> None:
+    seed(db, 200, seed=301)
+    sync_collection(settings, "tasks")
+    before = load_watermark(clickhouse_client, "tasks")
+    mutate(db, 10, seed=301)
+    broken = settings.model_copy(
+        update={"mongo_uri": f"mongodb://127.0.0.1:{closed_port}/?directConnection=true"}
+    )
+
+    with pytest.raises(ServerUnavailable) as err:
+        sync_collection(broken, "tasks")
+
+    assert "MONGO_URI" in str(err.value) and f"127.0.0.1:{closed_port}" in str(err.value)
+    assert "after 2 attempt(s)" in str(err.value)
+    assert load_watermark(clickhouse_client, "tasks") == before
+
+
+def test_unreachable_clickhouse_names_clickhouse_vars_and_keeps_the_watermark(
+    settings: Settings, db: Database, clickhouse_client: Client, closed_port: int
+) -> None:
+    seed(db, 200, seed=302)
+    sync_collection(settings, "tasks")
+    before = load_watermark(clickhouse_client, "tasks")
+    mutate(db, 10, seed=302)
+    broken = settings.model_copy(update={"clickhouse_port": closed_port})
+
+    with pytest.raises(ServerUnavailable) as err:
+        sync_collection(broken, "tasks")
+
+    assert "CLICKHOUSE_HOST / CLICKHOUSE_PORT" in str(err.value)
+    assert f"127.0.0.1:{closed_port}" in str(err.value)
+    assert load_watermark(clickhouse_client, "tasks") == before
+
+
+def test_has_changes_with_unreachable_mongo_raises_the_same_clear_error(
+    settings: Settings, closed_port: int
+) -> None:
+    broken = settings.model_copy(
+        update={"mongo_uri": f"mongodb://127.0.0.1:{closed_port}/?directConnection=true"}
+    )
+
+    with pytest.raises(ServerUnavailable, match="MONGO_URI"):
+        has_changes(broken, "tasks")
+
+
+def test_password_is_not_shown_in_the_error(settings: Settings, closed_port: int) -> None:
+    broken = settings.model_copy(
+        update={"mongo_uri": f"mongodb://loader:s3cret@127.0.0.1:{closed_port}/?authSource=admin"}
+    )
+
+    with pytest.raises(ServerUnavailable) as err:
+        sync_collection(broken, "tasks")
+
+    assert "s3cret" not in str(err.value) and "loader:***@" in str(err.value)
