@@ -1,0 +1,88 @@
+"""`python -m loader ...` against the env-configured servers, and the schema migrator."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from clickhouse_connect.driver.client import Client
+
+from devstack.process import free_ports
+from loader.schema import ensure_schema
+from loader.settings import Settings
+
+
+def _loader(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "loader", *args],
+        env=os.environ | {"MONGO_DB": settings.mongo_db, "LOADER_RETRY_ATTEMPTS": "1"} | env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("command", ["sync", "watch", "reconcile", "seed"])
+def test_every_command_has_help(settings: Settings, command: str) -> None:
+    out = _loader(settings, command, "--help")
+
+    assert out.returncode == 0 and "Usage" in out.stdout
+
+
+def test_seed_then_sync_prints_a_summary_and_loads(
+    settings: Settings, clickhouse_client: Client
+) -> None:
+    seeded = _loader(settings, "seed", "--tasks", "1500", "--seed", "3", "--malformed-ratio", "0")
+    synced = _loader(settings, "sync", "--collection", "all")
+
+    assert seeded.returncode == 0, seeded.stderr
+    assert synced.returncode == 0, synced.stderr
+    assert "tasks" in synced.stdout and "1,500" in synced.stdout
+    assert clickhouse_client.command("SELECT count() FROM raw.tasks FINAL") == 1_500
+
+
+def test_reconcile_prints_a_summary(settings: Settings) -> None:
+    _loader(settings, "seed", "--tasks", "300")
+    _loader(settings, "sync")
+
+    out = _loader(settings, "reconcile", "--collection", "tasks")
+
+    assert out.returncode == 0, out.stderr
+    assert "reconcile" in out.stdout and "300" in out.stdout
+
+
+def test_sync_with_unreachable_clickhouse_exits_with_a_clear_error(settings: Settings) -> None:
+    out = _loader(settings, "sync", CLICKHOUSE_PORT=str(free_ports(1)[0]))
+
+    assert out.returncode == 2
+    assert "CLICKHOUSE_HOST / CLICKHOUSE_PORT" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_schema_migration_adds_a_missing_column(
+    settings: Settings, clickhouse_client: Client
+) -> None:
+    clickhouse_client.command("ALTER TABLE raw.employee DROP COLUMN team")
+
+    changes = ensure_schema(clickhouse_client)
+
+    assert changes == ["added column raw.employee.team LowCardinality(String)"]
+    assert "team" in clickhouse_client.command(
+        "SELECT groupArray(name) FROM system.columns WHERE database = 'raw' AND table = 'employee'"
+    )
+
+
+def test_settings_read_the_contract_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MONGO_URI", "mongodb://example:1/?replicaSet=rs0")
+    monkeypatch.setenv("CLICKHOUSE_PORT", "9999")
+    monkeypatch.setenv("LOADER_BATCH_SIZE", "123")
+
+    s = Settings()
+
+    assert (s.mongo_uri, s.clickhouse_port, s.batch_size) == (
+        "mongodb://example:1/?replicaSet=rs0",
+        9999,
+        123,
+    )

@@ -1,0 +1,112 @@
+"""The synthetic source: deterministic, shaped like the real one, mutable in place."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime
+
+from pymongo import MongoClient
+from pymongo.database import Database
+
+from loader.settings import Settings
+from loader.synthetic import STAGES, STATUSES, activity, mutate, seed
+
+
+def _dump(db: Database) -> list[dict]:
+    return list(db.tasks.find().sort("_id", 1)) + list(db.employee.find().sort("_id", 1))
+
+
+def test_same_seed_gives_identical_collections(
+    settings: Settings, mongo_client: MongoClient
+) -> None:
+    a, b = mongo_client[settings.mongo_db], mongo_client[settings.mongo_db + "_twin"]
+    try:
+        seed(a, 2_000, seed=7, malformed_ratio=0.05, batch=300)
+        seed(b, 2_000, seed=7, malformed_ratio=0.05, batch=1_000)
+
+        assert _dump(a) == _dump(b)
+    finally:
+        mongo_client.drop_database(b.name)
+
+
+def test_different_seeds_give_different_data(settings: Settings, mongo_client: MongoClient) -> None:
+    db = mongo_client[settings.mongo_db]
+    seed(db, 500, seed=1)
+    first = _dump(db)
+    seed(db, 500, seed=2)
+
+    assert _dump(db) != first
+
+
+def test_tasks_follow_stages_in_order_per_file(
+    settings: Settings, mongo_client: MongoClient
+) -> None:
+    db = mongo_client[settings.mongo_db]
+    result = seed(db, 3_000, seed=8)
+    by_file: dict[str, list[dict]] = {}
+    for task in db.tasks.find().sort("assigned_at", 1):
+        by_file.setdefault(task["file_id"], []).append(task)
+
+    assert db.tasks.count_documents({}) == 3_000 and len(by_file) == result.files
+    for tasks in by_file.values():
+        assert [t["stage"] for t in tasks] == list(STAGES[: len(tasks)])
+        assert all(t["status"] == "done" for t in tasks[:-1])
+        assert all(t["assigned_at"] <= t["updated_at"] for t in tasks)
+    assert set(Counter(t["status"] for t in db.tasks.find())) <= set(STATUSES)
+
+
+def test_task_employees_exist_with_their_names(
+    settings: Settings, mongo_client: MongoClient
+) -> None:
+    db = mongo_client[settings.mongo_db]
+    seed(db, 1_000, seed=9)
+    names = {e["employee_code"]: e["employee_name"] for e in db.employee.find()}
+
+    assert all(names[t["employee_code"]] == t["employee_name"] for t in db.tasks.find())
+
+
+def test_malformed_ratio_mixes_in_about_that_share(
+    settings: Settings, mongo_client: MongoClient
+) -> None:
+    result = seed(mongo_client[settings.mongo_db], 10_000, seed=10, malformed_ratio=0.1)
+
+    assert 800 <= sum(result.malformed.values()) <= 1_200
+
+
+def test_mutate_changes_documents_in_place_and_bumps_updated_at(
+    settings: Settings, mongo_client: MongoClient
+) -> None:
+    db = mongo_client[settings.mongo_db]
+    seed(db, 2_000, seed=11)
+    now = datetime(2026, 3, 1, tzinfo=UTC)
+
+    result = mutate(db, 40, seed=11, now=now, new_stages=False)
+
+    assert result == type(result)(updated=40, inserted=0)
+    assert db.tasks.count_documents({"updated_at": now}) == 40
+    assert db.tasks.count_documents({}) == 2_000
+
+
+def test_mutate_opens_the_next_stage_when_a_task_is_done(
+    settings: Settings, mongo_client: MongoClient
+) -> None:
+    db = mongo_client[settings.mongo_db]
+    seed(db, 2_000, seed=12)
+    now = datetime(2026, 3, 1, tzinfo=UTC)
+
+    result = mutate(db, 200, seed=12, now=now)
+
+    assert result.inserted > 0
+    assert db.tasks.count_documents({"assigned_at": now, "status": "assigned"}) == result.inserted
+
+
+def test_activity_keeps_changing_the_dataset(settings: Settings, mongo_client: MongoClient) -> None:
+    db = mongo_client[settings.mongo_db]
+    seed(db, 1_000, seed=13)
+    ticks: list[int] = []
+
+    changed = activity(
+        db, seed=13, per_tick=5, interval_s=0, ticks=3, on_tick=lambda i, r: ticks.append(i)
+    )
+
+    assert ticks == [0, 1, 2] and changed >= 15
