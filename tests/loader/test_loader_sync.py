@@ -9,6 +9,7 @@ from bson.datetime_ms import DatetimeMS
 from clickhouse_connect.driver.client import Client
 from loader_testlib import clickhouse_tasks, mongo_tasks, run_record
 from pymongo.database import Database
+from pymongo.errors import AutoReconnect
 
 from loader.clients import Clients
 from loader.settings import Settings
@@ -235,3 +236,23 @@ def test_missing_watermark_index_is_created_and_reported(
 
     assert (first.index_created, second.index_created) == (True, False)
     assert "created index" in first.message
+
+
+def test_transient_mongo_error_mid_run_resumes_from_the_last_stored_batch(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 2_500, seed=63)
+    failures: list[int] = []
+
+    def drop_connection_once(stored: BatchStored) -> None:
+        if stored.batch_no == 2 and not failures:
+            failures.append(stored.batch_no)
+            raise AutoReconnect("connection reset (injected)")
+
+    result = sync_collection(
+        settings, "tasks", clients=clients, batch_size=1_000, after_insert=drop_connection_once
+    )
+
+    assert result.status == "ok" and failures == [2]
+    assert result.docs_read == 3_500  # the interrupted batch was read twice
+    assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
