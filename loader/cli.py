@@ -79,7 +79,11 @@ def _fail(exc: BaseException) -> typer.Exit:
 def sync(
     collection: Annotated[Which, typer.Option(help="Collection to load.")] = Which.all,
     full_refresh: Annotated[
-        bool, typer.Option("--full-refresh", help="Truncate the raw table and watermark, reload.")
+        bool,
+        typer.Option(
+            "--full-refresh",
+            help="Empty raw.<collection>, its rejects and its watermark, then reload.",
+        ),
     ] = False,
     batch_size: Annotated[
         int | None, typer.Option(min=1, help="Documents per batch (default LOADER_BATCH_SIZE).")

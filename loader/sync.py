@@ -233,6 +233,9 @@ class _Run:
             .sort(WATERMARK_INDEX)
             .hint(WATERMARK_INDEX)
             .batch_size(self.batch_size)
+            # The index provides the order; should it ever not (an array stored in `updated_at`
+            # makes it multikey), let the server sort on disk rather than fail at 100 MB.
+            .allow_disk_use(True)
         )
 
     def read_main(self, bounds: ReadBounds) -> None:
@@ -338,6 +341,7 @@ def sync_collection(
 ) -> SyncResult:
     """Load what changed in `collection` since its watermark into `raw.<collection>`.
 
+    `full_refresh` empties `raw.<collection>`, its rows in `raw.rejects` and its watermark first.
     `clients`: reuse open connections (one pair per process run); opened and closed here if
     None. `after_insert` is called after each batch is stored and before its watermark is saved
     (tests inject crashes there). Raises `ServerUnavailable` when a server stays unreachable.
