@@ -72,6 +72,13 @@ def new_comparisons() -> dict[str, Comparison]:
             threshold=0.01,
         ),
         Comparison(
+            "probe_vs_full",
+            "has_changes ÷ full load (the flow's skip)",
+            "sync.has_changes",
+            "sync.full",
+            row="sync.has_changes",
+        ),
+        Comparison(
             "incremental_vs_full",
             "1% incremental ÷ full load",
             "sync.incremental_1pct",

@@ -54,6 +54,7 @@ COMPARISON_KEYS = {
     "loader_vs_seed_v1",
     "loader_vs_dlt",
     "noop_vs_full",
+    "probe_vs_full",
     "incremental_vs_full",
     "naive_vs_pipeline_state",
     "cached_vs_pipeline_state",
