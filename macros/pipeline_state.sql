@@ -1,15 +1,18 @@
 {#-
     The state behind `pipeline_state`, kept by ClickHouse rather than recomputed per read:
 
-    - `pipeline_state_store`: AggregatingMergeTree ORDER BY file_id, one `argMaxState` per file
-      of the tuple (stage, employee_code, employee_name, status, assigned_at, task_id), ranked
-      by (assigned_at, task_id, _version). `task_id` breaks assigned_at ties deterministically,
-      as the naive reference `argMax(..., (assigned_at, _id))` does; `_version` makes a newer
-      version of the same task beat its older versions when assigned_at is unchanged.
+    - `pipeline_state_store`: ReplacingMergeTree(rank) ORDER BY file_id. Every candidate current
+      task of a file is a row; the engine keeps, per file, the row with the highest `rank`, which
+      packs (assigned_at, task_id, _version) into one UInt256 (see pipeline_state_rank), so
+      "latest assigned_at, ties broken by task_id" is exactly the order of the naive
+      `argMax(..., (assigned_at, _id))`, and a newer version of the same task wins over its
+      older versions when assigned_at is unchanged. Reads use FINAL: a streaming merge of a few
+      rows per file, ~100x cheaper than argMax over the events (and than argMaxMerge over tuple
+      states, which ClickHouse handles through its slow generic path).
     - `pipeline_state_store_mv`: materialized view on inserts into `task_events`; every new task
-      version becomes a candidate state of its file.
+      version becomes a candidate row of its file.
     - `pipeline_state_pending_files`: files whose state needs a recompute because this run
-      retracts something the insert-only view cannot: a deleted task, a task whose assigned_at
+      retracts something an insert-only view cannot: a deleted task, a task whose assigned_at
       moved backwards, a task moved to another file.
 
     The hooks of `task_events` drive it: `pipeline_state_record_retractions` (pre-hook) records
@@ -21,20 +24,43 @@
     {{ return(events_relation.incorporate(path={"identifier": "pipeline_state_" ~ suffix}, type="table")) }}
 {%- endmacro %}
 
-{% macro pipeline_state_store_select(events_relation, pending_relation=none) -%}
+{% macro pipeline_state_rank() -%}
+    {#-
+        (assigned_at, task_id, _version) as one UInt256, ordered like the tuple:
+        bits 160+ milliseconds since 1900 (DateTime64's lower bound, so never negative),
+        bits 64-159 the 12 bytes of the ObjectId (task_id is 24 lowercase hex digits, tested on
+        stg_mongo__tasks, so numeric order equals string order), bits 0-63 the version.
+    -#}
+    bitOr(
+        bitOr(
+            bitShiftLeft(toUInt256(toUInt64(toUnixTimestamp64Milli(assigned_at) + 2208988800000)), 160),
+            bitShiftLeft(toUInt256(reinterpretAsUInt128(reverse(unhex(task_id)))), 64)
+        ),
+        toUInt256(_version)
+    )
+{%- endmacro %}
+
+{% macro pipeline_state_store_select(events_relation, pending_relation=none, reduce=true) -%}
     select
         file_id,
-        argMaxState(
-            tuple(stage, employee_code, employee_name, status, assigned_at, task_id),
-            tuple(assigned_at, task_id, _version)
-        ) as current_task
+        {{ pipeline_state_rank() }} as rank,
+        stage,
+        employee_code,
+        employee_name,
+        status,
+        assigned_at,
+        task_id
     from {{ events_relation }}
     where
         is_deleted = 0
         {%- if pending_relation is not none %}
             and file_id in (select file_id from {{ pending_relation }})
         {%- endif %}
-    group by file_id
+    {#- with reduce: one row per file up front, so a rebuild leaves no merging to the reads #}
+    {%- if reduce %}
+    order by file_id, rank desc
+    limit 1 by file_id
+    {%- endif %}
 {%- endmacro %}
 
 {% macro pipeline_state_create_pending(pending) -%}
@@ -104,12 +130,12 @@
         {% do run_query("drop view if exists " ~ view) %}
         {% do run_query("drop table if exists " ~ store) %}
         {% do run_query(
-            "create table " ~ store ~ " engine = AggregatingMergeTree order by file_id empty as "
-            ~ pipeline_state_store_select(this)
+            "create table " ~ store ~ " engine = ReplacingMergeTree(rank) order by file_id empty as "
+            ~ pipeline_state_store_select(this, reduce=false)
         ) %}
         {% do run_query(
             "create materialized view " ~ view ~ " to " ~ store ~ " as "
-            ~ pipeline_state_store_select(this)
+            ~ pipeline_state_store_select(this, reduce=false)
         ) %}
         {% do run_query("insert into " ~ store ~ " " ~ pipeline_state_store_select(this)) %}
     {% elif flags_row[1] > 0 %}

@@ -2,34 +2,25 @@
 
 {#-
     Current state per file, read from pipeline_state_store (kept by a materialized view on
-    task_events, see macros/pipeline_state.sql): a read merges one small state per file and
-    never scans task_events. The assignee's name comes from dim_employees; the name copied
-    into the task is only a fallback for a code the dimension does not know.
+    task_events, see macros/pipeline_state.sql): FINAL keeps the highest-ranked row of each
+    file, so a read merges a few rows per file and never scans task_events. The assignee's name
+    comes from dim_employees; the name copied into the task is only a fallback for a code the
+    dimension does not know.
 -#}
 
 with
-
-store as (
-
-    select
-        file_id,
-        argMaxMerge(current_task) as current_task
-    from {{ pipeline_state_relation(ref('task_events'), 'store') }}
-    group by file_id
-
-),
 
 current_tasks as (
 
     select
         file_id,
-        tupleElement(current_task, 1) as stage,
-        tupleElement(current_task, 2) as employee_code,
-        tupleElement(current_task, 3) as task_employee_name,
-        tupleElement(current_task, 4) as status,
-        tupleElement(current_task, 5) as assigned_at,
-        tupleElement(current_task, 6) as task_id
-    from store
+        stage,
+        employee_code,
+        employee_name as task_employee_name,
+        status,
+        assigned_at,
+        task_id
+    from {{ pipeline_state_relation(ref('task_events'), 'store') }} final
 
 ),
 

@@ -1,3 +1,8 @@
+{#-
+    Deletes by key write patch parts (lightweight updates, ClickHouse 25.7+) instead of rewriting
+    a row mask in every part: about 10x faster on a 1% change. Set the var
+    `task_events_patch_deletes: false` for an older server (then classic lightweight deletes).
+-#}
 {{
     config(
         materialized='incremental',
@@ -10,6 +15,14 @@
             {'name': 'idx_task_id', 'definition': 'task_id TYPE bloom_filter GRANULARITY 1'},
             {'name': 'idx_loaded_at', 'definition': '_loaded_at TYPE minmax GRANULARITY 1'},
         ],
+        settings=(
+            {'enable_block_number_column': 1, 'enable_block_offset_column': 1}
+            if var('task_events_patch_deletes', true) else {}
+        ),
+        query_settings=(
+            {'lightweight_delete_mode': 'lightweight_update'}
+            if var('task_events_patch_deletes', true) else {}
+        ),
         on_schema_change='fail',
         pre_hook="{{ pipeline_state_record_retractions() }}",
         post_hook="{{ pipeline_state_sync() }}",

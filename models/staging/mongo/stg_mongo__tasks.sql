@@ -15,25 +15,22 @@ source as (
 
 latest as (
 
-    -- argMax by `_version` picks the newest version without FINAL; equal versions are
-    -- re-loads of the same document version, identical apart from load bookkeeping.
+    -- One argMax per column (not one over a tuple), so a query that needs a few columns reads
+    -- only those. Aliases differ from the source names: in ClickHouse an alias is visible in
+    -- the whole SELECT and would shadow the column inside the other aggregates.
+    -- Equal versions are re-loads of the same document version, identical but for bookkeeping.
     select
         _id,
-        argMax(
-            tuple(
-                _id_created_at,
-                file_id,
-                stage,
-                employee_code,
-                employee_name,
-                status,
-                assigned_at,
-                updated_at,
-                is_deleted,
-                _run_id
-            ),
-            _version
-        ) as latest_row,
+        argMax(_id_created_at, _version) as latest_id_created_at,
+        argMax(file_id, _version) as latest_file_id,
+        argMax(stage, _version) as latest_stage,
+        argMax(employee_code, _version) as latest_employee_code,
+        argMax(employee_name, _version) as latest_employee_name,
+        argMax(status, _version) as latest_status,
+        argMax(assigned_at, _version) as latest_assigned_at,
+        argMax(updated_at, _version) as latest_updated_at,
+        argMax(is_deleted, _version) as latest_is_deleted,
+        argMax(_run_id, _version) as latest_run_id,
         max(_version) as latest_version,
         -- the last time any version was loaded: the incremental cursor downstream
         max(_loaded_at) as last_loaded_at
@@ -46,18 +43,18 @@ renamed as (
 
     select
         _id as task_id,
-        tupleElement(latest_row, 1) as task_created_at,
-        tupleElement(latest_row, 2) as file_id,
-        toLowCardinality(tupleElement(latest_row, 3)) as stage,
-        toLowCardinality(tupleElement(latest_row, 4)) as employee_code,
-        tupleElement(latest_row, 5) as employee_name,
-        toLowCardinality(tupleElement(latest_row, 6)) as status,
-        tupleElement(latest_row, 7) as assigned_at,
-        tupleElement(latest_row, 8) as updated_at,
-        toUInt8(tupleElement(latest_row, 9)) as is_deleted,
+        latest_id_created_at as task_created_at,
+        latest_file_id as file_id,
+        toLowCardinality(latest_stage) as stage,
+        toLowCardinality(latest_employee_code) as employee_code,
+        latest_employee_name as employee_name,
+        toLowCardinality(latest_status) as status,
+        latest_assigned_at as assigned_at,
+        latest_updated_at as updated_at,
+        toUInt8(latest_is_deleted) as is_deleted,
         latest_version as _version,
         last_loaded_at as _loaded_at,
-        tupleElement(latest_row, 10) as _run_id
+        latest_run_id as _run_id
     from latest
 
 )
