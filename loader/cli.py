@@ -157,6 +157,10 @@ def watch(
     reset: Annotated[
         bool, typer.Option("--reset", help="Forget the stored resume token; start from now.")
     ] = False,
+    all_changes: Annotated[
+        bool,
+        typer.Option("--all-changes", help="Also load inserts and updates as they happen."),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Follow the change stream and tombstone deleted documents (Ctrl-C to stop).
@@ -184,6 +188,7 @@ def watch(
                         name,
                         idle_timeout_s=idle_timeout,
                         stop=stop,
+                        all_changes=all_changes,
                         on_flush=lambda events, deletes: logging.getLogger("loader.watch").info(
                             "%s: %d delete events, %d tombstones", name, events, deletes
                         ),
@@ -209,7 +214,7 @@ def watch(
     if errors:
         raise _fail(errors[0])
     table = Table(title="watch")
-    for col in ("collection", "delete events", "tombstones", "resumed", "stopped"):
+    for col in ("collection", "events", "tombstones", "resumed", "stopped"):
         table.add_column(col)
     for name, r in results.items():
         table.add_row(

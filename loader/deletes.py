@@ -26,10 +26,11 @@ from bson import ObjectId, json_util
 from pymongo.errors import OperationFailure
 
 from loader.clients import Clients, clickhouse_call, mongo_call, open_clients
+from loader.mapping import BatchMapper
 from loader.runs import PeakRss, RunRecord, new_run_id, write_run
 from loader.schema import CHANGE_STREAM_STATE, COLLECTIONS, REJECTS, raw_columns, raw_table
 from loader.settings import Settings
-from loader.sync import _prepare
+from loader.sync import _prepare, store_rejects, store_rows
 from loader.watermark import now_ms
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def write_tombstones(
 class FollowResult:
     run_id: str
     collection: str
-    events: int  # delete events seen
+    events: int  # change events processed (only deletes unless all_changes)
     deletes: int  # tombstones written
     resumed: bool  # started from a stored resume token
     stopped_because: str
@@ -148,12 +149,16 @@ def follow_changes(
     flush_every: int = 1_000,
     max_await_ms: int = 500,
     on_flush: Callable[[int, int], None] | None = None,
+    all_changes: bool = False,
 ) -> FollowResult:
     """Follow `collection`'s change stream and tombstone deleted documents.
 
-    Resumes from the token in `ops.change_stream_state` (from "now" on the first run). Stops
-    after `max_events` delete events, after `idle_timeout_s` without any, when `stop` is set,
-    or on Ctrl-C; runs forever otherwise. `on_flush(events, deletes)` reports progress.
+    With `all_changes`, inserts, updates and replacements are loaded too (the current document,
+    mapped like `sync` maps it, rejects included), so the raw table follows Mongo within about
+    a second; `sync` stays the authority for the watermark. Resumes from the token in
+    `ops.change_stream_state` (from "now" on the first run). Stops after `max_events` events,
+    after `idle_timeout_s` without any, when `stop` is set, or on Ctrl-C; runs forever
+    otherwise. `on_flush(events, deletes)` reports progress.
     """
     if collection not in COLLECTIONS:
         raise ValueError(f"unknown collection {collection!r}; choose from {', '.join(COLLECTIONS)}")
@@ -162,17 +167,28 @@ def follow_changes(
         run_id = new_run_id()
         rec = RunRecord(run_id, collection, kind="watch")
         rss = PeakRss()
+        ops = ("delete", "insert", "update", "replace") if all_changes else ("delete",)
         token = load_resume_token(cl, collection)
         resumed = token is not None
         coll = cl.db[collection]
         events = deletes = 0
         pending: dict[str, int] = {}
+        mapper = BatchMapper(collection, settings.max_string_chars)
+        mapped = 0
         last_event = time.monotonic()
         saved_token = token
         why = "stopped"
 
         def flush(stream: Any) -> None:
-            nonlocal deletes, saved_token
+            nonlocal deletes, saved_token, mapped
+            if mapped:
+                batch = mapper.take()
+                store_rows(cl, batch, run_id)
+                store_rejects(cl, batch, run_id)
+                rec.docs_read += mapped
+                rec.rows_written += batch.rows
+                rec.rejects += len(batch.rejects)
+                mapped = 0
             if pending:
                 deletes += write_tombstones(cl, collection, pending, run_id)
                 pending.clear()
@@ -188,7 +204,8 @@ def follow_changes(
             stream = mongo_call(
                 settings,
                 lambda: coll.watch(
-                    [{"$match": {"operationType": "delete"}}],
+                    [{"$match": {"operationType": {"$in": list(ops)}}}],
+                    full_document="updateLookup" if all_changes else None,
                     resume_after=token,
                     max_await_time_ms=max_await_ms,
                     batch_size=flush_every,
@@ -207,11 +224,16 @@ def follow_changes(
                             flush(stream)
                             save_resume_token(cl, collection, None, events)
                             break
-                        key = change.get("documentKey", {}).get("_id")
-                        if isinstance(key, ObjectId):
-                            events += 1
-                            pending[str(key)] = _deleted_at_ms(change)
-                        if len(pending) < flush_every and (
+                        events += 1
+                        if change.get("operationType") == "delete":
+                            key = change.get("documentKey", {}).get("_id")
+                            if isinstance(key, ObjectId):
+                                pending[str(key)] = _deleted_at_ms(change)
+                        elif isinstance(change.get("fullDocument"), dict):
+                            # None when the document is gone by lookup time: its delete follows.
+                            mapper.add(change["fullDocument"])
+                            mapped += 1
+                        if len(pending) + mapped < flush_every and (
                             max_events is None or events < max_events
                         ):
                             continue
@@ -265,7 +287,7 @@ def reset_resume_token(
 def _record(cl: Clients, rec: RunRecord, events: int, deletes: int, rss: PeakRss) -> None:
     rec.deletes = deletes
     rec.peak_rss_bytes = rss.peak
-    rec.message = f"{rec.message}; delete events={events}".lstrip("; ")
+    rec.message = f"{rec.message}; events={events}".lstrip("; ")
     try:
         clickhouse_call(cl.settings, lambda: write_run(cl.clickhouse, rec))
     except Exception as exc:  # noqa: BLE001 - do not hide the original outcome

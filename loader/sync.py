@@ -157,47 +157,16 @@ class _Run:
         self.record = RunRecord(self.run_id, collection)
         self.rss = PeakRss()
         self.mapper = BatchMapper(collection, self.settings.max_string_chars)
-        self.columns = raw_columns(collection)
         self.batch_no = 0
         self.watermark: Watermark | None = None
         self.read_started_ms = 0
 
     # -- writing -------------------------------------------------------------------------------
     def _insert_rows(self, batch: MappedBatch) -> None:
-        if not batch.rows:
-            return
-        table = to_arrow(batch, self.columns, self.run_id, now_ms())
-        self.rss.sample()
-        ch = self.clients.clickhouse
-        clickhouse_call(
-            self.settings, lambda: ch.insert_arrow(raw_table(self.collection).qualified, table)
-        )
+        store_rows(self.clients, batch, self.run_id, on_built=self.rss.sample)
 
     def _insert_rejects(self, batch: MappedBatch) -> None:
-        if not batch.rejects:
-            return
-        # The read used a projection; store the whole document as it is now (or as read, if it
-        # has gone since), so the reject can be diagnosed.
-        ids = [r.id for r in batch.rejects if r.id is not None]
-        full: dict[str, Any] = {}
-        if ids:
-            for doc in mongo_call(
-                self.settings, lambda: list(self.coll.find({"_id": {"$in": ids}}))
-            ):
-                full[id_to_str(doc.get("_id"))] = doc
-        now = datetime.now(UTC)
-        rows = []
-        for r in batch.rejects:
-            key = id_to_str(r.id)
-            doc = full.get(key, r.doc)
-            rows.append([self.collection, key, r.reason, dump_document(doc), self.run_id, now])
-        ch = self.clients.clickhouse
-        clickhouse_call(
-            self.settings,
-            lambda: ch.insert(
-                REJECTS.qualified, rows, column_names=[n for n, _ in REJECTS.columns]
-            ),
-        )
+        store_rejects(self.clients, batch, self.run_id)
 
     def flush(self, docs: list[dict[str, Any]]) -> None:
         """Map, store, then move the watermark to the batch's last document."""
@@ -327,6 +296,46 @@ class _Run:
         self._insert_rejects(batch)
         self.record.docs_read += len(fresh)
         self.record.rejects += len(batch.rejects)
+
+
+def store_rows(
+    clients: Clients, batch: MappedBatch, run_id: str, on_built: Callable[[], Any] | None = None
+) -> None:
+    """Insert the batch's rows into `raw.<collection>` as one Arrow batch."""
+    if not batch.rows:
+        return
+    table = to_arrow(batch, raw_columns(batch.collection), run_id, now_ms())
+    if on_built:
+        on_built()
+    ch = clients.clickhouse
+    clickhouse_call(
+        clients.settings, lambda: ch.insert_arrow(raw_table(batch.collection).qualified, table)
+    )
+
+
+def store_rejects(clients: Clients, batch: MappedBatch, run_id: str) -> None:
+    """Insert the batch's rejects into `raw.rejects`, each with its whole current document."""
+    if not batch.rejects:
+        return
+    # Documents were read with a projection: store the whole document as it is now (or as
+    # read, if it has gone since), so that the reject can be diagnosed.
+    coll = clients.db[batch.collection]
+    ids = [r.id for r in batch.rejects if r.id is not None]
+    full: dict[str, Any] = {}
+    if ids:
+        for doc in mongo_call(clients.settings, lambda: list(coll.find({"_id": {"$in": ids}}))):
+            full[id_to_str(doc.get("_id"))] = doc
+    now = datetime.now(UTC)
+    rows = []
+    for r in batch.rejects:
+        key = id_to_str(r.id)
+        doc = full.get(key, r.doc)
+        rows.append([batch.collection, key, r.reason, dump_document(doc), run_id, now])
+    ch = clients.clickhouse
+    clickhouse_call(
+        clients.settings,
+        lambda: ch.insert(REJECTS.qualified, rows, column_names=[n for n, _ in REJECTS.columns]),
+    )
 
 
 def sync_collection(

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from bson import ObjectId
 from clickhouse_connect.driver.client import Client
-from loader_testlib import clickhouse_tasks
+from loader_testlib import clickhouse_tasks, mongo_tasks
 from pymongo.database import Database
 
 from loader.clients import Clients
 from loader.deletes import follow_changes, id_hash, reconcile_collection
 from loader.settings import Settings
 from loader.sync import sync_collection
-from loader.synthetic import seed
+from loader.synthetic import mutate, seed
 
 
 def _first_ids(db: Database, n: int) -> list[ObjectId]:
@@ -153,3 +153,19 @@ def test_deletes_are_counted_in_run_records(
     )
 
     assert recorded == {watched.run_id: 1, reconciled.run_id: 1}
+
+
+def test_watch_with_all_changes_loads_updates_and_inserts_without_a_sync(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 300, seed=208)
+    sync_collection(settings, "tasks", clients=clients)
+    _start_following(settings, clients)
+    changed = mutate(db, 10, seed=208)
+
+    result = follow_changes(
+        settings, "tasks", clients=clients, idle_timeout_s=0.5, all_changes=True
+    )
+
+    assert result.events == changed.updated + changed.inserted
+    assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
