@@ -248,7 +248,7 @@ class _Run:
             buf: list[dict[str, Any]] = []
             cursor = mongo_call(
                 self.settings,
-                lambda q=query: self.coll.find(q, proj).hint(WATERMARK_INDEX).sort("_id", 1),
+                lambda q=query: self.coll.find(q, proj).hint(WATERMARK_INDEX),
             )
             for doc in cursor:
                 buf.append(doc)
@@ -275,24 +275,18 @@ class _Run:
             )
         }
         fresh = [d for d, i in zip(docs, ids, strict=True) if i not in known]
+        too_late = (
+            f"updated_at: more than {self.settings.max_future_seconds:g}s ahead of the loader's "
+            "clock (LOADER_MAX_FUTURE_SECONDS)"
+        )
+        rejects = []
         for doc in fresh:
-            self.mapper.add(doc)
-        batch = self.mapper.take()
-        for reject in batch.rejects:
-            reject.reason = f"updated_at unusable for incremental sync: {reject.reason}"
-        # A future-dated but otherwise valid document maps fine; it still cannot be loaded now.
-        if batch.rows:
-            by_id = {id_to_str(d["_id"]): d for d in fresh}
-            for key in batch.columns["_id"]:
-                batch.rejects.append(
-                    Reject(
-                        by_id[key]["_id"],
-                        f"updated_at is more than {self.settings.max_future_seconds:g}s ahead "
-                        "of the loader's clock (LOADER_MAX_FUTURE_SECONDS)",
-                        by_id[key],
-                    )
-                )
-            batch.columns = {k: [] for k in batch.columns}
+            problems = self.mapper.problems(doc)
+            updated_at = doc.get("updated_at")
+            if type(updated_at) is DatetimeMS and int(updated_at) > upper_ms:
+                problems.append(too_late)
+            rejects.append(Reject(doc.get("_id"), "; ".join(problems), doc))
+        batch = MappedBatch(self.collection, {"_id": []}, rejects)
         self._insert_rejects(batch)
         self.record.docs_read += len(fresh)
         self.record.rejects += len(batch.rejects)

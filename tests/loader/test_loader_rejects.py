@@ -146,21 +146,23 @@ def test_undated_document_written_after_the_watermark_passed_is_still_rejected(
     result = sync_collection(settings, "tasks", clients=clients)
 
     assert (result.docs_read, result.rejects) == (1, 1)
-    assert "updated_at unusable" in _rejects(clickhouse_client)[str(late_id)][0]
+    assert "updated_at: expected a date, got str" in _rejects(clickhouse_client)[str(late_id)][0]
 
 
 def test_far_future_document_is_rejected_once_and_does_not_move_the_watermark(
-    settings: Settings, clients: Clients, mongo_client: MongoClient
+    settings: Settings, clients: Clients, mongo_client: MongoClient, clickhouse_client: Client
 ) -> None:
     plain = mongo_client[settings.mongo_db]
     seed(plain, 100, seed=108)
     future = datetime.now(UTC) + timedelta(days=400)
-    plain.tasks.update_one({}, {"$set": {"updated_at": future}})
+    doc_id = plain.tasks.find_one()["_id"]
+    plain.tasks.update_one({"_id": doc_id}, {"$set": {"updated_at": future}})
 
     first = sync_collection(settings, "tasks", clients=clients)
     second = sync_collection(settings, "tasks", clients=clients)
 
     assert (first.docs_read, first.rejects, second.docs_read) == (100, 1, 0)
+    assert "LOADER_MAX_FUTURE_SECONDS" in _rejects(clickhouse_client)[str(doc_id)][0]
     assert first.watermark_after < future.isoformat()
 
 
