@@ -75,6 +75,14 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+def _is_utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_string(name: str, value: Any, max_chars: int, non_empty: bool) -> str | None:
     if type(value) is not str:
         return f"{name}: expected a string, got {_type_name(value)}"
@@ -129,11 +137,21 @@ class BatchMapper:
         self.fields: tuple[Field, ...] = fields_of(collection)
         self.max_string_chars = max_string_chars
         self.non_empty = NON_EMPTY.get(collection, frozenset())
+        self._spec = [
+            (
+                f.name,
+                f.kind,
+                0 if f.name == "updated_at" else MIN_DATETIME64_MS,
+                f.name in self.non_empty,
+            )
+            for f in self.fields
+        ]
         self.reset()
 
     def reset(self) -> None:
         names = [n for n, _ in ID_COLUMNS] + [f.name for f in self.fields]
         self._cols: dict[str, list[Any]] = {n: [] for n in names}
+        self._field_columns = [self._cols[f.name] for f in self.fields]
         self._rejects: list[Reject] = []
 
     def problems(self, doc: dict[str, Any]) -> list[str]:
@@ -165,23 +183,50 @@ class BatchMapper:
         return out
 
     def add(self, doc: dict[str, Any]) -> bool:
-        """Map one document; True when it became a row, False when rejected."""
-        problems = self.problems(doc)
-        if problems:
-            self._rejects.append(Reject(doc.get("_id"), "; ".join(problems), doc))
+        """Map one document; True when it became a row, False when rejected.
+
+        The hot path: one pass that checks and converts each value, with `problems` (the
+        readable version of the same rules) consulted only for documents that fail."""
+        oid = doc.get("_id")
+        values: list[Any] = []
+        ok = type(oid) is ObjectId
+        if ok:
+            max_chars = self.max_string_chars
+            for name, kind, min_ms, non_empty in self._spec:
+                v = doc.get(name)
+                if kind == "str":
+                    if (
+                        type(v) is not str
+                        or len(v) > max_chars
+                        or (non_empty and not v)
+                        or "\x00" in v
+                        or (not v.isascii() and not _is_utf8(v))
+                    ):
+                        ok = False
+                        break
+                    values.append(v)
+                elif kind == "datetime":
+                    if type(v) is not DatetimeMS:
+                        ok = False
+                        break
+                    ms = int(v)
+                    if ms < min_ms or ms > MAX_DATETIME64_MS:
+                        ok = False
+                        break
+                    values.append(ms)
+                else:
+                    if type(v) is not bool:
+                        ok = False
+                        break
+                    values.append(1 if v else 0)
+        if not ok:
+            self._rejects.append(Reject(oid, "; ".join(self.problems(doc)), doc))
             return False
         cols = self._cols
-        oid: ObjectId = doc["_id"]
         cols["_id"].append(str(oid))
         cols["_id_created_at"].append(int.from_bytes(oid.binary[:4], "big"))
-        for f in self.fields:
-            value = doc[f.name]
-            if f.kind == "datetime":
-                cols[f.name].append(int(value))
-            elif f.kind == "bool":
-                cols[f.name].append(1 if value else 0)
-            else:
-                cols[f.name].append(value)
+        for column, value in zip(self._field_columns, values, strict=True):
+            column.append(value)
         return True
 
     def take(self) -> MappedBatch:

@@ -1,0 +1,104 @@
+"""Mapping rules, without servers: the fast path and the readable rules always agree."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import bson
+from bson import ObjectId
+from bson.datetime_ms import DatetimeMS
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loader.mapping import CODEC_OPTIONS, MAX_DATETIME64_MS, BatchMapper
+from loader.schema import COLLECTION_FIELDS
+from loader.synthetic import MALFORMED_KINDS, corrupt
+
+GOOD_TASK: dict[str, Any] = {
+    "_id": ObjectId("6949f9808bb6605dda000000"),
+    "file_id": "F0-00000001",
+    "stage": "review",
+    "employee_code": "E00001",
+    "employee_name": "Ana Rossi",
+    "status": "in_progress",
+    "assigned_at": datetime(2025, 12, 1, tzinfo=UTC),
+    "updated_at": datetime(2025, 12, 2, tzinfo=UTC),
+}
+
+
+def _as_read(doc: dict[str, Any]) -> dict[str, Any]:
+    """The document as the loader receives it from the server."""
+    return bson.decode(bson.encode(doc), CODEC_OPTIONS)
+
+
+def test_good_task_maps_to_a_row_with_millisecond_dates() -> None:
+    mapper = BatchMapper("tasks", 100)
+
+    assert mapper.add(_as_read(GOOD_TASK)) is True
+    batch = mapper.take()
+    assert batch.columns["updated_at"] == [1764633600000]
+    assert batch.columns["_id_created_at"] == [int(GOOD_TASK["_id"].generation_time.timestamp())]
+
+
+def test_every_malformed_kind_but_non_ascii_is_rejected() -> None:
+    mapper = BatchMapper("tasks", 65_536)
+
+    accepted = {k for k in MALFORMED_KINDS if mapper.add(_as_read(corrupt(dict(GOOD_TASK), k)))}
+
+    assert accepted == {"non_ascii"}
+
+
+def test_updated_at_before_1970_is_rejected_because_it_is_the_version() -> None:
+    mapper = BatchMapper("tasks", 100)
+    doc = _as_read(GOOD_TASK) | {"updated_at": DatetimeMS(-1)}
+
+    assert mapper.add(doc) is False
+    assert "updated_at: date -1 ms" in mapper.take().rejects[0].reason
+
+
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.text(max_size=30),
+    st.text(alphabet=st.characters(codec="utf-8"), max_size=5).map(lambda s: s + "\x00"),
+    st.integers(-(2**62), MAX_DATETIME64_MS + 10**6).map(DatetimeMS),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.just("\udcff bad"),
+)
+
+
+GOOD_EMPLOYEE: dict[str, Any] = {
+    "_id": ObjectId("68b2c64095d9622df1000000"),
+    "employee_code": "E00001",
+    "employee_name": "Zoë Ñúñez",
+    "team": "north",
+    "active": True,
+    "updated_at": datetime(2025, 9, 1, tzinfo=UTC),
+}
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    collection=st.sampled_from(sorted(COLLECTION_FIELDS)),
+    changes=st.dictionaries(
+        st.sampled_from(
+            sorted({f.name for fs in COLLECTION_FIELDS.values() for f in fs} | {"_id"})
+        ),
+        _values,
+        max_size=2,
+    ),
+    dropped=st.sets(st.sampled_from(sorted(GOOD_TASK) + sorted(GOOD_EMPLOYEE)), max_size=1),
+)
+def test_fast_path_agrees_with_the_readable_rules(
+    collection: str, changes: dict[str, Any], dropped: set[str]
+) -> None:
+    base = GOOD_TASK if collection == "tasks" else GOOD_EMPLOYEE
+    doc = _as_read(base) | changes
+    for name in dropped:
+        doc.pop(name, None)
+    mapper = BatchMapper(collection, 20)
+
+    assert mapper.add(doc) is (not mapper.problems(doc))
