@@ -1,0 +1,331 @@
+"""The reliability harness: exact comparison of MongoDB (the truth) with ClickHouse, and the
+per-scenario results table.
+
+`compare_raw` checks `raw.<collection>` deduplicated with FINAL (tombstones excluded) against
+every document in MongoDB that the mapping contract accepts: same `_id`s, same field values,
+no `_id` twice, no live row for a document that is gone from MongoDB. Documents the contract
+refuses must be in `raw.rejects` with a reason. `compare_task_events` and
+`compare_pipeline_state` do the same for the dbt models, the latter against a naive
+recomputation in Python (`argMax` by `(assigned_at, _id)` per `file_id` over MongoDB).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bson import ObjectId
+from clickhouse_connect.driver.client import Client
+from pymongo.database import Database
+
+from loader.mapping import CODEC_OPTIONS, BatchMapper, id_to_str
+from loader.schema import fields_of
+
+REPO = Path(__file__).resolve().parents[2]
+DBT = Path(sys.executable).parent / "dbt"
+# Details listed per comparison when something differs; the counts stay exact.
+MAX_EXAMPLES = 5
+
+
+@dataclass
+class Comparison:
+    """What one comparison found. `ok` only when every count of a problem is zero."""
+
+    what: str
+    checked: int = 0  # documents (or files) compared
+    lost: int = 0  # in MongoDB, not in ClickHouse (nor in raw.rejects when refused)
+    duplicates: int = 0  # an `_id` (or `file_id`) more than once
+    mismatched: int = 0  # present on both sides with different values
+    not_deleted: int = 0  # gone from MongoDB (or never there), still live in ClickHouse
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.duplicates or self.mismatched or self.not_deleted)
+
+    def note(self, text: str) -> None:
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(text)
+
+    def describe(self) -> str:
+        head = (
+            f"{self.what}: checked={self.checked} lost={self.lost} duplicates={self.duplicates} "
+            f"mismatched={self.mismatched} not_deleted={self.not_deleted}"
+        )
+        return "\n".join([head, *(f"    {e}" for e in self.examples)])
+
+
+@dataclass
+class Truth:
+    """MongoDB's side of one collection, judged by the loader's mapping contract."""
+
+    rows: dict[str, tuple[Any, ...]]  # hex _id -> mapped field values (dates in ms)
+    refused: dict[str, str]  # _id as stored in raw.rejects -> the contract's reasons
+    all_ids: set[str]  # every `_id` in MongoDB, as stored in ClickHouse
+
+
+def read_truth(db: Database, collection: str, max_string_chars: int = 65_536) -> Truth:
+    mapper = BatchMapper(collection, max_string_chars)
+    names = [f.name for f in fields_of(collection)]
+    rows: dict[str, tuple[Any, ...]] = {}
+    refused: dict[str, str] = {}
+    all_ids: set[str] = set()
+    coll = db.get_collection(collection, codec_options=CODEC_OPTIONS)
+    for doc in coll.find({}):
+        key = id_to_str(doc.get("_id"))
+        all_ids.add(key)
+        problems = mapper.problems(doc)
+        if problems:
+            refused[key] = "; ".join(problems)
+            continue
+        rows[key] = tuple(_mongo_value(doc[n]) for n in names)
+    return Truth(rows, refused, all_ids)
+
+
+def _mongo_value(value: Any) -> Any:
+    if isinstance(value, bool):
+        return int(value)
+    if hasattr(value, "__int__") and not isinstance(value, str):
+        return int(value)  # DatetimeMS -> milliseconds
+    return value
+
+
+def _ch_select(collection: str) -> str:
+    cols = []
+    for f in fields_of(collection):
+        if f.kind == "datetime":
+            cols.append(f"toUnixTimestamp64Milli(`{f.name}`)")
+        else:
+            cols.append(f"`{f.name}`")
+    return ", ".join(cols)
+
+
+def compare_raw(
+    ch: Client, truth: Truth, collection: str, *, future_ok: bool = False
+) -> Comparison:
+    """`raw.<collection>` FINAL (live rows) against MongoDB; refused documents in raw.rejects.
+
+    `future_ok`: documents dated too far ahead are held back by design (a reject that says so)."""
+    out = Comparison(f"raw.{collection}")
+    table = f"raw.{collection}"
+    dup = ch.query(f"SELECT count() - uniqExact(_id) FROM {table} FINAL").result_rows[0][0]
+    out.duplicates = int(dup)
+    result = ch.query(
+        f"SELECT _id, {_ch_select(collection)} FROM {table} FINAL WHERE is_deleted = 0"
+    )
+    live: dict[str, tuple[Any, ...]] = {}
+    for row in result.result_rows:
+        live[row[0]] = tuple(int(v) if isinstance(v, int) else v for v in row[1:])
+    rejected = {
+        r[0]: r[1]
+        for r in ch.query(
+            "SELECT _id, any(reason) FROM raw.rejects WHERE collection = {c:String} GROUP BY _id",
+            parameters={"c": collection},
+        ).result_rows
+    }
+    for key, expected in truth.rows.items():
+        out.checked += 1
+        got = live.get(key)
+        if got is None:
+            if future_ok and "ahead" in rejected.get(key, ""):
+                continue
+            out.lost += 1
+            out.note(f"lost {key}")
+        elif got != expected:
+            out.mismatched += 1
+            out.note(f"mismatch {key}: mongo={_short(expected)} clickhouse={_short(got)}")
+    for key, reason in truth.refused.items():
+        out.checked += 1
+        if key not in rejected:
+            out.lost += 1
+            out.note(f"refused by the contract ({reason[:80]}) but not in raw.rejects: {key[:60]}")
+    for key in live.keys() - truth.rows.keys():
+        out.not_deleted += 1
+        where = "refused now" if key in truth.refused else "gone from MongoDB"
+        out.note(f"live in ClickHouse, {where}: {key}")
+    return out
+
+
+def compare_task_events(ch: Client, truth: Truth) -> Comparison:
+    """analytics.task_events: one row per task ever loaded; live rows equal MongoDB's tasks."""
+    out = Comparison("analytics.task_events")
+    dup = ch.query("SELECT count() - uniqExact(task_id) FROM analytics.task_events")
+    out.duplicates = int(dup.result_rows[0][0])
+    result = ch.query(
+        f"SELECT task_id, {_ch_select('tasks')} FROM analytics.task_events WHERE is_deleted = 0"
+    )
+    live = {r[0]: tuple(r[1:]) for r in result.result_rows}
+    for key, expected in truth.rows.items():
+        out.checked += 1
+        got = live.get(key)
+        if got is None:
+            out.lost += 1
+            out.note(f"lost {key}")
+        elif got != expected:
+            out.mismatched += 1
+            out.note(f"mismatch {key}: mongo={_short(expected)} clickhouse={_short(got)}")
+    for key in live.keys() - truth.rows.keys():
+        out.not_deleted += 1
+        out.note(f"live in task_events, not a loadable task in MongoDB: {key}")
+    return out
+
+
+def naive_pipeline_state(truth: Truth) -> dict[str, tuple[Any, ...]]:
+    """file_id -> (stage, employee_code, status, assigned_at_ms, task_id) of the task with the
+    highest (assigned_at, _id): the definition of the current state, computed from MongoDB."""
+    names = [f.name for f in fields_of("tasks")]
+    at = {n: i for i, n in enumerate(names)}
+    best: dict[str, tuple[tuple[int, str], tuple[Any, ...]]] = {}
+    for key, row in truth.rows.items():
+        rank = (row[at["assigned_at"]], key)
+        file_id = row[at["file_id"]]
+        if file_id not in best or rank > best[file_id][0]:
+            state = (
+                row[at["stage"]],
+                row[at["employee_code"]],
+                row[at["status"]],
+                row[at["assigned_at"]],
+                key,
+            )
+            best[file_id] = (rank, state)
+    return {f: s for f, (_, s) in best.items()}
+
+
+def compare_pipeline_state(ch: Client, truth: Truth) -> Comparison:
+    out = Comparison("analytics.pipeline_state")
+    expected = naive_pipeline_state(truth)
+    rows = ch.query(
+        "SELECT file_id, stage, employee_code, status, toUnixTimestamp64Milli(assigned_at), "
+        "task_id FROM analytics.pipeline_state"
+    ).result_rows
+    got: dict[str, tuple[Any, ...]] = {}
+    for r in rows:
+        if r[0] in got:
+            out.duplicates += 1
+            out.note(f"file twice: {r[0]}")
+        got[r[0]] = tuple(r[1:])
+    for file_id, state in expected.items():
+        out.checked += 1
+        have = got.get(file_id)
+        if have is None:
+            out.lost += 1
+            out.note(f"file lost: {file_id}")
+        elif have != state:
+            out.mismatched += 1
+            out.note(f"file {file_id}: naive={state} pipeline_state={have}")
+    for file_id in got.keys() - expected.keys():
+        out.not_deleted += 1
+        out.note(f"file in pipeline_state without a live task in MongoDB: {file_id}")
+    return out
+
+
+def _short(row: Iterable[Any]) -> str:
+    return repr(tuple(row))[:160]
+
+
+# -- dbt ------------------------------------------------------------------------------------------
+def dbt_build(env: Mapping[str, str], workdir: Path, *, full_refresh: bool = False) -> None:
+    """`dbt build` of the repo's project against the servers in `env` (a subprocess, so a
+    private stack never meets the session's in-process dbt state). Raises with dbt's output."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    profiles = workdir / "profiles.yml"
+    if not profiles.exists():
+        shutil.copy(REPO / "profiles.yml.example", profiles)
+    cmd = [str(DBT), "build", "--project-dir", str(REPO), "--profiles-dir", str(workdir)]
+    cmd += ["--target-path", str(workdir / "target"), "--log-path", str(workdir / "logs")]
+    if full_refresh:
+        cmd.append("--full-refresh")
+    proc = subprocess.run(
+        cmd, env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"dbt build failed ({proc.returncode}):\n{proc.stdout[-4000:]}")
+
+
+# -- the results table ----------------------------------------------------------------------------
+@dataclass
+class ScenarioResult:
+    scenario: str
+    trials: int = 0
+    passed: int = 0
+    documents_checked: int = 0
+    documents_lost: int = 0
+    duplicates: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Report:
+    """Trials of every scenario in this session, printed as a table at the end."""
+
+    scenarios: dict[str, ScenarioResult] = field(default_factory=dict)
+
+    def record(
+        self, scenario: str, comparisons: Iterable[Comparison], seconds: float = 0.0
+    ) -> bool:
+        comps = list(comparisons)
+        row = self.scenarios.setdefault(scenario, ScenarioResult(scenario))
+        ok = all(c.ok for c in comps)
+        row.trials += 1
+        row.passed += int(ok)
+        row.documents_checked += sum(c.checked for c in comps)
+        row.documents_lost += sum(c.lost for c in comps)
+        row.duplicates += sum(c.duplicates for c in comps)
+        row.seconds += seconds
+        return ok
+
+    def record_check(self, scenario: str, ok: bool, checked: int = 0, seconds: float = 0.0) -> None:
+        """A scenario whose verdict is not a document comparison (security checks)."""
+        row = self.scenarios.setdefault(scenario, ScenarioResult(scenario))
+        row.trials += 1
+        row.passed += int(ok)
+        row.documents_checked += checked
+        row.seconds += seconds
+
+    def table(self) -> str:
+        head = ("scenario", "trials", "passed", "docs checked", "docs lost", "duplicates", "s")
+        rows = [
+            (
+                r.scenario,
+                str(r.trials),
+                str(r.passed),
+                str(r.documents_checked),
+                str(r.documents_lost),
+                str(r.duplicates),
+                f"{r.seconds:.0f}",
+            )
+            for r in self.scenarios.values()
+        ]
+        widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=False)]
+        line = "  ".join(f"{{:<{w}}}" for w in widths)
+        out = [line.format(*head), "  ".join("-" * w for w in widths)]
+        out += [line.format(*r) for r in rows]
+        return "\n".join(out)
+
+    def write_json(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "scenarios": [asdict(r) for r in self.scenarios.values()],
+        }
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def assert_all_ok(comparisons: Iterable[Comparison]) -> None:
+    bad = [c for c in comparisons if not c.ok]
+    if bad:
+        raise AssertionError(
+            "ClickHouse differs from MongoDB:\n" + "\n".join(c.describe() for c in bad)
+        )
+
+
+def object_id_hex(value: Any) -> str:
+    return str(value) if isinstance(value, ObjectId) else id_to_str(value)

@@ -1,0 +1,114 @@
+"""Scenario 1: the loader process is SIGKILLed at random points of a large sync; the rerun
+(plus reconcile) leaves ClickHouse exactly equal to MongoDB.
+
+Every trial starts from an empty warehouse, kills the loader at a different batch (right when
+it announces an insert, i.e. with the insert in flight, or a random moment after a batch was
+stored, i.e. around the watermark save or during the next read), changes the source a little
+while the loader is dead, then reruns. The fast variant runs 3 trials on a small collection;
+`make reliability` runs 24 on a larger one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import World
+from harness import Report, assert_all_ok
+
+from loader.synthetic import mutate
+
+
+@dataclass(frozen=True)
+class Scale:
+    tasks: int
+    batch: int
+    trials: int
+
+
+FAST = Scale(tasks=6_000, batch=400, trials=3)
+SLOW = Scale(tasks=60_000, batch=2_000, trials=24)
+
+
+def rng_for(test: str) -> random.Random:
+    """Random kill points, reproducible with RELIABILITY_SEED (the seed is in every failure)."""
+    seed = int(os.environ.get("RELIABILITY_SEED", str(random.randrange(10**6))))
+    print(f"{test}: RELIABILITY_SEED={seed}")
+    return random.Random(seed)
+
+
+def kill_at(world: World, batch_size: int, target: int, phase: str, jitter: float) -> str:
+    """Run the loader in a subprocess and SIGKILL it at batch `target`; say where it died."""
+    proc = world.spawn("sync", "--batch-size", str(batch_size))
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            word, _, arg = line.strip().partition(" ")
+            if word == "done":
+                return "finished before the kill point"
+            if word == phase and int(arg) == target:
+                time.sleep(jitter)
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(30)
+                return f"killed at {phase} {target} + {jitter * 1000:.0f} ms"
+        proc.wait(30)
+        stderr = proc.stderr.read() if proc.stderr else ""
+        raise AssertionError(f"loader exited ({proc.returncode}) before the kill point: {stderr}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+
+
+def change_source_while_down(world: World, rng: random.Random, trial: int) -> None:
+    mutate(world.db, rng.randint(20, 80), seed=1_000 + trial)
+    victims = [d["_id"] for d in world.db.tasks.aggregate([{"$sample": {"size": 15}}])]
+    world.db.tasks.delete_many({"_id": {"$in": victims}})
+
+
+def run_sigkill_trials(
+    world: World, report: Report, scale: Scale, scenario: str, dbt_dir: Path
+) -> None:
+    rng = rng_for(scenario)
+    world.seed(scale.tasks)
+    batches = scale.tasks // scale.batch
+    targets = sorted(rng.sample(range(1, batches), scale.trials))
+    failures = []
+    for trial, target in enumerate(targets):
+        started = time.monotonic()
+        for database in ("raw", "ops"):
+            world.ch.command(f"DROP DATABASE IF EXISTS {database} SYNC")
+        phase = "insert" if trial % 2 == 0 else "stored"
+        where = kill_at(world, scale.batch, target, phase, rng.uniform(0.0, 0.25))
+        change_source_while_down(world, rng, trial)
+        world.load()
+        comparisons = world.compare_raw()
+        if trial == len(targets) - 1:
+            comparisons += world.build_and_compare_models(dbt_dir)
+        if not report.record(scenario, comparisons, time.monotonic() - started):
+            failures.append((where, comparisons))
+    for where, comparisons in failures:
+        print(f"trial {where}:")
+        assert_all_ok(comparisons)
+
+
+def test_loader_sigkilled_during_a_sync_then_rerun_is_exact(
+    world: World, report: Report, tmp_path: Path
+) -> None:
+    run_sigkill_trials(world, report, FAST, "1 loader SIGKILL (fast)", tmp_path / "dbt")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3_600)
+def test_loader_sigkilled_at_24_points_of_a_large_sync_then_rerun_is_exact(
+    world: World, report: Report, tmp_path: Path
+) -> None:
+    run_sigkill_trials(world, report, SLOW, "1 loader SIGKILL x24", tmp_path / "dbt")
