@@ -84,13 +84,17 @@ class Table:
     engine: str
     order_by: str
     partition_by: str | None = None
+    # Data-skipping indexes as (name, definition); added to existing tables by the migrator.
+    indexes: tuple[tuple[str, str], ...] = ()
 
     @property
     def qualified(self) -> str:
         return f"{self.database}.{self.name}"
 
     def create_sql(self) -> str:
-        cols = ",\n  ".join(f"`{n}` {t}" for n, t in self.columns)
+        cols = ",\n  ".join(
+            [f"`{n}` {t}" for n, t in self.columns] + [f"INDEX {n} {d}" for n, d in self.indexes]
+        )
         sql = f"CREATE TABLE IF NOT EXISTS {self.qualified} (\n  {cols}\n) ENGINE = {self.engine}"
         if self.partition_by:
             sql += f"\nPARTITION BY {self.partition_by}"
@@ -108,6 +112,9 @@ def raw_table(collection: str) -> Table:
         "ReplacingMergeTree(_version)",
         "_id",
         "toYYYYMM(_id_created_at)",
+        # Parts and granules hold rows of one or a few loads, so the min/max of `_loaded_at`
+        # lets dbt's incremental read ("loaded since the last build") skip all older data.
+        indexes=(("idx_loaded_at", "_loaded_at TYPE minmax GRANULARITY 1"),),
     )
 
 
@@ -222,6 +229,9 @@ def migrate_table(client: Client, table: Table) -> list[str]:
                 ch_type,
             )
         previous = name
+    for name, definition in table.indexes:
+        # Covers only parts written from now on; older parts are read in full until merged.
+        client.command(f"ALTER TABLE {table.qualified} ADD INDEX IF NOT EXISTS {name} {definition}")
     return changes
 
 
