@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PIP_FLAGS := --disable-pip-version-check --no-input --progress-bar off
 
 .DEFAULT_GOAL := help
-.PHONY: help setup up down status demo test sync lint bench reliability
+.PHONY: help setup up down status demo test sync lint lint-sql dbt-build bench reliability
 
 help: ## List the targets
 	@echo "Usage: make <target>"
@@ -47,6 +47,12 @@ test: setup ## Run every test on a private stack (free ports, temp dir); set RUN
 
 sync: setup ## One flow run against whatever the env vars point to
 	$(PY) -m loader sync
+
+dbt-build: setup ## dbt build (models + tests) against the env-configured ClickHouse (default: make up)
+	$(VENV)/bin/dbt build
+
+lint-sql: setup ## sqlfluff on the dbt models and tests (needs a running ClickHouse: make up)
+	$(VENV)/bin/sqlfluff lint models tests/data
 
 lint: setup ## ruff check + ruff format --check
 	$(VENV)/bin/ruff check .
