@@ -91,6 +91,11 @@ class World:
             password=self.stack.clickhouse_password or "",
         )
 
+    def reconnect_mongo(self) -> None:
+        self.mongo.close()
+        self.mongo = MongoClient(self.stack.mongo_uri, serverSelectionTimeoutMS=30_000)
+        self.db = self.mongo[self.db.name]
+
     def reconnect_clickhouse(self) -> None:
         self.ch.close()
         self.ch = self.connect_clickhouse()
