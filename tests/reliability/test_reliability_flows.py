@@ -1,0 +1,167 @@
+"""Scenarios 3 and 6 (flow side): Redis killed while a flow run is in progress, and two flow
+runs started at once. Each ends with the exact comparison of raw, task_events and
+pipeline_state against MongoDB (the flow itself ran the loader and dbt)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from conftest import World, restart
+from harness import REPO, Report, assert_all_ok, compare_pipeline_state, compare_task_events
+
+from loader.synthetic import mutate
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def prefect_api() -> Iterator[None]:
+    """Prefect's test harness, unless one is already serving this session (the flows suite's)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture
+def flow_world(
+    world: World, prefect_api: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> World:
+    private = uuid.uuid4().hex[:8]
+    shutil.copy(REPO / "profiles.yml.example", tmp_path / "profiles.yml")
+    monkeypatch.setenv("PIPELINE_DBT_PROFILES_DIR", str(tmp_path))
+    monkeypatch.setenv("PIPELINE_DBT_TARGET_PATH", str(tmp_path / "target"))
+    monkeypatch.setenv("PIPELINE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("PIPELINE_REDIS_PREFIX", f"rel-{private}")
+    monkeypatch.setenv("PIPELINE_CONCURRENCY_LIMIT_NAME", f"rel-{private}")
+    monkeypatch.setenv("PIPELINE_TASK_RETRY_DELAY_SECONDS", "0.2")
+    world.seed(3_000)
+    return world
+
+
+class Captured(logging.Handler):
+    """Records of Prefect's run loggers (they do not propagate to pytest's caplog)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def run_warnings() -> Iterator[Captured]:
+    from prefect.logging.configuration import setup_logging
+
+    # Prefect configures logging once per process, replacing handlers: do it before attaching.
+    setup_logging()
+    handler = Captured()
+    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
+def compare_everything(world: World) -> list[Any]:
+    comparisons = world.compare_raw(("tasks", "employee"))
+    truth = world.truth("tasks")
+    return comparisons + [
+        compare_task_events(world.ch, truth),
+        compare_pipeline_state(world.ch, truth),
+    ]
+
+
+def test_redis_killed_during_a_flow_run_completes_bypassing_the_cache_with_one_warning(
+    flow_world: World, report: Report, run_warnings: Captured
+) -> None:
+    from flows.pipeline import sync_pipeline
+    from flows.settings import FlowSettings
+
+    settings = FlowSettings()
+    lock_key = settings.key("lock", "sync")
+    watcher = redis.Redis.from_url(flow_world.stack.redis_url)
+    started = time.monotonic()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["summary"] = sync_pipeline()
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertions below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        # The run holds the Redis lock: it is past the guard and about to load.
+        deadline = time.monotonic() + 120
+        while not watcher.exists(lock_key) and thread.is_alive():
+            assert time.monotonic() < deadline, "the run never took the Redis lock"
+            time.sleep(0.05)
+        flow_world.stack.kill("redis")
+        thread.join(600)
+    finally:
+        watcher.close()
+        restart(flow_world.stack, "redis")
+
+    assert "error" not in outcome, outcome.get("error")
+    summary = outcome["summary"]
+    comparisons = compare_everything(flow_world)
+    report.record("3 redis killed during a flow run", comparisons, time.monotonic() - started)
+    assert_all_ok(comparisons)
+    assert summary["status"] == "ok"
+    assert summary["data_version"] is None  # the cache was bypassed, not bumped
+    redis_warnings = [r.getMessage() for r in run_warnings.records if "Redis" in r.getMessage()]
+    assert len(redis_warnings) == 1, redis_warnings
+
+
+def test_two_flow_runs_started_at_once_twice_leave_no_duplicate_and_lose_nothing(
+    flow_world: World, report: Report
+) -> None:
+    from flows.pipeline import sync_pipeline
+
+    started = time.monotonic()
+    statuses: list[str] = []
+    for round_no in range(2):
+        if round_no:
+            mutate(flow_world.db, 60, seed=21)
+            gone = [d["_id"] for d in flow_world.db.tasks.find().limit(10)]
+            flow_world.db.tasks.delete_many({"_id": {"$in": gone}})
+        barrier = threading.Barrier(2)
+        results: list[dict[str, Any]] = []
+
+        def start(barrier: threading.Barrier = barrier, results: list = results) -> None:
+            barrier.wait()
+            results.append(sync_pipeline())
+
+        threads = [threading.Thread(target=start) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        statuses += sorted(r["status"] for r in results)
+    # Deletes reach ClickHouse through reconcile (or the change-stream follower), not the flow.
+    flow_world.reconcile("tasks")
+    sync_pipeline()  # the flow's dbt build picks up the tombstones
+    comparisons = compare_everything(flow_world)
+    report.record("6 two flow runs at once (x2)", comparisons, time.monotonic() - started)
+    assert statuses == ["ok", "skipped", "ok", "skipped"]
+    assert_all_ok(comparisons)
