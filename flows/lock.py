@@ -60,9 +60,14 @@ def run_guard(
             finally:
                 try:
                     lock.release()
-                except (LockError, *REDIS_ERRORS) as exc:
-                    # Expired or Redis gone: the TTL frees it; nothing else to undo.
+                except LockError as exc:
+                    # Expired: the TTL freed it; nothing else to undo.
                     logger.warning("Could not release the Redis lock %s: %s", key, exc)
+                except REDIS_ERRORS as exc:
+                    # Redis gone: the TTL frees it. If the link already warned that Redis is
+                    # down, that stays the run's single warning about it.
+                    if not link.warned:
+                        logger.warning("Could not release the Redis lock %s: %s", key, exc)
             return
         link.call(lambda c: c.ping(), None)  # records the failure, warns once
 
