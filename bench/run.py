@@ -10,6 +10,7 @@ fails is reported as "unavailable: <reason>", and the run goes on.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -491,8 +492,6 @@ class Harness:
 
 
 def _base_env() -> dict[str, str]:
-    import os
-
     return dict(os.environ)
 
 

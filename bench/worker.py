@@ -21,8 +21,6 @@ from typing import Any
 
 MARKER = "BENCH_RESULT "
 
-Job = Callable[[dict[str, Any]], tuple[int, dict[str, Any]]]
-
 
 def _settings() -> Any:
     from loader.settings import Settings
