@@ -16,8 +16,10 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from bson import MinKey
 from bson.datetime_ms import DatetimeMS
 from pymongo.collection import Collection
+from pymongo.cursor import Cursor
 
 from loader.clients import (
     MONGO_TRANSIENT,
@@ -39,6 +41,7 @@ from loader.schema import (
 )
 from loader.settings import Settings
 from loader.watermark import (
+    MIN_BSON_DATE,
     ReadBounds,
     Watermark,
     load_watermark,
@@ -53,25 +56,34 @@ log = logging.getLogger(__name__)
 WATERMARK_INDEX = [("updated_at", 1), ("_id", 1)]
 WATERMARK_INDEX_NAME = "updated_at_1__id_1"
 
-# `updated_at` values the main (date-typed) read can never see: one tiny index range each.
-# (Several `$type`s in one query make MongoDB scan the whole index.)
-_NON_DATE_TYPES = (
-    "string",
-    "number",
-    "bool",
-    "object",
-    "array",
-    "objectId",
-    "timestamp",
-    "binData",
-    "regex",
-    "minKey",
-    "maxKey",
-    "undefined",
-    "symbol",
-    "javascript",
-    "dbPointer",
-)
+
+def undatable_cursors(
+    coll: Collection, projection: dict[str, int] | None, upper_ms: int
+) -> list[Cursor]:
+    """Cursors over the documents the main read cannot reach: `updated_at` missing or not a
+    date, or a date past `upper_ms`.
+
+    An index orders keys by BSON type first (MinKey < missing/null < numbers < strings <
+    objects < arrays < binData < ObjectId < bool < date < timestamp < regex < code < MaxKey),
+    so every `updated_at` that is not a date lies below the lowest date or above the highest
+    one, and dates past `upper_ms` sit just above those the main read stops at. Two scans of
+    the watermark index bounded with `min`/`max` therefore examine only the keys of the
+    documents they return (a `$type` query examines every key). An array is indexed by its
+    elements (an empty one as undefined): one with a non-date element is found here, one of
+    dates only by the main read, and either way it is rejected.
+    """
+    below_dates = (
+        coll.find({}, projection)
+        .hint(WATERMARK_INDEX)
+        .min([("updated_at", MinKey()), ("_id", MinKey())])
+        .max([("updated_at", MIN_BSON_DATE), ("_id", MinKey())])  # exclusive
+    )
+    past_upper = (
+        coll.find({}, projection)
+        .hint(WATERMARK_INDEX)
+        .min([("updated_at", DatetimeMS(upper_ms + 1)), ("_id", MinKey())])
+    )
+    return [below_dates, past_upper]
 
 
 @dataclass(frozen=True)
@@ -181,7 +193,9 @@ class _Run:
         self.record.docs_read += len(docs)
         self.record.rows_written += batch.rows
         self.record.rejects += len(batch.rejects)
-        last = docs[-1]
+        last = _last_dated(docs)
+        if last is None:  # only arrays of dates (all rejected): nothing to move the mark to
+            return
         wm = Watermark.at(int(last["updated_at"]), last["_id"], self.read_started_ms)
         self.batch_no += 1
         if self.after_insert:
@@ -239,17 +253,10 @@ class _Run:
     def sweep_undatable(self, upper_ms: int) -> None:
         """Reject, once, documents the main read cannot reach: `updated_at` missing or not a
         date, or further in the future than `max_future_seconds`. Ids already in
-        `raw.rejects` are skipped, so a quiet collection costs a few empty index probes."""
+        `raw.rejects` are skipped, so a quiet collection costs two empty index probes."""
         proj = _projection(self.collection)
-        queries: list[dict[str, Any]] = [{"updated_at": None}]
-        queries += [{"updated_at": {"$type": t}} for t in _NON_DATE_TYPES]
-        queries.append({"updated_at": {"$gt": DatetimeMS(upper_ms)}})
-        for query in queries:
+        for cursor in undatable_cursors(self.coll, proj, upper_ms):
             buf: list[dict[str, Any]] = []
-            cursor = mongo_call(
-                self.settings,
-                lambda q=query: self.coll.find(q, proj).hint(WATERMARK_INDEX),
-            )
             for doc in cursor:
                 buf.append(doc)
                 if len(buf) >= self.batch_size:
@@ -290,6 +297,15 @@ class _Run:
         self._insert_rejects(batch)
         self.record.docs_read += len(fresh)
         self.record.rejects += len(batch.rejects)
+
+
+def _last_dated(docs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The last document whose `updated_at` is a date (the main read also returns documents
+    holding an array of dates, through their multikey index entries)."""
+    for doc in reversed(docs):
+        if type(doc.get("updated_at")) is DatetimeMS:
+            return doc
+    return None
 
 
 def store_rows(

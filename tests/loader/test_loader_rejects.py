@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import bson
 import pytest
+from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
 from clickhouse_connect.driver.client import Client
 from loader_testlib import clickhouse_tasks
@@ -16,8 +17,9 @@ from pymongo.database import Database
 from loader.clients import Clients
 from loader.mapping import dump_document
 from loader.settings import Settings
-from loader.sync import sync_collection
+from loader.sync import ensure_watermark_index, sync_collection, undatable_cursors
 from loader.synthetic import REJECTED_KINDS, corrupt, seed
+from loader.watermark import now_ms
 
 EXPECTED_REASON = {
     "missing_file_id": "file_id: missing",
@@ -164,6 +166,48 @@ def test_far_future_document_is_rejected_once_and_does_not_move_the_watermark(
     assert (first.docs_read, first.rejects, second.docs_read) == (100, 1, 0)
     assert "LOADER_MAX_FUTURE_SECONDS" in _rejects(clickhouse_client)[str(doc_id)][0]
     assert first.watermark_after < future.isoformat()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(["x", 1], id="non_dates"),
+        pytest.param([], id="empty"),
+        pytest.param([datetime(2024, 1, 1, tzinfo=UTC)], id="dates_only"),
+    ],
+)
+def test_array_in_updated_at_is_rejected_once_and_the_rest_load(
+    value: list[object], settings: Settings, clients: Clients, mongo_client: MongoClient
+) -> None:
+    plain = mongo_client[settings.mongo_db]
+    seed(plain, 100, seed=109)
+    doc_id = plain.tasks.find_one({}, sort=[("_id", 1)])["_id"]
+    plain.tasks.update_one({"_id": doc_id}, {"$set": {"updated_at": value}})
+
+    first = sync_collection(settings, "tasks", clients=clients)
+    second = sync_collection(settings, "tasks", clients=clients)
+
+    assert (first.rows_written, first.rejects, second.rejects) == (99, 1, 0)
+
+
+def test_undated_sweep_examines_only_the_keys_of_the_documents_it_finds(
+    settings: Settings, mongo_client: MongoClient
+) -> None:
+    plain = mongo_client[settings.mongo_db]
+    seed(plain, 2_000, seed=110)
+    ensure_watermark_index(plain.tasks, settings)
+    ids = [d["_id"] for d in plain.tasks.find({}, {"_id": 1}).limit(3)]
+    plain.tasks.update_one({"_id": ids[0]}, {"$unset": {"updated_at": ""}})
+    plain.tasks.update_one({"_id": ids[1]}, {"$set": {"updated_at": "yesterday"}})
+    plain.tasks.update_one({"_id": ids[2]}, {"$set": {"updated_at": datetime(2400, 1, 1)}})
+
+    # Raw documents: the plan holds bounds (the lowest BSON date) no `datetime` can hold.
+    raw = plain.with_options(codec_options=CodecOptions(document_class=RawBSONDocument))
+    cursors = undatable_cursors(raw.tasks, {"_id": 1}, now_ms())
+    stats = [c.explain()["executionStats"] for c in cursors]
+
+    assert [s["nReturned"] for s in stats] == [2, 1]
+    assert [s["totalKeysExamined"] for s in stats] == [2, 1]
 
 
 def test_dump_document_never_raises() -> None:
