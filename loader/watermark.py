@@ -92,10 +92,12 @@ def read_bounds(
 
 
 def load_watermark(client: Client, collection: str) -> Watermark | None:
+    """The furthest watermark saved for `collection` (see `save_watermark`)."""
     rows = client.query(
         f"SELECT toUnixTimestamp64Milli(updated_at), last_id, "
         f"toUnixTimestamp64Milli(read_started_at) FROM {WATERMARKS.qualified} "
-        "WHERE collection = {c:String} ORDER BY saved_at DESC LIMIT 1",
+        "WHERE collection = {c:String} "
+        "ORDER BY updated_at DESC, last_id DESC, saved_at DESC LIMIT 1",
         parameters={"c": collection},
     ).result_rows
     if not rows:
@@ -105,11 +107,27 @@ def load_watermark(client: Client, collection: str) -> Watermark | None:
 
 
 def save_watermark(client: Client, collection: str, wm: Watermark, run_id: str) -> None:
+    """Save `wm` unless a further one is stored: the watermark never moves back.
+
+    Two loaders on one collection each save their own progress; a slower one must not
+    overwrite a newer watermark with its older one. So the row inserted is the greater of `wm`
+    and the stored one by `(updated_at, last_id)`, with the `read_started_at` and run of the
+    run that reached it (its overlap window is the one that protects that position). Since
+    the table keeps the last *saved* row per collection once merged, and `load_watermark`
+    takes the greatest of the rows not merged yet, only two saves in the same instant can
+    still leave the older one (a re-read on the next run, never a loss).
+    `reset_watermark` (`--full-refresh`) removes the rows, so the next save starts afresh.
+    """
     client.command(
         f"INSERT INTO {WATERMARKS.qualified} "
         "(collection, updated_at, last_id, read_started_at, run_id, saved_at) "
-        "SELECT {c:String}, fromUnixTimestamp64Milli({u:Int64}, 'UTC'), {id:String}, "
-        "fromUnixTimestamp64Milli({r:Int64}, 'UTC'), {run:String}, now64(6)",
+        "SELECT {c:String}, u, id, r, run, now64(6) FROM ("
+        "SELECT fromUnixTimestamp64Milli({u:Int64}, 'UTC') AS u, {id:String} AS id, "
+        "fromUnixTimestamp64Milli({r:Int64}, 'UTC') AS r, {run:String} AS run "
+        "UNION ALL SELECT updated_at, last_id, read_started_at, run_id "
+        f"FROM {WATERMARKS.qualified} "
+        "WHERE collection = {c:String}"
+        ") ORDER BY u DESC, id DESC LIMIT 1",
         parameters={
             "c": collection,
             "u": wm.updated_at_ms,

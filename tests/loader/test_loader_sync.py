@@ -12,10 +12,11 @@ from pymongo.database import Database
 from pymongo.errors import AutoReconnect
 
 from loader.clients import Clients
+from loader.mapping import MAX_DATETIME64_MS
 from loader.settings import Settings
 from loader.sync import BatchStored, has_changes, sync_collection
 from loader.synthetic import mutate, seed
-from loader.watermark import load_watermark
+from loader.watermark import Watermark, load_watermark, save_watermark
 
 
 class InjectedCrash(RuntimeError):
@@ -256,3 +257,28 @@ def test_transient_mongo_error_mid_run_resumes_from_the_last_stored_batch(
     assert result.status == "ok" and failures == [2]
     assert result.docs_read == 3_500  # the interrupted batch was read twice
     assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
+
+
+def test_saving_an_older_watermark_keeps_the_newer_one(
+    settings: Settings, clients: Clients, clickhouse_client: Client
+) -> None:
+    newer = Watermark.at(2_000_000, "b" * 24, 5_000_000)
+    save_watermark(clickhouse_client, "tasks", newer, "run-newer")
+
+    save_watermark(clickhouse_client, "tasks", Watermark.at(1_000_000, "c" * 24, 6_000_000), "old")
+    save_watermark(clickhouse_client, "tasks", Watermark.at(2_000_000, "a" * 24, 6_000_000), "old")
+
+    assert load_watermark(clickhouse_client, "tasks") == newer
+
+
+def test_full_refresh_moves_the_watermark_back(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 500, seed=92)
+    sync_collection(settings, "tasks", clients=clients)
+    save_watermark(clickhouse_client, "tasks", Watermark.at(MAX_DATETIME64_MS, "", 0), "far")
+
+    result = sync_collection(settings, "tasks", clients=clients, full_refresh=True)
+
+    assert result.docs_read == 500
+    assert load_watermark(clickhouse_client, "tasks").describe() == result.watermark_after

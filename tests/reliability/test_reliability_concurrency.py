@@ -100,12 +100,6 @@ def test_two_loader_processes_on_one_collection_while_a_writer_runs_then_exact(
     assert_all_ok(comparisons)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: ops.watermarks keeps the last *saved* watermark (ReplacingMergeTree(saved_at), "
-    "load_watermark ORDER BY saved_at), so a slower concurrent loader overwrites a newer "
-    "watermark with an older one (a re-read, never a loss); see the reliability report",
-)
 def test_two_loaders_at_once_keep_the_newest_watermark(world: World) -> None:
     """Loader A has read everything and stored its last batch but not yet saved the watermark;
     the source changes and loader B syncs to a newer watermark; then A saves. The stored
