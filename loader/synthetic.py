@@ -151,6 +151,19 @@ def make_object_id(seed: int, kind: int, seq: int, at: datetime) -> ObjectId:
     return ObjectId(struct.pack(">I", ts) + _seed_bytes(seed, kind) + (seq % 2**24).to_bytes(3))
 
 
+def new_stage_id(seed: int, now: datetime, n: int) -> ObjectId:
+    """Id of the `n`-th task a `mutate(seed=seed, now=now)` call opens: unique within the call
+    (`n` is the 3-byte counter) and, through a hash of `(seed, now)` in the 5 middle bytes,
+    distinct from other calls' and from seeded ids (drawing the counter at random made ids
+    repeat at 1M tasks)."""
+    if not 0 <= n < 2**24:
+        raise ValueError(f"mutate opens at most {2**24} tasks per call, got index {n}")
+    ts = max(0, min(int(now.timestamp()), 2**32 - 1))
+    key = struct.pack(">qq", seed, int(now.timestamp() * 1000))
+    middle = hashlib.blake2b(key, digest_size=5, person=b"mutate").digest()
+    return ObjectId(struct.pack(">I", ts) + middle + n.to_bytes(3))
+
+
 def _employee_count(n_tasks: int) -> int:
     return max(20, min(5_000, n_tasks // 500))
 
@@ -354,7 +367,7 @@ def mutate(
     picked = _current_tasks(db, files)
     ops: list[UpdateOne] = []
     inserts: list[dict[str, Any]] = []
-    for i, task in enumerate(picked):
+    for task in picked:
         status = task.get("status")
         if rng.random() < 0.3 and employees:
             emp = rng.choice(employees)
@@ -368,7 +381,7 @@ def mutate(
             emp = rng.choice(employees)
             inserts.append(
                 {
-                    "_id": make_object_id(seed, 2, rng.randrange(2**24) + i, now),
+                    "_id": new_stage_id(seed, now, len(inserts)),
                     "file_id": task.get("file_id"),
                     "stage": STAGES[STAGES.index(stage) + 1],
                     "employee_code": emp["employee_code"],

@@ -9,7 +9,7 @@ from pymongo import MongoClient
 from pymongo.database import Database
 
 from loader.settings import Settings
-from loader.synthetic import STAGES, STATUSES, activity, mutate, seed
+from loader.synthetic import STAGES, STATUSES, activity, mutate, new_stage_id, seed
 
 
 def _dump(db: Database) -> list[dict]:
@@ -98,6 +98,33 @@ def test_mutate_opens_the_next_stage_when_a_task_is_done(
 
     assert result.inserted > 0
     assert db.tasks.count_documents({"assigned_at": now, "status": "assigned"}) == result.inserted
+
+
+def test_mutate_new_stage_ids_are_unique_and_deterministic(
+    settings: Settings, mongo_client: MongoClient
+) -> None:
+    now = datetime(2026, 3, 1, tzinfo=UTC)
+    opened = []
+    for name in (settings.mongo_db, settings.mongo_db + "_twin"):
+        mongo_client.drop_database(name)
+        db = mongo_client[name]
+        seed(db, 6_000, seed=14)
+        before = {d["_id"] for d in db.tasks.find({}, {"_id": 1})}
+        result = mutate(db, 6_000, seed=14, now=now)
+        ids = sorted(d["_id"] for d in db.tasks.find({}, {"_id": 1}) if d["_id"] not in before)
+        assert len(ids) == result.inserted > 0
+        opened.append(ids)
+    mongo_client.drop_database(settings.mongo_db + "_twin")
+
+    assert opened[0] == opened[1]
+
+
+def test_new_stage_ids_differ_between_calls_and_within_one() -> None:
+    now = datetime(2026, 3, 1, tzinfo=UTC)
+    ids = {new_stage_id(s, now, n) for s in (1, 2) for n in range(50_000)}
+    ids |= {new_stage_id(1, now.replace(microsecond=1_000), n) for n in range(50_000)}
+
+    assert len(ids) == 150_000
 
 
 def test_activity_keeps_changing_the_dataset(settings: Settings, mongo_client: MongoClient) -> None:
