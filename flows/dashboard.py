@@ -42,7 +42,7 @@ PANELS: tuple[PanelQuery, ...] = (
         "Files per stage and status",
         """
         SELECT stage, status, files,
-               round(max_time_in_stage_seconds / 3600, 1) AS max_hours_in_stage
+               round(max_time_in_stage_seconds / 86400, 1) AS max_days_in_stage
         FROM analytics.mart_backlog_by_stage
         ORDER BY stage_order, status
         """,
@@ -51,8 +51,9 @@ PANELS: tuple[PanelQuery, ...] = (
         "longest_waiting",
         "Longest-waiting open files",
         f"""
-        SELECT file_id, stage, status, employee_name, assigned_at,
-               round(time_in_stage_seconds / 3600, 1) AS hours_in_stage
+        SELECT file_id, stage, status, employee_name,
+               formatDateTime(assigned_at, '%Y-%m-%d %H:%i') AS assigned,
+               round(time_in_stage_seconds / 86400, 1) AS days_in_stage
         FROM analytics.pipeline_state
         WHERE {OPEN}
         ORDER BY time_in_stage_seconds DESC, file_id
@@ -64,7 +65,7 @@ PANELS: tuple[PanelQuery, ...] = (
         "Employee workload (open tasks)",
         """
         SELECT employee_code, employee_name, team, open_tasks,
-               round(oldest_open_task_age_seconds / 3600, 1) AS oldest_open_hours
+               round(oldest_open_task_age_seconds / 86400, 1) AS oldest_open_days
         FROM analytics.mart_employee_workload
         WHERE open_tasks > 0
         ORDER BY open_tasks DESC, employee_code
@@ -75,8 +76,8 @@ PANELS: tuple[PanelQuery, ...] = (
         "last_runs",
         "Last runs",
         """
-        SELECT run_id,
-               min(started_at) AS started_at,
+        SELECT right(run_id, 8) AS run,  -- Prefect's run ids are UUIDv7: the head is a clock
+               formatDateTime(min(started_at), '%Y-%m-%d %H:%i:%S') AS run_started,
                multiIf(countIf(kind = 'step' AND status = 'failed') > 0, 'failed',
                        countIf(kind = 'step' AND status = 'skipped') > 0, 'skipped',
                        'ok') AS outcome,
@@ -86,10 +87,11 @@ PANELS: tuple[PanelQuery, ...] = (
                round(sumIf(duration_s, startsWith(step, 'load:')), 2) AS load_s,
                round(sumIf(duration_s, step = 'dbt_build'), 2) AS dbt_s,
                countIf(kind = 'dbt_node') AS dbt_nodes,
-               anyIf(message, kind = 'step' AND status IN ('failed', 'skipped')) AS note
+               substring(anyIf(message, kind = 'step' AND status IN ('failed', 'skipped')), 1, 90)
+                   AS note
         FROM ops.step_timings
         GROUP BY run_id
-        ORDER BY started_at DESC
+        ORDER BY min(started_at) DESC
         LIMIT 8
         """,
         ttl_seconds=30,
@@ -132,10 +134,18 @@ def collect(
             return rows
 
         try:
-            lookup = cache.get_or_compute(panel.name, compute, ttl_seconds=panel.ttl_seconds)
+            lookup = cache.get_or_compute(
+                panel.name,
+                compute,
+                # The SQL is part of the key: a changed query never gets an old result shape.
+                params={"sql": panel.sql},
+                ttl_seconds=panel.ttl_seconds,
+            )
         except DatabaseError as exc:  # e.g. marts not built yet: show it, cache nothing
-            first_line = str(exc).strip().splitlines()[0][:200]
-            rows = [{"error": f"{first_line} (has `make sync` run yet?)"}]
+            text = " ".join(str(exc).split())[:300]
+            if "UNKNOWN_TABLE" in text or "UNKNOWN_DATABASE" in text:
+                text += " -- no data yet: run `make sync` first"
+            rows = [{"error": text}]
             out.append(Panel(panel, rows, False, elapsed))
             continue
         out.append(Panel(panel, lookup.rows, lookup.hit, elapsed))

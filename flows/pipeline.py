@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -133,11 +134,14 @@ def sync_pipeline(full_refresh: bool = False) -> dict[str, Any]:
     ch = ops.connect(settings)
     try:
         _ensure_schema(ch)
-        with recorder.step("guard") as guard_step, run_guard(settings, link, run_id, logger) as g:
-            guard_step.message = g.mechanism
+        with ExitStack() as held:
+            with recorder.step("guard") as step:  # times the acquisition only
+                g = held.enter_context(run_guard(settings, link, run_id, logger))
+                step.message = g.mechanism
+                if not g.acquired:
+                    step.status = "skipped"
+                    step.message = g.skip_message
             if not g.acquired:
-                guard_step.status = "skipped"
-                guard_step.message = g.skip_message
                 logger.info("Run %s %s", run_id, g.skip_message)
                 ops.record_skipped_run(ch, run_id, settings.collections, started_at, g.skip_message)
                 return _summary(run_id, "skipped", g.skip_message, recorder, t0, guard=g.mechanism)

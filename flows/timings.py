@@ -67,7 +67,8 @@ class TimingRecorder:
             yield timing
         except BaseException as exc:
             timing.status = "failed"
-            timing.message = timing.message or f"{type(exc).__name__}: {exc}"
+            error = f"{type(exc).__name__}: {exc}"
+            timing.message = f"{timing.message} | {error}" if timing.message else error
             raise
         else:
             if timing.status == "running":

@@ -78,10 +78,14 @@ def test_immediate_second_run_is_skipped(pipeline: Pipeline) -> None:
 
 
 def test_run_after_an_update_processes_just_that_change(pipeline: Pipeline) -> None:
+    from bson import ObjectId
+
     sync_pipeline()
-    changed_task = pipeline.db.tasks.find_one({"status": "assigned"}, sort=[("_id", 1)])
+    task_id = pipeline.scalar(
+        "SELECT min(task_id) FROM analytics.pipeline_state WHERE status = 'assigned'"
+    )
     pipeline.db.tasks.update_one(
-        {"_id": changed_task["_id"]},
+        {"_id": ObjectId(task_id)},
         {"$set": {"status": "in_progress", "updated_at": datetime.now(UTC)}},
     )
 
@@ -91,11 +95,9 @@ def test_run_after_an_update_processes_just_that_change(pipeline: Pipeline) -> N
     assert summary["changed"] == ["tasks"]
     assert set(summary["loads"]) == {"tasks"}
     assert summary["built"] == ["source:mongo.tasks+"]
-    assert summary["loads"]["tasks"]["rows_written"] >= 1
-    assert summary["loads"]["tasks"]["rows_written"] < pipeline.db.tasks.count_documents({})
+    assert 1 <= summary["loads"]["tasks"]["rows_written"] < pipeline.db.tasks.count_documents({})
     status = pipeline.scalar(
-        "SELECT status FROM analytics.pipeline_state WHERE task_id = {t:String}",
-        t=str(changed_task["_id"]),
+        "SELECT status FROM analytics.pipeline_state WHERE task_id = {t:String}", t=task_id
     )
     assert status == "in_progress"
 
