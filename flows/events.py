@@ -15,12 +15,15 @@ from typing import Any
 
 import redis
 
+from flows import ops
 from flows.redis_link import REDIS_ERRORS
 from flows.settings import FlowSettings
 
 GROUP = "sync-runners"
 # The stream only needs recent signals: a run covers everything older anyway.
 STREAM_MAXLEN = 10_000
+# Longest pause between retries of a failing signalled run (the schedule keeps running anyway).
+MAX_BACKOFF_SECONDS = 300.0
 
 
 def stream_key(settings: FlowSettings) -> str:
@@ -67,6 +70,7 @@ def run_on_signals(
     key = stream_key(settings)
     client: redis.Redis | None = None
     backlog = True  # first serve entries delivered to this consumer but never acknowledged
+    failures = 0  # consecutive failed runs: back off so a broken build is not retried in a loop
     while not stop.is_set():
         try:
             if client is None:
@@ -94,10 +98,15 @@ def run_on_signals(
             try:
                 run(signals)
             except Exception as exc:  # the signals stay pending and are retried
-                logger.error("Run triggered by change signals failed: %s", exc)
+                delay = min(settings.task_retry_delay_seconds * 2**failures, MAX_BACKOFF_SECONDS)
+                failures += 1
+                logger.error(
+                    "Run triggered by change signals failed (%s); retrying in %.0f s", exc, delay
+                )
                 backlog = True
-                stop.wait(settings.task_retry_delay_seconds)
+                stop.wait(delay)
                 continue
+            failures = 0
             client.xack(key, GROUP, *ids)
         except REDIS_ERRORS as exc:
             logger.warning("Change-signal stream unavailable (%s); retrying in 5 s", exc)
@@ -106,46 +115,47 @@ def run_on_signals(
             stop.wait(5)
 
 
-def watch_mongo(settings: FlowSettings, stop: threading.Event, logger: logging.Logger) -> None:
-    """Follow MongoDB's change stream and signal every change of a synced collection.
+def follow_and_signal(
+    settings: FlowSettings, collection: str, stop: threading.Event, logger: logging.Logger
+) -> None:
+    """Run the loader's change-stream follower on `collection` and signal what it sees.
 
-    The resume token is kept in Redis next to the stream, so a restarted watcher neither misses
-    nor repeats much; with an expired token it starts from now (the schedule covers the gap).
+    The follower (`loader.deletes.follow_changes`, all changes) writes changed documents and
+    tombstones into `raw` within about a second and keeps its resume token in ClickHouse. After
+    each batch with new events this marks the collection's build pending in `ops.build_pending`
+    (durable: a delete that the watermark cannot see still gets built) and XADDs a signal.
     """
-    from pymongo import MongoClient
-    from pymongo.errors import OperationFailure, PyMongoError
-
+    from loader.deletes import follow_changes
     from loader.settings import Settings
 
-    loader_settings = Settings()
-    token_key = settings.key("changes", "resume_token")
-    pipeline = [{"$match": {"ns.coll": {"$in": list(settings.collections)}}}]
-    while not stop.is_set():
-        client = connect(settings)
-        mongo = MongoClient(loader_settings.mongo_uri)
+    ch = ops.connect(settings)
+    ops.ensure_tables(ch)
+    client = connect(settings)
+    seen = 0
+
+    def on_flush(events: int, deletes: int) -> None:
+        nonlocal seen
+        if events <= seen:
+            return
+        ops.set_pending(ch, [collection], True, f"follower:{collection}")
         try:
-            token = client.get(token_key)
-            resume = {"_data": token} if token else None
-            db = mongo[loader_settings.mongo_db]
-            with db.watch(pipeline, resume_after=resume, max_await_time_ms=1000) as stream:
-                while not stop.is_set():
-                    change = stream.try_next()
-                    if change is None:
-                        continue
-                    signal_change(
-                        client,
-                        settings,
-                        change["ns"]["coll"],
-                        op=change["operationType"],
-                        id=change.get("documentKey", {}).get("_id", ""),
-                    )
-                    client.set(token_key, change["_id"]["_data"])
-        except OperationFailure as exc:
-            logger.warning("Change stream cannot resume (%s); restarting from now", exc)
-            client.delete(token_key)
-        except (PyMongoError, *REDIS_ERRORS) as exc:
-            logger.warning("Change watcher interrupted (%s); reconnecting in 5 s", exc)
-            stop.wait(5)
-        finally:
-            mongo.close()
-            client.close()
+            signal_change(client, settings, collection, events=events - seen, deletes=deletes)
+        except REDIS_ERRORS as exc:  # the pending flag is durable; the schedule picks it up
+            logger.warning("Could not signal a change of %s (%s)", collection, exc)
+        seen = events
+
+    try:
+        while not stop.is_set():
+            seen = 0  # the follower's counters restart with every call
+            try:
+                follow_changes(
+                    Settings(), collection, stop=stop, on_flush=on_flush, all_changes=True
+                )
+            except Exception as exc:  # keep following; the schedule covers the gap
+                logger.error(
+                    "Change follower of %s stopped (%s); restarting in 10 s", collection, exc
+                )
+                stop.wait(10)
+    finally:
+        client.close()
+        ch.close()

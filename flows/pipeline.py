@@ -279,5 +279,7 @@ def _publish(
         logger.error("Could not create the timings artifact: %s", exc)
 
 
-if __name__ == "__main__":
-    print(sync_pipeline())
+if __name__ == "__main__":  # `python -m flows.pipeline`: one run (`make sync`)
+    import json
+
+    print(json.dumps(sync_pipeline(), indent=2, default=str))

@@ -3,9 +3,10 @@
 Starts `prefect server start` with its SQLite database under `<PIPELINE_DATA_DIR>/prefect` (the
 ephemeral API cannot schedule), then serves `sync_pipeline` every `PIPELINE_SYNC_INTERVAL_MINUTES`
 (15 by default). Overlap protection: the deployment's concurrency limit of 1 (runs queue, never
-overlap) on top of the flow's own Redis lock. `--events` adds the event-driven mode: a watcher
-turns MongoDB change events into entries of a Redis stream, and a listener blocked on that stream
-starts a deployment run within seconds of a change.
+overlap) on top of the flow's own Redis lock. `--events` adds the event-driven mode: a listener
+blocked on a Redis stream starts a deployment run within seconds of a signalled change; with
+`--watch` this process also runs the loader's change-stream follower, which signals each change
+(otherwise run `python -m loader watch`-style followers that call `flows.events.signal_change`).
 
 Prefect reads its settings when it is imported, so this module sets the environment first and
 imports Prefect only inside `main`.
@@ -77,7 +78,7 @@ def _event_threads(
 ) -> list[threading.Thread]:
     from prefect.deployments import run_deployment
 
-    from flows.events import run_on_signals, watch_mongo
+    from flows.events import follow_and_signal, run_on_signals
 
     logger = logging.getLogger("flows.events")
 
@@ -100,11 +101,15 @@ def _event_threads(
         )
     ]
     if watch:
-        threads.append(
+        threads += [
             threading.Thread(
-                target=watch_mongo, args=(settings, stop, logger), name="watch", daemon=True
+                target=follow_and_signal,
+                args=(settings, collection, stop, logger),
+                name=f"follow-{collection}",
+                daemon=True,
             )
-        )
+            for collection in settings.collections
+        ]
     return threads
 
 
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--watch",
         action="store_true",
-        help="with --events: follow MongoDB's change stream and signal changes from here",
+        help="with --events: run the loader's change-stream follower here; it signals changes",
     )
     parser.add_argument(
         "--no-server",

@@ -78,3 +78,41 @@ def test_signal_of_a_failed_run_stays_pending_for_the_next_runner(settings: Flow
 
     assert [s["collection"] for s in calls[0]] == ["employee"]
     assert client.xpending(stream_key(settings), GROUP)["pending"] == 0
+
+
+def test_the_change_follower_signals_a_change_and_marks_its_build_pending(
+    settings: FlowSettings, stack: Any
+) -> None:
+    import time
+
+    import clickhouse_connect
+    from pymongo import MongoClient
+
+    from flows import ops
+    from flows.events import follow_and_signal
+    from loader.settings import Settings
+
+    loader_settings = Settings()
+    db = MongoClient(loader_settings.mongo_uri)[loader_settings.mongo_db]
+    ch = clickhouse_connect.get_client(host=settings.clickhouse_host, port=settings.clickhouse_port)
+    ops.ensure_tables(ch)
+    ops.set_pending(ch, ["employee"], False, "test")
+    client = connect(settings)
+    stop = threading.Event()
+    follower = threading.Thread(
+        target=follow_and_signal, args=(settings, "employee", stop, logging.getLogger("test"))
+    )
+    follower.start()
+    try:
+        # The follower starts from "now": write until its stream has seen a change.
+        deadline = time.monotonic() + 60
+        while client.xlen(stream_key(settings)) == 0 and time.monotonic() < deadline:
+            db.employee.insert_one({"employee_code": f"E-{uuid.uuid4().hex[:6]}"})
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        follower.join()
+
+    entries = client.xrange(stream_key(settings))
+    assert entries and entries[0][1]["collection"] == "employee"
+    assert "employee" in ops.pending_sources(ch)
