@@ -7,6 +7,7 @@ the same way as the other servers of the stack.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -66,8 +67,15 @@ class ClickHouseServer(Service):
             str(self.port),
         ]
         if self.password:
-            cmd += ["--user", self.user, "--password", self.password]
+            # The password itself travels in the environment (`child_env`): a command line is
+            # readable by every local user (`ps`) and is written to the server's log.
+            cmd += ["--user", self.user]
         return cmd
+
+    def child_env(self) -> dict[str, str] | None:
+        # Always set, so a password in the caller's environment never leaks into a server
+        # started without one.
+        return {**os.environ, "CLICKHOUSE_PASSWORD": self.password or ""}
 
     def prepare_dirs(self) -> None:
         super().prepare_dirs()
