@@ -62,5 +62,5 @@ bench: setup ## Benchmarks against the baselines (quick run: BENCH_SCALE=20000; 
 	$(PY) -m pip install $(PIP_FLAGS) -e '.[dev,bench]'
 	$(PY) -m bench
 
-reliability: setup ## The slow fault-injection scenarios
-	@echo "make reliability arrives with the reliability issue (tests/reliability/)"
+reliability: setup ## Fault injection, hostile documents, security: every case, with a results table
+	$(PY) -m pytest tests/reliability -m "slow or not slow" -p no:cacheprovider
