@@ -235,8 +235,44 @@ def migrate_table(client: Client, table: Table) -> list[str]:
     return changes
 
 
+def _schema_is_current(client: Client) -> bool:
+    """True when every loader table has its columns (with their types) and skip indexes: two
+    queries, so that a run with nothing to migrate (most runs, and every no-op sync) does not
+    pay a round trip per table."""
+    dbs = sorted({RAW_DB, OPS_DB})
+    present: dict[tuple[str, str], dict[str, str]] = {}
+    for db, table, name, ch_type in client.query(
+        "SELECT database, table, name, type FROM system.columns "
+        "WHERE database IN {d:Array(String)}",
+        parameters={"d": dbs},
+    ).result_rows:
+        present.setdefault((db, table), {})[name] = ch_type
+    indexes = {
+        (db, table, name)
+        for db, table, name in client.query(
+            "SELECT database, table, name FROM system.data_skipping_indices "
+            "WHERE database IN {d:Array(String)}",
+            parameters={"d": dbs},
+        ).result_rows
+    }
+    for table in all_tables():
+        columns = present.get((table.database, table.name))
+        if columns is None:
+            return False
+        for name, ch_type in table.columns:
+            if name not in columns or _normalise(columns[name]) != _normalise(
+                _strip_default(ch_type)
+            ):
+                return False
+        if any((table.database, table.name, name) not in indexes for name, _ in table.indexes):
+            return False
+    return True
+
+
 def ensure_schema(client: Client) -> list[str]:
     """Create or migrate every loader table. Idempotent; returns what changed."""
+    if _schema_is_current(client):
+        return []
     for db in (RAW_DB, OPS_DB):
         client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
     changes: list[str] = []
