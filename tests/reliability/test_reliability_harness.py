@@ -1,0 +1,69 @@
+"""The comparison itself: each kind of divergence between MongoDB and ClickHouse is counted."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bson import ObjectId
+from conftest import World
+from harness import compare_raw, compare_task_events, dbt_build
+
+
+def loaded(world: World) -> World:
+    world.seed(200)
+    world.sync("tasks")
+    return world
+
+
+def test_in_step_collection_compares_clean(world: World) -> None:
+    comparison = compare_raw(world.ch, loaded(world).truth(), "tasks")
+
+    assert comparison.ok and comparison.checked == 200
+
+
+def test_document_not_yet_loaded_counts_as_lost(world: World) -> None:
+    loaded(world)
+    now = datetime.now(UTC)
+    world.db.tasks.insert_one(
+        {
+            "_id": ObjectId(),
+            **{k: "x" for k in ("file_id", "stage", "employee_code", "employee_name", "status")},
+            "assigned_at": now,
+            "updated_at": now,
+        }
+    )
+
+    assert compare_raw(world.ch, world.truth(), "tasks").lost == 1
+
+
+def test_changed_value_counts_as_mismatched(world: World) -> None:
+    loaded(world)
+    world.db.tasks.update_one({}, {"$set": {"status": "changed-behind-the-loader"}})
+
+    assert compare_raw(world.ch, world.truth(), "tasks").mismatched == 1
+
+
+def test_delete_not_reflected_counts_as_not_deleted(world: World) -> None:
+    loaded(world)
+    world.db.tasks.delete_one({})
+
+    assert compare_raw(world.ch, world.truth(), "tasks").not_deleted == 1
+
+
+def test_task_twice_in_task_events_counts_as_duplicate(world: World, tmp_path: Path) -> None:
+    loaded(world).sync("employee")
+    dbt_build(world.env, tmp_path / "dbt")
+    # task_events is a plain MergeTree: a second copy of a row stays a second row.
+    world.ch.command(
+        "INSERT INTO analytics.task_events SELECT * FROM analytics.task_events LIMIT 1"
+    )
+
+    assert compare_task_events(world.ch, world.truth()).duplicates == 1
+
+
+def test_refused_document_missing_from_rejects_counts_as_lost(world: World) -> None:
+    loaded(world)
+    world.db.tasks.insert_one({"_id": ObjectId(), "file_id": None})
+
+    assert compare_raw(world.ch, world.truth(), "tasks").lost == 1
