@@ -145,8 +145,16 @@ def run_build(settings: FlowSettings, select: list[str]) -> BuildResult:
             if all(TRANSIENT.search(n.message) for n in failed)
             else DbtBuildError
         )
+        hint = ""
+        if any("UNKNOWN_TABLE" in n.message for n in failed):
+            hint = (
+                "\nA relation outside this selection is missing (was `analytics` dropped?): "
+                "run the flow with build_all=True or `make dbt-build`."
+            )
         raise error(
-            f"dbt build failed in {', '.join(names)}:\n{detail}", failed=names, nodes=build.nodes
+            f"dbt build failed in {', '.join(names)}:\n{detail}{hint}",
+            failed=names,
+            nodes=build.nodes,
         )
     if not res.success:
         raise DbtBuildError(

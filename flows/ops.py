@@ -130,9 +130,12 @@ def record_skipped_run(
     insert_rows(client, "ops.sync_runs", SYNC_RUN_COLUMNS, rows)
 
 
-def pending_sources(client: Client) -> set[str]:
-    result = client.query("SELECT source FROM ops.build_pending FINAL WHERE pending = 1")
-    return {row[0] for row in result.result_rows}
+def pending_sources(client: Client, sources: Iterable[str]) -> set[str]:
+    """Sources whose downstream build is pending: flagged, or never built by the flow (a fresh
+    warehouse, or `ops` reset), since a partial selection assumes the rest already exists."""
+    result = client.query("SELECT source, pending FROM ops.build_pending FINAL")
+    state = {row[0]: bool(row[1]) for row in result.result_rows}
+    return {s for s in sources if state.get(s, True)}
 
 
 def set_pending(client: Client, sources: Iterable[str], pending: bool, run_id: str) -> None:

@@ -122,8 +122,12 @@ def _summary(
 
 
 @flow(name="sync-pipeline", log_prints=True)
-def sync_pipeline(full_refresh: bool = False) -> dict[str, Any]:
-    """Bring ClickHouse in step with MongoDB once; see the module docstring."""
+def sync_pipeline(full_refresh: bool = False, build_all: bool = False) -> dict[str, Any]:
+    """Bring ClickHouse in step with MongoDB once; see the module docstring.
+
+    `full_refresh`: reload every collection from scratch (and build everything).
+    `build_all`: build downstream of every source even if only one changed (e.g. after the
+    `analytics` database was dropped by hand)."""
     settings = FlowSettings()
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or uuid4())
@@ -146,7 +150,7 @@ def sync_pipeline(full_refresh: bool = False) -> dict[str, Any]:
                 ops.record_skipped_run(ch, run_id, settings.collections, started_at, g.skip_message)
                 return _summary(run_id, "skipped", g.skip_message, recorder, t0, guard=g.mechanism)
             run = RunContext(settings, logger, run_id, started_at, t0, recorder, link, ch)
-            return {**_run(run, full_refresh), "guard": g.mechanism}
+            return {**_run(run, full_refresh, build_all), "guard": g.mechanism}
     finally:
         _publish(recorder, ch, logger)
         link.close()
@@ -165,7 +169,7 @@ class RunContext:
     ch: Client
 
 
-def _run(run: RunContext, full_refresh: bool) -> dict[str, Any]:
+def _run(run: RunContext, full_refresh: bool, build_all: bool) -> dict[str, Any]:
     settings, logger, run_id, recorder, ch = (
         run.settings,
         run.logger,
@@ -182,7 +186,7 @@ def _run(run: RunContext, full_refresh: bool) -> dict[str, Any]:
             changed = collections
         else:
             changed = detect_changes.with_options(**options)(collections)
-        pending = ops.pending_sources(ch)
+        pending = set(collections) if build_all else ops.pending_sources(ch, collections)
         step.rows = len(changed)
         step.message = f"changed={changed} pending_build={sorted(pending)}"
     to_build = sorted(set(changed) | pending)
@@ -279,7 +283,18 @@ def _publish(
         logger.error("Could not create the timings artifact: %s", exc)
 
 
-if __name__ == "__main__":  # `python -m flows.pipeline`: one run (`make sync`)
+def main(argv: list[str] | None = None) -> None:
+    """`python -m flows.pipeline` (`make sync`): one run; prints its summary as JSON."""
+    import argparse
     import json
 
-    print(json.dumps(sync_pipeline(), indent=2, default=str))
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=main.__doc__)
+    parser.add_argument("--full-refresh", action="store_true", help="reload every collection")
+    parser.add_argument("--build-all", action="store_true", help="build downstream of all sources")
+    args = parser.parse_args(argv)
+    summary = sync_pipeline(full_refresh=args.full_refresh, build_all=args.build_all)
+    print(json.dumps(summary, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -115,4 +115,4 @@ def test_the_change_follower_signals_a_change_and_marks_its_build_pending(
 
     entries = client.xrange(stream_key(settings))
     assert entries and entries[0][1]["collection"] == "employee"
-    assert "employee" in ops.pending_sources(ch)
+    assert "employee" in ops.pending_sources(ch, ["employee"])
