@@ -227,3 +227,18 @@ def test_run_after_a_failed_build_retries_the_build(
     assert summary["changed"] == []
     assert summary["built"] == ["source:mongo.employee+", "source:mongo.tasks+"]
     assert pipeline.scalar("SELECT count() FROM analytics.pipeline_state") > 0
+
+
+def test_dashboard_shows_every_panel_after_a_sync(pipeline: Pipeline) -> None:
+    from flows.dashboard import PANELS, collect
+    from flows.redis_link import RedisLink
+
+    log = logging.getLogger("test")
+    sync_pipeline()
+
+    panels = collect(pipeline.settings, RedisLink(pipeline.settings, log), pipeline.ch, log)
+
+    assert [p.query.name for p in panels] == [p.name for p in PANELS]
+    for panel in panels:
+        assert panel.rows, panel.query.name
+        assert "error" not in panel.rows[0], panel.rows[0]
