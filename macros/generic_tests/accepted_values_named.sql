@@ -3,8 +3,14 @@
     (value, n_records), and the values are also logged in the dbt output, e.g.
     "stg_mongo__tasks.stage has values outside the accepted set: 'teleport' (1 row)".
     Nothing is filtered anywhere else, so an unknown value fails here instead of vanishing.
+
+    `raw` (optional) makes the test on a latest-version view cost a scan of one raw column
+    instead of the view's aggregation over every version: {relation, key, column, view_key}.
+    A current value outside the set is the value of one of the raw rows of its key, so only
+    keys with such a raw row can fail; the view is read for those keys alone (the filter on
+    its key reaches the raw table's primary key). Same result, without the full aggregation.
 -#}
-{% test accepted_values_named(model, column_name, values) %}
+{% test accepted_values_named(model, column_name, values, raw=none) %}
 
 {%- set accepted = sql_string_list(values) -%}
 {%- set failing -%}
@@ -12,7 +18,15 @@
         toString({{ column_name }}) as value,
         count() as n_records
     from {{ model }}
-    where {{ column_name }} not in {{ accepted }}
+    where
+        {{ column_name }} not in {{ accepted }}
+        {%- if raw is not none %}
+        and {{ raw.view_key }} in (
+            select {{ raw.key }}
+            from {{ raw.relation }}
+            where {{ raw.column }} not in {{ accepted }}
+        )
+        {%- endif %}
     group by value
 {%- endset -%}
 

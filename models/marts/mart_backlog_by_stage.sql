@@ -1,29 +1,32 @@
 {{ config(materialized='view') }}
 
-{#- Files by current stage and status, from pipeline_state (no event scan). -#}
+{#-
+    Files by current stage and status: int_backlog_by_stage (a few dozen rows, rebuilt at each
+    build) plus the times in stage, computed at read time so they stay current between builds.
+    The longest time in stage is that of the oldest assignment.
+-#}
 
 with
 
-files as (
+backlog as (
 
-    select * from {{ ref('pipeline_state') }}
+    select * from {{ ref('int_backlog_by_stage') }}
 
 ),
 
-backlog as (
+aged as (
 
     select
         stage,
-        any(stage_order) as stage_order,
+        stage_order,
         status,
-        {{ is_open_status('status') }} as is_open,
-        count() as files,
-        min(assigned_at) as oldest_assigned_at,
-        max(time_in_stage_seconds) as max_time_in_stage_seconds,
-        avg(time_in_stage_seconds) as avg_time_in_stage_seconds
-    from files
-    group by stage, status
+        is_open,
+        files,
+        oldest_assigned_at,
+        dateDiff('second', oldest_assigned_at, now64(3)) as max_time_in_stage_seconds,
+        (toUnixTimestamp64Milli(now64(3)) - avg_assigned_at_ms) / 1000 as avg_time_in_stage_seconds
+    from backlog
 
 )
 
-select * from backlog
+select * from aged

@@ -1,59 +1,37 @@
 {{ config(materialized='view') }}
 
 {#-
-    Open work per employee: the files whose current task is assigned to the employee with an
-    open status (var('open_statuses')), and the age of the oldest one. Every employee of the
-    dimension appears (zero when idle); a code missing from the dimension still appears, with
-    is_known_employee = 0, instead of vanishing.
+    Open work per employee: int_employee_workload (one row per employee, rebuilt at each build)
+    plus the age of the oldest open task, computed at read time so it stays current between
+    builds.
 -#}
 
 with
 
-files as (
+workload as (
 
-    select * from {{ ref('pipeline_state') }}
-
-),
-
-employees as (
-
-    select * from {{ ref('dim_employees') }}
+    select * from {{ ref('int_employee_workload') }}
 
 ),
 
-open_work as (
+aged as (
 
     select
         employee_code,
-        count() as open_tasks,
-        min(assigned_at) as oldest_open_assigned_at
-    from files
-    where {{ is_open_status('status') }}
-    group by employee_code
-
-),
-
-workload as (
-
-    select
-        if(employees.employee_code != '', employees.employee_code, open_work.employee_code)
-            as employee_code,
-        employees.employee_name,
-        employees.team,
-        employees.is_active,
-        employees.is_deleted,
-        employees.employee_code != '' as is_known_employee,
-        open_work.open_tasks,
-        if(open_work.open_tasks > 0, open_work.oldest_open_assigned_at, null)
-            as oldest_open_assigned_at,
+        employee_name,
+        team,
+        is_active,
+        is_deleted,
+        is_known_employee,
+        open_tasks,
+        oldest_open_assigned_at,
         if(
-            open_work.open_tasks > 0,
-            dateDiff('second', open_work.oldest_open_assigned_at, now64(3)),
+            open_tasks > 0,
+            dateDiff('second', oldest_open_assigned_at, now64(3)),
             null
         ) as oldest_open_task_age_seconds
-    from employees
-    full outer join open_work on employees.employee_code = open_work.employee_code
+    from workload
 
 )
 
-select * from workload
+select * from aged

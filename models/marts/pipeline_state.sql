@@ -1,58 +1,35 @@
 {{ config(materialized='view') }}
 
 {#-
-    Current state per file, read from pipeline_state_store (kept by a materialized view on
-    task_events, see macros/pipeline_state.sql): FINAL keeps the highest-ranked row of each
-    file, so a read merges a few rows per file and never scans task_events. The assignee's name
-    comes from dim_employees; the name copied into the task is only a fallback for a code the
-    dimension does not know.
+    Current state per file: int_pipeline_state_current (rebuilt at each build from
+    pipeline_state_store, which a materialized view on task_events keeps; see
+    macros/pipeline_state.sql) plus the time in stage, computed at read time. A read scans one
+    row per file and never touches task_events.
 -#}
 
 with
 
-current_tasks as (
+current_files as (
+
+    select * from {{ ref('int_pipeline_state_current') }}
+
+),
+
+aged as (
 
     select
         file_id,
         stage,
-        employee_code,
-        employee_name as task_employee_name,
+        stage_order,
         status,
-        assigned_at,
-        task_id
-    from {{ pipeline_state_relation(ref('task_events'), 'store') }} final
-
-),
-
-employees as (
-
-    select
         employee_code,
-        employee_name
-    from {{ ref('dim_employees') }}
-
-),
-
-joined as (
-
-    select
-        current_tasks.file_id,
-        current_tasks.stage,
-        {{ stage_order('current_tasks.stage') }} as stage_order,
-        current_tasks.status,
-        current_tasks.employee_code,
-        if(
-            employees.employee_code = current_tasks.employee_code,
-            employees.employee_name,
-            current_tasks.task_employee_name
-        ) as employee_name,
-        employees.employee_code = current_tasks.employee_code as is_known_employee,
-        current_tasks.assigned_at,
-        current_tasks.task_id,
-        dateDiff('second', current_tasks.assigned_at, now64(3)) as time_in_stage_seconds
-    from current_tasks
-    left join employees on current_tasks.employee_code = employees.employee_code
+        employee_name,
+        is_known_employee,
+        assigned_at,
+        task_id,
+        dateDiff('second', assigned_at, now64(3)) as time_in_stage_seconds
+    from current_files
 
 )
 
-select * from joined
+select * from aged

@@ -1,3 +1,5 @@
+{{ config(tags=['full_recompute'], enabled=var('full_recompute_tests', false)) }}
+
 -- mart_backlog_by_stage equals file counts per current stage and status recomputed from
 -- task_events.
 

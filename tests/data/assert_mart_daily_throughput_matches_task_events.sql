@@ -1,3 +1,5 @@
+{{ config(tags=['full_recompute'], enabled=var('full_recompute_tests', false)) }}
+
 -- mart_daily_throughput equals tasks assigned and finished per day and stage recomputed
 -- from task_events.
 

@@ -1,3 +1,5 @@
+{{ config(tags=['full_recompute'], enabled=var('full_recompute_tests', false)) }}
+
 -- mart_employee_workload equals open files per assignee (and the oldest open assignment)
 -- recomputed from task_events; idle employees show zero open tasks.
 

@@ -1,3 +1,5 @@
+{{ config(tags=['full_recompute'], enabled=var('full_recompute_tests', false)) }}
+
 -- mart_file_ageing equals files per current stage and age bucket recomputed from
 -- task_events. now64() is fixed for the whole query, so both sides age files alike.
 

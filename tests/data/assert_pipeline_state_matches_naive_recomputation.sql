@@ -1,3 +1,5 @@
+{{ config(tags=['full_recompute'], enabled=var('full_recompute_tests', false)) }}
+
 -- pipeline_state (kept by the materialized view and its correction path) must equal, row for
 -- row, the naive argMax over the current version of every non-deleted task (recomputed from
 -- raw). Returns the differing rows, labelled by side.

@@ -64,6 +64,9 @@ class DbtProject:
         res = runner.invoke(
             [
                 *args,
+                # The suite runs every test, the full recomputations included (dbt_project.yml).
+                "--vars",
+                "{full_recompute_tests: true}",
                 "--project-dir",
                 str(REPO),
                 "--profiles-dir",
