@@ -18,6 +18,8 @@
     The hooks of `task_events` drive it: `pipeline_state_record_retractions` (pre-hook) records
     the files before the old rows are deleted; `pipeline_state_sync` (post-hook) recomputes them
     from `task_events`, or rebuilds everything after a first build or a full refresh.
+    Readers do not read the store: `int_pipeline_state_current` (a table rebuilt at each build)
+    applies FINAL and the employee join once, and `pipeline_state` reads that table.
 -#}
 
 {% macro pipeline_state_relation(events_relation, suffix) -%}
