@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PIP_FLAGS := --disable-pip-version-check --no-input --progress-bar off
 
 .DEFAULT_GOAL := help
-.PHONY: help setup up down status demo test sync lint lint-sql dbt-build bench reliability
+.PHONY: help setup up down status demo test sync lint lint-sql dbt-build serve dashboard bench reliability
 
 help: ## List the targets
 	@echo "Usage: make <target>"
@@ -39,14 +39,22 @@ down: setup ## Stop the embedded servers (data stays in .data/)
 status: setup ## Show each embedded server: running, pid, port, connection string
 	$(PY) -m devstack status
 
-demo: setup up ## Set up, start the embedded stack, then the pipeline end to end
-	$(PY) -m devstack status
+demo: setup up ## Set up, start the embedded stack, seed data, one full flow run, print the dashboard
+	$(PY) -m loader seed --tasks 10000
+	$(PY) -m flows.pipeline
+	$(PY) -m flows.dashboard
 
 test: setup ## Run every test on a private stack (free ports, temp dir); set RUN_SLOW=1 for slow ones
 	$(PY) -m pytest
 
 sync: setup ## One flow run against whatever the env vars point to
-	$(PY) -m loader sync
+	$(PY) -m flows.pipeline
+
+serve: setup up ## Local Prefect server (SQLite in .data/prefect), flow every 15 min + runs on change
+	$(PY) -m flows.serve --events --watch
+
+dashboard: setup ## Print the pipeline dashboard (through the Redis cache)
+	$(PY) -m flows.dashboard
 
 dbt-build: setup ## dbt build (models + tests) against the env-configured ClickHouse (default: make up)
 	$(VENV)/bin/dbt build
