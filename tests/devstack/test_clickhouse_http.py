@@ -208,7 +208,9 @@ def test_large_insert_body_streams_into_the_engine_unbuffered(front: Front) -> N
     sampler.join()
     assert response.status_code == 200, response.text
     assert json.loads(response.headers["X-ClickHouse-Summary"])["written_rows"] == "500000"
-    assert peak - baseline < 50_000_000
+    # Buffering the 100 MB body would grow the server by at least that much; engine blocks add
+    # some tens of MB, more on a loaded machine.
+    assert peak - baseline < 100_000_000
 
 
 def test_sql_error_surfaces_with_clickhouse_code_and_message(client: Client) -> None:
