@@ -27,8 +27,10 @@ from loader.clients import connect_mongo
 from loader.mapping import (
     CODEC_OPTIONS,
     MAX_DATETIME64_MS,
-    MIN_DATETIME64_MS,
+    NON_EMPTY,
     BatchMapper,
+    bookkeeping_arrays,
+    min_date_ms,
     to_arrow,
 )
 from loader.schema import fields_of, raw_columns
@@ -63,16 +65,15 @@ def _cursor(settings: Settings, raw: bool) -> tuple[Any, Any]:
 def decode_pymongo(settings: Settings, loaded_at_ms: int = 0) -> int:
     client, cursor = _cursor(settings, raw=False)
     mapper = BatchMapper(COLLECTION, settings.max_string_chars)
-    columns = raw_columns(COLLECTION)
     rows = pending = 0
     try:
         for doc in cursor:
             mapper.add(doc)
             pending += 1
             if pending >= settings.batch_size:
-                rows += to_arrow(mapper.take(), columns, RUN_ID, loaded_at_ms).num_rows
+                rows += to_arrow(mapper.take(), RUN_ID, loaded_at_ms).num_rows
                 pending = 0
-        rows += to_arrow(mapper.take(), columns, RUN_ID, loaded_at_ms).num_rows
+        rows += to_arrow(mapper.take(), RUN_ID, loaded_at_ms).num_rows
     finally:
         client.close()
     return rows
@@ -121,34 +122,22 @@ def _valid_rows(table: pa.Table, max_chars: int) -> pa.Array:
             ok = pc.and_(ok, pc.invert(pc.match_substring(col, "\x00")))
         elif f.kind == "datetime":
             ms = col.cast(pa.int64())
-            low = 0 if f.name == "updated_at" else MIN_DATETIME64_MS
+            low = min_date_ms(f.name)
             in_range = pc.and_(pc.greater_equal(ms, low), pc.less_equal(ms, MAX_DATETIME64_MS))
             ok = pc.and_(ok, in_range)
-    if "file_id" in table.column_names:
-        ok = pc.and_(ok, pc.greater(pc.utf8_length(table["file_id"]), 0))
+    for name in NON_EMPTY.get(COLLECTION, ()):
+        ok = pc.and_(ok, pc.greater(pc.utf8_length(table[name]), 0))
     return ok
 
 
 def _to_raw(table: pa.Table, loaded_at_ms: int) -> pa.Table:
-    n = table.num_rows
     hex_ids, created = _object_id_columns(table["_id"].combine_chunks())
-    data: dict[str, Any] = {}
-    for name, _ch_type in raw_columns(COLLECTION):
-        if name == "_id":
-            data[name] = hex_ids
-        elif name == "_id_created_at":
-            data[name] = created
-        elif name == "_version":
-            data[name] = table["updated_at"].cast(pa.int64()).cast(pa.uint64())
-        elif name == "is_deleted":
-            data[name] = pa.repeat(pa.scalar(0, pa.uint8()), n)
-        elif name == "_loaded_at":
-            data[name] = pa.repeat(pa.scalar(loaded_at_ms, pa.timestamp("ms", tz="UTC")), n)
-        elif name == "_run_id":
-            data[name] = pa.repeat(pa.scalar(RUN_ID, pa.string()), n)
-        else:
-            data[name] = table[name]
-    return pa.table(data)
+    version = table["updated_at"].cast(pa.int64()).cast(pa.uint64())
+    known = {"_id": hex_ids, "_id_created_at": created}
+    known |= bookkeeping_arrays(version, RUN_ID, loaded_at_ms)
+    return pa.table(
+        {name: known[name] if name in known else table[name] for name, _ in raw_columns(COLLECTION)}
+    )
 
 
 def decode_pymongoarrow(settings: Settings, loaded_at_ms: int = 0) -> int:

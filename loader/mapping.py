@@ -24,7 +24,7 @@ from bson import ObjectId, json_util
 from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.datetime_ms import DatetimeMS
 
-from loader.schema import BOOKKEEPING, ID_COLUMNS, Field, fields_of
+from loader.schema import ID_COLUMNS, Field, fields_of, raw_columns
 
 # Read dates as raw milliseconds: no datetime objects to build, no failure on dates Python's
 # datetime cannot hold (those become rejects instead of aborting the cursor).
@@ -100,6 +100,11 @@ def check_string(name: str, value: Any, max_chars: int, non_empty: bool) -> str 
     return None
 
 
+def min_date_ms(name: str) -> int:
+    """Earliest date field `name` may hold: `updated_at` becomes the unsigned `_version`."""
+    return 0 if name == "updated_at" else MIN_DATETIME64_MS
+
+
 def check_datetime(name: str, value: Any, min_ms: int) -> str | None:
     if type(value) is not DatetimeMS:
         return f"{name}: expected a date, got {_type_name(value)}"
@@ -138,13 +143,7 @@ class BatchMapper:
         self.max_string_chars = max_string_chars
         self.non_empty = NON_EMPTY.get(collection, frozenset())
         self._spec = [
-            (
-                f.name,
-                f.kind,
-                0 if f.name == "updated_at" else MIN_DATETIME64_MS,
-                f.name in self.non_empty,
-            )
-            for f in self.fields
+            (f.name, f.kind, min_date_ms(f.name), f.name in self.non_empty) for f in self.fields
         ]
         self.reset()
 
@@ -172,8 +171,7 @@ class BatchMapper:
                     f.name, value, self.max_string_chars, f.name in self.non_empty
                 )
             elif f.kind == "datetime":
-                min_ms = 0 if f.name == "updated_at" else MIN_DATETIME64_MS
-                problem = check_datetime(f.name, value, min_ms)
+                problem = check_datetime(f.name, value, min_date_ms(f.name))
             elif type(value) is not bool:
                 problem = f"{f.name}: expected a boolean, got {_type_name(value)}"
             else:
@@ -248,25 +246,26 @@ def _arrow_type(ch_type: str) -> pa.DataType:
     return pa.string()
 
 
-def to_arrow(
-    batch: MappedBatch, column_types: tuple[tuple[str, str], ...], run_id: str, loaded_at_ms: int
-) -> pa.Table:
+def bookkeeping_arrays(
+    version: pa.Array | pa.ChunkedArray, run_id: str, loaded_at_ms: int
+) -> dict[str, pa.Array | pa.ChunkedArray]:
+    """The bookkeeping columns (`schema.BOOKKEEPING`) of rows whose `_version` is `version`."""
+    n = len(version)
+    return {
+        "_version": version,
+        "is_deleted": pa.repeat(pa.scalar(0, pa.uint8()), n),
+        "_loaded_at": pa.repeat(pa.scalar(loaded_at_ms, pa.timestamp("ms", tz="UTC")), n),
+        "_run_id": pa.repeat(pa.scalar(run_id, pa.string()), n),
+    }
+
+
+def to_arrow(batch: MappedBatch, run_id: str, loaded_at_ms: int) -> pa.Table:
     """The batch as an Arrow table in `raw.<collection>` column order (bookkeeping filled in)."""
-    n = batch.rows
     cols = batch.columns
-    data: dict[str, pa.Array] = {}
-    for name, ch_type in column_types:
-        if name == "_version":
-            data[name] = pa.array(cols["updated_at"], pa.uint64())
-        elif name == "is_deleted":
-            data[name] = pa.repeat(pa.scalar(0, pa.uint8()), n)
-        elif name == "_loaded_at":
-            data[name] = pa.repeat(pa.scalar(loaded_at_ms, pa.timestamp("ms", tz="UTC")), n)
-        elif name == "_run_id":
-            data[name] = pa.repeat(pa.scalar(run_id, pa.string()), n)
-        else:
-            data[name] = pa.array(cols[name], _arrow_type(ch_type))
-    return pa.table(data)
-
-
-BOOKKEEPING_NAMES = tuple(n for n, _ in BOOKKEEPING)
+    known = bookkeeping_arrays(pa.array(cols["updated_at"], pa.uint64()), run_id, loaded_at_ms)
+    return pa.table(
+        {
+            name: known[name] if name in known else pa.array(cols[name], _arrow_type(ch_type))
+            for name, ch_type in raw_columns(batch.collection)
+        }
+    )

@@ -36,7 +36,6 @@ from loader.schema import (
     REJECTS,
     ensure_schema,
     fields_of,
-    raw_columns,
     raw_table,
 )
 from loader.settings import Settings
@@ -314,7 +313,7 @@ def store_rows(
     """Insert the batch's rows into `raw.<collection>` as one Arrow batch."""
     if not batch.rows:
         return
-    table = to_arrow(batch, raw_columns(batch.collection), run_id, now_ms())
+    table = to_arrow(batch, run_id, now_ms())
     if on_built:
         on_built()
     ch = clients.clickhouse
