@@ -28,7 +28,13 @@ from pymongo.errors import OperationFailure
 from loader.clients import Clients, clickhouse_call, mongo_call, open_clients
 from loader.mapping import BatchMapper
 from loader.runs import PeakRss, RunRecord, new_run_id, write_run
-from loader.schema import CHANGE_STREAM_STATE, COLLECTIONS, REJECTS, raw_columns, raw_table
+from loader.schema import (
+    CHANGE_STREAM_STATE,
+    REJECTS,
+    raw_columns,
+    raw_table,
+    require_collection,
+)
 from loader.settings import Settings
 from loader.sync import _prepare, store_rejects, store_rows
 from loader.watermark import now_ms
@@ -160,8 +166,7 @@ def follow_changes(
     after `idle_timeout_s` without any, when `stop` is set, or on Ctrl-C; runs forever
     otherwise. `on_flush(events, deletes)` reports progress.
     """
-    if collection not in COLLECTIONS:
-        raise ValueError(f"unknown collection {collection!r}; choose from {', '.join(COLLECTIONS)}")
+    require_collection(collection)
     with open_clients(settings, clients) as cl:
         _prepare(cl)
         run_id = new_run_id()
@@ -348,8 +353,7 @@ def reconcile_collection(
     max_ids_in_memory: int = 200_000,
 ) -> ReconcileResult:
     """Tombstone ids that are live in `raw.<collection>` but gone from Mongo."""
-    if collection not in COLLECTIONS:
-        raise ValueError(f"unknown collection {collection!r}; choose from {', '.join(COLLECTIONS)}")
+    require_collection(collection)
     started = time.monotonic()
     with open_clients(settings, clients) as cl:
         _prepare(cl)

@@ -61,6 +61,11 @@ COLLECTION_FIELDS: dict[str, tuple[Field, ...]] = {
 COLLECTIONS: tuple[str, ...] = tuple(COLLECTION_FIELDS)
 
 
+def require_collection(collection: str) -> None:
+    if collection not in COLLECTIONS:
+        raise ValueError(f"unknown collection {collection!r}; choose from {', '.join(COLLECTIONS)}")
+
+
 def raw_columns(collection: str) -> tuple[tuple[str, str], ...]:
     """(name, type) of every column of `raw.<collection>`, in insert order."""
     fields = tuple((f.name, f.ch_type) for f in fields_of(collection))

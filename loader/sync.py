@@ -31,13 +31,7 @@ from loader.clients import (
 )
 from loader.mapping import BatchMapper, MappedBatch, Reject, dump_document, id_to_str, to_arrow
 from loader.runs import PeakRss, RunRecord, new_run_id, write_run
-from loader.schema import (
-    COLLECTIONS,
-    REJECTS,
-    ensure_schema,
-    fields_of,
-    raw_table,
-)
+from loader.schema import REJECTS, ensure_schema, fields_of, raw_table, require_collection
 from loader.settings import Settings
 from loader.watermark import (
     MIN_BSON_DATE,
@@ -364,8 +358,7 @@ def sync_collection(
     None. `after_insert` is called after each batch is stored and before its watermark is saved
     (tests inject crashes there). Raises `ServerUnavailable` when a server stays unreachable.
     """
-    if collection not in COLLECTIONS:
-        raise ValueError(f"unknown collection {collection!r}; choose from {', '.join(COLLECTIONS)}")
+    require_collection(collection)
     size = batch_size or settings.batch_size
     with open_clients(settings, clients) as cl:
         _prepare(cl)
