@@ -52,3 +52,9 @@ def clients(settings: Settings) -> Iterator[Clients]:
 def db(mongo_client: MongoClient, settings: Settings) -> Database:
     """The test's Mongo database, dates read as milliseconds (like the loader reads them)."""
     return mongo_client.get_database(settings.mongo_db, codec_options=CODEC_OPTIONS)
+
+
+@pytest.fixture
+def plain_db(mongo_client: MongoClient, settings: Settings) -> Database:
+    """The test's Mongo database with the default codec: reads and writes real datetimes."""
+    return mongo_client[settings.mongo_db]

@@ -11,7 +11,6 @@ from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
 from clickhouse_connect.driver.client import Client
 from loader_testlib import clickhouse_tasks
-from pymongo import MongoClient
 from pymongo.database import Database
 
 from loader.clients import Clients
@@ -52,12 +51,11 @@ def test_malformed_document_is_rejected_with_its_reason_and_the_rest_load(
     kind: str,
     settings: Settings,
     clients: Clients,
-    mongo_client: MongoClient,
+    plain_db: Database,
     clickhouse_client: Client,
 ) -> None:
-    plain = mongo_client[settings.mongo_db]  # default codec: writes real datetimes
-    seed(plain, 200, seed=101)
-    bad_id = _replace_with_corrupt(plain, kind)
+    seed(plain_db, 200, seed=101)
+    bad_id = _replace_with_corrupt(plain_db, kind)
 
     result = sync_collection(settings, "tasks", clients=clients)
 
@@ -69,9 +67,9 @@ def test_malformed_document_is_rejected_with_its_reason_and_the_rest_load(
 
 
 def test_malformed_mix_rejects_exactly_the_broken_documents(
-    settings: Settings, clients: Clients, mongo_client: MongoClient
+    settings: Settings, clients: Clients, plain_db: Database
 ) -> None:
-    seeded = seed(mongo_client[settings.mongo_db], 3_000, seed=102, malformed_ratio=0.1)
+    seeded = seed(plain_db, 3_000, seed=102, malformed_ratio=0.1)
 
     result = sync_collection(settings, "tasks", clients=clients)
 
@@ -80,11 +78,10 @@ def test_malformed_mix_rejects_exactly_the_broken_documents(
 
 
 def test_non_ascii_text_loads_unchanged(
-    settings: Settings, clients: Clients, mongo_client: MongoClient, clickhouse_client: Client
+    settings: Settings, clients: Clients, plain_db: Database, clickhouse_client: Client
 ) -> None:
-    plain = mongo_client[settings.mongo_db]
-    seed(plain, 100, seed=103)
-    doc_id = _replace_with_corrupt(plain, "non_ascii")
+    seed(plain_db, 100, seed=103)
+    doc_id = _replace_with_corrupt(plain_db, "non_ascii")
 
     sync_collection(settings, "tasks", clients=clients)
 
@@ -94,15 +91,14 @@ def test_non_ascii_text_loads_unchanged(
 
 
 def test_invalid_utf8_is_rejected_without_aborting_the_batch(
-    settings: Settings, clients: Clients, mongo_client: MongoClient, clickhouse_client: Client
+    settings: Settings, clients: Clients, plain_db: Database, clickhouse_client: Client
 ) -> None:
-    plain = mongo_client[settings.mongo_db]
-    seed(plain, 300, seed=104)
-    doc = plain.tasks.find_one({}, sort=[("_id", 1)])
+    seed(plain_db, 300, seed=104)
+    doc = plain_db.tasks.find_one({}, sort=[("_id", 1)])
     doc["employee_name"] = "ZZZZ"
     raw = bson.encode(doc).replace(b"ZZZZ", b"Z\xff\xfeZ")  # same length: BSON stays valid
-    plain.tasks.delete_one({"_id": doc["_id"]})
-    plain.tasks.insert_one(RawBSONDocument(raw))
+    plain_db.tasks.delete_one({"_id": doc["_id"]})
+    plain_db.tasks.insert_one(RawBSONDocument(raw))
 
     result = sync_collection(settings, "tasks", clients=clients)
 
@@ -111,12 +107,11 @@ def test_invalid_utf8_is_rejected_without_aborting_the_batch(
 
 
 def test_reject_keeps_the_whole_document_not_just_the_loaded_fields(
-    settings: Settings, clients: Clients, mongo_client: MongoClient, clickhouse_client: Client
+    settings: Settings, clients: Clients, plain_db: Database, clickhouse_client: Client
 ) -> None:
-    plain = mongo_client[settings.mongo_db]
-    seed(plain, 50, seed=105)
-    bad_id = _replace_with_corrupt(plain, "missing_file_id")
-    plain.tasks.update_one({"_id": bad_id}, {"$set": {"note": {"extra": [1, 2]}}})
+    seed(plain_db, 50, seed=105)
+    bad_id = _replace_with_corrupt(plain_db, "missing_file_id")
+    plain_db.tasks.update_one({"_id": bad_id}, {"$set": {"note": {"extra": [1, 2]}}})
 
     sync_collection(settings, "tasks", clients=clients)
 
@@ -125,11 +120,10 @@ def test_reject_keeps_the_whole_document_not_just_the_loaded_fields(
 
 
 def test_document_without_usable_updated_at_is_rejected_once(
-    settings: Settings, clients: Clients, mongo_client: MongoClient
+    settings: Settings, clients: Clients, plain_db: Database
 ) -> None:
-    plain = mongo_client[settings.mongo_db]
-    seed(plain, 100, seed=106)
-    _replace_with_corrupt(plain, "string_updated_at")
+    seed(plain_db, 100, seed=106)
+    _replace_with_corrupt(plain_db, "string_updated_at")
 
     first = sync_collection(settings, "tasks", clients=clients)
     second = sync_collection(settings, "tasks", clients=clients)
@@ -138,12 +132,11 @@ def test_document_without_usable_updated_at_is_rejected_once(
 
 
 def test_undated_document_written_after_the_watermark_passed_is_still_rejected(
-    settings: Settings, clients: Clients, mongo_client: MongoClient, clickhouse_client: Client
+    settings: Settings, clients: Clients, plain_db: Database, clickhouse_client: Client
 ) -> None:
-    plain = mongo_client[settings.mongo_db]
-    seed(plain, 100, seed=107)
+    seed(plain_db, 100, seed=107)
     sync_collection(settings, "tasks", clients=clients)
-    late_id = plain.tasks.insert_one({"file_id": "late", "updated_at": "yesterday"}).inserted_id
+    late_id = plain_db.tasks.insert_one({"file_id": "late", "updated_at": "yesterday"}).inserted_id
 
     result = sync_collection(settings, "tasks", clients=clients)
 
@@ -152,13 +145,12 @@ def test_undated_document_written_after_the_watermark_passed_is_still_rejected(
 
 
 def test_far_future_document_is_rejected_once_and_does_not_move_the_watermark(
-    settings: Settings, clients: Clients, mongo_client: MongoClient, clickhouse_client: Client
+    settings: Settings, clients: Clients, plain_db: Database, clickhouse_client: Client
 ) -> None:
-    plain = mongo_client[settings.mongo_db]
-    seed(plain, 100, seed=108)
+    seed(plain_db, 100, seed=108)
     future = datetime.now(UTC) + timedelta(days=400)
-    doc_id = plain.tasks.find_one()["_id"]
-    plain.tasks.update_one({"_id": doc_id}, {"$set": {"updated_at": future}})
+    doc_id = plain_db.tasks.find_one()["_id"]
+    plain_db.tasks.update_one({"_id": doc_id}, {"$set": {"updated_at": future}})
 
     first = sync_collection(settings, "tasks", clients=clients)
     second = sync_collection(settings, "tasks", clients=clients)
@@ -177,12 +169,11 @@ def test_far_future_document_is_rejected_once_and_does_not_move_the_watermark(
     ],
 )
 def test_array_in_updated_at_is_rejected_once_and_the_rest_load(
-    value: list[object], settings: Settings, clients: Clients, mongo_client: MongoClient
+    value: list[object], settings: Settings, clients: Clients, plain_db: Database
 ) -> None:
-    plain = mongo_client[settings.mongo_db]
-    seed(plain, 100, seed=109)
-    doc_id = plain.tasks.find_one({}, sort=[("_id", 1)])["_id"]
-    plain.tasks.update_one({"_id": doc_id}, {"$set": {"updated_at": value}})
+    seed(plain_db, 100, seed=109)
+    doc_id = plain_db.tasks.find_one({}, sort=[("_id", 1)])["_id"]
+    plain_db.tasks.update_one({"_id": doc_id}, {"$set": {"updated_at": value}})
 
     first = sync_collection(settings, "tasks", clients=clients)
     second = sync_collection(settings, "tasks", clients=clients)
@@ -191,18 +182,17 @@ def test_array_in_updated_at_is_rejected_once_and_the_rest_load(
 
 
 def test_undated_sweep_examines_only_the_keys_of_the_documents_it_finds(
-    settings: Settings, mongo_client: MongoClient
+    settings: Settings, plain_db: Database
 ) -> None:
-    plain = mongo_client[settings.mongo_db]
-    seed(plain, 2_000, seed=110)
-    ensure_watermark_index(plain.tasks, settings)
-    ids = [d["_id"] for d in plain.tasks.find({}, {"_id": 1}).limit(3)]
-    plain.tasks.update_one({"_id": ids[0]}, {"$unset": {"updated_at": ""}})
-    plain.tasks.update_one({"_id": ids[1]}, {"$set": {"updated_at": "yesterday"}})
-    plain.tasks.update_one({"_id": ids[2]}, {"$set": {"updated_at": datetime(2400, 1, 1)}})
+    seed(plain_db, 2_000, seed=110)
+    ensure_watermark_index(plain_db.tasks, settings)
+    ids = [d["_id"] for d in plain_db.tasks.find({}, {"_id": 1}).limit(3)]
+    plain_db.tasks.update_one({"_id": ids[0]}, {"$unset": {"updated_at": ""}})
+    plain_db.tasks.update_one({"_id": ids[1]}, {"$set": {"updated_at": "yesterday"}})
+    plain_db.tasks.update_one({"_id": ids[2]}, {"$set": {"updated_at": datetime(2400, 1, 1)}})
 
     # Raw documents: the plan holds bounds (the lowest BSON date) no `datetime` can hold.
-    raw = plain.with_options(codec_options=CodecOptions(document_class=RawBSONDocument))
+    raw = plain_db.with_options(codec_options=CodecOptions(document_class=RawBSONDocument))
     cursors = undatable_cursors(raw.tasks, {"_id": 1}, now_ms())
     stats = [c.explain()["executionStats"] for c in cursors]
 
