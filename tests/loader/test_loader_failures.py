@@ -11,7 +11,7 @@ from loader.clients import ServerUnavailable
 from loader.settings import Settings
 from loader.sync import has_changes, sync_collection
 from loader.synthetic import mutate, seed
-from loader.watermark import load_watermark
+from loader.watermark import Watermark, load_watermark
 
 
 @pytest.fixture
@@ -19,16 +19,28 @@ def closed_port() -> int:
     return free_ports(1)[0]
 
 
+def _synced_then_changed(
+    settings: Settings, db: Database, clickhouse_client: Client, seed_no: int
+) -> Watermark | None:
+    """Load a seeded collection, change it in Mongo; returns the watermark of that load."""
+    seed(db, 200, seed=seed_no)
+    sync_collection(settings, "tasks")
+    before = load_watermark(clickhouse_client, "tasks")
+    mutate(db, 10, seed=seed_no)
+    return before
+
+
+def _mongo_at(settings: Settings, port: int) -> Settings:
+    return settings.model_copy(
+        update={"mongo_uri": f"mongodb://127.0.0.1:{port}/?directConnection=true"}
+    )
+
+
 def test_unreachable_mongo_names_mongo_uri_and_keeps_the_watermark(
     settings: Settings, db: Database, clickhouse_client: Client, closed_port: int
 ) -> None:
-    seed(db, 200, seed=301)
-    sync_collection(settings, "tasks")
-    before = load_watermark(clickhouse_client, "tasks")
-    mutate(db, 10, seed=301)
-    broken = settings.model_copy(
-        update={"mongo_uri": f"mongodb://127.0.0.1:{closed_port}/?directConnection=true"}
-    )
+    before = _synced_then_changed(settings, db, clickhouse_client, 301)
+    broken = _mongo_at(settings, closed_port)
 
     with pytest.raises(ServerUnavailable) as err:
         sync_collection(broken, "tasks")
@@ -41,10 +53,7 @@ def test_unreachable_mongo_names_mongo_uri_and_keeps_the_watermark(
 def test_unreachable_clickhouse_names_clickhouse_vars_and_keeps_the_watermark(
     settings: Settings, db: Database, clickhouse_client: Client, closed_port: int
 ) -> None:
-    seed(db, 200, seed=302)
-    sync_collection(settings, "tasks")
-    before = load_watermark(clickhouse_client, "tasks")
-    mutate(db, 10, seed=302)
+    before = _synced_then_changed(settings, db, clickhouse_client, 302)
     broken = settings.model_copy(update={"clickhouse_port": closed_port})
 
     with pytest.raises(ServerUnavailable) as err:
@@ -58,9 +67,7 @@ def test_unreachable_clickhouse_names_clickhouse_vars_and_keeps_the_watermark(
 def test_has_changes_with_unreachable_mongo_raises_the_same_clear_error(
     settings: Settings, closed_port: int
 ) -> None:
-    broken = settings.model_copy(
-        update={"mongo_uri": f"mongodb://127.0.0.1:{closed_port}/?directConnection=true"}
-    )
+    broken = _mongo_at(settings, closed_port)
 
     with pytest.raises(ServerUnavailable, match="MONGO_URI"):
         has_changes(broken, "tasks")
