@@ -116,18 +116,20 @@ class ProgressSink(Protocol):
 
 
 def ensure_watermark_index(coll: Collection, settings: Settings) -> bool:
-    """Create the `(updated_at, _id)` index if missing; True when it had to be created."""
+    """Make sure the `(updated_at, _id)` index is built; True when it was missing."""
     existing = mongo_call(settings, coll.index_information)
-    if any(info.get("key") == WATERMARK_INDEX for info in existing.values()):
-        return False
-    log.warning(
-        "creating index %s on %s.%s (needed by the watermark query)",
-        WATERMARK_INDEX_NAME,
-        coll.database.name,
-        coll.name,
-    )
+    missing = not any(info.get("key") == WATERMARK_INDEX for info in existing.values())
+    if missing:
+        log.warning(
+            "creating index %s on %s.%s (needed by the watermark query)",
+            WATERMARK_INDEX_NAME,
+            coll.database.name,
+            coll.name,
+        )
+    # Asked even when listed: `listIndexes` shows an index another loader is still building,
+    # and a hinted query fails on it; `createIndexes` waits for that build (a no-op once built).
     mongo_call(settings, lambda: coll.create_index(WATERMARK_INDEX, name=WATERMARK_INDEX_NAME))
-    return True
+    return missing
 
 
 def _projection(collection: str) -> dict[str, int]:

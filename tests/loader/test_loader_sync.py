@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -14,7 +16,14 @@ from pymongo.errors import AutoReconnect
 from loader.clients import Clients
 from loader.mapping import MAX_DATETIME64_MS
 from loader.settings import Settings
-from loader.sync import BatchStored, has_changes, sync_collection
+from loader.sync import (
+    WATERMARK_INDEX,
+    WATERMARK_INDEX_NAME,
+    BatchStored,
+    ensure_watermark_index,
+    has_changes,
+    sync_collection,
+)
 from loader.synthetic import mutate, seed
 from loader.watermark import Watermark, load_watermark, save_watermark
 
@@ -237,6 +246,30 @@ def test_missing_watermark_index_is_created_and_reported(
 
     assert (first.index_created, second.index_created) == (True, False)
     assert "created index" in first.message
+
+
+def test_index_another_loader_is_still_building_is_waited_for(
+    settings: Settings, plain_db: Database
+) -> None:
+    # Big enough that the build outlasts the few milliseconds until it is listed.
+    now = datetime.now(UTC)
+    for _ in range(4):
+        plain_db.tasks.insert_many([{"updated_at": now} for _ in range(100_000)])
+    other_loader = threading.Thread(
+        target=plain_db.tasks.create_index,
+        args=(WATERMARK_INDEX,),
+        kwargs={"name": WATERMARK_INDEX_NAME},
+    )
+    other_loader.start()
+    try:
+        while WATERMARK_INDEX_NAME not in plain_db.tasks.index_information():
+            time.sleep(0.005)
+
+        ensure_watermark_index(plain_db.tasks, settings)
+
+        assert plain_db.tasks.find_one({}, hint=WATERMARK_INDEX) is not None
+    finally:
+        other_loader.join()
 
 
 def test_transient_mongo_error_mid_run_resumes_from_the_last_stored_batch(
