@@ -36,7 +36,7 @@ from loader.schema import (
     require_collection,
 )
 from loader.settings import Settings
-from loader.sync import _prepare, store_rejects, store_rows
+from loader.sync import prepare_clients, store_rejects, store_rows
 from loader.watermark import now_ms
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def follow_changes(
     """
     require_collection(collection)
     with open_clients(settings, clients) as cl:
-        _prepare(cl)
+        prepare_clients(cl)
         run_id = new_run_id()
         rec = RunRecord(run_id, collection, kind="watch")
         rss = PeakRss()
@@ -285,7 +285,7 @@ def reset_resume_token(
 ) -> None:
     """Forget the stored position: the next `follow_changes` starts from now."""
     with open_clients(settings, clients) as cl:
-        _prepare(cl)
+        prepare_clients(cl)
         save_resume_token(cl, collection, None, 0)
 
 
@@ -356,7 +356,7 @@ def reconcile_collection(
     require_collection(collection)
     started = time.monotonic()
     with open_clients(settings, clients) as cl:
-        _prepare(cl)
+        prepare_clients(cl)
         run_id = new_run_id()
         rec = RunRecord(run_id, collection, kind="reconcile")
         rss = PeakRss()

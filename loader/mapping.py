@@ -259,13 +259,20 @@ def bookkeeping_arrays(
     }
 
 
+def with_bookkeeping(
+    collection: str, columns: dict[str, pa.Array | pa.ChunkedArray], run_id: str, loaded_at_ms: int
+) -> pa.Table:
+    """`ID_COLUMNS` + field columns → a table in `raw.<collection>` column order, with the
+    bookkeeping columns filled in (`_version` is `updated_at` in milliseconds)."""
+    version = columns["updated_at"].cast(pa.int64()).cast(pa.uint64())
+    known = columns | bookkeeping_arrays(version, run_id, loaded_at_ms)
+    return pa.table({name: known[name] for name, _ in raw_columns(collection)})
+
+
 def to_arrow(batch: MappedBatch, run_id: str, loaded_at_ms: int) -> pa.Table:
     """The batch as an Arrow table in `raw.<collection>` column order (bookkeeping filled in)."""
-    cols = batch.columns
-    known = bookkeeping_arrays(pa.array(cols["updated_at"], pa.uint64()), run_id, loaded_at_ms)
-    return pa.table(
-        {
-            name: known[name] if name in known else pa.array(cols[name], _arrow_type(ch_type))
-            for name, ch_type in raw_columns(batch.collection)
-        }
-    )
+    types = dict(raw_columns(batch.collection))
+    columns = {
+        name: pa.array(values, _arrow_type(types[name])) for name, values in batch.columns.items()
+    }
+    return with_bookkeeping(batch.collection, columns, run_id, loaded_at_ms)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from bson import MinKey
+import bson
+import pyarrow as pa
+from bson import MinKey, ObjectId
 from bson.datetime_ms import DatetimeMS
 from pymongo.collection import Collection
 from pymongo.cursor import Cursor
@@ -29,7 +31,17 @@ from loader.clients import (
     mongo_unavailable,
     open_clients,
 )
-from loader.mapping import BatchMapper, MappedBatch, Reject, dump_document, id_to_str, to_arrow
+from loader.columnar import decode_valid_rows
+from loader.mapping import (
+    CODEC_OPTIONS,
+    BatchMapper,
+    MappedBatch,
+    Reject,
+    dump_document,
+    id_to_str,
+    to_arrow,
+    with_bookkeeping,
+)
 from loader.runs import PeakRss, RunRecord, new_run_id, write_run
 from loader.schema import REJECTS, ensure_schema, fields_of, raw_table, require_collection
 from loader.settings import Settings
@@ -136,7 +148,8 @@ def _projection(collection: str) -> dict[str, int]:
     return {"_id": 1} | {f.name: 1 for f in fields_of(collection)}
 
 
-def _prepare(clients: Clients) -> None:
+def prepare_clients(clients: Clients) -> None:
+    """Migrate the loader's tables once per `Clients` (cheap on later calls)."""
     if "loader" not in clients.schema_ready:
         clickhouse_call(clients.settings, lambda: ensure_schema(clients.clickhouse))
         clients.schema_ready.add("loader")
@@ -176,7 +189,7 @@ class _Run:
         store_rejects(self.clients, batch, self.run_id)
 
     def flush(self, docs: list[dict[str, Any]]) -> None:
-        """Map, store, then move the watermark to the batch's last document."""
+        """Map documents one by one, store them, then move the watermark past the last one."""
         if not docs:
             return
         for doc in docs:
@@ -185,16 +198,39 @@ class _Run:
         self.rss.sample()
         self._insert_rows(batch)
         self._insert_rejects(batch)
-        self.record.docs_read += len(docs)
-        self.record.rows_written += batch.rows
-        self.record.rejects += len(batch.rejects)
         last = _last_dated(docs)
-        if last is None:  # only arrays of dates (all rejected): nothing to move the mark to
+        # None when only arrays of dates were read (all rejected): nothing to move the mark to.
+        mark = None if last is None else (int(last["updated_at"]), last["_id"])
+        self._stored(len(docs), batch.rows, len(batch.rejects), mark)
+
+    def flush_raw(self, raw: bytes) -> None:
+        """Store a raw server batch through Arrow when every document maps; otherwise map it
+        document by document (`flush`), which records each reject with its reason."""
+        rows = decode_valid_rows(raw, self.collection, self.settings.max_string_chars)
+        if rows is None:
+            self.flush(bson.decode_all(raw, CODEC_OPTIONS))
             return
-        wm = Watermark.at(int(last["updated_at"]), last["_id"], self.read_started_ms)
+        if not rows.num_rows:
+            return
+        table = with_bookkeeping(
+            self.collection, {name: rows[name] for name in rows.column_names}, self.run_id, now_ms()
+        )
+        self.rss.sample()
+        store_table(self.clients, self.collection, table)
+        last_ms = table["updated_at"][-1].cast(pa.int64()).as_py()
+        self._stored(rows.num_rows, rows.num_rows, 0, (last_ms, ObjectId(table["_id"][-1].as_py())))
+
+    def _stored(self, docs: int, rows: int, rejects: int, mark: tuple[int, Any] | None) -> None:
+        """Count a stored batch and save the watermark at `mark` (updated_at ms, _id)."""
+        self.record.docs_read += docs
+        self.record.rows_written += rows
+        self.record.rejects += rejects
+        if mark is None:
+            return
+        wm = Watermark.at(mark[0], mark[1], self.read_started_ms)
         self.batch_no += 1
         if self.after_insert:
-            self.after_insert(BatchStored(self.batch_no, batch.rows, len(batch.rejects), wm))
+            self.after_insert(BatchStored(self.batch_no, rows, rejects, wm))
         clickhouse_call(
             self.settings,
             lambda: save_watermark(self.clients.clickhouse, self.collection, wm, self.run_id),
@@ -202,12 +238,13 @@ class _Run:
         self.watermark = wm
         self.rss.sample()
         if self.progress:
-            self.progress.advance(len(docs))
+            self.progress.advance(docs)
 
     # -- reading -------------------------------------------------------------------------------
-    def _cursor(self, bounds: ReadBounds) -> Iterator[dict[str, Any]]:
+    def _cursor(self, bounds: ReadBounds, raw: bool) -> Cursor:
+        find = self.coll.find_raw_batches if raw else self.coll.find
         return (
-            self.coll.find(bounds.mongo_filter(), _projection(self.collection))
+            find(bounds.mongo_filter(), _projection(self.collection))
             .sort(WATERMARK_INDEX)
             .hint(WATERMARK_INDEX)
             .batch_size(self.batch_size)
@@ -216,23 +253,33 @@ class _Run:
             .allow_disk_use(True)
         )
 
+    def _read_batches(self, bounds: ReadBounds) -> None:
+        """One pass of the main read: store batch after batch until the cursor is drained."""
+        if self.settings.decoder == "pymongoarrow":
+            for raw in self._cursor(bounds, raw=True):  # one server reply, <= batch_size docs
+                self.flush_raw(raw)
+            return
+        buf: list[dict[str, Any]] = []
+        for doc in self._cursor(bounds, raw=False):
+            buf.append(doc)
+            if len(buf) >= self.batch_size:
+                self.flush(buf)
+                buf = []
+        self.flush(buf)
+
     def read_main(self, bounds: ReadBounds) -> None:
         """Stream documents past `bounds` in batches, reopening the cursor after transient
         errors at the last stored position (documents read but not stored are re-read)."""
         failures = 0
+        stored_before = -1
         while True:
-            buf: list[dict[str, Any]] = []
             try:
-                for doc in self._cursor(bounds):
-                    buf.append(doc)
-                    if len(buf) >= self.batch_size:
-                        self.flush(buf)
-                        buf = []
-                        failures = 0
-                self.flush(buf)
+                self._read_batches(bounds)
                 return
             except MONGO_TRANSIENT as exc:
-                failures += 1
+                # Count consecutive failures only: a batch stored since the last one resets it.
+                failures = 1 if self.batch_no != stored_before else failures + 1
+                stored_before = self.batch_no
                 if failures >= self.settings.retry_attempts:
                     raise mongo_unavailable(self.settings, failures, exc) from exc
                 wait = min(
@@ -312,9 +359,14 @@ def store_rows(
     table = to_arrow(batch, run_id, now_ms())
     if on_built:
         on_built()
+    store_table(clients, batch.collection, table)
+
+
+def store_table(clients: Clients, collection: str, table: pa.Table) -> None:
+    """Insert rows in `raw.<collection>` column order (see `mapping.with_bookkeeping`)."""
     ch = clients.clickhouse
     clickhouse_call(
-        clients.settings, lambda: ch.insert_arrow(raw_table(batch.collection).qualified, table)
+        clients.settings, lambda: ch.insert_arrow(raw_table(collection).qualified, table)
     )
 
 
@@ -363,7 +415,7 @@ def sync_collection(
     require_collection(collection)
     size = batch_size or settings.batch_size
     with open_clients(settings, clients) as cl:
-        _prepare(cl)
+        prepare_clients(cl)
         run = _Run(cl, collection, size, after_insert, progress)
         rec = run.record
         ch = cl.clickhouse
@@ -454,7 +506,7 @@ def has_changes(settings: Settings, collection: str, *, clients: Clients | None 
     Documents whose `updated_at` is not a usable date are not considered (the next sync that
     runs for another reason rejects them)."""
     with open_clients(settings, clients) as cl:
-        _prepare(cl)
+        prepare_clients(cl)
         coll = cl.db[collection]
         ensure_watermark_index(coll, settings)
         wm = clickhouse_call(settings, lambda: load_watermark(cl.clickhouse, collection))

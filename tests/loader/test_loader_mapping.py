@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import bson
-from bson import ObjectId
 from bson.datetime_ms import DatetimeMS
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mapping_cases import GOOD_EMPLOYEE, GOOD_TASK, field_values
 
-from loader.mapping import CODEC_OPTIONS, MAX_DATETIME64_MS, BatchMapper
+from loader.mapping import CODEC_OPTIONS, BatchMapper
 from loader.schema import COLLECTION_FIELDS
 from loader.synthetic import MALFORMED_KINDS, corrupt
-
-GOOD_TASK: dict[str, Any] = {
-    "_id": ObjectId("6949f9808bb6605dda000000"),
-    "file_id": "F0-00000001",
-    "stage": "review",
-    "employee_code": "E00001",
-    "employee_name": "Ana Rossi",
-    "status": "in_progress",
-    "assigned_at": datetime(2025, 12, 1, tzinfo=UTC),
-    "updated_at": datetime(2025, 12, 2, tzinfo=UTC),
-}
 
 
 def _as_read(doc: dict[str, Any]) -> dict[str, Any]:
@@ -57,29 +45,6 @@ def test_updated_at_before_1970_is_rejected_because_it_is_the_version() -> None:
     assert "updated_at: date -1 ms" in mapper.take().rejects[0].reason
 
 
-_values = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(-(2**63), 2**63 - 1),
-    st.text(max_size=30),
-    st.text(alphabet=st.characters(codec="utf-8"), max_size=5).map(lambda s: s + "\x00"),
-    st.integers(-(2**62), MAX_DATETIME64_MS + 10**6).map(DatetimeMS),
-    st.lists(st.integers(), max_size=2),
-    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
-    st.just("\udcff bad"),
-)
-
-
-GOOD_EMPLOYEE: dict[str, Any] = {
-    "_id": ObjectId("68b2c64095d9622df1000000"),
-    "employee_code": "E00001",
-    "employee_name": "Zoë Ñúñez",
-    "team": "north",
-    "active": True,
-    "updated_at": datetime(2025, 9, 1, tzinfo=UTC),
-}
-
-
 @settings(max_examples=400, deadline=None)
 @given(
     collection=st.sampled_from(sorted(COLLECTION_FIELDS)),
@@ -87,7 +52,7 @@ GOOD_EMPLOYEE: dict[str, Any] = {
         st.sampled_from(
             sorted({f.name for fs in COLLECTION_FIELDS.values() for f in fs} | {"_id"})
         ),
-        _values,
+        field_values,
         max_size=2,
     ),
     dropped=st.sets(st.sampled_from(sorted(GOOD_TASK) + sorted(GOOD_EMPLOYEE)), max_size=1),
