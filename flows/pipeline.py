@@ -37,6 +37,9 @@ from flows.lock import run_guard
 from flows.redis_link import RedisLink
 from flows.settings import FlowSettings
 from flows.timings import TimingRecorder
+from loader.clients import Clients, open_clients
+from loader.settings import Settings as LoaderSettings
+from loader.sync import SyncResult, has_changes, sync_collection
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -82,20 +85,13 @@ def _task_options(settings: FlowSettings) -> dict[str, Any]:
 
 
 @task(name="detect-changes", cache_policy=NO_CACHE)
-def detect_changes(collections: list[str]) -> list[str]:
-    from loader.settings import Settings
-    from loader.sync import has_changes
-
-    loader_settings = Settings()
-    return [c for c in collections if has_changes(loader_settings, c)]
+def detect_changes(clients: Clients, collections: list[str]) -> list[str]:
+    return [c for c in collections if has_changes(clients.settings, c, clients=clients)]
 
 
 @task(name="load-collection", task_run_name="load-{collection}", cache_policy=NO_CACHE)
-def load_collection(collection: str, full_refresh: bool = False) -> Any:
-    from loader.settings import Settings
-    from loader.sync import sync_collection
-
-    return sync_collection(Settings(), collection, full_refresh=full_refresh)
+def load_collection(clients: Clients, collection: str, full_refresh: bool = False) -> SyncResult:
+    return sync_collection(clients.settings, collection, full_refresh=full_refresh, clients=clients)
 
 
 @task(name="dbt-build", cache_policy=NO_CACHE)
@@ -149,7 +145,7 @@ def sync_pipeline(full_refresh: bool = False, build_all: bool = False) -> dict[s
                 logger.info("Run %s %s", run_id, g.skip_message)
                 ops.record_skipped_run(ch, run_id, settings.collections, started_at, g.skip_message)
                 return _summary(run_id, "skipped", g.skip_message, recorder, t0, guard=g.mechanism)
-            run = RunContext(settings, logger, run_id, started_at, t0, recorder, link, ch)
+            run = RunContext(settings, logger, run_id, started_at, t0, recorder, link, ch, held)
             return {**_run(run, full_refresh, build_all), "guard": g.mechanism}
     finally:
         _publish(recorder, ch, logger)
@@ -167,6 +163,7 @@ class RunContext:
     recorder: TimingRecorder
     link: RedisLink
     ch: Client
+    held: ExitStack  # closes what the run opens, when the run ends
 
 
 def _run(run: RunContext, full_refresh: bool, build_all: bool) -> dict[str, Any]:
@@ -181,11 +178,13 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool) -> dict[str, Any]
     collections = list(settings.collections)
     options = _task_options(settings)
 
+    # One pair of pooled connections serves every loader step of the run.
+    clients = run.held.enter_context(open_clients(LoaderSettings()))
     with recorder.step("detect_changes") as step:
         if full_refresh:
             changed = collections
         else:
-            changed = detect_changes.with_options(**options)(collections)
+            changed = detect_changes.with_options(**options)(clients, collections)
         pending = set(collections) if build_all else ops.pending_sources(ch, collections)
         step.rows = len(changed)
         step.message = f"changed={changed} pending_build={sorted(pending)}"
@@ -203,7 +202,7 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool) -> dict[str, Any]
     loads: dict[str, dict[str, Any]] = {}
     for collection in changed:
         with recorder.step(f"load:{collection}") as step:
-            result = load_collection.with_options(**options)(collection, full_refresh)
+            result = load_collection.with_options(**options)(clients, collection, full_refresh)
             step.rows = int(result.rows_written)
             step.message = (
                 f"docs_read={result.docs_read} rejects={result.rejects} deletes={result.deletes}"
