@@ -51,15 +51,13 @@ def is_transient(exc: BaseException | None) -> bool:
     if isinstance(exc, DbtBuildError):
         return False
     from clickhouse_connect.driver.exceptions import OperationalError
-    from pymongo.errors import AutoReconnect, ConnectionFailure
 
-    from loader.clients import ServerUnavailable
+    from loader.clients import MONGO_TRANSIENT, ServerUnavailable
 
     transient: tuple[type[BaseException], ...] = (
         ConnectionError,
         TimeoutError,
-        ConnectionFailure,
-        AutoReconnect,
+        *MONGO_TRANSIENT,
         OperationalError,
         ServerUnavailable,  # the loader's own retries ran out; one more try after a pause
     )

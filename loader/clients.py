@@ -17,7 +17,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import OperationalError
 from pymongo import MongoClient
 from pymongo.database import Database
-from pymongo.errors import ConnectionFailure
+from pymongo.errors import ConnectionFailure, CursorNotFound
 from tenacity import (
     RetryError,
     Retrying,
@@ -34,8 +34,9 @@ T = TypeVar("T")
 
 # Errors worth retrying: the server may come back. `ConnectionFailure` covers AutoReconnect,
 # NetworkTimeout and ServerSelectionTimeoutError; clickhouse-connect raises OperationalError for
-# refused/reset connections and timeouts. SQL errors are not retried.
-MONGO_TRANSIENT: tuple[type[BaseException], ...] = (ConnectionFailure,)
+# refused/reset connections and timeouts. SQL errors are not retried. `CursorNotFound`: a
+# mongod restart or failover drops open cursors; the read reopens at the last stored batch.
+MONGO_TRANSIENT: tuple[type[BaseException], ...] = (ConnectionFailure, CursorNotFound)
 CLICKHOUSE_TRANSIENT: tuple[type[BaseException], ...] = (OperationalError, ConnectionError)
 
 

@@ -14,7 +14,7 @@ from pymongo.database import Database
 from pymongo.errors import AutoReconnect
 
 from loader.clients import Clients
-from loader.mapping import MAX_DATETIME64_MS
+from loader.mapping import CODEC_OPTIONS, MAX_DATETIME64_MS
 from loader.settings import Settings
 from loader.sync import (
     WATERMARK_INDEX,
@@ -289,6 +289,35 @@ def test_transient_mongo_error_mid_run_resumes_from_the_last_stored_batch(
 
     assert result.status == "ok" and failures == [2]
     assert result.docs_read == 3_500  # the interrupted batch was read twice
+    assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
+
+
+def test_cursor_killed_on_the_server_mid_run_is_reopened_at_the_last_stored_batch(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 2_500, seed=64)
+    killed: list[int] = []
+
+    def kill_the_cursor_once(stored: BatchStored) -> None:
+        # What a mongod restart or failover does to an open cursor: the next getMore fails
+        # with CursorNotFound.
+        if stored.batch_no == 1 and not killed:
+            admin = clients.mongo.get_database("admin", codec_options=CODEC_OPTIONS)
+            idle = admin.aggregate(
+                [
+                    {"$currentOp": {"idleCursors": True}},
+                    {"$match": {"ns": f"{settings.mongo_db}.tasks", "type": "idleCursor"}},
+                ]
+            )
+            for op in idle:
+                killed.append(op["cursor"]["cursorId"])
+                db.command("killCursors", "tasks", cursors=[op["cursor"]["cursorId"]])
+
+    result = sync_collection(
+        settings, "tasks", clients=clients, batch_size=1_000, after_insert=kill_the_cursor_once
+    )
+
+    assert result.status == "ok" and len(killed) == 1
     assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
 
 
