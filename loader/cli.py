@@ -10,6 +10,7 @@ from enum import StrEnum
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import (
@@ -70,6 +71,17 @@ class _RichProgress:
             self.progress.advance(self.task, docs)
 
 
+def _settings() -> Settings:
+    """Settings from the environment, or exit naming each variable that is wrong."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            err_console.print(f"[bold red]configuration error:[/] {where}: {error['msg']}")
+        raise typer.Exit(code=2) from None
+
+
 def _fail(exc: BaseException) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {exc}")
     return typer.Exit(code=2)
@@ -98,7 +110,7 @@ def sync(
     from loader.sync import sync_collection
 
     _setup_logging(verbose)
-    settings = Settings()
+    settings = _settings()
     show = sys.stdout.isatty() if progress is None else progress
     results = []
     try:
@@ -170,7 +182,7 @@ def watch(
     from loader.deletes import follow_changes, reset_resume_token
 
     _setup_logging(verbose)
-    settings = Settings()
+    settings = _settings()
     stop = threading.Event()
     results: dict[str, object] = {}
     errors: list[BaseException] = []
@@ -242,7 +254,7 @@ def reconcile(
     from loader.deletes import reconcile_collection
 
     _setup_logging(verbose)
-    settings = Settings()
+    settings = _settings()
     try:
         with open_clients(settings) as clients:
             results = [
@@ -297,7 +309,7 @@ def seed(
 
     from loader import synthetic
 
-    settings = Settings()
+    settings = _settings()
     client: MongoClient = MongoClient(
         settings.mongo_uri, serverSelectionTimeoutMS=int(settings.connect_timeout_seconds * 1000)
     )

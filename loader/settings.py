@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -49,6 +49,18 @@ class Settings(BaseSettings):
     retry_max_wait: float = Field(10.0, ge=0, validation_alias="LOADER_RETRY_MAX_WAIT")
     # How long one attempt waits for a server before counting as failed.
     connect_timeout_seconds: float = Field(5.0, gt=0, validation_alias="LOADER_CONNECT_TIMEOUT")
+
+    @field_validator("mongo_db")
+    @classmethod
+    def _mongo_database_name(cls, name: str) -> str:
+        # MongoDB's own rules; checked here so the error names the variable and the fix.
+        forbidden = sorted(set(name) & set('/\\. "$\x00'))
+        if not name or forbidden or len(name.encode()) > 63:
+            raise ValueError(
+                f"MONGO_DB={name!r} is not a MongoDB database name: use 1 to 63 bytes without "
+                '/ \\ . space " $ or NUL (for example MONGO_DB=pipeline)'
+            )
+        return name
 
     def redacted_mongo_uri(self) -> str:
         """The Mongo URI without its password, safe for logs and error messages."""
