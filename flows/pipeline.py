@@ -38,6 +38,7 @@ from flows.redis_link import RedisLink
 from flows.settings import FlowSettings
 from flows.timings import TimingRecorder
 from loader.clients import Clients, open_clients
+from loader.reconcile import ReconcileResult, reconcile_collection
 from loader.settings import Settings as LoaderSettings
 from loader.sync import SyncResult, has_changes, sync_collection
 
@@ -92,6 +93,11 @@ def load_collection(clients: Clients, collection: str, full_refresh: bool = Fals
     return sync_collection(clients.settings, collection, full_refresh=full_refresh, clients=clients)
 
 
+@task(name="reconcile", task_run_name="reconcile-{collection}", cache_policy=NO_CACHE)
+def reconcile_collection_task(clients: Clients, collection: str) -> ReconcileResult:
+    return reconcile_collection(clients.settings, collection, clients=clients)
+
+
 @task(name="dbt-build", cache_policy=NO_CACHE)
 def dbt_build(settings: FlowSettings, select: list[str]) -> BuildResult:
     return run_build(settings, select)
@@ -116,12 +122,17 @@ def _summary(
 
 
 @flow(name="sync-pipeline", log_prints=True)
-def sync_pipeline(full_refresh: bool = False, build_all: bool = False) -> dict[str, Any]:
+def sync_pipeline(
+    full_refresh: bool = False, build_all: bool = False, reconcile: bool = False
+) -> dict[str, Any]:
     """Bring ClickHouse in step with MongoDB once; see the module docstring.
 
     `full_refresh`: reload every collection from scratch (and build everything).
     `build_all`: build downstream of every source even if only one changed (e.g. after the
-    `analytics` database was dropped by hand)."""
+    `analytics` database was dropped by hand).
+    `reconcile`: also compare every collection with MongoDB and repair what the watermark read
+    cannot see (deletes, late writes, backward updates); the scheduled deployment does this
+    every `PIPELINE_RECONCILE_INTERVAL_MINUTES`."""
     settings = FlowSettings()
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or uuid4())
@@ -144,7 +155,7 @@ def sync_pipeline(full_refresh: bool = False, build_all: bool = False) -> dict[s
                 ops.record_skipped_run(ch, run_id, settings.collections, started_at, g.skip_message)
                 return _summary(run_id, "skipped", g.skip_message, recorder, t0, guard=g.mechanism)
             run = RunContext(settings, logger, run_id, started_at, t0, recorder, link, ch, held)
-            return {**_run(run, full_refresh, build_all), "guard": g.mechanism}
+            return {**_run(run, full_refresh, build_all, reconcile), "guard": g.mechanism}
     finally:
         _publish(recorder, ch, logger)
         link.close()
@@ -164,7 +175,7 @@ class RunContext:
     held: ExitStack  # closes what the run opens, when the run ends
 
 
-def _run(run: RunContext, full_refresh: bool, build_all: bool) -> dict[str, Any]:
+def _run(run: RunContext, full_refresh: bool, build_all: bool, reconcile: bool) -> dict[str, Any]:
     settings, logger, run_id, recorder, ch = (
         run.settings,
         run.logger,
@@ -186,8 +197,7 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool) -> dict[str, Any]
         pending = set(collections) if build_all else ops.pending_sources(ch, collections)
         step.rows = len(changed)
         step.message = f"changed={changed} pending_build={sorted(pending)}"
-    to_build = sorted(set(changed) | pending)
-    if not to_build:
+    if not (changed or pending or reconcile):
         message = "skipped: no changes since the last sync"
         recorder.steps[-1].status = "skipped"
         logger.info("Run %s %s", run_id, message)
@@ -216,6 +226,12 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool) -> dict[str, Any]
         }
         alerts.append(check_loader_memory(settings, run_id, collection, result.peak_rss_bytes))
 
+    repaired = _reconcile(run, clients, pending | set(changed), options) if reconcile else []
+    to_build = sorted(set(changed) | pending | set(repaired))
+    if not to_build:
+        message = "reconciled: nothing to repair, nothing changed"
+        logger.info("Run %s %s", run_id, message)
+        return _summary(run_id, "ok", message, recorder, t0, changed=[], built=[])
     select = selectors(settings, to_build)
     with recorder.step("dbt_build") as step:
         step.message = " ".join(select)
@@ -258,6 +274,28 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool) -> dict[str, Any]
     )
 
 
+def _reconcile(
+    run: RunContext, clients: Clients, pending: set[str], options: dict[str, Any]
+) -> list[str]:
+    """Reconcile every collection; the ones it repaired need a build (as do `pending`)."""
+    collections = list(run.settings.collections)
+    with run.recorder.step("reconcile") as step:
+        # Durable before repairing: if the run dies mid-way, the next run still builds.
+        ops.set_pending(run.ch, collections, True, run.run_id)
+        results = [
+            reconcile_collection_task.with_options(**options)(clients, c) for c in collections
+        ]
+        repaired = [r.collection for r in results if r.deletes or r.rows_written or r.rejects]
+        untouched = [c for c in collections if c not in repaired and c not in pending]
+        ops.set_pending(run.ch, untouched, False, run.run_id)
+        step.rows = sum(r.deletes + r.rows_written + r.rejects for r in results)
+        step.message = "; ".join(
+            f"{r.collection}: {r.deletes} tombstones, {r.rows_written} rows, {r.rejects} rejects"
+            for r in results
+        )
+    return repaired
+
+
 def _ensure_schema(ch: Client) -> None:
     """The loader's tables (ops.sync_runs receives skipped runs) and the flow's own."""
     from loader.schema import ensure_schema
@@ -288,8 +326,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=main.__doc__)
     parser.add_argument("--full-refresh", action="store_true", help="reload every collection")
     parser.add_argument("--build-all", action="store_true", help="build downstream of all sources")
+    parser.add_argument(
+        "--reconcile", action="store_true", help="also repair deletes and missed writes"
+    )
     args = parser.parse_args(argv)
-    summary = sync_pipeline(full_refresh=args.full_refresh, build_all=args.build_all)
+    summary = sync_pipeline(
+        full_refresh=args.full_refresh, build_all=args.build_all, reconcile=args.reconcile
+    )
     print(json.dumps(summary, indent=2, default=str))
 
 

@@ -2,9 +2,10 @@
 
 Starts `prefect server start` with its SQLite database under `<PIPELINE_DATA_DIR>/prefect` (the
 ephemeral API cannot schedule), then serves `sync_pipeline` every `PIPELINE_SYNC_INTERVAL_MINUTES`
-(15 by default). Overlap protection: the deployment's concurrency limit of 1 (runs queue, never
-overlap) on top of the flow's own Redis lock. `--events` adds the event-driven mode: a listener
-blocked on a Redis stream starts a deployment run within seconds of a signalled change; with
+(15 by default), and with `reconcile=True` every `PIPELINE_RECONCILE_INTERVAL_MINUTES` (daily).
+Overlap protection: the deployment's concurrency limit of 1 (runs queue, never overlap) on top
+of the flow's own Redis lock. `--events` adds the event-driven mode: a listener blocked on a
+Redis stream starts a deployment run within seconds of a signalled change; with
 `--watch` this process also runs the loader's change-stream follower, which signals each change
 (otherwise run `python -m loader watch`-style followers that call `flows.events.signal_change`).
 
@@ -122,6 +123,13 @@ def main(argv: list[str] | None = None) -> None:
         default=settings.sync_interval_minutes,
         help="schedule interval (default: PIPELINE_SYNC_INTERVAL_MINUTES or 15)",
     )
+    parser.add_argument(
+        "--reconcile-interval-minutes",
+        type=float,
+        default=settings.reconcile_interval_minutes,
+        help="interval of the runs that also reconcile (default: "
+        "PIPELINE_RECONCILE_INTERVAL_MINUTES or 1440)",
+    )
     parser.add_argument("--port", type=int, default=settings.prefect_port)
     parser.add_argument(
         "--events",
@@ -150,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.info("Prefect server at http://127.0.0.1:%d (UI and API)", args.port)
 
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.schedules import Interval
 
     from flows.pipeline import sync_pipeline
 
@@ -160,7 +169,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sync_pipeline.serve(
             name=DEPLOYMENT,
-            interval=timedelta(minutes=args.interval_minutes),
+            schedules=[
+                Interval(timedelta(minutes=args.interval_minutes)),
+                Interval(
+                    timedelta(minutes=args.reconcile_interval_minutes),
+                    parameters={"reconcile": True},
+                ),
+            ],
             # Runs queue behind a running one instead of overlapping; the flow's Redis lock
             # is the second line (a run that slips through records "skipped").
             global_limit=ConcurrencyLimitConfig(

@@ -50,6 +50,8 @@ class FlowSettings(BaseSettings):
 
     # Scheduling.
     sync_interval_minutes: float = 15.0
+    # How often a scheduled run also reconciles (deletes, late writes, backward updates).
+    reconcile_interval_minutes: float = 1440.0
     # Port of the local Prefect server started by `make serve` (UI and API).
     prefect_port: int = 4200
     # Prefect global concurrency limit guarding overlap when Redis is unreachable.

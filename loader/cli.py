@@ -247,11 +247,12 @@ def reconcile(
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Tombstone ids that are live in ClickHouse but gone from MongoDB.
+    """Repair what the watermark read cannot see: deletes, late writes, backward updates.
 
-    Both sides are summarised per hash bucket (count and XOR of a 64-bit hash of each id); only
-    buckets that differ have their ids compared."""
-    from loader.deletes import reconcile_collection
+    Both sides are summarised per hash bucket (count and XOR of a 64-bit hash of each id and
+    its updated_at); only buckets that differ have their ids compared. Ids gone from MongoDB
+    get a tombstone; documents ClickHouse lacks or holds with another updated_at are loaded."""
+    from loader.reconcile import reconcile_collection
 
     _setup_logging(verbose)
     settings = _settings()
@@ -265,7 +266,7 @@ def reconcile(
         raise _fail(exc) from exc
     table = Table(title="reconcile")
     cols = ("collection", "mongo ids", "clickhouse ids", "buckets", "differ", "tombstones")
-    for col in (*cols, "not yet loaded", "seconds"):
+    for col in (*cols, "missing", "stale", "rows loaded", "rejects", "seconds"):
         table.add_column(col)
     for r in results:
         table.add_row(
@@ -276,6 +277,9 @@ def reconcile(
             str(r.mismatched_buckets),
             str(r.deletes),
             str(r.missing_in_clickhouse),
+            str(r.stale_in_clickhouse),
+            str(r.rows_written),
+            str(r.rejects),
             f"{r.duration_s:.2f}",
         )
     console.print(table)

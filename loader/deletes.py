@@ -3,9 +3,8 @@
 - `follow_changes` follows the collection's change stream and turns delete events into
   tombstones; it stores the resume token in `ops.change_stream_state` after each processed
   batch of events, so a restart resumes where it stopped.
-- `reconcile_collection` compares the ids in Mongo with the live ids in ClickHouse in hashed
-  buckets (count + XOR of a 64-bit hash per bucket on both sides), ships ids only for buckets
-  that differ, and tombstones ids that are in ClickHouse but gone from Mongo.
+- `loader.reconcile` compares both sides in hashed buckets and tombstones ids that are in
+  ClickHouse but gone from Mongo (and repairs what else the watermark read missed).
 
 A tombstone is a copy of the last stored row with `is_deleted = 1` and a higher `_version`
 (`max(deleted_at_ms, last _version + 1)`), written by one `INSERT ... SELECT ... FINAL` with
@@ -18,7 +17,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +29,6 @@ from loader.mapping import BatchMapper
 from loader.runs import PeakRss, RunRecord, new_run_id, write_run
 from loader.schema import (
     CHANGE_STREAM_STATE,
-    REJECTS,
     raw_columns,
     raw_table,
     require_collection,
@@ -297,175 +295,3 @@ def _record(cl: Clients, rec: RunRecord, events: int, deletes: int, rss: PeakRss
         clickhouse_call(cl.settings, lambda: write_run(cl.clickhouse, rec))
     except Exception as exc:  # noqa: BLE001 - do not hide the original outcome
         log.error("could not record run %s: %s", rec.run_id, exc)
-
-
-# -- reconciliation ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ReconcileResult:
-    run_id: str
-    collection: str
-    buckets: int
-    mismatched_buckets: int
-    mongo_ids: int
-    clickhouse_ids: int
-    deletes: int  # tombstones written
-    missing_in_clickhouse: int  # in Mongo, not (yet) loaded: the next sync brings them
-    duration_s: float
-
-
-def _bucket_count(live_rows: int) -> int:
-    # About 2,000 ids per bucket: a mismatch ships few ids, the digest stays small.
-    n = 16
-    while n < 65_536 and n * 2_000 < live_rows:
-        n *= 2
-    return n
-
-
-def _known_ids_sql(collection: str) -> str:
-    """Ids ClickHouse accounts for: live rows, plus ObjectIds only ever rejected (they are in
-    Mongo too; leaving them out would make every bucket differ). Takes parameter `c`."""
-    table = raw_table(collection).qualified
-    return (
-        f"SELECT _id FROM {table} FINAL WHERE is_deleted = 0 UNION ALL "
-        f"SELECT DISTINCT _id FROM {REJECTS.qualified} WHERE collection = {{c:String}} "
-        "AND length(_id) = 24 AND match(_id, '^[0-9a-f]+$') "
-        f"AND _id NOT IN (SELECT _id FROM {table})"
-    )
-
-
-def _mongo_ids(cl: Clients, collection: str) -> Iterable[str]:
-    cursor = mongo_call(
-        cl.settings,
-        lambda: cl.db[collection].find({}, {"_id": 1}).hint([("_id", 1)]).batch_size(50_000),
-    )
-    for doc in cursor:
-        oid = doc["_id"]
-        if type(oid) is ObjectId:  # other ids are never loaded (rejected), so never compared
-            yield str(oid)
-
-
-def reconcile_collection(
-    settings: Settings,
-    collection: str,
-    *,
-    clients: Clients | None = None,
-    buckets: int | None = None,
-    max_ids_in_memory: int = 200_000,
-) -> ReconcileResult:
-    """Tombstone ids that are live in `raw.<collection>` but gone from Mongo."""
-    require_collection(collection)
-    started = time.monotonic()
-    with open_clients(settings, clients) as cl:
-        prepare_clients(cl)
-        run_id = new_run_id()
-        rec = RunRecord(run_id, collection, kind="reconcile")
-        rss = PeakRss()
-        ch = cl.clickhouse
-        live = _known_ids_sql(collection)
-        try:
-            ch_total = int(
-                clickhouse_call(
-                    settings,
-                    lambda: ch.command(
-                        f"SELECT count() FROM ({live})", parameters={"c": collection}
-                    ),
-                )
-            )
-            n = buckets or _bucket_count(ch_total)
-            ch_digest = {
-                int(b): (int(c), int(x))
-                for b, c, x in clickhouse_call(
-                    settings,
-                    lambda: (
-                        ch.query(
-                            f"SELECT h % {{n:UInt64}} AS b, count(), groupBitXor(h) FROM "
-                            f"(SELECT {CH_HASH} AS h FROM ({live})) GROUP BY b",
-                            parameters={"n": n, "c": collection},
-                        ).result_rows
-                    ),
-                )
-            }
-            counts = [0] * n
-            xors = [0] * n
-            mongo_total = 0
-            for hex_id in _mongo_ids(cl, collection):
-                h = id_hash(hex_id)
-                b = h % n
-                counts[b] += 1
-                xors[b] ^= h
-                mongo_total += 1
-            rss.sample()
-            bad = [b for b in range(n) if ch_digest.get(b, (0, 0)) != (counts[b], xors[b])]
-            deletes = missing = 0
-            per_bucket = max(1, max(ch_total, mongo_total) // n)
-            group = max(1, max_ids_in_memory // per_bucket)
-            for start in range(0, len(bad), group):
-                chosen = bad[start : start + group]
-                gone, absent = _diff_buckets(cl, collection, n, chosen)
-                missing += absent
-                if gone:
-                    deletes += write_tombstones(
-                        cl, collection, dict.fromkeys(gone, now_ms()), run_id
-                    )
-                rss.sample()
-            rec.deletes = deletes
-            rec.peak_rss_bytes = rss.peak
-            rec.finish(
-                "ok",
-                f"reconcile: {n} buckets, {len(bad)} differ; mongo ids={mongo_total}, "
-                f"clickhouse live ids={ch_total}, not yet loaded={missing}",
-            )
-        except BaseException as exc:
-            rec.peak_rss_bytes = rss.peak
-            rec.finish("failed", f"{type(exc).__name__}: {exc}")
-            _record(cl, rec, 0, rec.deletes, rss)
-            raise
-        clickhouse_call(settings, lambda: write_run(ch, rec))
-        return ReconcileResult(
-            run_id,
-            collection,
-            n,
-            len(bad),
-            mongo_total,
-            ch_total,
-            deletes,
-            missing,
-            time.monotonic() - started,
-        )
-
-
-def _diff_buckets(cl: Clients, collection: str, n: int, chosen: list[int]) -> tuple[list[str], int]:
-    """Ids of the chosen buckets live in ClickHouse but absent from Mongo (checked twice), and
-    how many ids of those buckets Mongo has that ClickHouse lacks."""
-    wanted = set(chosen)
-    ch_ids = {
-        row[0]
-        for row in clickhouse_call(
-            cl.settings,
-            lambda: (
-                cl.clickhouse.query(
-                    f"SELECT _id FROM ({_known_ids_sql(collection)}) "
-                    f"WHERE {CH_HASH} % {{n:UInt64}} IN {{b:Array(UInt64)}}",
-                    parameters={"n": n, "b": chosen, "c": collection},
-                ).result_rows
-            ),
-        )
-    }
-    mongo_ids = {i for i in _mongo_ids(cl, collection) if id_hash(i) % n in wanted}
-    candidates = ch_ids - mongo_ids
-    missing = len(mongo_ids - ch_ids)
-    if not candidates:
-        return [], missing
-    # A document loaded after the Mongo scan started would look deleted: ask Mongo again.
-    still_there = {
-        str(d["_id"])
-        for d in mongo_call(
-            cl.settings,
-            lambda: list(
-                cl.db[collection].find(
-                    {"_id": {"$in": [ObjectId(i) for i in candidates]}}, {"_id": 1}
-                )
-            ),
-        )
-    }
-    return sorted(candidates - still_there), missing

@@ -144,7 +144,8 @@ def ensure_watermark_index(coll: Collection, settings: Settings) -> bool:
     return missing
 
 
-def _projection(collection: str) -> dict[str, int]:
+def projection(collection: str) -> dict[str, int]:
+    """The fields a read asks Mongo for: `_id` and the mapped ones."""
     return {"_id": 1} | {f.name: 1 for f in fields_of(collection)}
 
 
@@ -244,7 +245,7 @@ class _Run:
     def _cursor(self, bounds: ReadBounds, raw: bool) -> Cursor:
         find = self.coll.find_raw_batches if raw else self.coll.find
         return (
-            find(bounds.mongo_filter(), _projection(self.collection))
+            find(bounds.mongo_filter(), projection(self.collection))
             .sort(WATERMARK_INDEX)
             .hint(WATERMARK_INDEX)
             .batch_size(self.batch_size)
@@ -296,7 +297,7 @@ class _Run:
         """Reject, once, documents the main read cannot reach: `updated_at` missing or not a
         date, or further in the future than `max_future_seconds`. Ids already in
         `raw.rejects` are skipped, so a quiet collection costs two empty index probes."""
-        proj = _projection(self.collection)
+        proj = projection(self.collection)
         for cursor in undatable_cursors(self.coll, proj, upper_ms):
             buf: list[dict[str, Any]] = []
             for doc in cursor:
@@ -458,7 +459,7 @@ def sync_collection(
             rec.watermark_after = after.describe() if after else rec.watermark_before
             rec.peak_rss_bytes = run.rss.peak
             rec.finish("failed", f"{type(exc).__name__}: {exc}")
-            _try_write_run(cl, rec)
+            record_failed_run(cl, rec)
             raise
         clickhouse_call(settings, lambda: write_run(ch, rec))
         return SyncResult(
@@ -478,7 +479,8 @@ def sync_collection(
         )
 
 
-def _try_write_run(clients: Clients, rec: RunRecord) -> None:
+def record_failed_run(clients: Clients, rec: RunRecord) -> None:
+    """Write the run record of a failed run, logging (not raising) if that fails too."""
     try:
         write_run(clients.clickhouse, rec)
     except Exception as exc:  # noqa: BLE001 - the original error matters more

@@ -130,7 +130,7 @@ class Warehouse:
         for collection in ("employee", "tasks"):
             sync_collection(self.settings, collection, full_refresh=full_refresh)
         if deletes:
-            from loader.deletes import reconcile_collection
+            from loader.reconcile import reconcile_collection
 
             reconcile_collection(self.settings, "tasks")
 

@@ -102,6 +102,38 @@ def test_run_after_an_update_processes_just_that_change(pipeline: Pipeline) -> N
     assert status == "in_progress"
 
 
+def test_reconcile_run_removes_a_deleted_task_from_pipeline_state(pipeline: Pipeline) -> None:
+    from bson import ObjectId
+
+    sync_pipeline()
+    file_id, task_id = pipeline.rows(
+        "SELECT file_id, task_id FROM analytics.pipeline_state ORDER BY file_id LIMIT 1"
+    )[0].values()
+    pipeline.db.tasks.delete_many({"file_id": file_id})  # the whole file is gone
+    assert sync_pipeline()["status"] == "skipped"  # a deletion moves no watermark
+
+    summary = sync_pipeline(reconcile=True)
+
+    assert summary["status"] == "ok"
+    assert summary["built"] == ["source:mongo.tasks+"]
+    steps = steps_of(pipeline, summary["run_id"])
+    assert steps["reconcile"]["status"] == "ok" and steps["reconcile"]["rows"] >= 1
+    left = pipeline.scalar(
+        "SELECT count() FROM analytics.pipeline_state WHERE file_id = {f:String}", f=file_id
+    )
+    assert left == 0
+    assert pipeline.db.tasks.count_documents({"_id": ObjectId(task_id)}) == 0
+
+
+def test_reconcile_run_with_nothing_to_repair_builds_nothing(pipeline: Pipeline) -> None:
+    sync_pipeline()
+
+    summary = sync_pipeline(reconcile=True)
+
+    assert (summary["status"], summary["built"]) == ("ok", [])
+    assert "nothing to repair" in summary["message"]
+
+
 def test_two_runs_started_together_one_runs_and_one_is_skipped(pipeline: Pipeline) -> None:
     barrier = threading.Barrier(2)
     results: list[dict[str, Any]] = []

@@ -8,7 +8,8 @@ from loader_testlib import clickhouse_tasks, mongo_tasks
 from pymongo.database import Database
 
 from loader.clients import Clients
-from loader.deletes import follow_changes, id_hash, reconcile_collection
+from loader.deletes import follow_changes, id_hash
+from loader.reconcile import reconcile_collection
 from loader.settings import Settings
 from loader.sync import sync_collection
 from loader.synthetic import mutate, seed

@@ -121,7 +121,7 @@ class World:
         self.reconcile("tasks")
 
     def reconcile(self, collection: str = "tasks") -> Any:
-        from loader.deletes import reconcile_collection
+        from loader.reconcile import reconcile_collection
 
         return reconcile_collection(self.settings, collection)
 

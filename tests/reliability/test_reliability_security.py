@@ -218,7 +218,7 @@ def test_sql_sent_by_the_loader_never_contains_document_values(
         )
         result = sync_collection(settings, "tasks")
         world.db.tasks.delete_one({"status": "assigned"})
-        from loader.deletes import reconcile_collection
+        from loader.reconcile import reconcile_collection
 
         reconcile_collection(settings, "tasks")
     finally:
