@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import World
 from harness import Report, assert_all_ok
+from world import World
 
 from loader.settings import Settings
 from loader.sync import BatchStored, sync_collection

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import World
 from harness import Report, assert_all_ok
+from world import World
 
 from loader.synthetic import mutate
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import World, restart
 from harness import REPO, Report, assert_all_ok, compare_pipeline_state, compare_task_events
+from world import World, restart
 
 from loader.synthetic import mutate
 

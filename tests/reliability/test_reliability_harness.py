@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bson import ObjectId
-from conftest import World
 from harness import compare_raw, compare_task_events, dbt_build
+from world import World
 
 
 def loaded(world: World) -> World:

@@ -21,10 +21,10 @@ from bson import Binary, Code, Decimal128, Int64, MaxKey, MinKey, ObjectId, Rege
 from bson.codec_options import CodecOptions
 from bson.datetime_ms import DatetimeMS
 from bson.raw_bson import RawBSONDocument
-from conftest import World
 from harness import Comparison, Report, assert_all_ok, compare_raw
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from world import World
 
 from loader.mapping import id_to_str
 from loader.schema import fields_of

@@ -20,9 +20,9 @@ from pathlib import Path
 import psutil
 import pytest
 from bson import ObjectId
-from conftest import World, start_stack
 from harness import REPO, Report, assert_all_ok
 from pydantic import ValidationError
+from world import World, start_stack
 
 from devstack.stack import Stack
 from loader.settings import Settings

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import World, restart
 from harness import Report, assert_all_ok
 from pymongo.errors import AutoReconnect, ConnectionFailure
+from world import World, restart
 
 from loader.synthetic import mutate
 
