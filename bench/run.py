@@ -62,20 +62,19 @@ def _reason(exc: BaseException) -> str:
 @contextmanager
 def private_stack(cfg: BenchConfig, console: Console) -> Iterator[tuple[Any, Path]]:
     """A stack of its own (never the `make demo` data), stopped and removed afterwards."""
-    from devstack.process import free_ports
-    from devstack.stack import Stack
+    from devstack.stack import Stack, start_on_free_ports
 
     temp = cfg.data_dir is None
     root = Path(tempfile.mkdtemp(prefix="bench-")) if temp else Path(cfg.data_dir or ".")
     root.mkdir(parents=True, exist_ok=True)
     if cfg.port_base:
         ports = [cfg.port_base, cfg.port_base + 1, cfg.port_base + 2]
+        stack = Stack(root / "stack", *ports)
+        stack.up()
     else:
-        ports = free_ports(3)
-    mongo, clickhouse, redis = ports
-    stack = Stack(root / "stack", mongo_port=mongo, clickhouse_port=clickhouse, redis_port=redis)
-    console.log(f"starting the bench's stack in {root} (ports {ports})")
-    stack.up()
+        stack = start_on_free_ports(root / "stack")
+    ports = [stack.mongo_port, stack.clickhouse_port, stack.redis_port]
+    console.log(f"started the bench's stack in {root} (ports {ports})")
     try:
         yield stack, root
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from devstack.clickhouse import ClickHouseServer
 from devstack.mongo import MongoServer
-from devstack.process import LOCALHOST, PortBusyError, StackError
+from devstack.process import LOCALHOST, PortBusyError, StackError, free_ports
 from devstack.redis_server import RedisServer
 from devstack.service import Outcome, Service, ServiceStatus
 
@@ -139,3 +139,20 @@ class Stack:
         for name in wanted:
             self.service(name)  # unknown names fail loudly
         return [name for name in SERVICES if name in wanted]
+
+
+def start_on_free_ports(
+    data_dir: Path, clickhouse_password: str | None = None, attempts: int = 3
+) -> Stack:
+    """Start a stack of its own on free ports (tests, benchmarks); new ports if another
+    program grabs one between the choice and the start."""
+    for attempt in range(1, attempts + 1):
+        stack = Stack(data_dir, *free_ports(3), clickhouse_password=clickhouse_password)
+        try:
+            stack.up()
+        except PortBusyError:
+            if attempt == attempts:
+                raise
+            continue
+        return stack
+    raise ValueError(f"attempts must be at least 1, got {attempts}")

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import clickhouse_connect
 import pytest
 import redis
 from pymongo import MongoClient
 
-from devstack.process import PortBusyError, free_ports
-from devstack.stack import Stack
+from devstack.stack import Stack, start_on_free_ports
 
 TEST_MONGO_DB = "pipeline_test"
 CONTRACT_VARS = (
@@ -43,26 +41,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def start_private_stack(data_dir: Path, attempts: int = 3) -> Stack:
-    """A stack on free ports; new ports if another program grabs one between choice and start."""
-    for attempt in range(attempts):
-        mongo_port, clickhouse_port, redis_port = free_ports(3)
-        private = Stack(data_dir, mongo_port, clickhouse_port, redis_port)
-        try:
-            private.up()
-        except PortBusyError:
-            if attempt == attempts - 1:
-                raise
-            continue
-        return private
-    raise AssertionError("unreachable")
-
-
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data_dir = tmp_path_factory.mktemp("stack")
     saved = {name: os.environ.get(name) for name in CONTRACT_VARS}
-    test_stack = start_private_stack(data_dir)
+    test_stack = start_on_free_ports(data_dir)
     os.environ.update(test_stack.env)
     os.environ["MONGO_DB"] = TEST_MONGO_DB
     # Anything that keeps files under the data dir (Prefect home, lock files) stays in the temp dir.

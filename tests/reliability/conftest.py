@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 from harness import REPO, Report
-from world import RELIABILITY_DB, World, start_stack
+from world import RELIABILITY_DB, World
 
-from devstack.stack import Stack
+from devstack.stack import Stack, start_on_free_ports
 
 REPORT_KEY = pytest.StashKey[Report]()
 
@@ -56,7 +56,7 @@ def world(stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
 @pytest.fixture(scope="module")
 def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A private stack whose servers the scenarios kill, so the session stack stays intact."""
-    private = start_stack(tmp_path_factory.mktemp("fault_stack"))
+    private = start_on_free_ports(tmp_path_factory.mktemp("fault_stack"))
     try:
         yield private
     finally:

@@ -22,9 +22,9 @@ import pytest
 from bson import ObjectId
 from harness import REPO, Report, assert_all_ok
 from pydantic import ValidationError
-from world import World, start_stack
+from world import World
 
-from devstack.stack import Stack
+from devstack.stack import Stack, start_on_free_ports
 from loader.settings import Settings
 from loader.sync import sync_collection
 
@@ -50,7 +50,7 @@ def test_embedded_servers_listen_on_127_0_0_1_only(stack: Stack, report: Report)
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    private = start_stack(tmp_path_factory.mktemp("secured"), password=PASSWORD)
+    private = start_on_free_ports(tmp_path_factory.mktemp("secured"), clickhouse_password=PASSWORD)
     try:
         yield private
     finally:

@@ -23,7 +23,7 @@ from harness import (
 )
 from pymongo import MongoClient
 
-from devstack.process import PortBusyError, free_ports
+from devstack.process import PortBusyError
 from devstack.stack import Stack
 from loader.settings import Settings
 from loader.synthetic import seed
@@ -134,17 +134,3 @@ def restart(stack: Stack, service: str, timeout: float = 120.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(1.0)
-
-
-def start_stack(data_dir: Path, password: str | None = None, attempts: int = 3) -> Stack:
-    for attempt in range(attempts):
-        ports = free_ports(3)
-        private = Stack(data_dir, *ports, clickhouse_password=password)
-        try:
-            private.up()
-        except PortBusyError:
-            if attempt == attempts - 1:
-                raise
-            continue
-        return private
-    raise AssertionError("unreachable")
