@@ -15,27 +15,9 @@ source as (
 
 latest as (
 
-    -- One argMax per column (not one over a tuple), so a query that needs a few columns reads
-    -- only those. Aliases differ from the source names: in ClickHouse an alias is visible in
-    -- the whole SELECT and would shadow the column inside the other aggregates.
-    -- Equal versions are re-loads of the same document version, identical but for bookkeeping.
-    select
-        _id,
-        argMax(_id_created_at, _version) as latest_id_created_at,
-        argMax(file_id, _version) as latest_file_id,
-        argMax(stage, _version) as latest_stage,
-        argMax(employee_code, _version) as latest_employee_code,
-        argMax(employee_name, _version) as latest_employee_name,
-        argMax(status, _version) as latest_status,
-        argMax(assigned_at, _version) as latest_assigned_at,
-        argMax(updated_at, _version) as latest_updated_at,
-        argMax(is_deleted, _version) as latest_is_deleted,
-        argMax(_run_id, _version) as latest_run_id,
-        max(_version) as latest_version,
-        -- the last time any version was loaded: the incremental cursor downstream
-        max(_loaded_at) as last_loaded_at
-    from source
-    group by _id
+    {{ latest_version_per_id('source', [
+        'file_id', 'stage', 'employee_code', 'employee_name', 'status', 'assigned_at', 'updated_at',
+    ]) }}
 
 ),
 
