@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from dataclasses import dataclass
 
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
         line = ""
         if stats is not None and stats.hit_rate is not None:
             line = f"cache: {stats.hits} hits, {stats.misses} misses ({stats.hit_rate:.0%})"
-        render(panels, Console(), line)
+        # Wide enough for every panel when piped (a CI log, `make demo | tee`); a TTY sets its own.
+        render(panels, Console(width=None if sys.stdout.isatty() else 160), line)
     finally:
         link.close()
         ch.close()
