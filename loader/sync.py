@@ -244,10 +244,13 @@ class _Run:
     # -- reading -------------------------------------------------------------------------------
     def _cursor(self, bounds: ReadBounds, raw: bool) -> Cursor:
         find = self.coll.find_raw_batches if raw else self.coll.find
+        start, end = bounds.index_range()
         return (
             find(bounds.mongo_filter(), projection(self.collection))
             .sort(WATERMARK_INDEX)
             .hint(WATERMARK_INDEX)
+            .min(start)
+            .max(end)
             .batch_size(self.batch_size)
             # The index provides the order; should it ever not (an array stored in `updated_at`
             # makes it multikey), let the server sort on disk rather than fail at 100 MB.
@@ -503,7 +506,7 @@ def _truncate(clients: Clients, collection: str) -> None:
 
 
 def has_changes(settings: Settings, collection: str, *, clients: Clients | None = None) -> bool:
-    """True when a sync would read something: one indexed `find_one` past the read bounds.
+    """True when a sync would read something: one indexed probe past the read bounds.
 
     Documents whose `updated_at` is not a usable date are not considered (the next sync that
     runs for another reason rejects them)."""
@@ -513,8 +516,7 @@ def has_changes(settings: Settings, collection: str, *, clients: Clients | None 
         ensure_watermark_index(coll, settings)
         wm = clickhouse_call(settings, lambda: load_watermark(cl.clickhouse, collection))
         bounds = read_bounds(wm, settings.overlap_seconds, settings.max_future_seconds, now_ms())
-        doc = mongo_call(
-            settings,
-            lambda: coll.find_one(bounds.mongo_filter(), {"_id": 1}, hint=WATERMARK_INDEX),
-        )
-        return doc is not None
+        start, end = bounds.index_range()
+        probe = coll.find(bounds.mongo_filter(), {"_id": 1}).hint(WATERMARK_INDEX)
+        probe = probe.min(start).max(end).limit(1)
+        return mongo_call(settings, lambda: next(probe.clone(), None)) is not None

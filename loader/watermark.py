@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from bson import ObjectId, json_util
+from bson import MinKey, ObjectId, json_util
 from bson.datetime_ms import DatetimeMS
 from clickhouse_connect.driver.client import Client
 
@@ -72,11 +72,20 @@ class ReadBounds:
         lower = MIN_BSON_DATE if self.lower_ms is None else DatetimeMS(self.lower_ms)
         flt: dict[str, Any] = {"updated_at": {"$gte": lower, "$lte": DatetimeMS(self.upper_ms)}}
         if self.lower_ms is not None and self.lower_id is not None:
-            # Lexicographic `(updated_at, _id) > (W, id)` as one index range plus a filter (an
-            # `$or` would make the planner merge two scans). By BSON type bracketing, ids of
-            # another type than the watermark's are never excluded: re-read, never lost.
+            # Lexicographic `(updated_at, _id) > (W, id)`: excludes the watermark's document
+            # itself (see `index_range` for where the scan starts).
             flt["$nor"] = [{"updated_at": lower, "_id": {"$lte": self.lower_id}}]
         return flt
+
+    def index_range(self) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+        """`min` (inclusive) and `max` (exclusive) keys of the `(updated_at, _id)` index for
+        the read: the scan starts at the watermark's own key, so the many documents that
+        may share its `updated_at` are not examined again on every run. Everything before
+        that key in index order was read when the watermark moved past it."""
+        lower = MIN_BSON_DATE if self.lower_ms is None else DatetimeMS(self.lower_ms)
+        start_id = MinKey() if self.lower_id is None else self.lower_id
+        end = DatetimeMS(self.upper_ms + 1)
+        return [("updated_at", lower), ("_id", start_id)], [("updated_at", end), ("_id", MinKey())]
 
 
 def read_bounds(

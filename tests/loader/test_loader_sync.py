@@ -248,6 +248,25 @@ def test_missing_watermark_index_is_created_and_reported(
     assert "created index" in first.message
 
 
+def test_quiet_sync_examines_only_the_watermark_key_when_many_documents_share_its_date(
+    settings: Settings, clients: Clients, db: Database, plain_db: Database
+) -> None:
+    seed(db, 2_000, seed=95)
+    same = datetime(2025, 6, 1, tzinfo=UTC)
+    plain_db.tasks.update_many({}, {"$set": {"updated_at": same}})
+    sync_collection(settings, "tasks", clients=clients)
+    plain_db.command("profile", 2)
+    try:
+        quiet = sync_collection(settings, "tasks", clients=clients)
+        probed = has_changes(settings, "tasks", clients=clients)
+    finally:
+        plain_db.command("profile", 0)
+
+    reads = list(db["system.profile"].find({"ns": f"{settings.mongo_db}.tasks", "op": "query"}))
+    assert (quiet.docs_read, probed) == (0, False)
+    assert reads and max(r["keysExamined"] for r in reads) <= 1
+
+
 def test_index_another_loader_is_still_building_is_waited_for(
     settings: Settings, plain_db: Database
 ) -> None:
