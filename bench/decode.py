@@ -65,10 +65,9 @@ def decode_pymongoarrow(settings: Settings, loaded_at_ms: int = 0) -> int:
     rows = 0
     try:
         for raw_batch in cursor:
-            valid = decode_valid_rows(raw_batch, COLLECTION, settings.max_string_chars)
-            if valid is None:
+            columns = decode_valid_rows(raw_batch, COLLECTION, settings.max_string_chars)
+            if columns is None:
                 raise RuntimeError("the bench dataset holds a document the loader rejects")
-            columns = {name: valid[name] for name in valid.column_names}
             rows += with_bookkeeping(COLLECTION, columns, RUN_ID, loaded_at_ms).num_rows
     finally:
         client.close()

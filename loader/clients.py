@@ -118,7 +118,7 @@ class Clients:
     settings: Settings
     mongo: MongoClient
     clickhouse: Client
-    schema_ready: set[str] = field(default_factory=set)  # tables known to be migrated
+    schema_ready: set[str] = field(default_factory=set)  # what is migrated or built already
 
     @property
     def db(self) -> Database:

@@ -95,9 +95,11 @@ def _every_row_valid(table: pa.Table, collection: str, max_string_chars: int) ->
     return all(pc.all(check.fill_null(False)).as_py() for check in checks)
 
 
-def decode_valid_rows(raw: bytes, collection: str, max_string_chars: int) -> pa.Table | None:
+def decode_valid_rows(
+    raw: bytes, collection: str, max_string_chars: int
+) -> dict[str, pa.Array | pa.ChunkedArray] | None:
     """The documents of `raw` (concatenated BSON) as `ID_COLUMNS` + field columns, in the raw
-    table's types; None when any document breaks a rule."""
+    table's types (ready for `mapping.with_bookkeeping`); None when any document breaks a rule."""
     context = PyMongoArrowContext(_schema(collection), CODEC_OPTIONS, allow_invalid=True)
     context.process_bson_stream(raw)
     table = context.finish()
@@ -110,4 +112,4 @@ def decode_valid_rows(raw: bytes, collection: str, max_string_chars: int) -> pa.
     for f in fields_of(collection):
         col = table[f.name]
         columns[f.name] = col.cast(pa.uint8()) if f.kind == "bool" else col
-    return pa.table(columns)
+    return columns

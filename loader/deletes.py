@@ -26,7 +26,7 @@ from pymongo.errors import OperationFailure
 
 from loader.clients import Clients, clickhouse_call, mongo_call, open_clients
 from loader.mapping import BatchMapper
-from loader.runs import PeakRss, RunRecord, new_run_id, write_run
+from loader.runs import PeakRss, RunRecord, new_run_id
 from loader.schema import (
     CHANGE_STREAM_STATE,
     raw_columns,
@@ -34,7 +34,7 @@ from loader.schema import (
     require_collection,
 )
 from loader.settings import Settings
-from loader.sync import prepare_clients, store_rejects, store_rows
+from loader.sync import prepare_clients, store_rejects, store_rows, write_run_or_log
 from loader.watermark import now_ms
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,4 @@ def _record(cl: Clients, rec: RunRecord, events: int, deletes: int, rss: PeakRss
     rec.deletes = deletes
     rec.peak_rss_bytes = rss.peak
     rec.message = f"{rec.message}; events={events}".lstrip("; ")
-    try:
-        clickhouse_call(cl.settings, lambda: write_run(cl.clickhouse, rec))
-    except Exception as exc:  # noqa: BLE001 - do not hide the original outcome
-        log.error("could not record run %s: %s", rec.run_id, exc)
+    write_run_or_log(cl, rec)

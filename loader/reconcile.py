@@ -32,12 +32,12 @@ from loader.schema import REJECTS, raw_table, require_collection
 from loader.settings import Settings
 from loader.sync import (
     WATERMARK_INDEX,
-    ensure_watermark_index,
     prepare_clients,
+    prepare_collection,
     projection,
-    record_failed_run,
     store_rejects,
     store_table,
+    write_run_or_log,
 )
 from loader.watermark import now_ms
 
@@ -135,13 +135,13 @@ def reconcile_collection(
         rec = RunRecord(new_run_id(), collection, kind="reconcile")
         rss = PeakRss()
         try:
-            ensure_watermark_index(cl.db[collection], settings)
+            prepare_collection(cl, collection)
             run = _Reconcile(cl, collection, rec, rss)
             result = run.go(buckets, max_ids_in_memory, started)
         except BaseException as exc:
             rec.peak_rss_bytes = rss.peak
             rec.finish("failed", f"{type(exc).__name__}: {exc}")
-            record_failed_run(cl, rec)
+            write_run_or_log(cl, rec)
             raise
         clickhouse_call(settings, lambda: write_run(cl.clickhouse, rec))
         return result

@@ -144,6 +144,15 @@ def ensure_watermark_index(coll: Collection, settings: Settings) -> bool:
     return missing
 
 
+def watermark_range(
+    coll: Collection, bounds: ReadBounds, fields: dict[str, int], *, raw: bool = False
+) -> Cursor:
+    """Documents past `bounds`, scanning the watermark index from the watermark's key."""
+    start, end = bounds.index_range()
+    find = coll.find_raw_batches if raw else coll.find
+    return find(bounds.mongo_filter(), fields).hint(WATERMARK_INDEX).min(start).max(end)
+
+
 def projection(collection: str) -> dict[str, int]:
     """The fields a read asks Mongo for: `_id` and the mapped ones."""
     return {"_id": 1} | {f.name: 1 for f in fields_of(collection)}
@@ -154,6 +163,18 @@ def prepare_clients(clients: Clients) -> None:
     if "loader" not in clients.schema_ready:
         clickhouse_call(clients.settings, lambda: ensure_schema(clients.clickhouse))
         clients.schema_ready.add("loader")
+
+
+def prepare_collection(clients: Clients, collection: str) -> bool:
+    """`prepare_clients`, and the watermark index built, once per `Clients` and collection
+    (a flow run probes, then loads, through one `Clients`); True when the index was missing."""
+    prepare_clients(clients)
+    key = f"watermark index of {collection}"
+    if key in clients.schema_ready:
+        return False
+    created = ensure_watermark_index(clients.db[collection], clients.settings)
+    clients.schema_ready.add(key)
+    return created
 
 
 class _Run:
@@ -207,19 +228,18 @@ class _Run:
     def flush_raw(self, raw: bytes) -> None:
         """Store a raw server batch through Arrow when every document maps; otherwise map it
         document by document (`flush`), which records each reject with its reason."""
-        rows = decode_valid_rows(raw, self.collection, self.settings.max_string_chars)
-        if rows is None:
+        columns = decode_valid_rows(raw, self.collection, self.settings.max_string_chars)
+        if columns is None:
             self.flush(bson.decode_all(raw, CODEC_OPTIONS))
             return
-        if not rows.num_rows:
+        rows = len(columns["_id"])
+        if not rows:
             return
-        table = with_bookkeeping(
-            self.collection, {name: rows[name] for name in rows.column_names}, self.run_id, now_ms()
-        )
+        table = with_bookkeeping(self.collection, columns, self.run_id, now_ms())
         self.rss.sample()
         store_table(self.clients, self.collection, table)
         last_ms = table["updated_at"][-1].cast(pa.int64()).as_py()
-        self._stored(rows.num_rows, rows.num_rows, 0, (last_ms, ObjectId(table["_id"][-1].as_py())))
+        self._stored(rows, rows, 0, (last_ms, ObjectId(table["_id"][-1].as_py())))
 
     def _stored(self, docs: int, rows: int, rejects: int, mark: tuple[int, Any] | None) -> None:
         """Count a stored batch and save the watermark at `mark` (updated_at ms, _id)."""
@@ -243,14 +263,9 @@ class _Run:
 
     # -- reading -------------------------------------------------------------------------------
     def _cursor(self, bounds: ReadBounds, raw: bool) -> Cursor:
-        find = self.coll.find_raw_batches if raw else self.coll.find
-        start, end = bounds.index_range()
         return (
-            find(bounds.mongo_filter(), projection(self.collection))
+            watermark_range(self.coll, bounds, projection(self.collection), raw=raw)
             .sort(WATERMARK_INDEX)
-            .hint(WATERMARK_INDEX)
-            .min(start)
-            .max(end)
             .batch_size(self.batch_size)
             # The index provides the order; should it ever not (an array stored in `updated_at`
             # makes it multikey), let the server sort on disk rather than fail at 100 MB.
@@ -426,7 +441,7 @@ def sync_collection(
         before: Watermark | None = None
         index_created = False
         try:
-            index_created = ensure_watermark_index(run.coll, settings)
+            index_created = prepare_collection(cl, collection)
             if full_refresh:
                 _truncate(cl, collection)
             before = clickhouse_call(settings, lambda: load_watermark(ch, collection))
@@ -462,7 +477,7 @@ def sync_collection(
             rec.watermark_after = after.describe() if after else rec.watermark_before
             rec.peak_rss_bytes = run.rss.peak
             rec.finish("failed", f"{type(exc).__name__}: {exc}")
-            record_failed_run(cl, rec)
+            write_run_or_log(cl, rec)
             raise
         clickhouse_call(settings, lambda: write_run(ch, rec))
         return SyncResult(
@@ -482,8 +497,8 @@ def sync_collection(
         )
 
 
-def record_failed_run(clients: Clients, rec: RunRecord) -> None:
-    """Write the run record of a failed run, logging (not raising) if that fails too."""
+def write_run_or_log(clients: Clients, rec: RunRecord) -> None:
+    """Write a run record where an error is already on its way: log a failure, never raise."""
     try:
         write_run(clients.clickhouse, rec)
     except Exception as exc:  # noqa: BLE001 - the original error matters more
@@ -511,12 +526,9 @@ def has_changes(settings: Settings, collection: str, *, clients: Clients | None 
     Documents whose `updated_at` is not a usable date are not considered (the next sync that
     runs for another reason rejects them)."""
     with open_clients(settings, clients) as cl:
-        prepare_clients(cl)
+        prepare_collection(cl, collection)
         coll = cl.db[collection]
-        ensure_watermark_index(coll, settings)
         wm = clickhouse_call(settings, lambda: load_watermark(cl.clickhouse, collection))
         bounds = read_bounds(wm, settings.overlap_seconds, settings.max_future_seconds, now_ms())
-        start, end = bounds.index_range()
-        probe = coll.find(bounds.mongo_filter(), {"_id": 1}).hint(WATERMARK_INDEX)
-        probe = probe.min(start).max(end).limit(1)
+        probe = watermark_range(coll, bounds, {"_id": 1}).limit(1)
         return mongo_call(settings, lambda: next(probe.clone(), None)) is not None

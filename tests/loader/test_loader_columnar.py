@@ -60,9 +60,7 @@ def test_a_batch_is_decoded_to_arrow_exactly_when_every_document_maps_with_the_s
         assert rows is None
     else:
         assert rows is not None
-        table = with_bookkeeping(
-            collection, {n: rows[n] for n in rows.column_names}, RUN_ID, LOADED_AT_MS
-        )
+        table = with_bookkeeping(collection, rows, RUN_ID, LOADED_AT_MS)
         assert table.equals(to_arrow(batch, RUN_ID, LOADED_AT_MS))
 
 
