@@ -9,6 +9,10 @@ and curl use against a real ClickHouse server.
 All engine work is serialized by one lock (chdb runs one statement at a time per session);
 `/ping` never takes it. URL settings and `database` are applied just for their request and then
 restored; `SET`/`USE` sent with a `session_id` are remembered for that session, like a server does.
+
+Requests are held to ClickHouse's default limits, answered as ClickHouse answers them: a URL up
+to 1 MiB (`http_max_uri_size`), and each header name or value, URL parameter or form field up to
+128 KiB (`http_max_field_name_size`, `http_max_field_value_size`); see HTTP_MAX_URI_SIZE.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import time
 import urllib.request
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -42,10 +46,11 @@ import uvicorn
 from anyio.to_thread import run_sync
 from chdb import session as chdb_session
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from devstack.http_codecs import (
     Decoder,
@@ -165,6 +170,29 @@ MAX_STATEMENT_BYTES = 1 << 20
 # A query sent in a POST body (not INSERT data) is read whole; refuse absurd sizes.
 MAX_QUERY_BYTES = 64 << 20
 
+# ClickHouse's limits on a request, at their defaults (src/Core/Settings.cpp). A size equal to a
+# limit is accepted, one byte more is not; sizes are counted as sent (percent-encoded).
+# - The request line and headers (src/Server/HTTP/HTTPServerRequest.cpp, ReadHeaders.cpp): over
+#   a limit, Poco throws a MessageException ("HTTP request URI invalid or too long", "Too many
+#   header fields", "Field name is too long", "Field value is too long") that
+#   HTTPServerConnection.cpp answers with a bare `400 Bad Request`: no body, no
+#   X-ClickHouse-Exception-Code, `Connection: close`. The reason is only logged.
+# - URL parameters and multipart form fields (src/Server/HTTP/HTMLForm.cpp, same settings): an
+#   HTMLFormException ("Too many form fields", "Field name too long", "Field value too long")
+#   that the query handler reports as an error: status 500, X-ClickHouse-Exception-Code 1000
+#   (POCO_EXCEPTION), body "Poco::Exception. Code: 1000, e.code() = 0, HTML Form Exception: ...".
+#   So one `param_x` longer than 128 KiB is refused even when the whole URL is under 1 MiB.
+HTTP_MAX_URI_SIZE = 1 << 20  # http_max_uri_size
+HTTP_MAX_FIELDS = 1_000_000  # http_max_fields
+HTTP_MAX_FIELD_NAME_SIZE = 128 << 10  # http_max_field_name_size
+HTTP_MAX_FIELD_VALUE_SIZE = 128 << 10  # http_max_field_value_size
+# h11 buffers a request's head until it is complete; the default (16 KiB) refused URLs that
+# ClickHouse takes. This leaves room for a maximal URI plus 1 MiB of headers, so requests within
+# the limits reach RequestHeadLimits and one connection holds at most ~2 MiB of head. A larger
+# head (ClickHouse would read up to 1,000,000 headers of 128 KiB) is cut off by h11 itself:
+# uvicorn answers 400 "Invalid HTTP request received." and closes, much as ClickHouse would.
+H11_MAX_INCOMPLETE_EVENT_SIZE = HTTP_MAX_URI_SIZE + (1 << 20)
+
 
 class ClickHouseError(Exception):
     """An error reported the way ClickHouse does: `Code: N. DB::Exception: ...`."""
@@ -191,6 +219,12 @@ class ClickHouseError(Exception):
     @classmethod
     def bad_request(cls, text: str, code: int = 36, name: str = "BAD_ARGUMENTS") -> ClickHouseError:
         return cls(code, f"Code: {code}. DB::Exception: {text}. ({name})", status=400)
+
+    @classmethod
+    def form_limit(cls, problem: str) -> ClickHouseError:
+        """A URL parameter or form field over a limit (see HTTP_MAX_URI_SIZE): code 1000, 500."""
+        text = f"Poco::Exception. Code: 1000, e.code() = 0, HTML Form Exception: {problem}"
+        return cls(1000, text)
 
     def response(self, query_id: str = "") -> Response:
         return PlainTextResponse(
@@ -426,6 +460,17 @@ async def _prepend(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[byt
         yield chunk
 
 
+def _check_form_limits(fields: Iterable[tuple[bytes | str, bytes]]) -> None:
+    """ClickHouse's limits on URL parameters or multipart form fields, as sent."""
+    for count, (name, value) in enumerate(fields, 1):
+        if count > HTTP_MAX_FIELDS:
+            raise ClickHouseError.form_limit("Too many form fields")
+        if len(name) > HTTP_MAX_FIELD_NAME_SIZE:
+            raise ClickHouseError.form_limit("Field name too long")
+        if len(value) > HTTP_MAX_FIELD_VALUE_SIZE:
+            raise ClickHouseError.form_limit("Field value too long")
+
+
 def _form_fields(content_type: str, body: bytes) -> dict[str, str]:
     """Fields of a multipart/form-data POST (clickhouse-connect sends server-side binds so)."""
     message = BytesParser(policy=HTTP).parsebytes(
@@ -433,19 +478,27 @@ def _form_fields(content_type: str, body: bytes) -> dict[str, str]:
     )
     if not message.is_multipart():
         raise ClickHouseError.bad_request("Malformed multipart/form-data body")
-    fields: dict[str, str] = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if part.get_filename():
-            raise ClickHouseError.bad_request(
-                "External data (file parts in multipart/form-data) is not supported by this server"
-            )
-        if name:
-            fields[str(name)] = part.get_payload(decode=True).decode()
-    return fields
+    parts = list(message.iter_parts())
+    if any(part.get_filename() for part in parts):
+        raise ClickHouseError.bad_request(
+            "External data (file parts in multipart/form-data) is not supported by this server"
+        )
+    fields = [
+        (
+            str(part.get_param("name", header="content-disposition") or ""),
+            part.get_payload(decode=True),
+        )
+        for part in parts
+    ]
+    _check_form_limits(fields)
+    return {name: value.decode() for name, value in fields if name}
 
 
 async def parse_request(request: Request, config: ServerConfig) -> QueryRequest:
+    raw_query: bytes = request.scope["query_string"]
+    if raw_query:  # checked as sent, before authentication, like ClickHouse's HTMLForm
+        fields = (field.partition(b"=") for field in raw_query.split(b"&"))
+        _check_form_limits((name, value) for name, _, value in fields)
     url = dict(parse_qsl(request.url.query, keep_blank_values=True))
     _authenticate(request, url, config)
     content_type = request.headers.get("content-type", "")
@@ -809,6 +862,39 @@ async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
         raise ClickHouseError.from_exception(exc) from exc
 
 
+class RequestHeadLimits:
+    """ClickHouse's limits on the request line and headers (see HTTP_MAX_URI_SIZE)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        problem = _head_problem(scope) if scope["type"] == "http" else None
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        log.info("refused a request: %s", problem)  # ClickHouse, too, only logs the reason
+        headers = [(b"content-length", b"0"), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 400, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def _head_problem(scope: Scope) -> str | None:
+    query: bytes = scope["query_string"]
+    uri_size = len(scope["raw_path"]) + (1 + len(query) if query else 0)
+    if uri_size > HTTP_MAX_URI_SIZE:
+        return "HTTP request URI invalid or too long"
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    if len(headers) > HTTP_MAX_FIELDS:
+        return "Too many header fields"
+    for name, value in headers:
+        if len(name) > HTTP_MAX_FIELD_NAME_SIZE:
+            return "Field name is too long"
+        if len(value) > HTTP_MAX_FIELD_VALUE_SIZE:
+            return "Field value is too long"
+    return None
+
+
 def build_app(config: ServerConfig, engine: Engine) -> Starlette:
     async def ping(request: Request) -> Response:
         return PlainTextResponse("Ok.\n")
@@ -833,7 +919,8 @@ def build_app(config: ServerConfig, engine: Engine) -> Starlette:
             Route("/ping", ping, methods=["GET", "HEAD"]),
             Route("/replicas_status", replicas_status, methods=["GET"]),
             Route("/", query, methods=["GET", "POST"]),
-        ]
+        ],
+        middleware=[Middleware(RequestHeadLimits)],
     )
 
 
@@ -857,6 +944,8 @@ def serve(
             log_config=None,  # keep this process's logging setup (stderr)
             access_log=False,
             lifespan="off",
+            http="h11",  # the limit below is h11's; httptools, if installed, has its own
+            h11_max_incomplete_event_size=H11_MAX_INCOMPLETE_EVENT_SIZE,
         )
     )
 
