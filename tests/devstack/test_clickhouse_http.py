@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import http.client
 import json
 import signal
 import socket
@@ -423,6 +424,150 @@ def test_malformed_http_request_is_refused_and_server_keeps_serving(front: Front
         sock.sendall(b"THIS IS NOT HTTP\r\n\r\n")
         reply = sock.recv(1024)
     assert reply.startswith(b"HTTP/1.1 400")
+    assert httpx.get(f"{front.url}ping").text == "Ok.\n"
+
+
+# --- request size limits: ClickHouse's defaults ----------------------------------------------
+
+MAX_URI = 1 << 20  # ClickHouse's http_max_uri_size
+MAX_FIELD = 128 << 10  # http_max_field_name_size and http_max_field_value_size
+FORM_ERROR = "Poco::Exception. Code: 1000, e.code() = 0, HTML Form Exception: "
+
+
+def object_ids(n: int) -> list[str]:
+    return [f"{i:024x}" for i in range(n)]
+
+
+@dataclass
+class RawReply:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+    closes: bool
+
+
+def raw_get(front: Front, target: str, headers: dict[str, str] | None = None) -> RawReply:
+    """A GET sent as is (httpx refuses URLs over 64 KiB; ClickHouse takes up to 1 MiB)."""
+    connection = http.client.HTTPConnection(HOST, front.port, timeout=60)
+    try:
+        connection.request("GET", target, headers=headers or {})
+        response = connection.getresponse()
+        return RawReply(response.status, response.headers, response.read(), response.will_close)
+    finally:
+        connection.close()
+
+
+def select_1_target(size: int) -> str:
+    """A request target of exactly `size` bytes: SELECT 1, padded with unused parameters."""
+    target = "/?query=SELECT+1"
+    while len(target) < size:
+        name = f"&param_pad{len(target)}="
+        target += name + "a" * min(size - len(target) - len(name), MAX_FIELD)
+    assert len(target) == size
+    return target
+
+
+def assert_bare_400_then_serving(front: Front, reply: RawReply) -> None:
+    """ClickHouse's answer to a request line or header over a limit, then the server is fine."""
+    assert reply.status == 400
+    assert "X-ClickHouse-Exception-Code" not in reply.headers
+    assert reply.body == b""
+    assert reply.closes
+    assert httpx.get(front.url, params={"query": "SELECT 1"}).text == "1\n"
+
+
+def test_array_parameter_longer_than_16_kib_reaches_the_engine(front: Front) -> None:
+    # command() sends its binds in the URL; here ~100 KB of it, beyond h11's default 16 KiB.
+    ids = object_ids(3_000)
+    count = front.client().command("SELECT length({ids:Array(String)})", parameters={"ids": ids})
+    assert count == 3_000
+
+
+def test_url_of_800_kb_in_parameters_under_the_field_limit_is_accepted(front: Front) -> None:
+    params = {f"ids{n}": object_ids(3_000) for n in range(8)}
+    sql = "SELECT " + " + ".join(f"length({{{name}:Array(String)}})" for name in params)
+    assert front.client().command(sql, parameters=params) == 24_000
+
+
+@pytest.mark.parametrize("call", ["command", "query"])
+def test_parameter_over_the_field_limit_gets_clickhouse_error(front: Front, call: str) -> None:
+    # 30,000 ids are ~1 MB in one field: command() puts it in the URL, query() in a multipart
+    # body (binds over 4 KiB); ClickHouse caps a field at 128 KiB either way.
+    run = getattr(front.client(), call)
+    with pytest.raises(
+        DatabaseError, match="code: 1000.*HTML Form Exception: Field value too long"
+    ):
+        run("SELECT length({ids:Array(String)})", parameters={"ids": object_ids(30_000)})
+
+
+@pytest.mark.parametrize(
+    ("field", "problem"),
+    [
+        (f"param_x={'a' * (MAX_FIELD + 1)}", "Field value too long"),
+        ("p" * (MAX_FIELD + 1), "Field name too long"),
+    ],
+    ids=["value", "name"],
+)
+def test_url_parameter_over_the_field_limit_gets_clickhouse_error(
+    front: Front, field: str, problem: str
+) -> None:
+    reply = raw_get(front, f"/?query=SELECT+1&{field}")
+    assert reply.status == 500
+    assert reply.headers["X-ClickHouse-Exception-Code"] == "1000"
+    assert reply.body.decode() == FORM_ERROR + problem + "\n"
+
+
+def test_url_of_exactly_1_mib_is_accepted(front: Front) -> None:
+    reply = raw_get(front, select_1_target(MAX_URI))
+    assert (reply.status, reply.body) == (200, b"1\n")
+
+
+def test_url_over_1_mib_gets_clickhouse_bare_400(front: Front) -> None:
+    assert_bare_400_then_serving(front, raw_get(front, select_1_target(MAX_URI + 1)))
+
+
+def test_header_value_of_exactly_128_kib_is_accepted(front: Front) -> None:
+    reply = raw_get(front, "/?query=SELECT+1", {"X-Padding": "a" * MAX_FIELD})
+    assert (reply.status, reply.body) == (200, b"1\n")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [{"X-Padding": "a" * (MAX_FIELD + 1)}, {"X-" + "a" * (MAX_FIELD - 1): "1"}],
+    ids=["value", "name"],
+)
+def test_header_over_the_field_limit_gets_clickhouse_bare_400(
+    front: Front, header: dict[str, str]
+) -> None:
+    assert_bare_400_then_serving(front, raw_get(front, "/?query=SELECT+1", header))
+
+
+def test_request_line_far_over_the_limits_is_cut_off_unbuffered(front: Front) -> None:
+    server = psutil.Process(front.proc.pid)
+    peak = baseline = server.memory_info().rss
+    sampling = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not sampling.wait(0.01):
+            peak = max(peak, server.memory_info().rss)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    reply = b""
+    try:
+        with socket.create_connection((HOST, front.port), timeout=30) as sock:
+            sock.sendall(b"GET /?query=SELECT+1&param_x=")
+            for _ in range(64):  # 64 MiB, never finished by a newline
+                sock.sendall(b"a" * (1 << 20))
+            reply = sock.recv(1024)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server hung up while we were still sending: what we want
+    finally:
+        sampling.set()
+        sampler.join()
+    assert reply == b"" or reply.startswith(b"HTTP/1.1 400")
+    assert peak - baseline < 32 << 20
     assert httpx.get(f"{front.url}ping").text == "Ok.\n"
 
 
