@@ -52,10 +52,22 @@ class DbtConnectionError(DbtBuildError):
     """dbt could not reach the warehouse: transient, retried with backoff."""
 
 
+@dataclass(frozen=True)
+class StoredFailures:
+    """A data test that warned and stored its failing rows (`store_failures`): what
+    `flows.data_quality` turns into alerts."""
+
+    test: str  # the test node's name
+    relation: str  # dbt's `relation_name`, quoted: `analytics_dbt_test__audit`.`<alias>`
+    failures: int  # failing rows dbt counted
+
+
 @dataclass
 class BuildResult:
     select: list[str]
     nodes: list[StepTiming] = field(default_factory=list)
+    # Warned data tests whose failing rows are in the warehouse (a `warn` does not fail a build).
+    stored_failures: list[StoredFailures] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
@@ -106,6 +118,16 @@ def _node_timing(result: Any) -> StepTiming:
     )
 
 
+def _stored_failures(result: Any) -> StoredFailures | None:
+    """The stored-failures relation of a test that warned, if it stored its failures."""
+    node = result.node
+    status = str(getattr(result.status, "value", result.status))
+    relation = getattr(node, "relation_name", None)
+    if status != "warn" or f"{node.resource_type}" != "test" or not relation:
+        return None
+    return StoredFailures(test=node.name, relation=relation, failures=int(result.failures or 0))
+
+
 def _forget_ensured_databases() -> None:
     """dbt-clickhouse remembers per process which databases it has created and never checks
     again; a long-lived process (tests, an in-process serve) then fails with UNKNOWN_DATABASE
@@ -129,6 +151,7 @@ def run_build(settings: FlowSettings, select: list[str]) -> BuildResult:
     build = BuildResult(select=select)
     results = getattr(res.result, "results", None) or []
     build.nodes = [_node_timing(r) for r in results]
+    build.stored_failures = [s for s in map(_stored_failures, results) if s is not None]
 
     if res.exception is not None:
         text = f"{type(res.exception).__name__}: {res.exception}"

@@ -257,6 +257,10 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool, reconcile: bool) 
     elapsed = time.perf_counter() - t0
     alerts.append(check_sync_duration(settings, run_id, elapsed))
     alerts.append(check_cache_hit_rate(settings, run_id, cache.take_stats()))
+    # Documents that flowed on with an unknown value or reference, named by the warned tests.
+    from flows.data_quality import stored_failure_alerts
+
+    alerts.extend(stored_failure_alerts(ch, build.stored_failures, run_id))
     raised = raise_alerts(settings, ch, alerts, logger)
     message = f"loaded {', '.join(changed) or 'nothing'}; built {' '.join(select)}"
     logger.info("Run %s: %s in %.2f s", run_id, message, elapsed)

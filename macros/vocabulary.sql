@@ -1,15 +1,26 @@
 {#- Helpers over the project vocabularies (`vars` in dbt_project.yml). -#}
 
+{% macro sql_string_literal(value) -%}
+    {#- 'a' from a string, backslashes and quotes escaped -#}
+    '{{ value | string | replace("\\", "\\\\") | replace("'", "\\'") }}'
+{%- endmacro %}
+
 {% macro sql_string_list(values) -%}
     {#- ('a', 'b') from a list of strings, quotes escaped -#}
     ({%- for value in values -%}
-        '{{ value | replace("\\", "\\\\") | replace("'", "\\'") }}'{{ ", " if not loop.last }}
+        {{ sql_string_literal(value) }}{{ ", " if not loop.last }}
     {%- endfor -%})
 {%- endmacro %}
 
 {% macro stage_order(column) -%}
     {#- 1-based position of the stage in the pipeline, 0 for a value outside var('stages') -#}
     indexOf([{%- for stage in var('stages') -%}'{{ stage }}'{{ ", " if not loop.last }}{%- endfor -%}], {{ column }})
+{%- endmacro %}
+
+{% macro in_vocabulary(column, name) -%}
+    {#- 1 when the value is in the vocabulary var(name) (e.g. `stages`), else 0; a plain UInt8
+        even for a LowCardinality column (a table cannot store LowCardinality(UInt8)) -#}
+    cast({{ column }} in {{ sql_string_list(var(name)) }} as UInt8)
 {%- endmacro %}
 
 {% macro is_open_status(column) -%}

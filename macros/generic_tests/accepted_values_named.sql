@@ -1,8 +1,15 @@
 {#-
-    Like accepted_values, but a failure names the offending values: the failing rows are
-    (value, n_records), and the values are also logged in the dbt output, e.g.
-    "stg_mongo__tasks.stage has values outside the accepted set: 'teleport' (1 row)".
-    Nothing is filtered anywhere else, so an unknown value fails here instead of vanishing.
+    Like accepted_values, but a failure names the offending values and the documents carrying
+    them. One failing row per value: `collection`, `field`, `value`, `n_records` (documents with
+    that value), `example_ids` (up to `n_examples` ids of `id_column`, smallest first; empty
+    without `id_column`) and `vocabulary` (the var holding the accepted values). The values are
+    also logged in the dbt output, e.g. "stg_mongo__tasks.stage has values outside the accepted
+    set: 'teleport' (1 row, ids 65ab...)". Nothing is filtered anywhere else, so an unknown value
+    is reported here instead of vanishing.
+
+    The accepted values are `values`, or the var named by `vocabulary` (e.g. `stages`).
+    `collection` (default: the model's name) and `field` (default: the column) say where the
+    value comes from, for the stored failures and the flow's alert (flows/data_quality.py).
 
     `raw` (optional) makes the test on a latest-version view cost a scan of one raw column
     instead of the view's aggregation over every version: {relation, key, column, view_key}.
@@ -10,13 +17,29 @@
     keys with such a raw row can fail; the view is read for those keys alone (the filter on
     its key reaches the raw table's primary key). Same result, without the full aggregation.
 -#}
-{% test accepted_values_named(model, column_name, values, raw=none) %}
+{% test accepted_values_named(
+    model, column_name, values=none, vocabulary=none, raw=none, collection=none, field=none,
+    id_column=none, n_examples=5
+) %}
 
+{#- `model` is a relation, or with a `where` config the subquery dbt wraps around it -#}
+{%- set model_name = model.identifier if model.identifier is defined else collection or "model" -%}
+
+{%- if values is none and vocabulary is none -%}
+    {{ exceptions.raise_compiler_error(
+        "accepted_values_named on " ~ column_name ~ ": give `values` or `vocabulary`"
+    ) }}
+{%- endif -%}
+{%- set values = values if values is not none else var(vocabulary) -%}
 {%- set accepted = sql_string_list(values) -%}
 {%- set failing -%}
     select
+        {{ sql_string_literal(collection or model_name) }} as collection,
+        {{ sql_string_literal(field or column_name) }} as field,
         toString({{ column_name }}) as value,
-        count() as n_records
+        count() as n_records,
+        {{ example_ids(id_column, n_examples) }} as example_ids,
+        {{ sql_string_literal(vocabulary or '') }} as vocabulary
     from {{ model }}
     where
         {{ column_name }} not in {{ accepted }}
@@ -30,21 +53,13 @@
     group by value
 {%- endset -%}
 
-{%- if execute -%}
-    {%- set found = run_query(failing ~ " order by value limit 20") -%}
-    {%- if found.rows | length > 0 -%}
-        {%- set listed = [] -%}
-        {%- for row in found.rows -%}
-            {%- do listed.append("'" ~ row[0] ~ "' (" ~ row[1] ~ " row" ~ ("s" if row[1] != 1 else "") ~ ")") -%}
-        {%- endfor -%}
-        {{ log(
-            model.identifier ~ "." ~ column_name ~ " has values outside the accepted set: "
-            ~ listed | join(", ") ~ ". Accepted: " ~ values | join(", ")
-            ~ ". Fix the source documents, or add the value to the vars in dbt_project.yml.",
-            info=True
-        ) }}
-    {%- endif -%}
-{%- endif -%}
+{{ log_failing_values(
+    failing,
+    model_name ~ "." ~ column_name ~ " has values outside the accepted set",
+    "Accepted: " ~ values | join(", ") ~ ". Fix the source documents, or add the value to "
+    ~ ("var('" ~ vocabulary ~ "')" if vocabulary else "the accepted values")
+    ~ " in dbt_project.yml."
+) }}
 
 {{ failing }}
 

@@ -12,6 +12,10 @@
     store needs FINAL and the employee join; doing both once per build (one pass over one row
     per file) leaves the dashboard's reads a plain scan of this table. Ordered by assigned_at:
     the dashboard's "longest waiting" panel reads the oldest files first.
+
+    Nothing is filtered: a stage or status outside the vocabulary, or an assignee the employee
+    dimension lacks, is shown as it is and flagged (is_known_stage, is_known_status,
+    is_known_employee = 0), so the state stays the argMax over MongoDB's documents.
 -#}
 
 with
@@ -45,7 +49,9 @@ joined as (
         current_tasks.file_id,
         current_tasks.stage,
         {{ stage_order('current_tasks.stage') }} as stage_order,
+        {{ in_vocabulary('current_tasks.stage', 'stages') }} as is_known_stage,
         current_tasks.status,
+        {{ in_vocabulary('current_tasks.status', 'task_statuses') }} as is_known_status,
         current_tasks.employee_code,
         if(
             employees.employee_code = current_tasks.employee_code,

@@ -1,0 +1,126 @@
+"""Odd documents flow on, flagged: a task with a stage or status outside the vocabulary, or with
+an employee_code the `employee` collection lacks, is built into pipeline_state as it is, the
+build goes through, and the warned tests store rows naming collection, field, value and ids."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from bson import ObjectId
+from pymongo.database import Database
+
+STAGES = ["intake", "review", "processing", "quality_check", "approval", "delivered"]
+STATUSES = ["assigned", "in_progress", "done", "rejected"]
+ODD = {"stage": "archived", "status": "lost", "employee_code": "E-NOBODY"}
+FLAGS = ("stage_order", "is_known_stage", "is_known_status", "is_known_employee")
+
+
+def _ms(value: datetime) -> datetime:
+    """Naive UTC, millisecond precision: how both MongoDB and ClickHouse values compare."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
+
+
+def plant_odd_tasks(db: Database) -> dict[str, ObjectId]:
+    """One new task per odd field, each the latest task of an existing file (so it is that
+    file's current task), otherwise like the task it follows; returns field -> task id."""
+    at = _ms(datetime.now(UTC) + timedelta(seconds=1))
+    files = sorted(db.tasks.distinct("file_id"))[:3]
+    planted = {}
+    for file_id, (field, value) in zip(files, ODD.items(), strict=True):
+        latest = db.tasks.find_one({"file_id": file_id}, sort=[("assigned_at", -1), ("_id", -1)])
+        assert latest is not None
+        doc = {k: v for k, v in latest.items() if k != "_id"}
+        doc.update({field: value, "assigned_at": at, "updated_at": at})
+        planted[field] = db.tasks.insert_one(doc).inserted_id
+    return planted
+
+
+def naive_state(db: Database) -> dict[str, tuple[Any, ...]]:
+    """argMax((stage, employee_code, status, assigned_at, _id), (assigned_at, _id)) per file
+    over MongoDB's documents."""
+    best: dict[str, tuple[Any, ...]] = {}
+    for doc in db.tasks.find({}):
+        row = (doc["stage"], doc["employee_code"], doc["status"], _ms(doc["assigned_at"]))
+        row += (str(doc["_id"]),)
+        current = best.get(doc["file_id"])
+        if current is None or (row[3], row[4]) > (current[3], current[4]):
+            best[doc["file_id"]] = row
+    return best
+
+
+def test_odd_documents_flow_on_flagged_and_their_ids_are_stored(built, dbt) -> None:
+    from loader.synthetic import mutate
+
+    assert mutate(built.db, 30, seed=5).updated > 0  # valid changes beside the odd ones
+    planted = plant_odd_tasks(built.db)
+    built.load()
+
+    result = dbt.ok("build")
+
+    # The build went through: three warnings, nothing failed or skipped.
+    assert {n: s for n, s in result.failed().items() if s != "warn"} == {}
+    warned = [n for n, s in result.statuses.items() if s == "warn"]
+    assert len(warned) == 3
+    assert sum(n.startswith("accepted_values_named_stg_mongo__tasks_") for n in warned) == 2
+    assert sum(n.startswith("relationships_named_task_events_") for n in warned) == 1
+
+    # The state is MongoDB's argMax, odd values included as they are, and flagged.
+    result_rows = built.ch.query(
+        "select file_id, stage, employee_code, status, assigned_at, task_id, stage_order,"
+        " is_known_stage, is_known_status, is_known_employee from analytics.pipeline_state"
+    )
+    state = [dict(zip(result_rows.column_names, r, strict=True)) for r in result_rows.result_rows]
+    assert {
+        r["file_id"]: (
+            r["stage"],
+            r["employee_code"],
+            r["status"],
+            _ms(r["assigned_at"]),
+            r["task_id"],
+        )
+        for r in state
+    } == naive_state(built.db)
+    codes = set(built.db.employee.distinct("employee_code"))
+    for r in state:
+        assert r["is_known_stage"] == (r["stage"] in STAGES)
+        assert r["stage_order"] == (STAGES.index(r["stage"]) + 1 if r["stage"] in STAGES else 0)
+        assert r["is_known_status"] == (r["status"] in STATUSES)
+        assert r["is_known_employee"] == (r["employee_code"] in codes)
+    flagged = {
+        r["task_id"]: {k: r[k] for k in FLAGS if r[k] == 0}
+        for r in state
+        if 0 in (r["is_known_stage"], r["is_known_status"], r["is_known_employee"])
+    }
+    assert flagged == {
+        str(planted["stage"]): {"stage_order": 0, "is_known_stage": 0},
+        str(planted["status"]): {"is_known_status": 0},
+        str(planted["employee_code"]): {"is_known_employee": 0},
+    }
+    odd = {r["task_id"]: r for r in state if r["task_id"] in flagged}
+    assert odd[str(planted["stage"])]["stage"] == "archived"
+    assert odd[str(planted["status"])]["status"] == "lost"
+    assert odd[str(planted["employee_code"])]["employee_code"] == "E-NOBODY"
+
+    # The stored failures name collection, field, value, count and the document ids.
+    stored = sorted(
+        row
+        for relation in stored_failure_relations(dbt.target_path)
+        for row in built.rows(
+            f"select collection, field, value, n_records, example_ids from {relation}"
+        )
+    )
+    assert stored == [
+        ("tasks", "employee_code", "E-NOBODY", 1, [str(planted["employee_code"])]),
+        ("tasks", "stage", "archived", 1, [str(planted["stage"])]),
+        ("tasks", "status", "lost", 1, [str(planted["status"])]),
+    ]
+
+
+def stored_failure_relations(target_path: Any) -> list[str]:
+    """The stored-failures relation of every test of the last invocation that warned."""
+    run = json.loads((target_path / "run_results.json").read_text())
+    return [r["relation_name"] for r in run["results"] if r["status"] == "warn"]
