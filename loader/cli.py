@@ -242,16 +242,14 @@ def watch(
 @app.command()
 def reconcile(
     collection: Annotated[Which, typer.Option(help="Collection(s) to check.")] = Which.all,
-    buckets: Annotated[
-        int | None, typer.Option(min=1, help="Hash buckets (default: about 2,000 ids each).")
-    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Repair what the watermark read cannot see: deletes, late writes, backward updates.
 
-    Both sides are summarised per hash bucket (count and XOR of a 64-bit hash of each id and
-    its updated_at); only buckets that differ have their ids compared. Ids gone from MongoDB
-    get a tombstone; documents ClickHouse lacks or holds with another updated_at are loaded."""
+    MongoDB's ids and updated_at (one covered index scan) are uploaded to ClickHouse, which
+    finds the ids whose two sides differ; those are repaired page by page, in bounded memory
+    whatever their number. Ids gone from MongoDB get a tombstone; documents ClickHouse lacks or
+    holds with another updated_at are loaded."""
     from loader.reconcile import reconcile_collection
 
     _setup_logging(verbose)
@@ -259,27 +257,25 @@ def reconcile(
     try:
         with open_clients(settings) as clients:
             results = [
-                reconcile_collection(settings, n, clients=clients, buckets=buckets)
-                for n in _collections(collection)
+                reconcile_collection(settings, n, clients=clients) for n in _collections(collection)
             ]
     except ServerUnavailable as exc:
         raise _fail(exc) from exc
     table = Table(title="reconcile")
-    cols = ("collection", "mongo ids", "clickhouse ids", "buckets", "differ", "tombstones")
+    cols = ("collection", "mongo ids", "clickhouse ids", "differ", "tombstones")
     for col in (*cols, "missing", "stale", "rows loaded", "rejects", "seconds"):
-        table.add_column(col)
+        table.add_column(col, justify="left" if col == "collection" else "right")
     for r in results:
         table.add_row(
             r.collection,
             f"{r.mongo_ids:,}",
             f"{r.clickhouse_ids:,}",
-            str(r.buckets),
-            str(r.mismatched_buckets),
-            str(r.deletes),
-            str(r.missing_in_clickhouse),
-            str(r.stale_in_clickhouse),
-            str(r.rows_written),
-            str(r.rejects),
+            f"{r.differing:,}",
+            f"{r.deletes:,}",
+            f"{r.missing_in_clickhouse:,}",
+            f"{r.stale_in_clickhouse:,}",
+            f"{r.rows_written:,}",
+            f"{r.rejects:,}",
             f"{r.duration_s:.2f}",
         )
     console.print(table)

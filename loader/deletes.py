@@ -3,8 +3,8 @@
 - `follow_changes` follows the collection's change stream and turns delete events into
   tombstones; it stores the resume token in `ops.change_stream_state` after each processed
   batch of events, so a restart resumes where it stopped.
-- `loader.reconcile` compares both sides in hashed buckets and tombstones ids that are in
-  ClickHouse but gone from Mongo (and repairs what else the watermark read missed).
+- `loader.reconcile` compares both sides by id and tombstones ids that are in ClickHouse but
+  gone from Mongo (and repairs what else the watermark read missed).
 
 A tombstone is a copy of the last stored row with `is_deleted = 1` and a higher `_version`
 (`max(deleted_at_ms, last _version + 1)`), written by one `INSERT ... SELECT ... FINAL` with
@@ -13,7 +13,6 @@ server-side parameters, so the last known values stay in the table as history.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -25,6 +24,7 @@ from bson import ObjectId, json_util
 from pymongo.errors import OperationFailure
 
 from loader.clients import Clients, clickhouse_call, mongo_call, open_clients
+from loader.idset import id_set
 from loader.mapping import BatchMapper
 from loader.runs import PeakRss, RunRecord, new_run_id
 from loader.schema import (
@@ -39,15 +39,9 @@ from loader.watermark import now_ms
 
 log = logging.getLogger(__name__)
 
-TOMBSTONE_CHUNK = 10_000
-# The same 64-bit hash on both sides: the first 8 bytes of MD5(hex id), little-endian.
-CH_HASH = "reinterpretAsUInt64(substring(MD5(_id), 1, 8))"
+TOMBSTONE_CHUNK = 50_000  # ids per INSERT ... SELECT: bounded server memory
 CHANGE_STREAM_HISTORY_LOST = 286
 INVALID_RESUME_TOKEN = 260
-
-
-def id_hash(hex_id: str) -> int:
-    return int.from_bytes(hashlib.md5(hex_id.encode()).digest()[:8], "little")
 
 
 # -- tombstones --------------------------------------------------------------------------------
@@ -57,40 +51,44 @@ def write_tombstones(
     """Tombstone every id in `deleted` (hex id → deletion time in ms) that has a live row.
 
     Ids without a live row (never loaded, or already tombstoned) are skipped, which makes
-    replaying the same delete events harmless. Returns the number of tombstones written."""
+    replaying the same delete events harmless. The ids travel as an id set (request body), so
+    any number works. Returns the number of tombstones written."""
+    if not deleted:
+        return 0
     table = raw_table(collection).qualified
     names = [n for n, _ in raw_columns(collection)]
     exprs = {
         "is_deleted": "toUInt8(1)",
-        "_version": "greatest(prev_version + 1, transform(_id, {ids:Array(String)}, "
-        "{ms:Array(UInt64)}, toUInt64(0)))",
+        "_version": "greatest(live.prev_version + 1, deleted.value)",
         "_loaded_at": "now64(3, 'UTC')",
         "_run_id": "{run:String}",
     }
-    select = ", ".join(f"{exprs[n]} AS `{n}`" if n in exprs else f"`{n}`" for n in names)
+    select = ", ".join(f"{exprs[n]} AS `{n}`" if n in exprs else f"live.`{n}`" for n in names)
     cols = ", ".join(f"`{n}`" for n in names)
-    # The filter sits in a subquery: in ClickHouse a SELECT alias (`1 AS is_deleted`) would
-    # shadow the column of the same name in a WHERE at the same level.
-    live = (
-        f"SELECT *, _version AS prev_version FROM {table} FINAL "
-        "WHERE _id IN {ids:Array(String)} AND is_deleted = 0"
-    )
-    count = f"SELECT count() FROM ({live})"
-    insert = f"INSERT INTO {table} ({cols}) SELECT {select} FROM ({live})"
     written = 0
-    items = list(deleted.items())
     ch = clients.clickhouse
+    items = list(deleted.items())
     for start in range(0, len(items), TOMBSTONE_CHUNK):
-        chunk = items[start : start + TOMBSTONE_CHUNK]
-        params = {"ids": [i for i, _ in chunk], "ms": [m for _, m in chunk], "run": run_id}
+        with id_set(clients, items[start : start + TOMBSTONE_CHUNK]) as ids:
+            # The filter sits in a subquery: in ClickHouse a SELECT alias (`1 AS is_deleted`)
+            # would shadow the column of the same name in a WHERE at the same level.
+            live = (
+                f"SELECT *, _version AS prev_version FROM {table} FINAL "
+                f"WHERE _id IN {ids.keys()} AND is_deleted = 0"
+            )
+            count = f"SELECT count() FROM ({live})"
+            insert = (
+                f"INSERT INTO {table} ({cols}) SELECT {select} FROM ({live}) AS live "
+                f"INNER JOIN {ids.pairs()} AS deleted ON live._id = deleted.key"
+            )
 
-        def go(params: dict[str, Any] = params) -> int:
-            n = int(ch.command(count, parameters=params))
-            if n:
-                ch.command(insert, parameters=params)
-            return n
+            def go(count: str = count, insert: str = insert) -> int:
+                n = int(ch.command(count))
+                if n:
+                    ch.command(insert, parameters={"run": run_id})
+                return n
 
-        written += clickhouse_call(clients.settings, go)
+            written += clickhouse_call(clients.settings, go)
     return written
 
 

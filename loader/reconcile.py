@@ -1,34 +1,42 @@
-"""Reconcile: repair what the watermark read cannot see, by comparing both sides in buckets.
+"""Reconcile: repair what the watermark read cannot see, by comparing both sides by id.
 
 The watermark read sees every write whose `updated_at` moves forward. It cannot see a document
 that is gone, a write that became visible later than the overlap window allows, or an update
-that moved `updated_at` backwards. Reconcile summarises each side per bucket of ids (count, and
-XOR of a 64-bit hash of `_id` and `updated_at`), ships ids only for buckets that differ, then:
-- tombstones ids live in ClickHouse but gone from Mongo (asked twice, see `_gone`);
-- loads documents that ClickHouse lacks or holds with another `updated_at`, mapped as a sync
-  maps them (bad ones go to `raw.rejects`). A document whose `updated_at` moved backwards is
-  stored with `_version` one past the stored row's, so that it replaces it.
-Ids known only from `raw.rejects` count with the `updated_at` of their last rejected document,
-so an unchanged rejected document is not looked at again.
+that moved `updated_at` backwards. Reconcile compares every id on both sides:
+1. MongoDB's `(_id, updated_at)` pairs (a covered scan of the watermark index) are uploaded to
+   ClickHouse as an id set (`loader.idset`: request bodies, never URLs).
+2. ClickHouse joins them with the ids it accounts for (live rows, and ids known only from
+   `raw.rejects`, with the `updated_at` of their last rejected document) and stores the ids
+   that differ as another id set.
+3. Those are repaired page by page (`page_size` ids at a time):
+   - ids live in ClickHouse but gone from Mongo (asked again, see `_gone`) get a tombstone;
+     ids known only from `raw.rejects` get a rejects row marked `is_deleted`;
+   - documents that ClickHouse lacks or holds with another `updated_at` are loaded, mapped as
+     a sync maps them (bad ones go to `raw.rejects`). A document whose `updated_at` moved
+     backwards is stored with `_version` one past the stored row's, so that it replaces it.
+The client holds one upload chunk or one page at a time, so memory stays bounded whatever the
+size of the collection and the number of differences; the join runs in ClickHouse.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import pyarrow as pa
 from bson import ObjectId
 from bson.datetime_ms import DatetimeMS
 
+from loader.build_pending import mark_build_pending
 from loader.clients import Clients, clickhouse_call, mongo_call, open_clients
-from loader.deletes import CH_HASH, id_hash, write_tombstones
+from loader.deletes import write_tombstones
+from loader.idset import IdSet, id_set
 from loader.mapping import BatchMapper, MappedBatch, to_arrow
 from loader.runs import PeakRss, RunRecord, new_run_id, write_run
-from loader.schema import REJECTS, raw_table, require_collection
+from loader.schema import ID_SETS, REJECTS, raw_table, require_collection
 from loader.settings import Settings
 from loader.sync import (
     WATERMARK_INDEX,
@@ -41,13 +49,11 @@ from loader.sync import (
 )
 from loader.watermark import now_ms
 
-FETCH_CHUNK = 5_000  # documents fetched by `_id $in` per query when loading
-# The version hash on both sides: the first 8 bytes of MD5("<hex id>:<updated_at ms>").
-CH_VERSION_HASH = "reinterpretAsUInt64(substring(MD5(concat(_id, ':', toString(v))), 1, 8))"
-
-
-def version_hash(hex_id: str, updated_at_ms: int) -> int:
-    return int.from_bytes(hashlib.md5(f"{hex_id}:{updated_at_ms}".encode()).digest()[:8], "little")
+FETCH_CHUNK = 5_000  # documents fetched by `_id $in` per query
+REPAIR_CHUNK = 10_000  # differences repaired per round of writes
+# `value` of an id that differs because MongoDB no longer has it (else MongoDB's updated_at ms).
+GONE = -(2**63)
+GONE_REASON = "deleted in MongoDB"
 
 
 def mongo_version(updated_at: Any) -> int:
@@ -64,44 +70,63 @@ class Stored(NamedTuple):
 
 
 @dataclass(frozen=True)
+class Difference:
+    """An id whose two sides disagree: absent from Mongo (`mongo_ms` None), absent from
+    ClickHouse (`stored` None), or present on both with another `updated_at`."""
+
+    hex_id: str
+    mongo_ms: int | None
+    stored: Stored | None
+
+
+@dataclass(frozen=True)
 class ReconcileResult:
     run_id: str
     collection: str
-    buckets: int
-    mismatched_buckets: int
     mongo_ids: int
     clickhouse_ids: int
+    differing: int  # ids whose two sides disagree
     deletes: int  # tombstones written
     missing_in_clickhouse: int  # in Mongo, not in ClickHouse: loaded (or rejected) now
     stale_in_clickhouse: int  # stored with another `updated_at`: loaded (or rejected) now
     rows_written: int
     rejects: int
+    rejected_gone: int  # ids known only from rejects, gone from Mongo: marked deleted
     duration_s: float
 
-
-def _bucket_count(known_ids: int) -> int:
-    # About 2,000 ids per bucket: a mismatch ships few ids, the digest stays small.
-    n = 16
-    while n < 65_536 and n * 2_000 < known_ids:
-        n *= 2
-    return n
+    @property
+    def repaired(self) -> bool:
+        return bool(self.deletes or self.rows_written or self.rejects or self.rejected_gone)
 
 
-def _known_sql(collection: str) -> str:
-    """(`_id`, `v` = updated_at ms, `live`, `version`) of every id ClickHouse accounts for: live
-    rows, plus ObjectIds only ever rejected (they are in Mongo too; leaving them out would make
-    every bucket differ). Takes parameter `c`."""
+def rejected_only_sql(collection: str) -> str:
+    """(`_id`, `v` = updated_at ms of its last rejected document) of every ObjectId known only
+    from `raw.rejects` and not marked gone. They are in Mongo too; leaving them out would make
+    every bucket differ. Takes parameter `c`."""
     table = raw_table(collection).qualified
     rejected_updated_at = (
         "toInt64OrZero(JSONExtractString(document, 'updated_at', '$date', '$numberLong'))"
     )
+    rejected = f"SELECT _id FROM {REJECTS.qualified} WHERE collection = {{c:String}}"
+    return (
+        f"SELECT _id, argMax({rejected_updated_at}, rejected_at) AS v "
+        f"FROM {REJECTS.qualified} WHERE collection = {{c:String}} "
+        "AND length(_id) = 24 AND match(_id, '^[0-9a-f]+$') "
+        # Restricted to the rejected ids, so the primary key of the raw table serves it.
+        f"AND _id NOT IN (SELECT _id FROM {table} WHERE _id IN ({rejected})) "
+        "GROUP BY _id HAVING argMax(is_deleted, rejected_at) = 0"
+    )
+
+
+def known_sql(collection: str) -> str:
+    """(`_id`, `v` = updated_at ms, `live`, `version`) of every id ClickHouse accounts for: live
+    rows, plus ObjectIds known only from rejects. Takes parameter `c`."""
+    table = raw_table(collection).qualified
     return (
         "SELECT _id, toUnixTimestamp64Milli(updated_at) AS v, toUInt8(1) AS live, "
         f"_version AS version FROM {table} FINAL WHERE is_deleted = 0 UNION ALL "
-        f"SELECT _id, argMax({rejected_updated_at}, rejected_at) AS v, toUInt8(0) AS live, "
-        f"toUInt64(0) AS version FROM {REJECTS.qualified} WHERE collection = {{c:String}} "
-        "AND length(_id) = 24 AND match(_id, '^[0-9a-f]+$') "
-        f"AND _id NOT IN (SELECT _id FROM {table}) GROUP BY _id"
+        "SELECT _id, v, toUInt8(0) AS live, toUInt64(0) AS version "
+        f"FROM ({rejected_only_sql(collection)})"
     )
 
 
@@ -124,10 +149,11 @@ def reconcile_collection(
     collection: str,
     *,
     clients: Clients | None = None,
-    buckets: int | None = None,
-    max_ids_in_memory: int = 200_000,
+    page_size: int = 100_000,
 ) -> ReconcileResult:
-    """Make `raw.<collection>` hold what Mongo holds now; see the module docstring."""
+    """Make `raw.<collection>` hold what Mongo holds now; see the module docstring.
+
+    `page_size`: differing ids repaired per page (bounds memory)."""
     require_collection(collection)
     started = time.monotonic()
     with open_clients(settings, clients) as cl:
@@ -136,8 +162,8 @@ def reconcile_collection(
         rss = PeakRss()
         try:
             prepare_collection(cl, collection)
-            run = _Reconcile(cl, collection, rec, rss)
-            result = run.go(buckets, max_ids_in_memory, started)
+            run = _Reconcile(cl, collection, rec, rss, page_size)
+            result = run.go(started)
         except BaseException as exc:
             rec.peak_rss_bytes = rss.peak
             rec.finish("failed", f"{type(exc).__name__}: {exc}")
@@ -150,110 +176,153 @@ def reconcile_collection(
 class _Reconcile:
     """State of one `reconcile_collection` call."""
 
-    def __init__(self, cl: Clients, collection: str, rec: RunRecord, rss: PeakRss) -> None:
+    def __init__(
+        self, cl: Clients, collection: str, rec: RunRecord, rss: PeakRss, page_size: int
+    ) -> None:
         self.cl = cl
         self.settings = cl.settings
         self.collection = collection
         self.rec = rec
         self.rss = rss
-        self.known = _known_sql(collection)
+        self.page_size = page_size
+        self.known = known_sql(collection)
+        self.deletes = self.missing = self.stale = self.rejected_gone = 0
+        self.marked_pending = False
+
+    def _command(self, sql: str, **params: Any) -> None:
+        ch = self.cl.clickhouse
+        params["c"] = self.collection
+        clickhouse_call(self.settings, lambda: ch.command(sql, parameters=params))
 
     def _query(self, sql: str, **params: Any) -> list[tuple[Any, ...]]:
         ch = self.cl.clickhouse
         params["c"] = self.collection
         return clickhouse_call(self.settings, lambda: ch.query(sql, parameters=params).result_rows)
 
-    def go(self, buckets: int | None, max_ids_in_memory: int, started: float) -> ReconcileResult:
-        ch_total = int(self._query(f"SELECT count() FROM ({self.known})")[0][0])
-        n = buckets or _bucket_count(ch_total)
-        ch_digest = {
-            int(b): (int(c), int(x))
-            for b, c, x in self._query(
-                f"SELECT {CH_HASH} % {{n:UInt64}} AS b, count(), groupBitXor({CH_VERSION_HASH}) "
-                f"FROM ({self.known}) GROUP BY b",
-                n=n,
-            )
-        }
-        counts, xors = [0] * n, [0] * n
-        mongo_total = 0
-        for hex_id, v in _mongo_versions(self.cl, self.collection):
-            b = id_hash(hex_id) % n
-            counts[b] += 1
-            xors[b] ^= version_hash(hex_id, v)
-            mongo_total += 1
-        self.rss.sample()
-        bad = [b for b in range(n) if ch_digest.get(b, (0, 0)) != (counts[b], xors[b])]
-        deletes = missing = stale = 0
-        per_bucket = max(1, max(ch_total, mongo_total) // n)
-        group = max(1, max_ids_in_memory // per_bucket)
-        for start in range(0, len(bad), group):
-            d, m, s = self._repair(n, bad[start : start + group])
-            deletes, missing, stale = deletes + d, missing + m, stale + s
+    def go(self, started: float) -> ReconcileResult:
+        mongo = _mongo_versions(self.cl, self.collection)
+        with id_set(self.cl, mongo) as in_mongo, id_set(self.cl, []) as differing:
             self.rss.sample()
+            # A missing side reads as defaults (join_use_nulls = 0): the flags tell which.
+            self._command(
+                f"INSERT INTO {ID_SETS.qualified} (set_id, key, value) "
+                f"SELECT '{differing.set_id}', if(ch.in_ch = 1, ch._id, m.key), "
+                f"if(m.in_mongo = 1, m.value, {GONE}) "
+                f"FROM (SELECT _id, v, toUInt8(1) AS in_ch FROM ({self.known})) AS ch "
+                "FULL OUTER JOIN "
+                f"(SELECT key, value, toUInt8(1) AS in_mongo FROM {in_mongo.pairs()}) AS m "
+                "ON ch._id = m.key "
+                "WHERE NOT (ch.in_ch = 1 AND m.in_mongo = 1 AND ch.v = m.value)"
+            )
+            mongo_total = self._count(in_mongo.keys())
+            ch_total = int(self._query(f"SELECT count() FROM ({self.known})")[0][0])
+            differ = self._count(differing.keys())
+            self._repair_pages(differing)
         rec = self.rec
-        rec.deletes = deletes
+        rec.deletes = self.deletes
         rec.peak_rss_bytes = self.rss.peak
         rec.finish(
             "ok",
-            f"reconcile: {n} buckets, {len(bad)} differ; mongo ids={mongo_total}, "
-            f"clickhouse ids={ch_total}; missing={missing} stale={stale} loaded "
-            f"{rec.rows_written} rows, {rec.rejects} rejects",
+            f"reconcile: mongo ids={mongo_total}, clickhouse ids={ch_total}, {differ} differ: "
+            f"missing={self.missing} stale={self.stale} loaded {rec.rows_written} rows, "
+            f"{rec.rejects} rejects; {self.deletes} tombstones, "
+            f"{self.rejected_gone} rejected documents gone",
         )
         return ReconcileResult(
-            rec.run_id,
-            self.collection,
-            n,
-            len(bad),
-            mongo_total,
-            ch_total,
-            deletes,
-            missing,
-            stale,
-            rec.rows_written,
-            rec.rejects,
-            time.monotonic() - started,
+            run_id=rec.run_id,
+            collection=self.collection,
+            mongo_ids=mongo_total,
+            clickhouse_ids=ch_total,
+            differing=differ,
+            deletes=self.deletes,
+            missing_in_clickhouse=self.missing,
+            stale_in_clickhouse=self.stale,
+            rows_written=rec.rows_written,
+            rejects=rec.rejects,
+            rejected_gone=self.rejected_gone,
+            duration_s=time.monotonic() - started,
         )
 
-    def _repair(self, n: int, chosen: list[int]) -> tuple[int, int, int]:
-        """Tombstone, load; returns (tombstones, missing, stale) for the chosen buckets."""
-        wanted = set(chosen)
-        stored = {
-            row[0]: Stored(int(row[1]), bool(row[2]), int(row[3]))
-            for row in self._query(
-                f"SELECT _id, v, live, version FROM ({self.known}) "
-                f"WHERE {CH_HASH} % {{n:UInt64}} IN {{b:Array(UInt64)}}",
-                n=n,
-                b=chosen,
+    def _count(self, subquery: str) -> int:
+        return int(self._query(f"SELECT count() FROM {subquery}")[0][0])
+
+    def _repair_pages(self, differing: IdSet) -> None:
+        """Repair the differing ids `page_size` at a time, in id order."""
+        after = ""
+        while True:
+            page = self._query(
+                f"SELECT key, value FROM {differing.pairs()} WHERE key > {{after:String}} "
+                "ORDER BY key LIMIT {limit:UInt64}",
+                after=after,
+                limit=self.page_size,
             )
-        }
-        in_mongo = {
-            i: v for i, v in _mongo_versions(self.cl, self.collection) if id_hash(i) % n in wanted
-        }
-        gone = self._gone(set(stored) - set(in_mongo))
-        deletes = write_tombstones(
-            self.cl, self.collection, dict.fromkeys(gone, now_ms()), self.rec.run_id
-        )
+            if not page:
+                return
+            last = page[-1][0]
+            stored = {
+                row[0]: Stored(int(row[1]), bool(row[2]), int(row[3]))
+                for row in self._query(
+                    f"SELECT _id, v, live, version FROM ({self.known}) WHERE _id IN "
+                    f"(SELECT key FROM {differing.pairs()} "
+                    "WHERE key > {after:String} AND key <= {last:String})",
+                    after=after,
+                    last=last,
+                )
+            }
+            found = [Difference(i, None if v == GONE else int(v), stored.get(i)) for i, v in page]
+            for start in range(0, len(found), REPAIR_CHUNK):
+                self._repair_chunk(found[start : start + REPAIR_CHUNK])
+            self.rss.sample()
+            after = last
+
+    def _repair_chunk(self, chunk: list[Difference]) -> None:
+        self._mark_pending()
+        gone = self._gone({d.hex_id: d.stored for d in chunk if d.mongo_ms is None})
+        tombstoned = {i: now_ms() for i, stored in gone.items() if stored and stored.live}
+        self.deletes += write_tombstones(self.cl, self.collection, tombstoned, self.rec.run_id)
+        self._mark_rejects_gone([i for i, stored in gone.items() if stored and not stored.live])
         # Dated too far ahead: not loaded yet, as in a sync (whose sweep rejects them).
         latest = now_ms() + int(self.settings.max_future_seconds * 1000)
-        missing = [i for i, v in in_mongo.items() if i not in stored and v <= latest]
-        stale = [
-            i
-            for i, v in in_mongo.items()
-            if i in stored and stored[i].updated_at_ms != v and v <= latest
-        ]
-        self._load(missing + stale, stored)
-        return deletes, len(missing), len(stale)
+        load = [d for d in chunk if d.mongo_ms is not None and d.mongo_ms <= latest]
+        self.missing += sum(1 for d in load if d.stored is None)
+        self.stale += sum(1 for d in load if d.stored is not None)
+        self._load([d.hex_id for d in load], {d.hex_id: d.stored for d in load if d.stored})
 
-    def _gone(self, candidates: set[str]) -> list[str]:
-        """A document inserted after the Mongo scan started would look deleted: ask again."""
-        if not candidates:
-            return []
+    def _mark_pending(self) -> None:
+        """The downstream models need a build once this run writes anything."""
+        if not self.marked_pending:
+            mark_build_pending(self.cl, self.collection, self.rec.run_id)
+            self.marked_pending = True
+
+    def _gone(self, candidates: dict[str, Stored | None]) -> dict[str, Stored | None]:
+        """A document inserted after the Mongo read started would look deleted: ask again."""
         coll = self.cl.db[self.collection]
-        ids = [ObjectId(i) for i in candidates]
-        found = mongo_call(
-            self.settings, lambda: list(coll.find({"_id": {"$in": ids}}, {"_id": 1}))
+        keys = list(candidates)
+        still_there: set[str] = set()
+        for start in range(0, len(keys), FETCH_CHUNK):
+            ids = [ObjectId(i) for i in keys[start : start + FETCH_CHUNK]]
+            found = mongo_call(
+                self.settings,
+                lambda ids=ids: list(coll.find({"_id": {"$in": ids}}, {"_id": 1})),
+            )
+            still_there.update(str(d["_id"]) for d in found)
+        return {i: s for i, s in candidates.items() if i not in still_there}
+
+    def _mark_rejects_gone(self, hex_ids: list[str]) -> None:
+        """Ids known only from rejects and gone from Mongo: a rejects row marked deleted, so
+        they no longer count as documents the warehouse accounts for."""
+        if not hex_ids:
+            return
+        now = datetime.now(UTC)
+        rows = [[self.collection, i, GONE_REASON, "", self.rec.run_id, now, 1] for i in hex_ids]
+        ch = self.cl.clickhouse
+        clickhouse_call(
+            self.settings,
+            lambda: ch.insert(
+                REJECTS.qualified, rows, column_names=[n for n, _ in REJECTS.columns]
+            ),
         )
-        return sorted(candidates - {str(d["_id"]) for d in found})
+        self.rejected_gone += len(hex_ids)
 
     def _load(self, hex_ids: list[str], stored: dict[str, Stored]) -> None:
         coll = self.cl.db[self.collection]

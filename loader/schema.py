@@ -91,6 +91,7 @@ class Table:
     partition_by: str | None = None
     # Data-skipping indexes as (name, definition); added to existing tables by the migrator.
     indexes: tuple[tuple[str, str], ...] = ()
+    ttl: str | None = None
 
     @property
     def qualified(self) -> str:
@@ -103,7 +104,8 @@ class Table:
         sql = f"CREATE TABLE IF NOT EXISTS {self.qualified} (\n  {cols}\n) ENGINE = {self.engine}"
         if self.partition_by:
             sql += f"\nPARTITION BY {self.partition_by}"
-        return sql + f"\nORDER BY {self.order_by}"
+        sql += f"\nORDER BY {self.order_by}"
+        return sql + (f"\nTTL {self.ttl}" if self.ttl else "")
 
 
 def raw_table(collection: str) -> Table:
@@ -133,6 +135,9 @@ REJECTS = Table(
         ("document", "String"),
         ("run_id", "String"),
         ("rejected_at", "DateTime64(3, 'UTC')"),
+        # 1: the rejected document is gone from MongoDB (found by reconcile); it no longer
+        # counts as a document the warehouse accounts for.
+        ("is_deleted", "UInt8 DEFAULT 0"),
     ),
     "MergeTree",
     "(collection, _id, rejected_at)",
@@ -186,7 +191,77 @@ CHANGE_STREAM_STATE = Table(
     "ReplacingMergeTree(saved_at)",
     "collection",
 )
-OPS_TABLES: tuple[Table, ...] = (WATERMARKS, SYNC_RUNS, CHANGE_STREAM_STATE)
+# The MongoDB collection each raw table is a copy of (its UUID, which a drop, a re-create or a
+# restore changes): a different UUID on the next run means "reload from scratch".
+SOURCE_IDENTITY = Table(
+    OPS_DB,
+    "source_identity",
+    (
+        ("collection", "String"),
+        ("mongo_db", "String"),
+        ("uuid", "String"),
+        ("run_id", "String"),
+        ("recorded_at", "DateTime64(6, 'UTC')"),
+    ),
+    "ReplacingMergeTree(recorded_at)",
+    "collection",
+)
+# Document counts of both sides, compared by every flow run (`loader.drift`).
+DRIFT_CHECKS = Table(
+    OPS_DB,
+    "drift_checks",
+    (
+        ("checked_at", "DateTime64(3, 'UTC')"),
+        ("collection", "String"),
+        ("mongo_count", "UInt64"),
+        ("clickhouse_count", "UInt64"),
+        ("counted_before", "DateTime64(3, 'UTC')"),
+        ("run_id", "String"),
+        ("note", "String"),
+    ),
+    "MergeTree",
+    "(checked_at, collection)",
+)
+# A source whose downstream dbt models need a build: set by every loader write (sync, reconcile,
+# watch, from the flow or the CLI) before it writes, cleared by the flow after a build that
+# started later. `full_refresh`: the raw table was rebuilt, so incremental models must be too.
+BUILD_PENDING = Table(
+    OPS_DB,
+    "build_pending",
+    (
+        ("source", "String"),
+        ("pending", "UInt8"),
+        ("full_refresh", "UInt8 DEFAULT 0"),
+        ("run_id", "String"),
+        ("saved_at", "DateTime64(6, 'UTC')"),
+    ),
+    "ReplacingMergeTree(saved_at)",
+    "source",
+)
+# Lists of ids too long for a URL (`loader.idset`): one partition per list, dropped after use.
+ID_SETS = Table(
+    OPS_DB,
+    "id_sets",
+    (
+        ("set_id", "String"),
+        ("key", "String"),
+        ("value", "Int64"),
+        ("created_at", "DateTime('UTC') DEFAULT now()"),
+    ),
+    "MergeTree",
+    "(set_id, key)",
+    partition_by="set_id",
+    ttl="created_at + INTERVAL 1 DAY",
+)
+OPS_TABLES: tuple[Table, ...] = (
+    WATERMARKS,
+    SYNC_RUNS,
+    CHANGE_STREAM_STATE,
+    SOURCE_IDENTITY,
+    DRIFT_CHECKS,
+    BUILD_PENDING,
+    ID_SETS,
+)
 
 
 def all_tables() -> tuple[Table, ...]:

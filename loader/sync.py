@@ -23,6 +23,7 @@ from bson.datetime_ms import DatetimeMS
 from pymongo.collection import Collection
 from pymongo.cursor import Cursor
 
+from loader.build_pending import mark_build_pending
 from loader.clients import (
     MONGO_TRANSIENT,
     Clients,
@@ -32,6 +33,8 @@ from loader.clients import (
     open_clients,
 )
 from loader.columnar import decode_valid_rows
+from loader.identity import Identity, check_identity, collection_uuid, record_identity
+from loader.idset import id_set
 from loader.mapping import (
     CODEC_OPTIONS,
     BatchMapper,
@@ -43,7 +46,14 @@ from loader.mapping import (
     with_bookkeeping,
 )
 from loader.runs import PeakRss, RunRecord, new_run_id, write_run
-from loader.schema import REJECTS, ensure_schema, fields_of, raw_table, require_collection
+from loader.schema import (
+    CHANGE_STREAM_STATE,
+    REJECTS,
+    ensure_schema,
+    fields_of,
+    raw_table,
+    require_collection,
+)
 from loader.settings import Settings
 from loader.watermark import (
     MIN_BSON_DATE,
@@ -106,6 +116,8 @@ class SyncResult:
     peak_rss_bytes: int
     index_created: bool = False
     message: str = ""
+    # Why the collection was reloaded from scratch when it was not asked for ("" otherwise).
+    source_replaced: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -202,6 +214,13 @@ class _Run:
         self.batch_no = 0
         self.watermark: Watermark | None = None
         self.read_started_ms = 0
+        self.marked_pending = False
+
+    def mark_pending(self) -> None:
+        """Before the first write: the downstream models need a build (see build_pending)."""
+        if not self.marked_pending:
+            mark_build_pending(self.clients, self.collection, self.run_id)
+            self.marked_pending = True
 
     # -- writing -------------------------------------------------------------------------------
     def _insert_rows(self, batch: MappedBatch) -> None:
@@ -218,6 +237,7 @@ class _Run:
             self.mapper.add(doc)
         batch = self.mapper.take()
         self.rss.sample()
+        self.mark_pending()
         self._insert_rows(batch)
         self._insert_rejects(batch)
         last = _last_dated(docs)
@@ -237,6 +257,7 @@ class _Run:
             return
         table = with_bookkeeping(self.collection, columns, self.run_id, now_ms())
         self.rss.sample()
+        self.mark_pending()
         store_table(self.clients, self.collection, table)
         last_ms = table["updated_at"][-1].cast(pa.int64()).as_py()
         self._stored(rows, rows, 0, (last_ms, ObjectId(table["_id"][-1].as_py())))
@@ -329,19 +350,21 @@ class _Run:
         if not docs:
             return
         ids = [id_to_str(d.get("_id")) for d in docs]
-        known = {
-            row[0]
-            for row in clickhouse_call(
-                self.settings,
-                lambda: (
-                    self.clients.clickhouse.query(
-                        f"SELECT DISTINCT _id FROM {REJECTS.qualified} "
-                        "WHERE collection = {c:String} AND _id IN {ids:Array(String)}",
-                        parameters={"c": self.collection, "ids": ids},
-                    ).result_rows
-                ),
-            )
-        }
+        ch = self.clients.clickhouse
+        with id_set(self.clients, [(i, 0) for i in ids]) as batch_ids:
+            known = {
+                row[0]
+                for row in clickhouse_call(
+                    self.settings,
+                    lambda: (
+                        ch.query(
+                            f"SELECT DISTINCT _id FROM {REJECTS.qualified} "
+                            f"WHERE collection = {{c:String}} AND _id IN {batch_ids.keys()}",
+                            parameters={"c": self.collection},
+                        ).result_rows
+                    ),
+                )
+            }
         fresh = [d for d, i in zip(docs, ids, strict=True) if i not in known]
         too_late = (
             f"updated_at: more than {self.settings.max_future_seconds:g}s ahead of the loader's "
@@ -355,6 +378,8 @@ class _Run:
                 problems.append(too_late)
             rejects.append(Reject(doc.get("_id"), "; ".join(problems), doc))
         batch = MappedBatch(self.collection, {"_id": []}, rejects)
+        if rejects:
+            self.mark_pending()
         self._insert_rejects(batch)
         self.record.docs_read += len(fresh)
         self.record.rejects += len(batch.rejects)
@@ -406,7 +431,7 @@ def store_rejects(clients: Clients, batch: MappedBatch, run_id: str) -> None:
     for r in batch.rejects:
         key = id_to_str(r.id)
         doc = full.get(key, r.doc)
-        rows.append([batch.collection, key, r.reason, dump_document(doc), run_id, now])
+        rows.append([batch.collection, key, r.reason, dump_document(doc), run_id, now, 0])
     ch = clients.clickhouse
     clickhouse_call(
         clients.settings,
@@ -426,10 +451,12 @@ def sync_collection(
 ) -> SyncResult:
     """Load what changed in `collection` since its watermark into `raw.<collection>`.
 
-    `full_refresh` empties `raw.<collection>`, its rows in `raw.rejects` and its watermark first.
-    `clients`: reuse open connections (one pair per process run); opened and closed here if
-    None. `after_insert` is called after each batch is stored and before its watermark is saved
-    (tests inject crashes there). Raises `ServerUnavailable` when a server stays unreachable.
+    `full_refresh` empties `raw.<collection>`, its rows in `raw.rejects` and its watermark first,
+    and marks the downstream models for a full rebuild; so does a replaced source collection
+    (see `loader.identity`), without being asked. `clients`: reuse open connections (one pair
+    per process run); opened and closed here if None. `after_insert` is called after each batch
+    is stored and before its watermark is saved (tests inject crashes there).
+    Raises `ServerUnavailable` when a server stays unreachable.
     """
     require_collection(collection)
     size = batch_size or settings.batch_size
@@ -440,10 +467,19 @@ def sync_collection(
         ch = cl.clickhouse
         before: Watermark | None = None
         index_created = False
+        identity: Identity | None = None
         try:
+            # Before the index is ensured: creating it would create a missing collection.
+            identity = _identity(cl, collection, full_refresh)
             index_created = prepare_collection(cl, collection)
-            if full_refresh:
-                _truncate(cl, collection)
+            if full_refresh or identity.replaced:
+                if identity.replaced:
+                    log.warning("%s", identity.describe_replacement())
+                mark_build_pending(cl, collection, run.run_id, full_refresh=True)
+                run.marked_pending = True
+                _truncate(cl, collection, reset_change_stream=identity.replaced)
+            if identity.current and identity.current != identity.recorded:
+                record_identity(cl, collection, identity.current, run.run_id)
             before = clickhouse_call(settings, lambda: load_watermark(ch, collection))
             rec.watermark_before = before.describe() if before else ""
             run.read_started_ms = now_ms()
@@ -467,6 +503,10 @@ def sync_collection(
                     f"+ rejected {rec.rejects}"
                 )
             notes = []
+            if identity.replaced:
+                notes.append(identity.describe_replacement())
+            if not identity.current:
+                notes.append(f"the collection {collection} does not exist in MongoDB")
             if index_created:
                 notes.append(f"created index {WATERMARK_INDEX_NAME}")
             if full_refresh:
@@ -494,6 +534,7 @@ def sync_collection(
             peak_rss_bytes=rec.peak_rss_bytes,
             index_created=index_created,
             message=rec.message,
+            source_replaced=identity.describe_replacement() if identity.replaced else "",
         )
 
 
@@ -505,7 +546,14 @@ def write_run_or_log(clients: Clients, rec: RunRecord) -> None:
         log.error("could not record failed run %s in ops.sync_runs: %s", rec.run_id, exc)
 
 
-def _truncate(clients: Clients, collection: str) -> None:
+def _identity(clients: Clients, collection: str, full_refresh: bool) -> Identity:
+    """The source's identity; a full refresh may proceed on a collection that is gone."""
+    if full_refresh:
+        return Identity(collection, collection_uuid(clients, collection), "")
+    return check_identity(clients, collection)
+
+
+def _truncate(clients: Clients, collection: str, *, reset_change_stream: bool) -> None:
     ch = clients.clickhouse
     settings = clients.settings
 
@@ -516,16 +564,29 @@ def _truncate(clients: Clients, collection: str) -> None:
             parameters={"c": collection},
         )
         reset_watermark(ch, collection)
+        if reset_change_stream:
+            # The stored resume token belongs to the old collection's stream.
+            ch.command(
+                f"INSERT INTO {CHANGE_STREAM_STATE.qualified} "
+                "(collection, resume_token, events, saved_at) "
+                "SELECT {c:String}, '', 0, now64(6)",
+                parameters={"c": collection},
+            )
 
     clickhouse_call(settings, go)
 
 
 def has_changes(settings: Settings, collection: str, *, clients: Clients | None = None) -> bool:
-    """True when a sync would read something: one indexed probe past the read bounds.
+    """True when a sync would read something: one indexed probe past the read bounds, or
+    when the collection was replaced (the sync reloads it). Raises `SourceMissing` when the
+    collection is gone while the warehouse holds documents of it.
 
     Documents whose `updated_at` is not a usable date are not considered (the next sync that
     runs for another reason rejects them)."""
     with open_clients(settings, clients) as cl:
+        prepare_clients(cl)
+        if check_identity(cl, collection).replaced:
+            return True
         prepare_collection(cl, collection)
         coll = cl.db[collection]
         wm = clickhouse_call(settings, lambda: load_watermark(cl.clickhouse, collection))

@@ -8,7 +8,7 @@ from loader_testlib import clickhouse_tasks, mongo_tasks
 from pymongo.database import Database
 
 from loader.clients import Clients
-from loader.deletes import follow_changes, id_hash
+from loader.deletes import follow_changes
 from loader.reconcile import reconcile_collection
 from loader.settings import Settings
 from loader.sync import sync_collection
@@ -92,14 +92,14 @@ def test_delete_becomes_a_tombstone_through_reconcile(
     gone = _first_ids(db, 5)
     db.tasks.delete_many({"_id": {"$in": gone}})
 
-    result = reconcile_collection(settings, "tasks", clients=clients, buckets=64)
+    result = reconcile_collection(settings, "tasks", clients=clients)
 
     assert result.deletes == 5
     assert set(clickhouse_tasks(clickhouse_client, deleted=True)) == set(map(str, gone))
     assert clickhouse_tasks(clickhouse_client).keys() == {str(d["_id"]) for d in db.tasks.find()}
 
 
-def test_reconcile_compares_ids_only_in_buckets_that_differ(
+def test_reconcile_counts_exactly_the_ids_that_differ(
     settings: Settings, clients: Clients, db: Database
 ) -> None:
     seed(db, 3_000, seed=205)
@@ -107,10 +107,10 @@ def test_reconcile_compares_ids_only_in_buckets_that_differ(
     gone = _first_ids(db, 2)
     db.tasks.delete_many({"_id": {"$in": gone}})
 
-    result = reconcile_collection(settings, "tasks", clients=clients, buckets=64)
+    result = reconcile_collection(settings, "tasks", clients=clients)
 
-    assert result.mismatched_buckets == len({id_hash(str(i)) % 64 for i in gone})
-    assert result.buckets == 64
+    assert (result.differing, result.deletes) == (2, 2)
+    assert (result.mongo_ids, result.clickhouse_ids) == (2_998, 3_000)
 
 
 def test_reconcile_of_an_unchanged_collection_finds_no_difference(
@@ -121,17 +121,7 @@ def test_reconcile_of_an_unchanged_collection_finds_no_difference(
 
     result = reconcile_collection(settings, "tasks", clients=clients)
 
-    assert (result.mismatched_buckets, result.deletes) == (0, 0)
-
-
-def test_hash_matches_clickhouse(clickhouse_client: Client) -> None:
-    oid = "6949f9808bb6605dda000000"
-
-    server = clickhouse_client.command(
-        "SELECT reinterpretAsUInt64(substring(MD5({i:String}), 1, 8))", parameters={"i": oid}
-    )
-
-    assert int(server) == id_hash(oid)
+    assert (result.differing, result.deletes) == (0, 0)
 
 
 def test_deletes_are_counted_in_run_records(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from bson import ObjectId
 from clickhouse_connect.driver.client import Client
 from loader_testlib import clickhouse_tasks, mongo_tasks
 from pymongo.database import Database
 
 from loader.clients import Clients
-from loader.reconcile import reconcile_collection, version_hash
+from loader.reconcile import reconcile_collection
 from loader.settings import Settings
 from loader.sync import sync_collection
 from loader.synthetic import seed
@@ -35,7 +36,7 @@ def test_update_moving_updated_at_backwards_is_loaded_by_reconcile(
     )
     unseen = sync_collection(settings, "tasks", clients=clients)
 
-    result = reconcile_collection(settings, "tasks", clients=clients, buckets=64)
+    result = reconcile_collection(settings, "tasks", clients=clients)
 
     assert unseen.rows_written == 0  # below the watermark: the sync cannot see it
     assert (result.stale_in_clickhouse, result.rows_written) == (1, 1)
@@ -75,7 +76,7 @@ def test_a_second_reconcile_after_a_repair_finds_no_difference(
 
     again = reconcile_collection(settings, "tasks", clients=clients)
 
-    assert (again.mismatched_buckets, again.rows_written, again.rejects) == (0, 0, 0)
+    assert (again.differing, again.rows_written, again.rejects) == (0, 0, 0)
 
 
 def test_rejected_documents_are_neither_reloaded_nor_rejected_again(
@@ -88,17 +89,69 @@ def test_rejected_documents_are_neither_reloaded_nor_rejected_again(
     result = reconcile_collection(settings, "tasks", clients=clients)
 
     assert rejects_after_sync > 0
-    assert (result.mismatched_buckets, result.rows_written) == (0, 0)
+    assert (result.differing, result.rows_written) == (0, 0)
     assert _rejects(clickhouse_client) == rejects_after_sync
 
 
-def test_version_hash_matches_clickhouse(clickhouse_client: Client) -> None:
-    oid, ms = "6949f9808bb6605dda000000", -1_234
+def test_reconcile_tombstones_100000_deleted_tasks_in_one_run(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    # Far more ids than fit in a URL (ClickHouse takes 128 KiB per parameter, ~4,000 ids):
+    # they must travel in request bodies.
+    seed(db, 110_000, seed=305)
+    sync_collection(settings, "tasks", clients=clients)
+    cut = db.tasks.find({}, {"_id": 1}).sort("_id", 1).skip(100_000).limit(1).next()["_id"]
+    gone = db.tasks.delete_many({"_id": {"$lt": cut}}).deleted_count
 
-    server = clickhouse_client.command(
-        "SELECT reinterpretAsUInt64(substring(MD5(concat({i:String}, ':', "
-        "toString({v:Int64}))), 1, 8))",
-        parameters={"i": oid, "v": ms},
-    )
+    result = reconcile_collection(settings, "tasks", clients=clients)
 
-    assert int(server) == version_hash(oid, ms)
+    assert gone == 100_000
+    assert (result.differing, result.deletes) == (100_000, 100_000)
+    assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
+    assert len(clickhouse_tasks(clickhouse_client, deleted=True)) == 100_000
+
+
+def test_reconcile_repairs_every_kind_of_difference_page_by_page(
+    settings: Settings,
+    clients: Clients,
+    db: Database,
+    plain_db: Database,
+    clickhouse_client: Client,
+) -> None:
+    seed(db, 3_000, seed=306)
+    sync_collection(settings, "tasks", clients=clients)
+    by_id = [d["_id"] for d in plain_db.tasks.find({}, {"_id": 1}).sort("_id", 1)]
+    plain_db.tasks.delete_many({"_id": {"$in": by_id[:300]}})  # gone
+    late = [dict(d, _id=ObjectId()) for d in plain_db.tasks.find({"_id": {"$in": by_id[300:400]}})]
+    plain_db.tasks.insert_many(late)  # dated long before the watermark: missing
+    for doc in plain_db.tasks.find({"_id": {"$in": by_id[400:450]}}):  # moved backwards: stale
+        earlier = doc["updated_at"] - timedelta(days=2)
+        plain_db.tasks.update_one({"_id": doc["_id"]}, {"$set": {"updated_at": earlier}})
+
+    result = reconcile_collection(settings, "tasks", clients=clients, page_size=64)
+
+    counts = (result.deletes, result.missing_in_clickhouse, result.stale_in_clickhouse)
+    assert counts == (300, 100, 50)
+    assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
+    assert reconcile_collection(settings, "tasks", clients=clients).differing == 0
+
+
+def test_a_rejected_document_deleted_in_mongo_is_no_longer_counted(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 1_000, seed=307, malformed_ratio=0.1)
+    sync_collection(settings, "tasks", clients=clients)
+    rejected = clickhouse_client.query(
+        "SELECT DISTINCT _id FROM raw.rejects WHERE collection = 'tasks' AND length(_id) = 24"
+        " AND _id NOT IN (SELECT _id FROM raw.tasks) LIMIT 3"
+    ).result_rows
+    ids = [ObjectId(row[0]) for row in rejected]
+    db.tasks.delete_many({"_id": {"$in": ids}})
+
+    first = reconcile_collection(settings, "tasks", clients=clients)
+    again = reconcile_collection(settings, "tasks", clients=clients)
+
+    assert len(ids) == 3
+    assert (first.differing, first.rejected_gone, first.deletes) == (3, 3, 0)
+    assert again.differing == 0
+    assert first.clickhouse_ids - again.clickhouse_ids == 3
