@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -44,6 +45,8 @@ PORT_HELP = " Default: the port in {var} if it points at 127.0.0.1/localhost, el
 MongoPort = Annotated[
     int | None,
     typer.Option(
+        min=1,
+        max=65535,
         help="MongoDB port on 127.0.0.1." + PORT_HELP.format(var="MONGO_URI", port=27017),
         show_default=False,
     ),
@@ -51,6 +54,8 @@ MongoPort = Annotated[
 ClickHousePort = Annotated[
     int | None,
     typer.Option(
+        min=1,
+        max=65535,
         help="ClickHouse HTTP port on 127.0.0.1."
         + PORT_HELP.format(var="CLICKHOUSE_HOST/CLICKHOUSE_PORT", port=8123),
         show_default=False,
@@ -59,6 +64,8 @@ ClickHousePort = Annotated[
 RedisPort = Annotated[
     int | None,
     typer.Option(
+        min=1,
+        max=65535,
         help="Redis port on 127.0.0.1." + PORT_HELP.format(var="REDIS_URL", port=6379),
         show_default=False,
     ),
@@ -73,7 +80,14 @@ def _stack(
     Ports: the option if given, else the port of a contract env var that points at this
     machine, else the default.
     """
-    settings = StackSettings()
+    try:
+        settings = StackSettings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            message = error["msg"].removeprefix("Value error, ")
+            err.print(f"[bold red]configuration error:[/] {where}: {message}", soft_wrap=True)
+        raise typer.Exit(code=2) from None
     local = settings.local_ports()
     given = {"mongo": mongo_port, "clickhouse": clickhouse_port, "redis": redis_port}
     ports = {

@@ -249,3 +249,22 @@ def test_clickhouse_password_when_configured_is_required(tmp_path: Path) -> None
     finally:
         stack.down()
     assert stack.env["CLICKHOUSE_PASSWORD"] == "s3cret"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CLICKHOUSE_PORT", "abc"),
+        ("CLICKHOUSE_PORT", "0"),
+        ("REDIS_URL", "redis://127.0.0.1:abc/0"),
+        ("MONGO_URI", "mongodb://127.0.0.1:99999/?replicaSet=rs0"),
+    ],
+)
+def test_a_port_that_is_not_a_port_is_an_error_naming_the_variable(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    env = {"CLICKHOUSE_HOST": "127.0.0.1", name: value}
+    result = cli("status", "--data-dir", str(tmp_path), env=env)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"configuration error: {name}: ")
+    assert "Traceback" not in result.stderr

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from clickhouse_connect.driver.client import Client
+from pydantic import ValidationError
 
 from devstack.process import free_ports
 from loader.schema import ensure_schema
@@ -86,3 +87,36 @@ def test_settings_read_the_contract_env_vars(monkeypatch: pytest.MonkeyPatch) ->
         9999,
         123,
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CLICKHOUSE_PORT", "abc"),
+        ("CLICKHOUSE_PORT", "0"),
+        ("CLICKHOUSE_PORT", "65536"),
+        ("LOADER_BATCH_SIZE", "0"),
+        ("LOADER_OVERLAP_SECONDS", "-1"),
+        ("LOADER_CONNECT_TIMEOUT", "inf"),
+    ],
+)
+def test_a_bad_numeric_env_var_is_an_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+
+    with pytest.raises(ValidationError) as info:
+        Settings()
+
+    assert [error["loc"] for error in info.value.errors()] == [(name,)]
+
+
+def test_cli_with_a_port_that_is_not_a_port_prints_one_line_naming_it(
+    settings: Settings,
+) -> None:
+    out = _loader(settings, "sync", CLICKHOUSE_PORT="abc")
+
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "configuration error: CLICKHOUSE_PORT: should be a port number from 1 to 65535, got 'abc'"
+    ]
