@@ -18,7 +18,7 @@ import pytest
 import redis
 from pymongo import MongoClient
 
-from devstack.mongo import MongoServer
+from devstack.mongo import MARKER_COLLECTION, MARKER_DB, MongoServer, embedded_marker
 from devstack.process import MissingBinaryError, PortBusyError, free_ports, port_is_free
 from devstack.settings import StackSettings
 from devstack.stack import Stack
@@ -249,6 +249,24 @@ def test_clickhouse_password_when_configured_is_required(tmp_path: Path) -> None
     finally:
         stack.down()
     assert stack.env["CLICKHOUSE_PASSWORD"] == "s3cret"
+
+
+def test_every_mongo_start_marks_the_server_as_the_embedded_stacks(own_stack: Stack) -> None:
+    with MongoClient(own_stack.mongo_uri, retryWrites=False) as mongo:
+        marker = embedded_marker(mongo)
+        assert marker is not None
+        assert marker["data_dir"] == str(own_stack.data_dir)
+        assert marker["port"] == own_stack.mongo_port
+        # A server started before markers existed gets one at the next `up`...
+        mongo[MARKER_DB][MARKER_COLLECTION].delete_many({})
+        assert own_stack.start("mongo").action == "already running"
+        assert embedded_marker(mongo) is not None
+        # ... and every start writes it.
+        mongo[MARKER_DB][MARKER_COLLECTION].delete_many({})
+    own_stack.stop("mongo")
+    own_stack.start("mongo")
+    with MongoClient(own_stack.mongo_uri) as mongo:
+        assert embedded_marker(mongo) is not None
 
 
 @pytest.mark.parametrize(

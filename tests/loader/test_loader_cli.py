@@ -9,6 +9,7 @@ import sys
 import pytest
 from clickhouse_connect.driver.client import Client
 from pydantic import ValidationError
+from pymongo import MongoClient
 
 from devstack.process import free_ports
 from loader.schema import ensure_schema
@@ -87,6 +88,51 @@ def test_settings_read_the_contract_env_vars(monkeypatch: pytest.MonkeyPatch) ->
         9999,
         123,
     )
+
+
+def _seeded(mongo_client: MongoClient, settings: Settings) -> int:
+    return mongo_client[settings.mongo_db]["tasks"].count_documents({})
+
+
+def test_seed_drops_and_reseeds_on_the_embedded_stack(
+    settings: Settings, mongo_client: MongoClient
+) -> None:
+    first = _loader(settings, "seed", "--tasks", "200")
+    again = _loader(settings, "seed", "--tasks", "150")
+
+    assert first.returncode == 0, first.stderr
+    assert again.returncode == 0, again.stderr
+    assert _seeded(mongo_client, settings) == 150  # dropped, then seeded
+
+
+def test_seed_refuses_to_drop_on_a_server_the_stack_did_not_start(
+    settings: Settings, mongo_client: MongoClient, foreign_server: None
+) -> None:
+    mongo_client[settings.mongo_db]["tasks"].insert_one({"precious": True})
+
+    out = _loader(settings, "seed", "--tasks", "100")
+
+    assert out.returncode == 2
+    assert "refusing to drop" in out.stderr
+    assert settings.mongo_uri.split("?")[0].removeprefix("mongodb://") in out.stderr  # which
+    assert "did not start that server" in out.stderr  # why
+    assert "--force" in out.stderr and "--keep" in out.stderr  # how to proceed
+    assert "Traceback" not in out.stderr
+    assert mongo_client[settings.mongo_db]["tasks"].find_one({"precious": True}) is not None
+
+
+def test_seed_force_and_keep_proceed_on_a_server_the_stack_did_not_start(
+    settings: Settings, mongo_client: MongoClient, foreign_server: None
+) -> None:
+    mongo_client[settings.mongo_db]["tasks"].insert_one({"precious": True})
+
+    kept = _loader(settings, "seed", "--tasks", "100", "--keep")
+    assert kept.returncode == 0, kept.stderr
+    assert _seeded(mongo_client, settings) == 101  # nothing dropped, no force needed
+
+    forced = _loader(settings, "seed", "--tasks", "100", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert _seeded(mongo_client, settings) == 100  # dropped
 
 
 @pytest.mark.parametrize(
