@@ -6,7 +6,8 @@
 - `BENCH_DASHBOARD_RUNS` (50): page loads per dashboard latency measurement.
 - `BENCH_OUTPUT` (`bench/results/latest.json`): where the JSON report goes.
 - `BENCH_DATA_DIR` (a new temp dir, removed afterwards): data of the bench's private stack.
-- `BENCH_PORT_BASE` (free ports): first of three consecutive ports (mongo, clickhouse, redis).
+- `BENCH_PORT_BASE` (free ports): first of three consecutive ports (mongo, clickhouse, redis),
+  1024 to 65533.
 - `BENCH_ONLY` / `BENCH_SKIP` (all / none): comma-separated measurement groups to run / to
   leave out; the groups are `GROUPS` below. A left-out group is still in the JSON, marked
   "unavailable: not selected".
@@ -38,16 +39,21 @@ class ConfigError(ValueError):
     """A BENCH_* variable has a value the bench cannot use."""
 
 
-def _int(env: dict[str, str], name: str, default: int, minimum: int) -> int:
+def _int(
+    env: dict[str, str], name: str, default: int, minimum: int, maximum: int | None = None
+) -> int:
     raw = env.get(name, "").replace("_", "").strip()
     if not raw:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={env[name]!r} is not an integer") from None
+    # ASCII digits only (int() would also take other scripts' digits, such as "٣").
+    digits = raw[1:] if raw[:1] in "+-" else raw
+    if not (digits.isascii() and digits.isdigit()):
+        raise ConfigError(f"{name}={env[name]!r} is not an integer")
+    value = int(raw)
     if value < minimum:
         raise ConfigError(f"{name}={value} is too small: use at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={value} is too large: use at most {maximum}")
     return value
 
 
@@ -94,7 +100,8 @@ class BenchConfig:
             dashboard_runs=_int(env, "BENCH_DASHBOARD_RUNS", 50, 1),
             output=Path(env.get("BENCH_OUTPUT") or cls.output),
             data_dir=Path(data_dir) if data_dir else None,
-            port_base=_int(env, "BENCH_PORT_BASE", 0, 1024) if port_base else None,
+            # Three consecutive ports from here: the last one must still be a port (65535).
+            port_base=_int(env, "BENCH_PORT_BASE", 0, 1024, 65533) if port_base else None,
             groups=only - skip,
             worker_timeout=float(_int(env, "BENCH_WORKER_TIMEOUT", 7200, 10)),
         )

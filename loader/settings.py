@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BeforeValidator, Field, SecretStr, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _port_number(value: Any) -> int:
+    """A TCP port, 1..65535, from an int or a string of ASCII digits (nothing else: no '8123.0',
+    no 'abc' silently becoming 0)."""
+    ok_type = isinstance(value, int | str) and not isinstance(value, bool)
+    text = str(value).strip() if ok_type else ""
+    if text.isascii() and text.isdigit() and 1 <= int(text) <= 65535:
+        return int(text)
+    raise PydanticCustomError(
+        "port_number",
+        "should be a port number from 1 to 65535, got {value}",
+        {"value": repr(value)},
+    )
+
+
+# A port read from an env var: a validation error's `loc` is the variable (the field's alias).
+Port = Annotated[int, BeforeValidator(_port_number)]
 
 
 class Settings(BaseSettings):
@@ -17,14 +36,17 @@ class Settings(BaseSettings):
     works, as a keyword and as an env var. Pass an instance explicitly; nothing is global.
     """
 
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+    # allow_inf_nan=False: "inf" or "nan" in a float knob is an error naming the variable.
+    model_config = SettingsConfigDict(
+        extra="ignore", populate_by_name=True, frozen=True, allow_inf_nan=False
+    )
 
     mongo_uri: str = Field(
         "mongodb://127.0.0.1:27017/?replicaSet=rs0", validation_alias="MONGO_URI"
     )
     mongo_db: str = Field("pipeline", validation_alias="MONGO_DB")
     clickhouse_host: str = Field("127.0.0.1", validation_alias="CLICKHOUSE_HOST")
-    clickhouse_port: int = Field(8123, validation_alias="CLICKHOUSE_PORT")
+    clickhouse_port: Port = Field(8123, validation_alias="CLICKHOUSE_PORT")
     clickhouse_user: str = Field("default", validation_alias="CLICKHOUSE_USER")
     clickhouse_password: SecretStr = Field(SecretStr(""), validation_alias="CLICKHOUSE_PASSWORD")
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")

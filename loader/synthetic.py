@@ -23,6 +23,7 @@ from bson import ObjectId
 from bson.datetime_ms import DatetimeMS
 from pymongo import UpdateOne
 from pymongo.database import Database
+from pymongo.errors import OperationFailure
 
 STAGES: tuple[str, ...] = (
     "intake",
@@ -266,6 +267,51 @@ def corrupt(doc: dict[str, Any], kind: str) -> dict[str, Any]:
     return doc
 
 
+class NotAnEmbeddedServer(RuntimeError):
+    """`seed` would drop collections on a MongoDB that the embedded stack did not start."""
+
+    def __init__(self, server: str, database: str, reason: str) -> None:
+        self.server, self.database, self.reason = server, database, reason
+        super().__init__(
+            f"refusing to drop {TASKS}, {EMPLOYEES} and {META} in database {database!r} on the "
+            f"MongoDB at {server}: {reason}. The synthetic seed replaces those collections, so it "
+            "does that only on a server the embedded stack started (`python -m devstack up` "
+            "marks it). Pass force=True if that server holds nothing you need, or drop=False "
+            "to add the synthetic data without dropping anything."
+        )
+
+
+def _server_address(db: Database) -> str:
+    try:
+        host, port = db.client.address or ("?", 0)
+        return f"{host}:{port}"
+    except Exception:  # several mongos: name them all
+        return ", ".join(f"{host}:{port}" for host, port in sorted(db.client.nodes)) or "?"
+
+
+def ensure_embedded_server(db: Database) -> dict[str, Any]:
+    """The embedded stack's marker on `db`'s server, or NotAnEmbeddedServer.
+
+    `python -m devstack up` writes the marker into the node's `local` database at every start
+    (`devstack.mongo.embedded_marker`); a server it did not start never has it."""
+    from devstack.mongo import MARKER_COLLECTION, MARKER_DB, MARKER_ID, embedded_marker
+
+    where = f"{MARKER_DB}.{MARKER_COLLECTION} {{_id: {MARKER_ID!r}}}"
+    try:
+        marker = embedded_marker(db.client)
+    except OperationFailure as exc:  # e.g. not authorized to read `local`
+        raise NotAnEmbeddedServer(
+            _server_address(db), db.name, f"could not read its embedded-stack marker {where}: {exc}"
+        ) from exc
+    if marker is None:
+        raise NotAnEmbeddedServer(
+            _server_address(db),
+            db.name,
+            f"the embedded stack did not start that server (it has no marker {where})",
+        )
+    return marker
+
+
 def seed(
     db: Database,
     n_tasks: int,
@@ -276,16 +322,20 @@ def seed(
     end: datetime | None = None,
     days: int = 90,
     drop: bool = True,
+    force: bool = False,
 ) -> SeedResult:
     """Fill `db.tasks` and `db.employee` with a deterministic dataset of `n_tasks` tasks.
 
     `malformed_ratio` of the tasks are corrupted with one of `MALFORMED_KINDS` (chosen
     deterministically). `end` is the latest timestamp in the data (default `DEFAULT_END`); pass
-    the current time to get data that looks live. With `drop`, existing collections are replaced.
+    the current time to get data that looks live. With `drop`, existing collections are replaced,
+    and only on a server the embedded stack started (else NotAnEmbeddedServer) unless `force`.
     """
     if not 0 <= malformed_ratio <= 1:
         raise ValueError("malformed_ratio must be between 0 and 1")
     end = _ms(end or DEFAULT_END)
+    if drop and not force:
+        ensure_embedded_server(db)
     if drop:
         for name in (TASKS, EMPLOYEES, META):
             db.drop_collection(name)

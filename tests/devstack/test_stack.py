@@ -7,6 +7,7 @@ restart servers.
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -18,7 +19,8 @@ import pytest
 import redis
 from pymongo import MongoClient
 
-from devstack.mongo import MongoServer
+import devstack.__main__ as devstack_cli
+from devstack.mongo import MARKER_COLLECTION, MARKER_DB, MongoServer, embedded_marker
 from devstack.process import MissingBinaryError, PortBusyError, free_ports, port_is_free
 from devstack.settings import StackSettings
 from devstack.stack import Stack
@@ -249,3 +251,103 @@ def test_clickhouse_password_when_configured_is_required(tmp_path: Path) -> None
     finally:
         stack.down()
     assert stack.env["CLICKHOUSE_PASSWORD"] == "s3cret"
+
+
+def test_every_mongo_start_marks_the_server_as_the_embedded_stacks(own_stack: Stack) -> None:
+    with MongoClient(own_stack.mongo_uri, retryWrites=False) as mongo:
+        marker = embedded_marker(mongo)
+        assert marker is not None
+        assert marker["data_dir"] == str(own_stack.data_dir)
+        assert marker["port"] == own_stack.mongo_port
+        # A server started before markers existed gets one at the next `up`...
+        mongo[MARKER_DB][MARKER_COLLECTION].delete_many({})
+        assert own_stack.start("mongo").action == "already running"
+        assert embedded_marker(mongo) is not None
+        # ... and every start writes it.
+        mongo[MARKER_DB][MARKER_COLLECTION].delete_many({})
+    own_stack.stop("mongo")
+    own_stack.start("mongo")
+    with MongoClient(own_stack.mongo_uri) as mongo:
+        assert embedded_marker(mongo) is not None
+
+
+def _exports(stdout: str) -> dict[str, str]:
+    """The `export NAME=value` lines that `up` prints, as a dict."""
+    pairs = (shlex.split(line.strip())[1] for line in stdout.splitlines() if "export " in line)
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+def test_up_prints_every_variable_down_needs_to_find_the_stack(tmp_path: Path) -> None:
+    port = free_ports(1)[0]
+    data_dir = tmp_path / "elsewhere"
+    try:
+        up = cli("up", "--data-dir", str(data_dir), "--redis-port", str(port), env=ELSEWHERE)
+        assert up.returncode == 0, up.stderr
+        exports = _exports(up.stdout)
+        assert exports == {
+            "REDIS_URL": f"redis://127.0.0.1:{port}/0",
+            "PIPELINE_DATA_DIR": str(data_dir),
+        }
+        # Only what `up` printed: no --data-dir, no --redis-port.
+        down = cli("down", env={**ELSEWHERE, **exports})
+        assert down.returncode == 0, down.stderr
+        assert "redis: stopped" in down.stdout
+    finally:
+        cli("down", "--data-dir", str(data_dir), "--redis-port", str(port), env=ELSEWHERE)
+    assert port_is_free(port)
+
+
+def test_up_names_a_data_dir_that_is_not_the_default_even_on_the_default_ports(
+    tmp_path: Path,
+) -> None:
+    stack = Stack(tmp_path)  # the default ports; nothing is started
+    assert devstack_cli._exports(stack, ["mongo", "clickhouse", "redis"]) == {
+        "PIPELINE_DATA_DIR": str(tmp_path)
+    }
+    assert devstack_cli._exports(stack, []) == {}  # every part external: nothing to find
+
+
+@pytest.mark.parametrize("command", ["down", "status"])
+def test_down_and_status_say_when_nothing_runs_from_the_data_dir(
+    tmp_path: Path, command: str
+) -> None:
+    ports = free_ports(3)
+    result = cli(
+        command,
+        "--data-dir",
+        str(tmp_path),
+        *("--mongo-port", str(ports[0]), "--clickhouse-port", str(ports[1])),
+        *("--redis-port", str(ports[2])),
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"no embedded server is running from {tmp_path}" in result.stdout
+    assert f"pid files under {tmp_path / 'run'}" in result.stdout
+    assert "--data-dir or PIPELINE_DATA_DIR" in result.stdout
+
+
+def test_down_of_a_running_stack_does_not_say_nothing_runs(tmp_path: Path) -> None:
+    port = free_ports(1)[0]
+    env = {**ELSEWHERE, "REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+    assert cli("up", "--data-dir", str(tmp_path), env=env).returncode == 0
+    result = cli("down", "--data-dir", str(tmp_path), env=env)
+    assert "redis: stopped" in result.stdout
+    assert "no embedded server" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CLICKHOUSE_PORT", "abc"),
+        ("CLICKHOUSE_PORT", "0"),
+        ("REDIS_URL", "redis://127.0.0.1:abc/0"),
+        ("MONGO_URI", "mongodb://127.0.0.1:99999/?replicaSet=rs0"),
+    ],
+)
+def test_a_port_that_is_not_a_port_is_an_error_naming_the_variable(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    env = {"CLICKHOUSE_HOST": "127.0.0.1", name: value}
+    result = cli("status", "--data-dir", str(tmp_path), env=env)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"configuration error: {name}: ")
+    assert "Traceback" not in result.stderr

@@ -14,6 +14,7 @@ from clickhouse_connect.driver.client import Client
 from pymongo import MongoClient
 from pymongo.database import Database
 
+from devstack.mongo import MARKER_COLLECTION, MARKER_DB, MARKER_ID
 from loader.clients import Clients, open_clients_now
 from loader.mapping import CODEC_OPTIONS
 from loader.schema import CHANGE_STREAM_STATE, COLLECTIONS, REJECTS, WATERMARKS, ensure_schema
@@ -58,3 +59,19 @@ def db(mongo_client: MongoClient, settings: Settings) -> Database:
 def plain_db(mongo_client: MongoClient, settings: Settings) -> Database:
     """The test's Mongo database with the default codec: reads and writes real datetimes."""
     return mongo_client[settings.mongo_db]
+
+
+@pytest.fixture
+def foreign_server(stack: Any) -> Iterator[None]:
+    """The test stack's MongoDB without the embedded stack's marker, as a real server has none;
+    the marker is put back afterwards (the session stack is shared)."""
+    # retryWrites=False: `local` is not replicated and refuses retryable writes.
+    with MongoClient(stack.mongo_uri, retryWrites=False) as client:
+        markers = client[MARKER_DB][MARKER_COLLECTION]
+        saved = markers.find_one({"_id": MARKER_ID})
+        assert saved is not None, "the test stack was started through devstack: it has the marker"
+        markers.delete_one({"_id": MARKER_ID})
+        try:
+            yield
+        finally:
+            markers.replace_one({"_id": MARKER_ID}, saved, upsert=True)

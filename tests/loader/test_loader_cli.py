@@ -8,6 +8,8 @@ import sys
 
 import pytest
 from clickhouse_connect.driver.client import Client
+from pydantic import ValidationError
+from pymongo import MongoClient
 
 from devstack.process import free_ports
 from loader.schema import ensure_schema
@@ -86,3 +88,82 @@ def test_settings_read_the_contract_env_vars(monkeypatch: pytest.MonkeyPatch) ->
         9999,
         123,
     )
+
+
+def _seeded(mongo_client: MongoClient, settings: Settings) -> int:
+    return mongo_client[settings.mongo_db]["tasks"].count_documents({})
+
+
+def test_seed_drops_and_reseeds_on_the_embedded_stack(
+    settings: Settings, mongo_client: MongoClient
+) -> None:
+    first = _loader(settings, "seed", "--tasks", "200")
+    again = _loader(settings, "seed", "--tasks", "150")
+
+    assert first.returncode == 0, first.stderr
+    assert again.returncode == 0, again.stderr
+    assert _seeded(mongo_client, settings) == 150  # dropped, then seeded
+
+
+def test_seed_refuses_to_drop_on_a_server_the_stack_did_not_start(
+    settings: Settings, mongo_client: MongoClient, foreign_server: None
+) -> None:
+    mongo_client[settings.mongo_db]["tasks"].insert_one({"precious": True})
+
+    out = _loader(settings, "seed", "--tasks", "100")
+
+    message = " ".join(out.stderr.split())  # rich wraps long lines when piped
+    assert out.returncode == 2
+    assert "refusing to drop" in message
+    assert settings.mongo_uri.split("?")[0].removeprefix("mongodb://") in message  # which
+    assert "did not start that server" in message  # why
+    assert "--force" in message and "--keep" in message  # how to proceed
+    assert "Traceback" not in message
+    assert mongo_client[settings.mongo_db]["tasks"].find_one({"precious": True}) is not None
+
+
+def test_seed_force_and_keep_proceed_on_a_server_the_stack_did_not_start(
+    settings: Settings, mongo_client: MongoClient, foreign_server: None
+) -> None:
+    mongo_client[settings.mongo_db]["tasks"].insert_one({"precious": True})
+
+    kept = _loader(settings, "seed", "--tasks", "100", "--keep")
+    assert kept.returncode == 0, kept.stderr
+    assert _seeded(mongo_client, settings) == 101  # nothing dropped, no force needed
+
+    forced = _loader(settings, "seed", "--tasks", "100", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert _seeded(mongo_client, settings) == 100  # dropped
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CLICKHOUSE_PORT", "abc"),
+        ("CLICKHOUSE_PORT", "0"),
+        ("CLICKHOUSE_PORT", "65536"),
+        ("LOADER_BATCH_SIZE", "0"),
+        ("LOADER_OVERLAP_SECONDS", "-1"),
+        ("LOADER_CONNECT_TIMEOUT", "inf"),
+    ],
+)
+def test_a_bad_numeric_env_var_is_an_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+
+    with pytest.raises(ValidationError) as info:
+        Settings()
+
+    assert [error["loc"] for error in info.value.errors()] == [(name,)]
+
+
+def test_cli_with_a_port_that_is_not_a_port_prints_one_line_naming_it(
+    settings: Settings,
+) -> None:
+    out = _loader(settings, "sync", CLICKHOUSE_PORT="abc")
+
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "configuration error: CLICKHOUSE_PORT: should be a port number from 1 to 65535, got 'abc'"
+    ]

@@ -5,11 +5,20 @@ from __future__ import annotations
 from collections import Counter
 from datetime import UTC, datetime
 
+import pytest
 from pymongo import MongoClient
 from pymongo.database import Database
 
 from loader.settings import Settings
-from loader.synthetic import STAGES, STATUSES, activity, mutate, new_stage_id, seed
+from loader.synthetic import (
+    STAGES,
+    STATUSES,
+    NotAnEmbeddedServer,
+    activity,
+    mutate,
+    new_stage_id,
+    seed,
+)
 
 NOW = datetime(2026, 3, 1, tzinfo=UTC)  # after the seeded data (DEFAULT_END)
 
@@ -122,3 +131,18 @@ def test_activity_keeps_changing_the_dataset(plain_db: Database) -> None:
     )
 
     assert ticks == [0, 1, 2] and changed >= 15
+
+
+def test_seed_drops_only_on_a_server_the_embedded_stack_started(
+    plain_db: Database, foreign_server: None
+) -> None:
+    plain_db.tasks.insert_one({"precious": True})
+
+    with pytest.raises(NotAnEmbeddedServer, match="did not start that server"):
+        seed(plain_db, 100, seed=1)
+    assert plain_db.tasks.count_documents({}) == 1
+
+    seed(plain_db, 100, seed=1, drop=False)  # adds, drops nothing: allowed
+    assert plain_db.tasks.count_documents({}) == 101
+    seed(plain_db, 100, seed=1, force=True)
+    assert plain_db.tasks.count_documents({}) == 100

@@ -1,0 +1,28 @@
+"""BENCH_* variables: a value the bench cannot use is an error naming the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.config import BenchConfig, ConfigError
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "why"),
+    [
+        ("BENCH_PORT_BASE", "abc", "is not an integer"),
+        ("BENCH_PORT_BASE", "80", "is too small"),
+        ("BENCH_PORT_BASE", "65534", "is too large"),  # the third port would be 65536
+        ("BENCH_SCALE", "1e6", "is not an integer"),
+        ("BENCH_REPEAT", "0", "is too small"),
+        ("BENCH_WORKER_TIMEOUT", "١٠٠", "is not an integer"),
+    ],
+)
+def test_a_bad_value_names_the_variable(name: str, value: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{name}=.*{why}"):
+        BenchConfig.from_env({name: value})
+
+
+def test_good_values_are_read() -> None:
+    cfg = BenchConfig.from_env({"BENCH_PORT_BASE": "65533", "BENCH_SCALE": "20_000"})
+    assert (cfg.port_base, cfg.scale) == (65533, 20_000)
