@@ -17,11 +17,14 @@ from clickhouse_connect.driver.client import Client
 from flows.cache import CacheStats
 from flows.ops import ALERT_COLUMNS, insert_rows, now
 from flows.settings import FlowSettings
+from loader.drift import Drift
 
 
 @dataclass(frozen=True)
 class Alert:
-    kind: str  # sync_duration, query_duration, cache_hit_rate, loader_memory
+    # sync_duration, query_duration, cache_hit_rate, loader_memory, source_replaced, drift,
+    # unknown_value, unknown_reference, data_test_warning
+    kind: str
     subject: str  # what crossed it: the run, the query, the collection
     value: float
     threshold: float
@@ -88,6 +91,28 @@ def check_loader_memory(
         float(limit),
         f"loader peak RSS {peak_rss_bytes / 2**20:.0f} MiB while syncing {collection}, "
         f"over {limit / 2**20:.0f} MiB",
+        run_id,
+    )
+
+
+def check_source_replaced(run_id: str, collection: str, why: str) -> Alert | None:
+    """A replaced source collection was reloaded from scratch (see `loader.identity`)."""
+    if not why:
+        return None
+    return Alert("source_replaced", collection, 1.0, 0.0, why, run_id)
+
+
+def check_drift(run_id: str, drift: Drift) -> Alert | None:
+    """Counts that still differ after this run's reconcile: something keeps them apart."""
+    if drift.in_step:
+        return None
+    return Alert(
+        "drift",
+        drift.collection,
+        float(drift.differ),
+        0.0,
+        f"{drift.describe()}, after reconcile: run `python -m loader reconcile --verbose` and "
+        "see ops.sync_runs",
         run_id,
     )
 

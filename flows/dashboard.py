@@ -1,8 +1,9 @@
 """`python -m flows.dashboard` (`make dashboard`): the current pipeline, through the query cache.
 
-Panels: files per stage and status, the longest-waiting open files, employee workload, and the
-last runs' timings. Every query goes through `QueryCache` (keyed by the data version each landed
-sync bumps); a query slower than `PIPELINE_ALERT_QUERY_SECONDS` raises an alert.
+Panels: whether the warehouse is in step with MongoDB, files per stage and status, the
+longest-waiting open files, employee workload, and the last runs' timings. Every query goes
+through `QueryCache` (keyed by the data version each landed sync bumps); a query slower than
+`PIPELINE_ALERT_QUERY_SECONDS` raises an alert.
 """
 
 from __future__ import annotations
@@ -38,6 +39,23 @@ class PanelQuery:
 
 
 PANELS: tuple[PanelQuery, ...] = (
+    PanelQuery(
+        "in_step",
+        "In step with MongoDB? (document counts at the last flow run)",
+        """
+        SELECT collection,
+               argMax(mongo_count, checked_at) AS mongodb,
+               argMax(clickhouse_count, checked_at) AS warehouse,
+               if(mongodb = warehouse, 'in step',
+                  concat(toString(abs(toInt64(mongodb) - toInt64(warehouse))), ' differ'))
+                   AS state,
+               formatDateTime(max(checked_at), '%Y-%m-%d %H:%i:%S UTC') AS as_of
+        FROM ops.drift_checks
+        GROUP BY collection
+        ORDER BY collection
+        """,
+        ttl_seconds=30,
+    ),
     PanelQuery(
         "files_by_stage_status",
         "Files per stage and status",

@@ -141,13 +141,15 @@ def _forget_ensured_databases() -> None:
         ensured.clear()
 
 
-def run_build(settings: FlowSettings, select: list[str]) -> BuildResult:
-    """Run `dbt build --select <select>`; raise DbtBuildError naming the failed nodes."""
+def run_build(settings: FlowSettings, select: list[str], full_refresh: bool = False) -> BuildResult:
+    """Run `dbt build --select <select>` (`--full-refresh`: incremental models rebuilt from
+    scratch); raise DbtBuildError naming the failed nodes."""
     from dbt.cli.main import dbtRunner
 
     _forget_ensured_databases()
     # A fresh runner per build: dbtRunner instances are not meant to be reused concurrently.
-    res = dbtRunner().invoke(dbt_args(settings, "build", select))
+    args = dbt_args(settings, "build", select) + (["--full-refresh"] if full_refresh else [])
+    res = dbtRunner().invoke(args)
     build = BuildResult(select=select)
     results = getattr(res.result, "results", None) or []
     build.nodes = [_node_timing(r) for r in results]

@@ -15,7 +15,6 @@ from typing import Any
 
 import redis
 
-from flows import ops
 from flows.redis_link import REDIS_ERRORS
 from flows.settings import FlowSettings
 
@@ -121,15 +120,14 @@ def follow_and_signal(
     """Run the loader's change-stream follower on `collection` and signal what it sees.
 
     The follower (`loader.deletes.follow_changes`, all changes) writes changed documents and
-    tombstones into `raw` within about a second and keeps its resume token in ClickHouse. After
-    each batch with new events this marks the collection's build pending in `ops.build_pending`
-    (durable: a delete that the watermark cannot see still gets built) and XADDs a signal.
+    tombstones into `raw` within about a second, keeps its resume token in ClickHouse and marks
+    the collection's build pending in `ops.build_pending` before it writes (durable: a delete
+    that the watermark cannot see still gets built). After each batch with new events this
+    XADDs a signal.
     """
     from loader.deletes import follow_changes
     from loader.settings import Settings
 
-    ch = ops.connect(settings)
-    ops.ensure_tables(ch)
     client = connect(settings)
     seen = 0
 
@@ -137,7 +135,6 @@ def follow_and_signal(
         nonlocal seen
         if events <= seen:
             return
-        ops.set_pending(ch, [collection], True, f"follower:{collection}")
         try:
             signal_change(client, settings, collection, events=events - seen, deletes=deletes)
         except REDIS_ERRORS as exc:  # the pending flag is durable; the schedule picks it up
@@ -158,4 +155,3 @@ def follow_and_signal(
                 stop.wait(10)
     finally:
         client.close()
-        ch.close()

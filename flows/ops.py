@@ -1,7 +1,8 @@
 """The flow's ClickHouse bookkeeping in the `ops` database.
 
-Tables owned here (created if missing): `ops.step_timings`, `ops.alerts`, `ops.build_pending`.
-`ops.sync_runs` belongs to the loader; the flow only adds its "skipped" rows.
+Tables owned here (created if missing): `ops.step_timings`, `ops.alerts`. `ops.sync_runs` and
+`ops.build_pending` belong to the loader (`loader.schema`); the flow adds "skipped" run rows and
+clears build marks (`loader.build_pending`).
 """
 
 from __future__ import annotations
@@ -42,18 +43,6 @@ DDL = (
         message String
     ) ENGINE = MergeTree
     ORDER BY (raised_at, kind)
-    """,
-    # A dbt source whose downstream models still need a build: set before its data is loaded,
-    # cleared after a successful build, so a failed or interrupted build is retried by the next
-    # run even when no new data arrives.
-    """
-    CREATE TABLE IF NOT EXISTS ops.build_pending (
-        source String,
-        pending UInt8,
-        run_id String,
-        saved_at DateTime64(6, 'UTC')
-    ) ENGINE = ReplacingMergeTree(saved_at)
-    ORDER BY source
     """,
 )
 
@@ -128,21 +117,3 @@ def record_skipped_run(
         for c in collections
     ]
     insert_rows(client, "ops.sync_runs", SYNC_RUN_COLUMNS, rows)
-
-
-def pending_sources(client: Client, sources: Iterable[str]) -> set[str]:
-    """Sources whose downstream build is pending: flagged, or never built by the flow (a fresh
-    warehouse, or `ops` reset), since a partial selection assumes the rest already exists."""
-    result = client.query("SELECT source, pending FROM ops.build_pending FINAL")
-    state = {row[0]: bool(row[1]) for row in result.result_rows}
-    return {s for s in sources if state.get(s, True)}
-
-
-def set_pending(client: Client, sources: Iterable[str], pending: bool, run_id: str) -> None:
-    stamp = now()
-    insert_rows(
-        client,
-        "ops.build_pending",
-        ("source", "pending", "run_id", "saved_at"),
-        [(s, int(pending), run_id, stamp) for s in sources],
-    )

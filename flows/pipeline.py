@@ -1,10 +1,14 @@
-"""The Prefect flow `sync_pipeline`: guard -> detect changes -> load -> dbt build -> timings.
+"""The Prefect flow `sync_pipeline`: guard -> detect changes -> load -> check drift -> dbt build.
 
-A run does nothing (and records a `skipped` run in `ops.sync_runs`) when another run holds the
-guard, or when no collection changed and no earlier build is still pending. Otherwise it loads the
-changed collections, builds the dbt models downstream of the changed (or still pending) sources,
-bumps the dashboard cache's data version, checks the alert thresholds, and writes every step's
-timing to `ops.step_timings` and a Prefect table artifact. The return value summarises the run.
+Every run that holds the guard loads the collections that changed (a replaced collection counts
+as changed and is reloaded from scratch, see `loader.identity`), then counts both sides of every
+collection (`loader.drift`) and reconciles in the same run any collection whose counts differ
+(every collection with `reconcile=True`). It then builds the dbt models downstream of every
+source with a pending build (`loader.build_pending`: marked by any loader write, this run's or
+not), with `--full-refresh` when a raw table was rebuilt, bumps the dashboard cache's data
+version, raises alerts, and writes every step's timing to `ops.step_timings` and a Prefect table
+artifact. With nothing pending the run is `skipped` (recorded in `ops.sync_runs`); its message
+still says whether the warehouse is in step with MongoDB. The return value summarises the run.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from flows import ops
 from flows.alerts import (
     Alert,
     check_cache_hit_rate,
+    check_drift,
     check_loader_memory,
+    check_source_replaced,
     check_sync_duration,
     raise_alerts,
 )
@@ -37,7 +43,9 @@ from flows.lock import run_guard
 from flows.redis_link import RedisLink
 from flows.settings import FlowSettings
 from flows.timings import TimingRecorder
+from loader.build_pending import PendingBuild, clear_build_pending, pending_builds
 from loader.clients import Clients, open_clients
+from loader.drift import Drift, measure_drift, record_drift
 from loader.reconcile import ReconcileResult, reconcile_collection
 from loader.settings import Settings as LoaderSettings
 from loader.sync import SyncResult, has_changes, sync_collection
@@ -98,9 +106,14 @@ def reconcile_collection_task(clients: Clients, collection: str) -> ReconcileRes
     return reconcile_collection(clients.settings, collection, clients=clients)
 
 
+@task(name="check-drift", task_run_name="check-drift-{collection}", cache_policy=NO_CACHE)
+def check_drift_task(clients: Clients, collection: str) -> Drift:
+    return measure_drift(clients, collection)
+
+
 @task(name="dbt-build", cache_policy=NO_CACHE)
-def dbt_build(settings: FlowSettings, select: list[str]) -> BuildResult:
-    return run_build(settings, select)
+def dbt_build(settings: FlowSettings, select: list[str], full_refresh: bool = False) -> BuildResult:
+    return run_build(settings, select, full_refresh)
 
 
 def _summary(
@@ -127,12 +140,12 @@ def sync_pipeline(
 ) -> dict[str, Any]:
     """Bring ClickHouse in step with MongoDB once; see the module docstring.
 
-    `full_refresh`: reload every collection from scratch (and build everything).
+    `full_refresh`: reload every collection from scratch and rebuild every model.
     `build_all`: build downstream of every source even if only one changed (e.g. after the
     `analytics` database was dropped by hand).
-    `reconcile`: also compare every collection with MongoDB and repair what the watermark read
-    cannot see (deletes, late writes, backward updates); the scheduled deployment does this
-    every `PIPELINE_RECONCILE_INTERVAL_MINUTES`."""
+    `reconcile`: compare every collection with MongoDB id by id, even when the counts agree,
+    and repair what the watermark read cannot see (late writes, backward updates); the
+    scheduled deployment does this every `PIPELINE_RECONCILE_INTERVAL_MINUTES`."""
     settings = FlowSettings()
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or uuid4())
@@ -183,7 +196,6 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool, reconcile: bool) 
         run.recorder,
         run.ch,
     )
-    started_at, t0, link = run.started_at, run.t0, run.link
     collections = list(settings.collections)
     options = _task_options(settings)
 
@@ -194,18 +206,9 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool, reconcile: bool) 
             changed = collections
         else:
             changed = detect_changes.with_options(**options)(clients, collections)
-        pending = set(collections) if build_all else ops.pending_sources(ch, collections)
         step.rows = len(changed)
-        step.message = f"changed={changed} pending_build={sorted(pending)}"
-    if not (changed or pending or reconcile):
-        message = "skipped: no changes since the last sync"
-        recorder.steps[-1].status = "skipped"
-        logger.info("Run %s %s", run_id, message)
-        ops.record_skipped_run(ch, run_id, collections, started_at, message)
-        return _summary(run_id, "skipped", message, recorder, t0, changed=[], built=[])
+        step.message = f"changed={changed}"
 
-    # Durable before loading: if this run dies after the load, the next run still builds.
-    ops.set_pending(ch, changed, True, run_id)
     alerts: list[Alert | None] = []
     loads: dict[str, dict[str, Any]] = {}
     for collection in changed:
@@ -223,20 +226,39 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool, reconcile: bool) 
             "deletes": result.deletes,
             "peak_rss_bytes": result.peak_rss_bytes,
             "loader_run_id": result.run_id,
+            "source_replaced": result.source_replaced,
         }
         alerts.append(check_loader_memory(settings, run_id, collection, result.peak_rss_bytes))
+        alerts.append(check_source_replaced(run_id, collection, result.source_replaced))
 
-    repaired = _reconcile(run, clients, pending | set(changed), options) if reconcile else []
-    to_build = sorted(set(changed) | pending | set(repaired))
-    if not to_build:
-        message = "reconciled: nothing to repair, nothing changed"
+    drifts = _check_drift(run, clients, options, reconcile_all=reconcile)
+    alerts.extend(check_drift(run_id, d) for d in drifts.values())
+    in_step = _describe_drift(drifts)
+
+    # Every loader write (this run's, a CLI run's, the change follower's) marked its source.
+    pending = pending_builds(ch, collections)
+    if build_all:
+        pending = {c: pending.get(c, PendingBuild(c, False, None)) for c in collections}
+    if not pending:
+        message = f"skipped: no changes since the last sync; {in_step}"
+        for timing in recorder.steps:
+            if timing.step == "detect_changes":
+                timing.status = "skipped"
         logger.info("Run %s %s", run_id, message)
-        return _summary(run_id, "ok", message, recorder, t0, changed=[], built=[])
+        ops.record_skipped_run(ch, run_id, collections, run.started_at, message)
+        raise_alerts(settings, ch, alerts, logger)
+        return _summary(
+            run_id, "skipped", message, recorder, run.t0, changed=[], built=[], in_step=in_step
+        )
+
+    to_build = sorted(pending)
+    rebuild = any(p.full_refresh for p in pending.values())
     select = selectors(settings, to_build)
+    build_started_at = ops.now()
     with recorder.step("dbt_build") as step:
-        step.message = " ".join(select)
+        step.message = " ".join(select) + (" --full-refresh" if rebuild else "")
         try:
-            build = dbt_build.with_options(**options)(settings, select)
+            build = dbt_build.with_options(**options)(settings, select, rebuild)
         except DbtBuildError as exc:
             for node in exc.nodes:
                 recorder.add(node)
@@ -250,11 +272,11 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool, reconcile: bool) 
         step.rows = build.rows
         for node in build.nodes:
             recorder.add(node)
-    ops.set_pending(ch, to_build, False, run_id)
+    clear_build_pending(ch, to_build, run_id, build_started_at=build_started_at)
 
-    cache = QueryCache(settings, link)
+    cache = QueryCache(settings, run.link)
     version = cache.bump_version()
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - run.t0
     alerts.append(check_sync_duration(settings, run_id, elapsed))
     alerts.append(check_cache_hit_rate(settings, run_id, cache.take_stats()))
     # Documents that flowed on with an unknown value or reference, named by the warned tests.
@@ -262,42 +284,72 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool, reconcile: bool) 
 
     alerts.extend(stored_failure_alerts(ch, build.stored_failures, run_id))
     raised = raise_alerts(settings, ch, alerts, logger)
-    message = f"loaded {', '.join(changed) or 'nothing'}; built {' '.join(select)}"
+    message = f"loaded {', '.join(changed) or 'nothing'}; built {' '.join(select)}; {in_step}"
     logger.info("Run %s: %s in %.2f s", run_id, message, elapsed)
     return _summary(
         run_id,
         "ok",
         message,
         recorder,
-        t0,
+        run.t0,
         changed=changed,
         built=select,
+        full_refresh=rebuild,
         loads=loads,
         data_version=version,
+        in_step=in_step,
+        drift={c: _drift_summary(d) for c, d in drifts.items()},
         alerts=[a.message for a in raised],
     )
 
 
-def _reconcile(
-    run: RunContext, clients: Clients, pending: set[str], options: dict[str, Any]
-) -> list[str]:
-    """Reconcile every collection; the ones it repaired need a build (as do `pending`)."""
-    collections = list(run.settings.collections)
-    with run.recorder.step("reconcile") as step:
-        # Durable before repairing: if the run dies mid-way, the next run still builds.
-        ops.set_pending(run.ch, collections, True, run.run_id)
-        results = [
-            reconcile_collection_task.with_options(**options)(clients, c) for c in collections
-        ]
-        repaired = [r.collection for r in results if r.deletes or r.rows_written or r.rejects]
-        untouched = [c for c in collections if c not in repaired and c not in pending]
-        ops.set_pending(run.ch, untouched, False, run.run_id)
-        step.rows = sum(r.deletes + r.rows_written + r.rejects for r in results)
-        step.message = "; ".join(
-            f"{r.collection}: {r.deletes} tombstones, {r.rows_written} rows, {r.rejects} rejects"
-            for r in results
-        )
-    return repaired
+def _check_drift(
+    run: RunContext, clients: Clients, options: dict[str, Any], *, reconcile_all: bool
+) -> dict[str, Drift]:
+    """Count both sides of every collection; reconcile the ones that differ (every one with
+    `reconcile_all`) in this run, then count again. Each final count is recorded."""
+    drifts: dict[str, Drift] = {}
+    with run.recorder.step("check_drift") as step:
+        notes = []
+        for collection in run.settings.collections:
+            drift = None if reconcile_all else check_drift_task(clients, collection)
+            note = ""
+            if drift is None or not drift.in_step:
+                before = "" if drift is None else f"{drift.differ} differed; "
+                result = reconcile_collection_task.with_options(**options)(clients, collection)
+                note = f"{before}reconciled: {_describe_repair(result)}"
+                notes.append(f"{collection}: {note}")
+                drift = check_drift_task(clients, collection)
+            record_drift(clients, drift, run.run_id, note)
+            drifts[collection] = drift
+        step.rows = sum(d.differ for d in drifts.values())
+        step.message = "; ".join([d.describe() for d in drifts.values()] + notes)
+    return drifts
+
+
+def _describe_repair(result: ReconcileResult) -> str:
+    return (
+        f"{result.deletes} tombstones, {result.rows_written} rows loaded, {result.rejects} "
+        f"rejects, {result.rejected_gone} rejected documents gone"
+    )
+
+
+def _describe_drift(drifts: dict[str, Drift]) -> str:
+    """ "in step with MongoDB as of <time>", or what differs."""
+    apart = [d.describe() for d in drifts.values() if not d.in_step]
+    if apart:
+        return "; ".join(apart)
+    checked = min(d.checked_at for d in drifts.values())
+    return f"in step with MongoDB as of {checked:%Y-%m-%d %H:%M:%S} UTC"
+
+
+def _drift_summary(drift: Drift) -> dict[str, Any]:
+    return {
+        "mongo_count": drift.mongo_count,
+        "clickhouse_count": drift.clickhouse_count,
+        "differ": drift.differ,
+        "checked_at": drift.checked_at.isoformat(),
+    }
 
 
 def _ensure_schema(ch: Client) -> None:

@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 
 from clickhouse_connect.driver.client import Client
 
-from loader.clients import Clients, clickhouse_call
 from loader.schema import BUILD_PENDING
 
 COLUMNS = [name for name, _ in BUILD_PENDING.columns]
@@ -35,19 +34,13 @@ def _write(client: Client, rows: list[list[object]]) -> None:
 
 
 def mark_build_pending(
-    clients: Clients, collection: str, run_id: str, *, full_refresh: bool = False
+    client: Client, collection: str, run_id: str, *, full_refresh: bool = False
 ) -> None:
     """Mark `collection`'s downstream models as needing a build (before writing to raw).
 
     A pending full refresh stays a full refresh until a build clears it."""
-    ch = clients.clickhouse
-
-    def go() -> None:
-        keep_full = any(p.full_refresh for p in pending_builds(ch, [collection]).values())
-        row = [collection, 1, int(full_refresh or keep_full), run_id, datetime.now(UTC)]
-        _write(ch, [row])
-
-    clickhouse_call(clients.settings, go)
+    keep_full = any(p.full_refresh for p in pending_builds(client, [collection]).values())
+    _write(client, [[collection, 1, int(full_refresh or keep_full), run_id, datetime.now(UTC)]])
 
 
 def pending_builds(client: Client, sources: Iterable[str]) -> dict[str, PendingBuild]:

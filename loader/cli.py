@@ -157,7 +157,11 @@ def sync(
         )
         if r.index_created:
             console.print(f"created the (updated_at, _id) index on {r.collection}")
+        if r.source_replaced:
+            console.print(f"[yellow]{r.source_replaced}[/]", soft_wrap=True)
     console.print(table)
+    if any(r.rows_written or r.rejects for r in results):
+        console.print("the next flow run (`make sync`) builds the models downstream of this load")
 
 
 @app.command()
@@ -279,6 +283,42 @@ def reconcile(
             f"{r.duration_s:.2f}",
         )
     console.print(table)
+
+
+@app.command()
+def check(
+    collection: Annotated[Which, typer.Option(help="Collection(s) to check.")] = Which.all,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Is the warehouse in step with MongoDB? Count both sides now; exit 1 when they differ.
+
+    Counts the documents of each collection in MongoDB and the ones the warehouse accounts for
+    (live rows of raw.<collection> plus rejected documents), leaving out documents younger than
+    LOADER_OVERLAP_SECONDS. Changes nothing; `python -m loader reconcile` (or the next flow
+    run) repairs a difference. Equal counts do not prove equal contents: reconcile compares
+    every id and updated_at."""
+    from loader.drift import measure_drift
+    from loader.sync import prepare_clients
+
+    _setup_logging(verbose)
+    settings = _settings()
+    try:
+        with open_clients(settings) as clients:
+            prepare_clients(clients)
+            drifts = [measure_drift(clients, name) for name in _collections(collection)]
+    except ServerUnavailable as exc:
+        raise _fail(exc) from exc
+    table = Table(title="in step with MongoDB?")
+    for col in ("collection", "MongoDB", "warehouse", "state"):
+        table.add_column(col, justify="left" if col in ("collection", "state") else "right")
+    for d in drifts:
+        state = "[green]in step[/]" if d.in_step else f"[bold red]{d.differ:,} differ[/]"
+        table.add_row(d.collection, f"{d.mongo_count:,}", f"{d.clickhouse_count:,}", state)
+    console.print(table)
+    console.print(f"documents created before {d.counted_before:%Y-%m-%d %H:%M:%S} UTC counted")
+    if not all(d.in_step for d in drifts):
+        console.print("repair: `python -m loader reconcile`, then `make sync` rebuilds the models")
+        raise typer.Exit(code=1)
 
 
 @app.command()

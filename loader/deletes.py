@@ -23,6 +23,7 @@ from typing import Any
 from bson import ObjectId, json_util
 from pymongo.errors import OperationFailure
 
+from loader.build_pending import mark_build_pending
 from loader.clients import Clients, clickhouse_call, mongo_call, open_clients
 from loader.idset import id_set
 from loader.mapping import BatchMapper
@@ -176,12 +177,19 @@ def follow_changes(
         pending: dict[str, int] = {}
         mapper = BatchMapper(collection, settings.max_string_chars)
         mapped = 0
+        marked_pending = False
         last_event = time.monotonic()
         saved_token = token
         why = "stopped"
 
         def flush(stream: Any) -> None:
-            nonlocal deletes, saved_token, mapped
+            nonlocal deletes, saved_token, mapped, marked_pending
+            if (mapped or pending) and not marked_pending:
+                # Before the first write: the downstream models need a build.
+                clickhouse_call(
+                    settings, lambda: mark_build_pending(cl.clickhouse, collection, run_id)
+                )
+                marked_pending = True
             if mapped:
                 batch = mapper.take()
                 store_rows(cl, batch, run_id)

@@ -291,7 +291,11 @@ class _Reconcile:
     def _mark_pending(self) -> None:
         """The downstream models need a build once this run writes anything."""
         if not self.marked_pending:
-            mark_build_pending(self.cl, self.collection, self.rec.run_id)
+            ch = self.cl.clickhouse
+            clickhouse_call(
+                self.settings,
+                lambda: mark_build_pending(ch, self.collection, self.rec.run_id),
+            )
             self.marked_pending = True
 
     def _gone(self, candidates: dict[str, Stored | None]) -> dict[str, Stored | None]:

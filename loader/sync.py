@@ -219,7 +219,10 @@ class _Run:
     def mark_pending(self) -> None:
         """Before the first write: the downstream models need a build (see build_pending)."""
         if not self.marked_pending:
-            mark_build_pending(self.clients, self.collection, self.run_id)
+            clickhouse_call(
+                self.settings,
+                lambda: mark_build_pending(self.clients.clickhouse, self.collection, self.run_id),
+            )
             self.marked_pending = True
 
     # -- writing -------------------------------------------------------------------------------
@@ -475,7 +478,10 @@ def sync_collection(
             if full_refresh or identity.replaced:
                 if identity.replaced:
                     log.warning("%s", identity.describe_replacement())
-                mark_build_pending(cl, collection, run.run_id, full_refresh=True)
+                clickhouse_call(
+                    settings,
+                    lambda: mark_build_pending(ch, collection, run.run_id, full_refresh=True),
+                )
                 run.marked_pending = True
                 _truncate(cl, collection, reset_change_stream=identity.replaced)
             if identity.current and identity.current != identity.recorded:

@@ -6,6 +6,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -88,15 +89,16 @@ def test_the_change_follower_signals_a_change_and_marks_its_build_pending(
     import clickhouse_connect
     from pymongo import MongoClient
 
-    from flows import ops
     from flows.events import follow_and_signal
+    from loader.build_pending import clear_build_pending, pending_builds
+    from loader.schema import ensure_schema
     from loader.settings import Settings
 
     loader_settings = Settings()
     db = MongoClient(loader_settings.mongo_uri)[loader_settings.mongo_db]
     ch = clickhouse_connect.get_client(host=settings.clickhouse_host, port=settings.clickhouse_port)
-    ops.ensure_tables(ch)
-    ops.set_pending(ch, ["employee"], False, "test")
+    ensure_schema(ch)
+    clear_build_pending(ch, ["employee"], "test", build_started_at=datetime.now(UTC))
     client = connect(settings)
     stop = threading.Event()
     follower = threading.Thread(
@@ -115,4 +117,4 @@ def test_the_change_follower_signals_a_change_and_marks_its_build_pending(
 
     entries = client.xrange(stream_key(settings))
     assert entries and entries[0][1]["collection"] == "employee"
-    assert "employee" in ops.pending_sources(ch, ["employee"])
+    assert "employee" in pending_builds(ch, ["employee"])

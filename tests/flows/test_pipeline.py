@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(900)
 
 def steps_of(pipeline: Pipeline, run_id: str) -> dict[str, dict[str, Any]]:
     rows = pipeline.rows(
-        "SELECT step, kind, status, duration_s, rows FROM ops.step_timings"
+        "SELECT step, kind, status, duration_s, rows, message FROM ops.step_timings"
         " WHERE run_id = {r:String}",
         r=run_id,
     )
@@ -102,27 +102,30 @@ def test_run_after_an_update_processes_just_that_change(pipeline: Pipeline) -> N
     assert status == "in_progress"
 
 
-def test_reconcile_run_removes_a_deleted_task_from_pipeline_state(pipeline: Pipeline) -> None:
-    from bson import ObjectId
+def test_reconcile_run_repairs_an_update_that_moved_updated_at_backwards(
+    pipeline: Pipeline,
+) -> None:
+    from datetime import timedelta
 
     sync_pipeline()
-    file_id, task_id = pipeline.rows(
-        "SELECT file_id, task_id FROM analytics.pipeline_state ORDER BY file_id LIMIT 1"
-    )[0].values()
-    pipeline.db.tasks.delete_many({"file_id": file_id})  # the whole file is gone
-    assert sync_pipeline()["status"] == "skipped"  # a deletion moves no watermark
+    doc = pipeline.db.tasks.find_one({}, sort=[("updated_at", -1)])
+    pipeline.db.tasks.update_one(
+        {"_id": doc["_id"]},
+        {"$set": {"status": "rejected", "updated_at": doc["updated_at"] - timedelta(days=3)}},
+    )
+    # Below the watermark and the counts are equal: only a full comparison can see it.
+    assert sync_pipeline()["status"] == "skipped"
 
     summary = sync_pipeline(reconcile=True)
 
     assert summary["status"] == "ok"
     assert summary["built"] == ["source:mongo.tasks+"]
     steps = steps_of(pipeline, summary["run_id"])
-    assert steps["reconcile"]["status"] == "ok" and steps["reconcile"]["rows"] >= 1
-    left = pipeline.scalar(
-        "SELECT count() FROM analytics.pipeline_state WHERE file_id = {f:String}", f=file_id
+    assert "reconciled" in steps["check_drift"]["message"]
+    status = pipeline.scalar(
+        "SELECT status FROM analytics.task_events WHERE task_id = {t:String}", t=str(doc["_id"])
     )
-    assert left == 0
-    assert pipeline.db.tasks.count_documents({"_id": ObjectId(task_id)}) == 0
+    assert status == "rejected"
 
 
 def test_reconcile_run_with_nothing_to_repair_builds_nothing(pipeline: Pipeline) -> None:
@@ -130,8 +133,8 @@ def test_reconcile_run_with_nothing_to_repair_builds_nothing(pipeline: Pipeline)
 
     summary = sync_pipeline(reconcile=True)
 
-    assert (summary["status"], summary["built"]) == ("ok", [])
-    assert "nothing to repair" in summary["message"]
+    assert (summary["status"], summary["built"]) == ("skipped", [])
+    assert "in step with MongoDB" in summary["message"]
 
 
 def test_two_runs_started_together_one_runs_and_one_is_skipped(pipeline: Pipeline) -> None:

@@ -26,7 +26,7 @@ def _loader(settings: Settings, *args: str, **env: str) -> subprocess.CompletedP
     )
 
 
-@pytest.mark.parametrize("command", ["sync", "watch", "reconcile", "seed"])
+@pytest.mark.parametrize("command", ["sync", "watch", "reconcile", "check", "seed"])
 def test_every_command_has_help(settings: Settings, command: str) -> None:
     out = _loader(settings, command, "--help")
 
@@ -43,6 +43,40 @@ def test_seed_then_sync_prints_a_summary_and_loads(
     assert synced.returncode == 0, synced.stderr
     assert "tasks" in synced.stdout and "1,500" in synced.stdout
     assert clickhouse_client.command("SELECT count() FROM raw.tasks FINAL") == 1_500
+
+
+def test_check_says_in_step_then_names_the_difference_with_exit_1(
+    settings: Settings, mongo_client: MongoClient
+) -> None:
+    _loader(settings, "seed", "--tasks", "300")
+    _loader(settings, "sync")
+    in_step = _loader(settings, "check")
+    tasks = mongo_client[settings.mongo_db].tasks
+    gone = [d["_id"] for d in tasks.find({}, {"_id": 1}).limit(3)]
+    tasks.delete_many({"_id": {"$in": gone}})
+
+    apart = _loader(settings, "check")
+
+    assert in_step.returncode == 0, in_step.stderr
+    assert "in step" in in_step.stdout
+    assert apart.returncode == 1, apart.stderr
+    assert "3 differ" in apart.stdout and "python -m loader reconcile" in apart.stdout
+
+
+def test_a_sync_of_a_replaced_collection_reloads_it_and_says_why(
+    settings: Settings, clickhouse_client: Client
+) -> None:
+    _loader(settings, "seed", "--tasks", "1000", "--seed", "1")
+    _loader(settings, "sync")
+    # Re-seeded: fewer documents, all dated before the stored watermark.
+    _loader(settings, "seed", "--tasks", "200", "--seed", "2")
+
+    synced = _loader(settings, "sync", "--collection", "tasks")
+
+    assert synced.returncode == 0, synced.stderr
+    assert "was replaced" in synced.stdout + synced.stderr
+    live = clickhouse_client.command("SELECT count() FROM raw.tasks FINAL WHERE is_deleted = 0")
+    assert live == 200
 
 
 def test_reconcile_prints_a_summary(settings: Settings) -> None:
