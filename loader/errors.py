@@ -432,7 +432,7 @@ WATERMARK_NOTE = re.compile(r"\bwatermarks? of .*?\b(did not move|moved to)\b")
 
 
 def watermark_outcome(
-    collection: str, before: Watermark | None, reached: Watermark | None, batches: int
+    collection: str, before: Watermark | None, reached: Watermark | None
 ) -> tuple[Watermark | None, str]:
     """Where the watermark of a sync that failed now is, and a sentence saying so.
 
@@ -443,10 +443,10 @@ def watermark_outcome(
         return (wm.updated_at_ms, wm.last_id)
 
     if reached is not None and (before is None or key(reached) > key(before)):
-        plural = "batch" if batches == 1 else "batches"
+        start = before.describe() if before is not None else "none"
         return reached, (
-            f"the watermark of {collection} moved to {reached.describe()} after {batches} stored "
-            f"{plural}; the next run resumes there"
+            f"the watermark of {collection} moved to {reached.describe()} (from {start}) with "
+            "the batches stored before the failure; the next run resumes there"
         )
     where = f" (still {before.describe()})" if before is not None else " (none stored yet)"
     return before, f"the watermark of {collection} did not move{where}"

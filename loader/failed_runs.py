@@ -50,7 +50,7 @@ def record_failed_start(
         ensure_schema(clickhouse)
         for collection in collections:
             before = load_watermark(clickhouse, collection)
-            _, note = watermark_outcome(collection, before, None, 0)
+            _, note = watermark_outcome(collection, before, None)
             rec = RunRecord(run_id or new_run_id(), collection, kind=kind)
             rec.watermark_before = rec.watermark_after = before.describe() if before else ""
             rec.finish("failed", failure_message(exc, note))

@@ -475,7 +475,7 @@ def sync_collection(
             rec.finish("ok", "; ".join(notes))
         except BaseException as exc:
             # Say whether the watermark moved: batches stored before the failure moved it.
-            after, moved = watermark_outcome(collection, before, run.watermark, run.batch_no)
+            after, moved = watermark_outcome(collection, before, run.watermark)
             rec.watermark_after = after.describe() if after else rec.watermark_before
             rec.peak_rss_bytes = run.rss.peak
             rec.finish("failed", failure_message(exc, moved))

@@ -259,7 +259,7 @@ def test_mongo_lost_mid_sync_says_where_the_watermark_moved_to(
     line = _error_line(out, "MONGO_URI")
     stored = load_watermark(clickhouse_client, "tasks")
     assert stored is not None
-    assert f"the watermark of tasks moved to {stored.describe()} after " in line
+    assert f"the watermark of tasks moved to {stored.describe()} (from none)" in line
     assert "the next run resumes there" in line
     runs = _failed_runs(clickhouse_client, since)
     assert set(runs) == {"tasks"}
