@@ -24,6 +24,7 @@ from flows.alerts import check_query_duration, raise_alerts
 from flows.cache import QueryCache, Rows
 from flows.redis_link import RedisLink
 from flows.settings import FlowSettings
+from loader import errors
 
 # Open = still needs work from the assignee (dbt var `open_statuses`).
 OPEN = "status IN ('assigned', 'in_progress')"
@@ -188,9 +189,22 @@ def render(panels: list[Panel], console: Console, cache_line: str = "") -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.dashboard", description=__doc__)
-    parser.parse_args(argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.dashboard",
+        description=__doc__,
+        epilog=errors.CLI_HELP,
+    )
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", help="on failure, print the traceback too"
+    )
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    errors.quiet_driver_logs(args.verbose)
+    with errors.console_logs_without_tracebacks(not args.verbose):
+        errors.run_cli(_show, verbose=args.verbose)
+
+
+def _show() -> None:
     logger = logging.getLogger("flows.dashboard")
     settings = FlowSettings()
     link = RedisLink(settings, logger)

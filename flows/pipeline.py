@@ -43,9 +43,11 @@ from flows.lock import run_guard
 from flows.redis_link import RedisLink
 from flows.settings import FlowSettings
 from flows.timings import TimingRecorder
+from loader import errors
 from loader.build_pending import PendingBuild, clear_build_pending, pending_builds
 from loader.clients import Clients, open_clients
 from loader.drift import Drift, measure_drift, record_drift
+from loader.failed_runs import record_failed_start
 from loader.reconcile import ReconcileResult, reconcile_collection
 from loader.settings import Settings as LoaderSettings
 from loader.sync import SyncResult, has_changes, sync_collection
@@ -169,6 +171,12 @@ def sync_pipeline(
                 return _summary(run_id, "skipped", g.skip_message, recorder, t0, guard=g.mechanism)
             run = RunContext(settings, logger, run_id, started_at, t0, recorder, link, ch, held)
             return {**_run(run, full_refresh, build_all, reconcile), "guard": g.mechanism}
+    except Exception as exc:
+        # MongoDB failed before any load started (connect, change probe): still a failed sync
+        # of every collection in ops.sync_runs, and the error says no watermark moved.
+        if not any(s.step.startswith("load:") for s in recorder.steps):
+            record_failed_start(ch, settings.collections, exc, run_id=run_id)
+        raise
     finally:
         _publish(recorder, ch, logger)
         link.close()
@@ -378,18 +386,36 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m flows.pipeline` (`make sync`): one run; prints its summary as JSON."""
     import argparse
     import json
+    import os
 
-    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.pipeline", description=main.__doc__, epilog=errors.CLI_HELP
+    )
     parser.add_argument("--full-refresh", action="store_true", help="reload every collection")
     parser.add_argument("--build-all", action="store_true", help="build downstream of all sources")
     parser.add_argument(
         "--reconcile", action="store_true", help="also repair deletes and missed writes"
     )
-    args = parser.parse_args(argv)
-    summary = sync_pipeline(
-        full_refresh=args.full_refresh, build_all=args.build_all, reconcile=args.reconcile
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", help="on failure, print the traceback too"
     )
-    print(json.dumps(summary, indent=2, default=str))
+    args = parser.parse_args(argv)
+    errors.quiet_driver_logs(args.verbose)
+    # An ephemeral Prefect API (no PREFECT_API_URL) would otherwise log telemetry errors.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+    def run() -> None:
+        # A bad setting fails here, before a flow run starts.
+        FlowSettings()
+        LoaderSettings()
+        # Prefect logs the failure with its traceback; the console gets the line only.
+        with errors.console_logs_without_tracebacks(not args.verbose):
+            summary = sync_pipeline(
+                full_refresh=args.full_refresh, build_all=args.build_all, reconcile=args.reconcile
+            )
+        print(json.dumps(summary, indent=2, default=str))
+
+    errors.run_cli(run, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.settings import FlowSettings
+from loader import errors
 
 DEPLOYMENT = "sync-pipeline-scheduled"
 
@@ -61,9 +62,11 @@ def start_server(settings: FlowSettings, port: int, env: dict[str, str]) -> subp
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(
+            raise errors.ActionableError(
                 f"prefect server exited with code {proc.returncode}; see {log.name}. "
-                f"Is port {port} already in use? Set PIPELINE_PREFECT_PORT."
+                f"Is port {port} already in use? Set PIPELINE_PREFECT_PORT (or --port).",
+                "PIPELINE_PREFECT_PORT",
+                server="Prefect",
             )
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
@@ -114,23 +117,37 @@ def _event_threads(
     return threads
 
 
+def check_servers() -> None:
+    """Fail at start, with the one line naming the variable to fix, when a setting is invalid or
+    MongoDB or ClickHouse does not answer or refuses the credentials; scheduled runs would only
+    fail later, one by one. Redis is optional: the flow runs without it (and says so)."""
+    from loader.clients import open_clients
+    from loader.settings import Settings
+
+    with open_clients(Settings()):
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
-    settings = FlowSettings()
-    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.serve",
+        description=__doc__,
+        epilog=errors.CLI_HELP,
+    )
     parser.add_argument(
         "--interval-minutes",
         type=float,
-        default=settings.sync_interval_minutes,
         help="schedule interval (default: PIPELINE_SYNC_INTERVAL_MINUTES or 15)",
     )
     parser.add_argument(
         "--reconcile-interval-minutes",
         type=float,
-        default=settings.reconcile_interval_minutes,
         help="interval of the runs that also reconcile (default: "
         "PIPELINE_RECONCILE_INTERVAL_MINUTES or 1440)",
     )
-    parser.add_argument("--port", type=int, default=settings.prefect_port)
+    parser.add_argument(
+        "--port", type=int, help="Prefect server port (default: PIPELINE_PREFECT_PORT or 4200)"
+    )
     parser.add_argument(
         "--events",
         action="store_true",
@@ -146,9 +163,26 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="use the Prefect API that PREFECT_API_URL already points to",
     )
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", help="on failure, print the traceback too"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API poll otherwise
+    errors.quiet_driver_logs(args.verbose)
+    errors.run_cli(lambda: _serve(args), verbose=args.verbose)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    settings = FlowSettings()
+    for name, default in (
+        ("interval_minutes", settings.sync_interval_minutes),
+        ("reconcile_interval_minutes", settings.reconcile_interval_minutes),
+        ("port", settings.prefect_port),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    check_servers()
 
     server = None
     if not args.no_server:

@@ -23,16 +23,22 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from loader import errors
 from loader.clients import ServerUnavailable, open_clients
+from loader.failed_runs import sync_clients
 from loader.schema import COLLECTIONS
 from loader.settings import Settings
 
 app = typer.Typer(
     help="Stream changed MongoDB documents into ClickHouse `raw` tables (see docs/ARCHITECTURE.md)."
-    " Servers come from MONGO_URI, MONGO_DB, CLICKHOUSE_HOST/PORT/USER/PASSWORD.",
+    " Servers come from MONGO_URI, MONGO_DB, CLICKHOUSE_HOST/PORT/USER/PASSWORD."
+    f" {errors.CLI_HELP}",
     no_args_is_help=True,
     add_completion=False,
 )
+VERBOSE_HELP = "Log progress, and on failure print the traceback too."
+_verbose = False  # the running command's --verbose, for `main`
+
 # Summary tables stay readable when the output is piped (rich assumes 80 columns then).
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -49,6 +55,9 @@ def _collections(which: Which) -> list[str]:
 
 
 def _setup_logging(verbose: bool) -> None:
+    global _verbose
+    _verbose = verbose
+    errors.quiet_driver_logs(verbose)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(message)s",
@@ -76,15 +85,12 @@ def _settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"])
-            err_console.print(f"[bold red]configuration error:[/] {where}: {error['msg']}")
-        raise typer.Exit(code=2) from None
+        raise _fail(exc) from None
 
 
 def _fail(exc: BaseException) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {exc}")
-    return typer.Exit(code=2)
+    """Print `exc` as one line naming what to fix (see `loader.errors`); the exit to raise."""
+    return typer.Exit(code=errors.report(exc, verbose=_verbose))
 
 
 @app.command()
@@ -104,9 +110,12 @@ def sync(
         bool | None,
         typer.Option("--progress/--no-progress", help="Progress bars (default: when a TTY)."),
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
 ) -> None:
-    """Load what changed since the watermark into raw.<collection>, then print a summary."""
+    """Load what changed since the watermark into raw.<collection>, then print a summary.
+
+    A failed load is recorded in ops.sync_runs, and its error line says whether the watermark
+    moved (batches stored before the failure move it; the next run resumes there)."""
     from loader.sync import sync_collection
 
     _setup_logging(verbose)
@@ -114,7 +123,7 @@ def sync(
     show = sys.stdout.isatty() if progress is None else progress
     results = []
     try:
-        with open_clients(settings) as clients:
+        with sync_clients(settings, _collections(collection)) as clients:
             bars = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
@@ -177,7 +186,7 @@ def watch(
         bool,
         typer.Option("--all-changes", help="Also load inserts and updates as they happen."),
     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
 ) -> None:
     """Follow the change stream and tombstone deleted documents (Ctrl-C to stop).
 
@@ -246,7 +255,7 @@ def watch(
 @app.command()
 def reconcile(
     collection: Annotated[Which, typer.Option(help="Collection(s) to check.")] = Which.all,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
 ) -> None:
     """Repair what the watermark read cannot see: deletes, late writes, backward updates.
 
@@ -351,6 +360,7 @@ def seed(
         float, typer.Option(min=0.0, help="Activity: seconds between ticks.")
     ] = 1.0,
     ticks: Annotated[int | None, typer.Option(min=1, help="Activity: stop after N ticks.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
 ) -> None:
     """Create the deterministic synthetic dataset in MONGO_DB (and optionally keep it busy).
 
@@ -360,6 +370,7 @@ def seed(
 
     from loader import synthetic
 
+    _setup_logging(verbose)
     settings = _settings()
     client: MongoClient = MongoClient(
         settings.mongo_uri, serverSelectionTimeoutMS=int(settings.connect_timeout_seconds * 1000)
@@ -399,27 +410,25 @@ def seed(
                 console.print("activity stopped")
     except synthetic.NotAnEmbeddedServer as exc:
         raise _fail(
-            RuntimeError(
+            errors.ActionableError(
                 "refusing to drop the collections tasks, employee and _synthetic of database "
                 f"{exc.database!r} (MONGO_DB) on the MongoDB at {settings.redacted_mongo_uri()} "
                 f"(MONGO_URI, {exc.server}): {exc.reason}. "
                 "seed replaces those collections, so it does that only on a server "
                 "the embedded stack started. If that server holds nothing you need, re-run with "
                 "--force; to add the synthetic data without dropping anything, use --keep; to seed "
-                "the embedded stack, point MONGO_URI at it (`python -m devstack up` prints it)."
+                "the embedded stack, point MONGO_URI at it (`python -m devstack up` prints it).",
+                "MONGO_URI",
             )
         ) from None
     except Exception as exc:
         if type(exc).__module__.startswith("pymongo"):
-            raise _fail(
-                RuntimeError(
-                    f"MongoDB at {settings.redacted_mongo_uri()} failed: {exc}. Check MONGO_URI."
-                )
-            ) from exc
+            raise _fail(exc) from exc  # one line naming MONGO_URI (loader.errors)
         raise
     finally:
         client.close()
 
 
 def main() -> None:
-    app()
+    """`python -m loader`: what escapes a command is reported as one line (`loader.errors`)."""
+    errors.run_cli(app, verbose=lambda: _verbose)

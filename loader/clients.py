@@ -7,12 +7,14 @@ once and passed to every operation (the first version opened a connection per op
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import clickhouse_connect
+import pymongo
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import OperationalError
 from pymongo import MongoClient
@@ -23,9 +25,12 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
+    stop_before_delay,
     wait_exponential,
 )
+from urllib3.util import Timeout
 
+from loader.errors import short_reason
 from loader.mapping import CODEC_OPTIONS
 from loader.settings import Settings
 
@@ -41,27 +46,44 @@ CLICKHOUSE_TRANSIENT: tuple[type[BaseException], ...] = (OperationalError, Conne
 
 
 class ServerUnavailable(RuntimeError):
-    """A server did not answer after every retry. The message says which and what to fix."""
+    """A server did not answer after every retry. The message says which and what to fix.
+
+    It cannot know what the run stored before the failure: `sync_collection` adds a note saying
+    whether the watermark moved (see `loader.errors.watermark_outcome`)."""
 
     def __init__(
-        self, server: str, address: str, env_vars: str, attempts: int, cause: BaseException
+        self,
+        server: str,
+        address: str,
+        env_vars: str,
+        attempts: int,
+        cause: BaseException,
+        elapsed_s: float | None = None,
     ):
         self.server = server
         self.address = address
         self.env_vars = env_vars
+        self.attempts = attempts
+        self.elapsed_s = elapsed_s
+        self.reason = short_reason(cause)
+        within = f" in {elapsed_s:.1f} s" if elapsed_s is not None else ""
         super().__init__(
-            f"{server} at {address} is unreachable after {attempts} attempt(s) "
+            f"{server} at {address} is unreachable after {attempts} attempt(s){within} "
             f"({type(cause).__name__}: {str(cause)[:300]}). Check {env_vars} and that the server "
-            f"is running (`make up` starts the embedded stack). The watermark was not moved."
+            f"is running (`make up` starts the embedded stack)."
         )
 
 
-def mongo_unavailable(settings: Settings, attempts: int, cause: BaseException) -> ServerUnavailable:
-    return ServerUnavailable("MongoDB", settings.redacted_mongo_uri(), "MONGO_URI", attempts, cause)
+def mongo_unavailable(
+    settings: Settings, attempts: int, cause: BaseException, elapsed_s: float | None = None
+) -> ServerUnavailable:
+    return ServerUnavailable(
+        "MongoDB", settings.redacted_mongo_uri(), "MONGO_URI", attempts, cause, elapsed_s
+    )
 
 
 def clickhouse_unavailable(
-    settings: Settings, attempts: int, cause: BaseException
+    settings: Settings, attempts: int, cause: BaseException, elapsed_s: float | None = None
 ) -> ServerUnavailable:
     return ServerUnavailable(
         "ClickHouse",
@@ -69,6 +91,7 @@ def clickhouse_unavailable(
         "CLICKHOUSE_HOST / CLICKHOUSE_PORT",
         attempts,
         cause,
+        elapsed_s,
     )
 
 
@@ -101,6 +124,48 @@ def _call(
         raise unavailable(settings, err.last_attempt.attempt_number, cause) from cause
 
 
+def connect_call(
+    settings: Settings,
+    attempt: Callable[[float], T],
+    transient: tuple[type[BaseException], ...],
+    unavailable: Callable[..., ServerUnavailable],
+) -> T:
+    """The first connection to a server: `attempt(timeout_s)`, retried on transient errors
+    until LOADER_CONNECT_DEADLINE seconds have passed in all (or LOADER_RETRY_ATTEMPTS
+    attempts), each attempt given at most LOADER_CONNECT_TIMEOUT and never more than what is
+    left. So a server that is down is reported within the deadline, not after attempts x
+    timeout. Refused credentials and bad settings are not transient: they fail at once."""
+    started = time.monotonic()
+    deadline = started + settings.connect_deadline_seconds
+
+    def once() -> T:
+        left = deadline - time.monotonic()
+        return attempt(max(0.1, min(settings.connect_timeout_seconds, left)))
+
+    retry = Retrying(
+        stop=(
+            stop_after_attempt(settings.retry_attempts)
+            | stop_before_delay(settings.connect_deadline_seconds)
+        ),
+        wait=wait_exponential(
+            multiplier=settings.retry_initial_wait,
+            min=settings.retry_initial_wait,
+            max=settings.retry_max_wait,
+        ),
+        retry=retry_if_exception_type(transient),
+        before_sleep=lambda rs: log.info(
+            "connecting (attempt %d): %s; retrying", rs.attempt_number, rs.outcome.exception()
+        ),
+        reraise=False,
+    )
+    try:
+        return retry(once)
+    except RetryError as err:
+        cause = err.last_attempt.exception() or err
+        elapsed = time.monotonic() - started
+        raise unavailable(settings, err.last_attempt.attempt_number, cause, elapsed) from cause
+
+
 def mongo_call(settings: Settings, fn: Callable[[], T]) -> T:
     """Run `fn` (a Mongo operation), retrying transient errors with backoff."""
     return _call(settings, fn, MONGO_TRANSIENT, mongo_unavailable)
@@ -131,19 +196,26 @@ class Clients:
 
 def connect_clickhouse(settings: Settings) -> Client:
     timeout = settings.connect_timeout_seconds
-    return clickhouse_call(
-        settings,
-        lambda: clickhouse_connect.get_client(
+    read_timeout = max(300.0, timeout)
+
+    def attempt(left: float) -> Client:
+        client = clickhouse_connect.get_client(
             host=settings.clickhouse_host,
             port=settings.clickhouse_port,
             username=settings.clickhouse_user,
             password=settings.clickhouse_password.get_secret_value(),
-            connect_timeout=timeout,
-            send_receive_timeout=max(300.0, timeout),
+            # Whole seconds (clickhouse-connect rounds down): this attempt's share of the
+            # deadline, at least 1 s.
+            connect_timeout=max(1, int(left)),
+            send_receive_timeout=read_timeout,
             # Sessions serialise queries on the server; the loader does not need them.
             autogenerate_session_id=False,
-        ),
-    )
+        )
+        # Later connections of the pool wait the configured time, not this attempt's share.
+        client.timeout = Timeout(connect=timeout, read=read_timeout)
+        return client
+
+    return connect_call(settings, attempt, CLICKHOUSE_TRANSIENT, clickhouse_unavailable)
 
 
 def connect_mongo(settings: Settings) -> MongoClient:
@@ -154,8 +226,13 @@ def connect_mongo(settings: Settings) -> MongoClient:
         connectTimeoutMS=timeout_ms,
         appname="mongo-clickhouse-loader",
     )
+
+    def ping(timeout: float) -> None:
+        with pymongo.timeout(timeout):  # bounds server selection too
+            client.admin.command("ping")
+
     try:
-        mongo_call(settings, lambda: client.admin.command("ping"))
+        connect_call(settings, ping, MONGO_TRANSIENT, mongo_unavailable)
     except BaseException:
         client.close()
         raise

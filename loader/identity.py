@@ -14,11 +14,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from loader.clients import Clients, clickhouse_call, mongo_call
+from loader.errors import ActionableError
 from loader.schema import SOURCE_IDENTITY, raw_table
 
 
-class SourceMissing(RuntimeError):
+class SourceMissing(ActionableError):
     """The collection is gone from MongoDB but the warehouse holds documents of it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "MONGO_URI / MONGO_DB", kind="settings", server="MongoDB")
 
 
 @dataclass(frozen=True)

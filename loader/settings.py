@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     retry_max_wait: float = Field(10.0, ge=0, validation_alias="LOADER_RETRY_MAX_WAIT")
     # How long one attempt waits for a server before counting as failed.
     connect_timeout_seconds: float = Field(5.0, gt=0, validation_alias="LOADER_CONNECT_TIMEOUT")
+    # The first connection to each server gives up after this long in all, retries included,
+    # so a server that is down or a wrong address is reported quickly (see loader.clients).
+    connect_deadline_seconds: float = Field(5.0, gt=0, validation_alias="LOADER_CONNECT_DEADLINE")
 
     @field_validator("mongo_db")
     @classmethod

@@ -33,6 +33,7 @@ from loader.clients import (
     open_clients,
 )
 from loader.columnar import decode_valid_rows
+from loader.errors import add_note, failure_message, watermark_outcome
 from loader.identity import Identity, check_identity, collection_uuid, record_identity
 from loader.idset import id_set
 from loader.mapping import (
@@ -519,10 +520,12 @@ def sync_collection(
                 notes.append("full refresh")
             rec.finish("ok", "; ".join(notes))
         except BaseException as exc:
-            after = run.watermark or before
+            # Say whether the watermark moved: batches stored before the failure moved it.
+            after, moved = watermark_outcome(collection, before, run.watermark)
             rec.watermark_after = after.describe() if after else rec.watermark_before
             rec.peak_rss_bytes = run.rss.peak
-            rec.finish("failed", f"{type(exc).__name__}: {exc}")
+            rec.finish("failed", failure_message(exc, moved))
+            add_note(exc, moved)
             write_run_or_log(cl, rec)
             raise
         clickhouse_call(settings, lambda: write_run(ch, rec))

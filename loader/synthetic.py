@@ -267,6 +267,9 @@ def corrupt(doc: dict[str, Any], kind: str) -> dict[str, Any]:
     return doc
 
 
+AUTHENTICATION_FAILED = 18  # MongoDB's error code
+
+
 class NotAnEmbeddedServer(RuntimeError):
     """`seed` would drop collections on a MongoDB that the embedded stack did not start."""
 
@@ -300,6 +303,8 @@ def ensure_embedded_server(db: Database) -> dict[str, Any]:
     try:
         marker = embedded_marker(db.client)
     except OperationFailure as exc:  # e.g. not authorized to read `local`
+        if exc.code == AUTHENTICATION_FAILED:
+            raise  # the credentials are the problem to report, not the marker
         raise NotAnEmbeddedServer(
             _server_address(db), db.name, f"could not read its embedded-stack marker {where}: {exc}"
         ) from exc

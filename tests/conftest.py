@@ -16,6 +16,7 @@ import pytest
 import redis
 from pymongo import MongoClient
 
+from devstack.process import free_ports
 from devstack.stack import Stack, start_on_free_ports
 
 TEST_MONGO_DB = "pipeline_test"
@@ -85,3 +86,19 @@ def redis_client(stack: Stack) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(stack.redis_url)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def secured_clickhouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A private ClickHouse front that requires a password (only ClickHouse is started):
+    `.clickhouse_port`, `.clickhouse_password`. For tests of refused credentials."""
+    secured = Stack(
+        tmp_path_factory.mktemp("secured_clickhouse"),
+        *free_ports(3),
+        clickhouse_password="right-" + os.urandom(4).hex(),
+    )
+    secured.up(["clickhouse"])
+    try:
+        yield secured
+    finally:
+        secured.down(["clickhouse"])

@@ -199,5 +199,6 @@ def test_cli_with_a_port_that_is_not_a_port_prints_one_line_naming_it(
 
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "configuration error: CLICKHOUSE_PORT: should be a port number from 1 to 65535, got 'abc'"
+        "error: invalid setting CLICKHOUSE_PORT: should be a port number from 1 to 65535, "
+        "got 'abc' (fix or unset the variable)."
     ]

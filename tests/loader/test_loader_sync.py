@@ -186,6 +186,8 @@ def test_failed_run_is_recorded_and_keeps_the_last_stored_watermark(
     assert rec[0] == "failed"
     assert rec[1] == runs[0]
     assert "InjectedCrash" in rec[2]
+    # Batch 1's watermark was saved before the crash: the record says so, and where.
+    assert f"the watermark of tasks moved to {runs[0]} (from none)" in rec[2]
 
 
 def test_run_record_accounts_for_every_document(
