@@ -47,7 +47,7 @@ from loader import errors
 from loader.build_pending import PendingBuild, clear_build_pending, pending_builds
 from loader.clients import Clients, open_clients
 from loader.drift import Drift, measure_drift, record_drift
-from loader.failed_runs import record_failed_start
+from loader.failed_runs import record_failed_start, sync_clients
 from loader.reconcile import ReconcileResult, reconcile_collection
 from loader.settings import Settings as LoaderSettings
 from loader.sync import SyncResult, has_changes, sync_collection
@@ -405,9 +405,12 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
     def run() -> None:
-        # A bad setting fails here, before a flow run starts.
-        FlowSettings()
-        LoaderSettings()
+        # A bad setting, or a server that does not answer or refuses the credentials, fails
+        # here within seconds, before Prefect starts (a temporary API takes longer than that);
+        # a MongoDB failure is still recorded as each collection's failed sync.
+        settings = FlowSettings()
+        with sync_clients(LoaderSettings(), settings.collections):
+            pass
         # Prefect logs the failure with its traceback; the console gets the line only.
         with errors.console_logs_without_tracebacks(not args.verbose):
             summary = sync_pipeline(

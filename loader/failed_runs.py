@@ -76,7 +76,7 @@ def sync_clients(settings: Settings, collections: Sequence[str]) -> Iterator[Cli
                 log.error("could not record the failed run in ops.sync_runs: %s", err)
             else:
                 with closing(clickhouse):
-                    record_failed_start(clickhouse, collections, exc)
+                    record_failed_start(clickhouse, collections, exc, run_id=new_run_id())
         add_note(exc, watermark_unmoved(collections))
         raise
     try:

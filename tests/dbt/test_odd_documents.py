@@ -5,51 +5,12 @@ build goes through, and the warned tests store rows naming collection, field, va
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from bson import ObjectId
-from pymongo.database import Database
+from mongo_oracle import current_task_per_file, ms
+from odd_documents import STAGES, STATUSES, plant_odd_tasks
 
-STAGES = ["intake", "review", "processing", "quality_check", "approval", "delivered"]
-STATUSES = ["assigned", "in_progress", "done", "rejected"]
-ODD = {"stage": "archived", "status": "lost", "employee_code": "E-NOBODY"}
 FLAGS = ("stage_order", "is_known_stage", "is_known_status", "is_known_employee")
-
-
-def _ms(value: datetime) -> datetime:
-    """Naive UTC, millisecond precision: how both MongoDB and ClickHouse values compare."""
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
-    return value.replace(microsecond=value.microsecond // 1000 * 1000)
-
-
-def plant_odd_tasks(db: Database) -> dict[str, ObjectId]:
-    """One new task per odd field, each the latest task of an existing file (so it is that
-    file's current task), otherwise like the task it follows; returns field -> task id."""
-    at = _ms(datetime.now(UTC) + timedelta(seconds=1))
-    files = sorted(db.tasks.distinct("file_id"))[:3]
-    planted = {}
-    for file_id, (field, value) in zip(files, ODD.items(), strict=True):
-        latest = db.tasks.find_one({"file_id": file_id}, sort=[("assigned_at", -1), ("_id", -1)])
-        assert latest is not None
-        doc = {k: v for k, v in latest.items() if k != "_id"}
-        doc.update({field: value, "assigned_at": at, "updated_at": at})
-        planted[field] = db.tasks.insert_one(doc).inserted_id
-    return planted
-
-
-def naive_state(db: Database) -> dict[str, tuple[Any, ...]]:
-    """argMax((stage, employee_code, status, assigned_at, _id), (assigned_at, _id)) per file
-    over MongoDB's documents."""
-    best: dict[str, tuple[Any, ...]] = {}
-    for doc in db.tasks.find({}):
-        row = (doc["stage"], doc["employee_code"], doc["status"], _ms(doc["assigned_at"]))
-        row += (str(doc["_id"]),)
-        current = best.get(doc["file_id"])
-        if current is None or (row[3], row[4]) > (current[3], current[4]):
-            best[doc["file_id"]] = row
-    return best
 
 
 def test_odd_documents_flow_on_flagged_and_their_ids_are_stored(built, dbt) -> None:
@@ -79,11 +40,11 @@ def test_odd_documents_flow_on_flagged_and_their_ids_are_stored(built, dbt) -> N
             r["stage"],
             r["employee_code"],
             r["status"],
-            _ms(r["assigned_at"]),
+            ms(r["assigned_at"]),
             r["task_id"],
         )
         for r in state
-    } == naive_state(built.db)
+    } == current_task_per_file(built.db)
     codes = set(built.db.employee.distinct("employee_code"))
     for r in state:
         assert r["is_known_stage"] == (r["stage"] in STAGES)

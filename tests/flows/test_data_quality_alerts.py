@@ -3,12 +3,12 @@ stored failures becomes an alert naming collection, field, value and document id
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from bson import ObjectId
-from pymongo.database import Database
+from mongo_oracle import current_task_per_file, ms
+from odd_documents import STAGES, STATUSES, plant_odd_tasks
 
 from flows.data_quality import MAX_VALUES, stored_failure_alerts
 from flows.dbt_build import StoredFailures
@@ -18,44 +18,6 @@ if TYPE_CHECKING:  # fixtures' types, from this suite's conftest.py
     from conftest import Pipeline
 
 pytestmark = pytest.mark.timeout(900)
-STAGES = ["intake", "review", "processing", "quality_check", "approval", "delivered"]
-STATUSES = ["assigned", "in_progress", "done", "rejected"]
-ODD = {"stage": "archived", "status": "lost", "employee_code": "E-NOBODY"}
-
-
-def _ms(value: datetime) -> datetime:
-    """Naive UTC, millisecond precision: how both MongoDB and ClickHouse values compare."""
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
-    return value.replace(microsecond=value.microsecond // 1000 * 1000)
-
-
-def plant_odd_tasks(db: Database) -> dict[str, ObjectId]:
-    """One new task per odd field, each the latest task of an existing file (so it is that
-    file's current task), otherwise like the task it follows; returns field -> task id."""
-    at = _ms(datetime.now(UTC) + timedelta(seconds=1))
-    files = sorted(db.tasks.distinct("file_id"))[:3]
-    planted = {}
-    for file_id, (field, value) in zip(files, ODD.items(), strict=True):
-        latest = db.tasks.find_one({"file_id": file_id}, sort=[("assigned_at", -1), ("_id", -1)])
-        assert latest is not None
-        doc = {k: v for k, v in latest.items() if k != "_id"}
-        doc.update({field: value, "assigned_at": at, "updated_at": at})
-        planted[field] = db.tasks.insert_one(doc).inserted_id
-    return planted
-
-
-def naive_state(db: Database) -> dict[str, tuple[Any, ...]]:
-    """argMax((stage, employee_code, status, assigned_at, _id), (assigned_at, _id)) per file
-    over MongoDB's documents."""
-    best: dict[str, tuple[Any, ...]] = {}
-    for doc in db.tasks.find({}):
-        row = (doc["stage"], doc["employee_code"], doc["status"], _ms(doc["assigned_at"]))
-        row += (str(doc["_id"]),)
-        current = best.get(doc["file_id"])
-        if current is None or (row[3], row[4]) > (current[3], current[4]):
-            best[doc["file_id"]] = row
-    return best
 
 
 def data_alerts(pipeline: Pipeline, run_id: str) -> list[dict[str, Any]]:
@@ -87,11 +49,11 @@ def test_odd_documents_flow_on_flagged_and_alerts_name_them(pipeline: Pipeline) 
             r["stage"],
             r["employee_code"],
             r["status"],
-            _ms(r["assigned_at"]),
+            ms(r["assigned_at"]),
             r["task_id"],
         )
         for r in state
-    } == naive_state(pipeline.db)
+    } == current_task_per_file(pipeline.db)
     codes = set(pipeline.db.employee.distinct("employee_code"))
     flagged = {}
     for r in state:
@@ -134,7 +96,7 @@ def test_odd_documents_flow_on_flagged_and_alerts_name_them(pipeline: Pipeline) 
     assert len(warned) == 3
 
     # Fixing the documents clears the flags and the alerts.
-    now = _ms(datetime.now(UTC))
+    now = ms(datetime.now(UTC))
     fixes = {"stage": "review", "status": "done", "employee_code": sorted(codes)[0]}
     for field, task_id in planted.items():
         pipeline.db.tasks.update_one(

@@ -59,6 +59,11 @@ def test_a_replaced_source_collection_is_reloaded_with_its_models_in_one_run(
     assert summary["full_refresh"] is True
     replaced = alerts_of(pipeline, summary["run_id"], "source_replaced")
     assert {a["subject"] for a in replaced} == {"tasks", "employee"}
+    recorded = pipeline.scalar(
+        "SELECT message FROM ops.sync_runs WHERE run_id = {r:String}",
+        r=summary["loads"]["tasks"]["loader_run_id"],
+    )
+    assert "was replaced" in recorded
     assert len(warehouse_state(pipeline.ch)) < files_before
     assert differences_from_mongo(pipeline.db, pipeline.ch) == {}
     assert summary["in_step"].startswith("in step with MongoDB")
@@ -97,6 +102,18 @@ def test_a_loader_full_refresh_leaves_no_orphan_in_any_model(pipeline: Pipeline)
     summary = sync_pipeline()
 
     assert refreshed.returncode == 0, refreshed.stderr
+    assert summary["status"] == "ok" and summary["full_refresh"] is True
+    assert file_id not in warehouse_state(pipeline.ch)
+    assert differences_from_mongo(pipeline.db, pipeline.ch) == {}
+
+
+def test_a_flow_full_refresh_leaves_no_orphan_in_any_model(pipeline: Pipeline) -> None:
+    sync_pipeline()
+    file_id = pipeline.db.tasks.find_one({}, sort=[("_id", -1)])["file_id"]
+    pipeline.db.tasks.delete_many({"file_id": file_id})
+
+    summary = sync_pipeline(full_refresh=True)
+
     assert summary["status"] == "ok" and summary["full_refresh"] is True
     assert file_id not in warehouse_state(pipeline.ch)
     assert differences_from_mongo(pipeline.db, pipeline.ch) == {}
