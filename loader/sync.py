@@ -473,6 +473,8 @@ def sync_collection(
         index_created = False
         identity: Identity | None = None
         try:
+            before = clickhouse_call(settings, lambda: load_watermark(ch, collection))
+            rec.watermark_before = before.describe() if before else ""
             # Before the index is ensured: creating it would create a missing collection.
             identity = _identity(cl, collection, full_refresh)
             index_created = prepare_collection(cl, collection)
@@ -485,10 +487,9 @@ def sync_collection(
                 )
                 run.marked_pending = True
                 _truncate(cl, collection, reset_change_stream=identity.replaced)
+                before = None  # the rebuilt table is read from the beginning
             if identity.current and identity.current != identity.recorded:
                 record_identity(cl, collection, identity.current, run.run_id)
-            before = clickhouse_call(settings, lambda: load_watermark(ch, collection))
-            rec.watermark_before = before.describe() if before else ""
             run.read_started_ms = now_ms()
             bounds = read_bounds(
                 before, settings.overlap_seconds, settings.max_future_seconds, run.read_started_ms

@@ -228,12 +228,12 @@ def test_full_refresh_reloads_from_scratch(
     settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
 ) -> None:
     seed(db, 1_000, seed=91)
-    sync_collection(settings, "tasks", clients=clients)
+    first = sync_collection(settings, "tasks", clients=clients)
     clickhouse_client.command("INSERT INTO raw.tasks (_id, file_id) VALUES ('stray', 'x')")
 
     result = sync_collection(settings, "tasks", clients=clients, full_refresh=True)
 
-    assert result.watermark_before == ""
+    assert result.watermark_before == first.watermark_after  # what the refresh replaced
     assert result.docs_read == 1_000
     assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
 
