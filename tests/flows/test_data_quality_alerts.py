@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from mongo_oracle import current_task_per_file, ms
-from odd_documents import STAGES, STATUSES, plant_odd_tasks
+from mongo_oracle import ms
+from odd_documents import STATE_SQL, flagged_tasks, plant_odd_tasks
 
 from flows.data_quality import MAX_VALUES, stored_failure_alerts
 from flows.dbt_build import StoredFailures
@@ -40,29 +40,11 @@ def test_odd_documents_flow_on_flagged_and_alerts_name_them(pipeline: Pipeline) 
 
     assert summary["status"] == "ok"
     # The state is MongoDB's argMax per file, odd values shown as they are, and flagged.
-    state = pipeline.rows(
-        "SELECT file_id, stage, employee_code, status, assigned_at, task_id, stage_order,"
-        " is_known_stage, is_known_status, is_known_employee FROM analytics.pipeline_state"
-    )
-    assert {
-        r["file_id"]: (
-            r["stage"],
-            r["employee_code"],
-            r["status"],
-            ms(r["assigned_at"]),
-            r["task_id"],
-        )
-        for r in state
-    } == current_task_per_file(pipeline.db)
-    codes = set(pipeline.db.employee.distinct("employee_code"))
-    flagged = {}
-    for r in state:
-        assert r["is_known_stage"] == (r["stage"] in STAGES)
-        assert r["stage_order"] == (STAGES.index(r["stage"]) + 1 if r["stage"] in STAGES else 0)
-        assert r["is_known_status"] == (r["status"] in STATUSES)
-        assert r["is_known_employee"] == (r["employee_code"] in codes)
-        if 0 in (r["is_known_stage"], r["is_known_status"], r["is_known_employee"]):
-            flagged[r["task_id"]] = (r["stage"], r["status"], r["employee_code"])
+    state = pipeline.rows(STATE_SQL)
+    flagged = {
+        task_id: (r["stage"], r["status"], r["employee_code"])
+        for task_id, r in flagged_tasks(state, pipeline.db).items()
+    }
     ids = {field: str(task_id) for field, task_id in planted.items()}
     assert flagged[ids["stage"]][0] == "archived"
     assert flagged[ids["status"]][1] == "lost"
@@ -97,7 +79,8 @@ def test_odd_documents_flow_on_flagged_and_alerts_name_them(pipeline: Pipeline) 
 
     # Fixing the documents clears the flags and the alerts.
     now = ms(datetime.now(UTC))
-    fixes = {"stage": "review", "status": "done", "employee_code": sorted(codes)[0]}
+    known = sorted(pipeline.db.employee.distinct("employee_code"))[0]
+    fixes = {"stage": "review", "status": "done", "employee_code": known}
     for field, task_id in planted.items():
         pipeline.db.tasks.update_one(
             {"_id": task_id}, {"$set": {field: fixes[field], "updated_at": now}}
