@@ -247,6 +247,17 @@ def wait_exit(pid: int, timeout: float) -> bool:
     return not is_alive(pid)
 
 
+def wait_port_free(port: int, timeout: float, host: str = LOCALHOST) -> bool:
+    """Wait until `port` can be bound again: a stopped server's sockets may hold it a moment
+    after its process is gone, and a restart on the same port would find it busy."""
+    deadline = time.monotonic() + timeout
+    while not port_is_free(port, host):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def terminate(pid: int, timeout: float = 30.0) -> None:
     """SIGTERM, wait; SIGKILL if it does not exit in time."""
     send_signal(pid, signal.SIGTERM)

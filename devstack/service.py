@@ -21,6 +21,7 @@ from devstack.process import (
     spawn_detached,
     terminate,
     wait_exit,
+    wait_port_free,
     wait_ready,
 )
 
@@ -131,6 +132,7 @@ class Service(ABC):
         if not wait_exit(record.pid, self.stop_timeout):
             terminate(record.pid, timeout=10.0)
         self.pidfile.remove()
+        wait_port_free(record.port, 10.0, self.host)  # so that a restart finds it free
         return Outcome(self.name, "stopped", record.pid, self.url)
 
     def kill(self) -> Outcome:
@@ -142,6 +144,7 @@ class Service(ABC):
         send_signal(record.pid, signal.SIGKILL)
         wait_exit(record.pid, 10.0)
         self.pidfile.remove()
+        wait_port_free(record.port, 10.0, self.host)
         return Outcome(self.name, "killed", record.pid, self.url)
 
     def status(self) -> ServiceStatus:
