@@ -201,7 +201,7 @@ def watch(
     errors: list[BaseException] = []
     names = _collections(collection)
     try:
-        with open_clients(settings) as clients:
+        with sync_clients(settings, names, "watch") as clients:
             if reset:
                 for name in names:
                     reset_resume_token(settings, name, clients=clients)
@@ -268,7 +268,7 @@ def reconcile(
     _setup_logging(verbose)
     settings = _settings()
     try:
-        with open_clients(settings) as clients:
+        with sync_clients(settings, _collections(collection), "reconcile") as clients:
             results = [
                 reconcile_collection(settings, n, clients=clients) for n in _collections(collection)
             ]

@@ -62,9 +62,12 @@ def record_failed_start(
 
 
 @contextmanager
-def sync_clients(settings: Settings, collections: Sequence[str]) -> Iterator[Clients]:
-    """`open_clients` for a sync of `collections`: a connection failure is recorded as the
-    failed run of each (see `record_failed_start`) and says that no watermark moved."""
+def sync_clients(
+    settings: Settings, collections: Sequence[str], kind: str = "sync"
+) -> Iterator[Clients]:
+    """`open_clients` for a run of `kind` (sync, reconcile, watch) on `collections`: a
+    connection failure is recorded as the failed run of each (see `record_failed_start`) and
+    says that no watermark moved."""
     try:
         clients = open_clients_now(settings)
     except Exception as exc:
@@ -76,7 +79,7 @@ def sync_clients(settings: Settings, collections: Sequence[str]) -> Iterator[Cli
                 log.error("could not record the failed run in ops.sync_runs: %s", err)
             else:
                 with closing(clickhouse):
-                    record_failed_start(clickhouse, collections, exc, run_id=new_run_id())
+                    record_failed_start(clickhouse, collections, exc, kind, new_run_id())
         add_note(exc, watermark_unmoved(collections))
         raise
     try:

@@ -25,6 +25,7 @@ from pymongo import MongoClient
 from devstack.mongo import MongoServer
 from devstack.process import free_ports
 from devstack.stack import Stack
+from loader.schema import ensure_schema
 from loader.settings import Settings
 from loader.synthetic import seed
 from loader.watermark import load_watermark
@@ -113,6 +114,21 @@ def test_unreachable_mongo_names_mongo_uri_in_every_command(
     out = _loader(settings, *COMMANDS[command], MONGO_URI=uri)
 
     _error_line(out, "MONGO_URI", f"127.0.0.1:{closed_port}")
+
+
+@pytest.mark.parametrize("command", ["reconcile", "watch"])
+def test_unreachable_mongo_is_recorded_as_a_failed_run_of_its_kind(
+    settings: Settings, clickhouse_client: Client, command: str, closed_port: int
+) -> None:
+    ensure_schema(clickhouse_client)
+    since = _now(clickhouse_client)
+
+    _loader(settings, *COMMANDS[command], MONGO_URI=f"mongodb://127.0.0.1:{closed_port}/")
+
+    runs = _failed_runs(clickhouse_client, since)
+    assert set(runs) == {"tasks", "employee"}
+    assert {r["kind"] for r in runs.values()} == {command}
+    assert all("MONGO_URI" in r["message"] for r in runs.values())
 
 
 # --- refused credentials ----------------------------------------------------------------------
