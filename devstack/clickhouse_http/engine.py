@@ -13,6 +13,7 @@ it from a worker thread.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -64,6 +65,16 @@ class Connection:
     def insert(self, statement: str, fmt: str) -> Any:
         """Start an INSERT whose data is appended in pieces (`append`, then `finish`)."""
         return self._session.send_insert(statement, fmt)
+
+    def result_types(self, sql: str, params: dict[str, str]) -> list[str] | None:
+        """The column types a SELECT returns (DESCRIBE, nothing runs); None if it cannot tell."""
+        describe = f"DESCRIBE TABLE (\n{sql.rstrip().rstrip(';')}\n)"
+        try:
+            result = self._session.query(describe, "JSONCompactEachRow", params=params)
+            lines = bytes(result.bytes()).splitlines()
+            return [str(json.loads(line)[1]) for line in lines]
+        except (RuntimeError, ValueError, IndexError):
+            return None
 
     def rows(self, sql: str) -> list[list[str]]:
         text = bytes(self._session.query(sql, "TabSeparatedRaw").bytes()).decode()

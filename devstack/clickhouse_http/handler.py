@@ -27,7 +27,7 @@ from devstack.clickhouse_http.codecs import Encoder, response_encoder
 from devstack.clickhouse_http.config import ServerConfig
 from devstack.clickhouse_http.engine import Applied, Connection, Engine
 from devstack.clickhouse_http.errors import ClickHouseError
-from devstack.clickhouse_http.native import NativeUpgrade
+from devstack.clickhouse_http.native import REVISION_WITH_TIME_ZONE_IN_DATETIME, NativeUpgrade
 from devstack.clickhouse_http.request import MAX_QUERY_BYTES, QueryRequest, parse_head, read_query
 from devstack.clickhouse_http.response import (
     ARROW_FORMATS,
@@ -240,18 +240,31 @@ class Statement:
         fmt = statements.output_format(text, req.default_format)
         changes_session = statements.is_set(text) or statements.is_use(text)
         before = await in_thread(self.conn.changed_settings) if changes_session else {}
+        upgrade = await self._native_upgrade(fmt)
         stream = None
         if fmt.lower() in STREAMABLE_FORMATS or fmt.lower() in ARROW_FORMATS:
             stream = await in_thread(self.conn.stream, req.sql, req.default_format, req.params)
         if stream is not None:
-            await self._stream(stream, fmt)
+            await self._stream(stream, fmt, upgrade)
             return
         result = await self._run_whole(statements.returns_result(text))
         if changes_session:
             await in_thread(self._remember_session_change, text, before)
         self.summary.add_result(result)
+        body = bytes(result.bytes())
         await self._start(fmt if statements.returns_result(text) else None)
-        await self.reply.body(bytes(result.bytes()), last=True)
+        await self.reply.body(upgrade.blocks(body) if upgrade else body, last=True)
+
+    async def _native_upgrade(self, fmt: str) -> NativeUpgrade | None:
+        """For Native output to a client that names its protocol revision (native.py)."""
+        revision = self.req.client_protocol_version
+        if fmt.lower() != "native" or revision <= 0:
+            return None
+        types = None
+        if revision >= REVISION_WITH_TIME_ZONE_IN_DATETIME and statements.is_select(self.req.text):
+            sql = statements.without_format(self.req.text)
+            types = await in_thread(self.conn.result_types, sql, self.req.params)
+        return NativeUpgrade(revision, types)
 
     async def _run_whole(self, cancellable: bool) -> Any:
         """Run a statement to its end. A query that answers is cancelled if its client leaves
@@ -294,13 +307,10 @@ class Statement:
             self.conn.session_timezone = after.get("session_timezone", "")
             self.timezone = self.conn.session_timezone or self.engine.timezone
 
-    async def _stream(self, stream: Any, fmt: str) -> None:
+    async def _stream(self, stream: Any, fmt: str, upgrade: NativeUpgrade | None) -> None:
         req = self.req
         kind = ARROW_FORMATS.get(fmt.lower())
         reframer = ArrowReframer(kind) if kind else None
-        upgrade = None
-        if fmt.lower() == "native" and req.client_protocol_version:
-            upgrade = NativeUpgrade(req.client_protocol_version)
         try:
             first = await in_thread(stream.fetch)
             if first is not None:
@@ -321,7 +331,7 @@ class Statement:
                         if reframer is not None:
                             data = await in_thread(reframer.feed, data)
                         if upgrade is not None:
-                            data = upgrade.block(data)
+                            data = upgrade.blocks(data)
                         await self.reply.body(data)
                         chunk = await in_thread(stream.fetch)
                     tail = await in_thread(reframer.finish) if reframer else b""

@@ -66,6 +66,18 @@ def output_format(sql: str, default_format: str) -> str:
     return match.group(1) if match else default_format
 
 
+def without_format(sql: str) -> str:
+    """The statement without its trailing `FORMAT Name` (to DESCRIBE it)."""
+    match = _FORMAT_RE.search(sql)
+    if match is None:
+        return sql
+    return sql[: match.start()] + sql[match.end(1) :]
+
+
+def is_select(sql: str) -> bool:
+    return first_keyword(sql) in ("SELECT", "WITH", "FROM")
+
+
 def first_keyword(sql: str) -> str:
     lead = _LEAD_RE.match(sql)
     word = _WORD_RE.match(sql, lead.end() if lead else 0)
