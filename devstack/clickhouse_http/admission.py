@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from devstack.clickhouse_http.errors import TOO_MANY_SIMULTANEOUS_QUERIES, ClickHouseError
+from devstack.clickhouse_http.errors import (
+    QUERY_WAS_CANCELLED,
+    TOO_MANY_SIMULTANEOUS_QUERIES,
+    ClickHouseError,
+)
 
 log = logging.getLogger("devstack.clickhouse_http")
 
@@ -44,9 +48,17 @@ class Admission:
     def __post_init__(self) -> None:
         self._slots = anyio.Semaphore(self.limit)  # FIFO: waiters are admitted in order
         self._tickets = itertools.count()
+        self.closing = False  # the server is shutting down: admit nothing more
+
+    def _refuse_if_closing(self) -> None:
+        if self.closing:
+            raise ClickHouseError.of(
+                QUERY_WAS_CANCELLED, "QUERY_WAS_CANCELLED", "The server is shutting down"
+            )
 
     @asynccontextmanager
     async def slot(self, query_id: str) -> AsyncIterator[None]:
+        self._refuse_if_closing()
         ticket = next(self._tickets)
         arrived = time.monotonic()
         must_wait = self._slots.value == 0
@@ -76,6 +88,7 @@ class Admission:
         self._record(query_id, waited, must_wait)
         self.running[ticket] = (query_id, time.monotonic())
         try:
+            self._refuse_if_closing()
             yield
         finally:
             del self.running[ticket]

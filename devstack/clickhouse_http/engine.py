@@ -182,5 +182,10 @@ class Engine:
         with self._own_lock:
             self._own.run(f"KILL QUERY WHERE startsWith(query, {quote_string(marker)}) ASYNC")
 
+    def kill_all(self) -> None:
+        """Cancel every running statement (at shutdown: requests end instead of holding it up)."""
+        with self._own_lock:
+            self._own.run("KILL QUERY WHERE NOT startsWith(query, 'KILL QUERY') ASYNC")
+
     def close(self) -> None:
         self._own.close()

@@ -33,6 +33,7 @@ from devstack.clickhouse_http.config import ServerConfig
 from devstack.clickhouse_http.errors import (
     AUTHENTICATION_FAILED,
     CANNOT_DECOMPRESS,
+    NOT_IMPLEMENTED,
     SYNTAX_ERROR,
     ClickHouseError,
 )
@@ -156,6 +157,14 @@ def parse_head(request: Request, config: ServerConfig) -> QueryRequest:
             params[key[6:]] = _text(value)
         elif key and key not in HANDLER_PARAMS and not (multipart and _describes_table(key)):
             settings[key] = _text(value)
+    for name in ("compress", "decompress"):
+        if _flag(url.get(name)):  # silently ignored, it would hand out or read garbage
+            raise ClickHouseError.of(
+                NOT_IMPLEMENTED,
+                "NOT_IMPLEMENTED",
+                f"{name}=1 (ClickHouse's own block compression) is not supported by the embedded "
+                "server; use Content-Encoding / Accept-Encoding with enable_http_compression=1",
+            )
     session_id = _text(url.get("session_id", b"")) or None
     timeout = _text(url["session_timeout"]) if "session_timeout" in url else None
     encoding = None

@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -97,10 +98,27 @@ def build_app(front: Front) -> Starlette:
     )
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, plus: at shutdown, stop the engine's statements before waiting for requests.
+
+    uvicorn waits for every request to end before it exits; a statement that runs for an hour
+    would hold the shutdown (and the data flush) for an hour, then be killed.
+    """
+
+    def __init__(self, config: uvicorn.Config, front: Front) -> None:
+        super().__init__(config)
+        self.front = front
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.front.admission.closing = True
+        await run_sync(self.front.engine.kill_all)
+        await super().shutdown(sockets)
+
+
 def serve(config: ServerConfig) -> None:
     """Open the data dir, serve until SIGTERM/SIGINT, then close the engine (flushes data)."""
     front = Front(config)
-    server = uvicorn.Server(
+    server = _Server(
         uvicorn.Config(
             build_app(front),
             host=config.host,
@@ -111,7 +129,8 @@ def serve(config: ServerConfig) -> None:
             lifespan="off",
             http="h11",  # the head limit below is h11's; httptools, if installed, has its own
             h11_max_incomplete_event_size=H11_MAX_INCOMPLETE_EVENT_SIZE,
-        )
+        ),
+        front,
     )
 
     async def announce() -> None:

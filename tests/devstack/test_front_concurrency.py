@@ -155,3 +155,22 @@ def test_what_the_engine_cannot_do_gets_clickhouse_own_error(
     assert response.status_code == status_code
     assert response.headers["X-ClickHouse-Exception-Code"] == code
     assert response.text.startswith(f"Code: {code}. DB::Exception:")
+
+
+def test_shutdown_cancels_running_statements_and_closes_the_engine_cleanly(
+    start_front: StartFront,
+) -> None:
+    front = start_front()
+    tag = f"tag_{uuid.uuid4().hex[:8]}"
+    query = f"SELECT sleepEachRow(3) AS {tag} FROM numbers(1000) SETTINGS max_block_size = 1"
+    request = (
+        f"POST /?default_format=JSON HTTP/1.1\r\nHost: {HOST}\r\n"
+        f"Content-Length: {len(query)}\r\n\r\n{query}"
+    )
+    with socket.create_connection((HOST, front.port), timeout=30) as sock:
+        sock.sendall(request.encode())
+        wait_until(lambda: running_queries(front, tag) == 1, "the query to start")
+        # The client is still waiting for its answer: uvicorn alone would wait for it for an
+        # hour, and the stack would SIGKILL the server after its stop timeout.
+        front.stop()
+    assert "chdb engine closed" in front.log

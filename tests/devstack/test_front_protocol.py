@@ -130,6 +130,13 @@ def test_error_has_its_code_query_id_and_no_format(front: Front) -> None:
     assert response.text.startswith("Code: 60. DB::Exception:")
 
 
+@pytest.mark.parametrize("parameter", ["compress", "decompress"])
+def test_clickhouse_block_compression_is_refused_not_ignored(front: Front, parameter: str) -> None:
+    response = post(front, b"SELECT 1", **{parameter: "1"})
+    assert response.status_code == 501
+    assert response.headers["X-ClickHouse-Exception-Code"] == "48"  # NOT_IMPLEMENTED
+
+
 def test_bare_get_is_clickhouse_ok(front: Front) -> None:
     response = httpx.get(front.url)
     assert (response.status_code, response.text) == (200, "Ok.\n")
