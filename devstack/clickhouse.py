@@ -1,7 +1,7 @@
 """Launcher of the ClickHouse HTTP front (`devstack.clickhouse_http`) as a server process.
 
-The front itself lives in `clickhouse_http.py`; this module only starts, probes and stops it
-the same way as the other servers of the stack.
+The front itself is the package `devstack.clickhouse_http`; this module only starts, probes and
+stops it the same way as the other servers of the stack (`Service`: one readiness wait for all).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from devstack.process import MissingBinaryError, NotReadyError
@@ -30,10 +31,13 @@ class ClickHouseServer(Service):
         port: int,
         user: str = "default",
         password: str | None = None,
+        options: Sequence[str] = (),
     ) -> None:
         super().__init__(data_dir, port)
         self.user = user
         self.password = password or None
+        # More command-line options of the front (e.g. `--max-concurrent-queries 2`).
+        self.options = list(options)
 
     def url_at(self, port: int) -> str:
         return f"http://{self.host}:{port}"
@@ -70,7 +74,7 @@ class ClickHouseServer(Service):
             # The password itself travels in the environment (`child_env`): a command line is
             # readable by every local user (`ps`) and is written to the server's log.
             cmd += ["--user", self.user]
-        return cmd
+        return cmd + self.options
 
     def child_env(self) -> dict[str, str] | None:
         # Always set, so a password in the caller's environment never leaks into a server

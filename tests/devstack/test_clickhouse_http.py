@@ -1,7 +1,7 @@
 """The ClickHouse HTTP front, used by unmodified clickhouse-connect and by raw (curl-like) HTTP.
 
 Every test runs against a real `python -m devstack.clickhouse_http` process on a free port with
-its own temporary data dir.
+its own temporary data dir (conftest.py).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import datetime as dt
 import gzip
 import http.client
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import clickhouse_connect
 import httpx
 import lz4.frame
 import pandas as pd
@@ -30,63 +28,7 @@ import pytest
 import zstandard
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
-
-from devstack.clickhouse_http import spawn, wait_ready
-
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Front:
-    """A running front: its address and process."""
-
-    port: int
-    proc: subprocess.Popen[bytes]
-    data_dir: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}/"
-
-    def client(self, **kwargs: object) -> Client:
-        return clickhouse_connect.get_client(host=HOST, port=self.port, **kwargs)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=60)
-
-
-def start_front(data_dir: Path, password: str | None = None) -> Front:
-    port = free_port()
-    log = (data_dir.parent / f"{data_dir.name}.log").open("ab")
-    proc = spawn(data_dir, port, HOST, password=password, log_file=log)
-    log.close()  # the child keeps its own handle
-    try:
-        wait_ready(proc, HOST, port)
-    except BaseException:
-        proc.kill()
-        raise
-    return Front(port, proc, data_dir)
-
-
-@pytest.fixture(scope="module")
-def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
-    server = start_front(tmp_path_factory.mktemp("ch") / "data")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
-    server = start_front(tmp_path_factory.mktemp("ch_auth") / "data", password="s3cret")
-    yield server
-    server.stop()
+from clickhouse_fronts import HOST, Front, StartFront
 
 
 @pytest.fixture
@@ -160,7 +102,7 @@ def test_server_side_parameters_are_bound(client: Client) -> None:
 
 def test_result_over_100_mb_streams_without_the_server_holding_it(front: Front) -> None:
     client = front.client()
-    server = psutil.Process(front.proc.pid)
+    server = psutil.Process(front.pid)
     query = "SELECT number, repeat('x', 100) FROM numbers({n:UInt64})"
     with client.query_row_block_stream(query, parameters={"n": 200_000}) as warm_up:
         for _ in warm_up:  # let the engine and allocator reach their steady size first
@@ -179,7 +121,7 @@ def test_result_over_100_mb_streams_without_the_server_holding_it(front: Front) 
 
 def test_large_insert_body_streams_into_the_engine_unbuffered(front: Front) -> None:
     httpx.post(front.url, content=b"CREATE TABLE big_in (a UInt64, s String) ENGINE = Null")
-    server = psutil.Process(front.proc.pid)
+    server = psutil.Process(front.pid)
     row_tail = b"\t" + b"x" * 200 + b"\n"
     batches = 500  # 500 x 1000 rows x ~206 bytes: ~100 MB of TSV
 
@@ -370,11 +312,11 @@ def test_response_is_compressed_when_the_client_asks(front: Front) -> None:
 @pytest.mark.parametrize(
     ("request_kwargs", "status", "code"),
     [
-        ({"params": {"query": "SELECT 1 FORMAT NoSuchFormat"}}, 400, "73"),
+        ({"params": {"query": "SELECT 1 FORMAT NoSuchFormat"}}, 404, "73"),
         ({"params": {"query": "SELEC 1"}}, 400, "62"),
-        ({"params": {}}, 400, "62"),
-        ({"params": {"query": "SELECT 1", "no_such_setting": "1"}}, 400, "115"),
-        ({"params": {"query": "SELECT {x:UInt8}", "param_x": "abc"}}, 400, "457"),
+        ({"params": {"query": " "}}, 400, "62"),
+        ({"params": {"query": "SELECT 1", "no_such_setting": "1"}}, 404, "115"),
+        ({"params": {"query": "SELECT {x:UInt8}", "param_x": "abc"}}, 500, "457"),
     ],
     ids=["unknown-format", "syntax", "empty", "unknown-setting", "bad-parameter"],
 )
@@ -543,7 +485,7 @@ def test_header_over_the_field_limit_gets_clickhouse_bare_400(
 
 
 def test_request_line_far_over_the_limits_is_cut_off_unbuffered(front: Front) -> None:
-    server = psutil.Process(front.proc.pid)
+    server = psutil.Process(front.pid)
     peak = baseline = server.memory_info().rss
     sampling = threading.Event()
 
@@ -598,20 +540,17 @@ def test_clickhouse_user_and_key_headers_authenticate(secured: Front) -> None:
 # --- process --------------------------------------------------------------------------------
 
 
-def test_rows_survive_a_restart_on_the_same_data_dir(tmp_path: Path) -> None:
-    first = start_front(tmp_path / "data")
-    try:
-        client = first.client()
-        client.command("CREATE TABLE kept (a UInt32) ENGINE = MergeTree ORDER BY a")
-        client.insert("kept", [[1], [2], [3]], column_names=["a"])
-    finally:
-        first.stop()
-    assert first.proc.returncode == 0
-    second = start_front(tmp_path / "data")
-    try:
-        assert second.client().command("SELECT sum(a) FROM kept") == 6
-    finally:
-        second.stop()
+def test_rows_survive_a_restart_on_the_same_data_dir(
+    start_front: StartFront, tmp_path: Path
+) -> None:
+    first = start_front(tmp_path)
+    client = first.client()
+    client.command("CREATE TABLE kept (a UInt32) ENGINE = MergeTree ORDER BY a")
+    client.insert("kept", [[1], [2], [3]], column_names=["a"])
+    first.stop()
+    assert "chdb engine closed" in first.log  # a clean shutdown, not a kill
+    second = start_front(tmp_path)
+    assert second.client().command("SELECT sum(a) FROM kept") == 6
 
 
 def test_help_explains_the_options() -> None:

@@ -8,38 +8,22 @@ and both builds (models and tests) must pass.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import clickhouse_connect
 import pytest
 from clickhouse_connect.driver.client import Client
+from clickhouse_fronts import HOST, Front
 
-from devstack.clickhouse_http import spawn, wait_ready
-
-HOST = "127.0.0.1"
 PROJECT = Path(__file__).resolve().parents[1] / "fixtures" / "dbt_tiny"
 DBT = Path(sys.executable).with_name("dbt")
 
 
 @pytest.fixture(scope="module")
-def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        free = sock.getsockname()[1]
-    workdir = tmp_path_factory.mktemp("dbt_front")
-    with (workdir / "front.log").open("ab") as log:
-        proc = spawn(workdir / "data", free, HOST, log_file=log)
-    try:
-        wait_ready(proc, HOST, free)
-        yield free
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+def port(front: Front) -> int:
+    return front.port
 
 
 @pytest.fixture(scope="module")

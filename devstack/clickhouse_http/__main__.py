@@ -1,0 +1,3 @@
+from devstack.clickhouse_http.server import main
+
+main()
