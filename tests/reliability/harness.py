@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +227,34 @@ def compare_pipeline_state(ch: Client, truth: Truth) -> Comparison:
     return out
 
 
+def sync_alone(comparison: Comparison) -> Comparison:
+    """`comparison` taken right after a sync, before any reconcile: only deletes may differ
+    (polling cannot see a deleted document); anything lost, changed or doubled is the sync's."""
+    return replace(
+        comparison,
+        what=f"{comparison.what} after the sync alone (deletes excepted)",
+        not_deleted=0,
+        examples=[e for e in comparison.examples if not e.startswith("live in ClickHouse")],
+    )
+
+
+def reconcile_found_only_deletes(result: Any) -> Comparison:
+    """A reconcile (`ReconcileResult`) right after a sync: it may tombstone deletes, but a
+    document it had to load (missing, or stored with another `updated_at`) is one the sync
+    should have loaded."""
+    out = Comparison(
+        f"reconcile of raw.{result.collection} after the sync",
+        lost=result.missing_in_clickhouse,
+        mismatched=result.stale_in_clickhouse,
+    )
+    if out.lost or out.mismatched:
+        out.note(
+            f"reconcile loaded {result.missing_in_clickhouse} missing and "
+            f"{result.stale_in_clickhouse} stale documents that the sync did not"
+        )
+    return out
+
+
 def _short(row: Iterable[Any]) -> str:
     return repr(tuple(row))[:160]
 
@@ -260,6 +288,9 @@ class ScenarioResult:
     documents_lost: int = 0
     duplicates: int = 0
     seconds: float = 0.0
+    # Faults the scenario injected and saw land (a process killed, a server down while the
+    # loader ran, runs overlapping); None for scenarios that inject none.
+    faults_injected: int | None = None
 
 
 @dataclass
@@ -269,10 +300,17 @@ class Report:
     scenarios: dict[str, ScenarioResult] = field(default_factory=dict)
 
     def record(
-        self, scenario: str, comparisons: Iterable[Comparison], seconds: float = 0.0
+        self,
+        scenario: str,
+        comparisons: Iterable[Comparison],
+        seconds: float = 0.0,
+        faults: int | None = None,
     ) -> bool:
+        """One trial. `faults`: how many faults it injected and confirmed."""
         comps = list(comparisons)
         row = self.scenarios.setdefault(scenario, ScenarioResult(scenario))
+        if faults is not None:
+            row.faults_injected = (row.faults_injected or 0) + faults
         ok = all(c.ok for c in comps)
         row.trials += 1
         row.passed += int(ok)
@@ -291,12 +329,22 @@ class Report:
         row.seconds += seconds
 
     def table(self) -> str:
-        head = ("scenario", "trials", "passed", "docs checked", "docs lost", "duplicates", "s")
+        head = (
+            "scenario",
+            "trials",
+            "passed",
+            "faults injected",
+            "docs checked",
+            "docs lost",
+            "duplicates",
+            "s",
+        )
         rows = [
             (
                 r.scenario,
                 str(r.trials),
                 str(r.passed),
+                "-" if r.faults_injected is None else str(r.faults_injected),
                 str(r.documents_checked),
                 str(r.documents_lost),
                 str(r.duplicates),
