@@ -270,18 +270,21 @@ def test_the_oracles_open_statuses_are_dbts(marts: Fixture) -> None:
     assert sorted(OPEN_STATUSES) == sorted(dbt_open_statuses())
 
 
-def panels(marts: Fixture) -> dict[str, list[dict[str, Any]]]:
+def panels(marts: Fixture, **settings: Any) -> dict[str, list[dict[str, Any]]]:
+    """Every panel of the dashboard, read through a fresh cache."""
     import uuid
 
+    from flows import ops
     from flows.dashboard import collect
     from flows.redis_link import RedisLink
     from flows.settings import FlowSettings
 
-    settings = FlowSettings(redis_prefix=f"test-marts-{uuid.uuid4().hex[:8]}")
+    flow_settings = FlowSettings(redis_prefix=f"test-marts-{uuid.uuid4().hex[:8]}", **settings)
     log = logging.getLogger("test")
-    link = RedisLink(settings, log)
+    link = RedisLink(flow_settings, log)
+    ops.ensure_tables(marts.ch)
     try:
-        return {p.query.name: p.rows for p in collect(settings, link, marts.ch, log)}
+        return {p.query.name: p.rows for p in collect(flow_settings, link, marts.ch, log)}
     finally:
         link.close()
 
@@ -345,4 +348,18 @@ def test_dashboard_workload_shows_open_tasks_and_the_oldest_open_task_per_employ
             "oldest_open_days": days(r["oldest_open_task_age_seconds"]),
         }
         for r in busy[:15]
+    ]
+
+
+def test_dashboard_query_over_the_threshold_alerts_naming_the_panel(marts: Fixture) -> None:
+    from flows.dashboard import PANELS
+
+    marts.ch.command("TRUNCATE TABLE IF EXISTS ops.alerts")
+
+    panels(marts, alert_query_seconds=0)
+
+    raised = marts.rows("SELECT kind, subject, threshold FROM ops.alerts ORDER BY subject")
+    assert raised == [
+        {"kind": "query_duration", "subject": p.name, "threshold": 0.0}
+        for p in sorted(PANELS, key=lambda p: p.name)
     ]
