@@ -41,8 +41,10 @@ from loader.watermark import now_ms
 log = logging.getLogger(__name__)
 
 TOMBSTONE_CHUNK = 50_000  # ids per INSERT ... SELECT: bounded server memory
-CHANGE_STREAM_HISTORY_LOST = 286
+CHANGE_STREAM_HISTORY_LOST = 286  # the oplog starts after the stored position
 INVALID_RESUME_TOKEN = 260
+CHANGE_STREAM_FATAL = 280  # "the resume token was not found": its event is not in the oplog
+CANNOT_RESUME = (CHANGE_STREAM_HISTORY_LOST, INVALID_RESUME_TOKEN, CHANGE_STREAM_FATAL)
 
 
 # -- tombstones --------------------------------------------------------------------------------
@@ -213,7 +215,9 @@ def follow_changes(
             stream = mongo_call(
                 settings,
                 lambda: coll.watch(
-                    [{"$match": {"operationType": {"$in": list(ops)}}}],
+                    # `invalidate` too: a $match that leaves it out hides the drop of the
+                    # collection, and the driver then fails resuming past it.
+                    [{"$match": {"operationType": {"$in": [*ops, "invalidate"]}}}],
                     full_document="updateLookup" if all_changes else None,
                     resume_after=token,
                     max_await_time_ms=max_await_ms,
@@ -260,7 +264,7 @@ def follow_changes(
                         why = "idle"
                         break
         except OperationFailure as exc:
-            if exc.code in (CHANGE_STREAM_HISTORY_LOST, INVALID_RESUME_TOKEN):
+            if exc.code in CANNOT_RESUME:
                 rec.finish("failed", f"cannot resume change stream: {exc}")
                 _record(cl, rec, events, deletes, rss)
                 code = (exc.details or {}).get("codeName", exc.code)

@@ -200,6 +200,7 @@ class _Run:
         batch_size: int,
         after_insert: Callable[[BatchStored], None] | None,
         progress: ProgressSink | None,
+        before_insert: Callable[[int], None] | None = None,
     ) -> None:
         self.clients = clients
         self.settings = clients.settings
@@ -207,6 +208,7 @@ class _Run:
         self.coll: Collection = clients.db[collection]
         self.batch_size = batch_size
         self.after_insert = after_insert
+        self.before_insert = before_insert
         self.progress = progress
         self.run_id = new_run_id()
         self.record = RunRecord(self.run_id, collection)
@@ -227,6 +229,12 @@ class _Run:
             self.marked_pending = True
 
     # -- writing -------------------------------------------------------------------------------
+    def _about_to_write(self) -> None:
+        """Before a batch's first write to ClickHouse: mark the build pending, tell the hook."""
+        self.mark_pending()
+        if self.before_insert:
+            self.before_insert(self.batch_no + 1)
+
     def _insert_rows(self, batch: MappedBatch) -> None:
         store_rows(self.clients, batch, self.run_id, on_built=self.rss.sample)
 
@@ -241,7 +249,7 @@ class _Run:
             self.mapper.add(doc)
         batch = self.mapper.take()
         self.rss.sample()
-        self.mark_pending()
+        self._about_to_write()
         self._insert_rows(batch)
         self._insert_rejects(batch)
         last = _last_dated(docs)
@@ -261,7 +269,7 @@ class _Run:
             return
         table = with_bookkeeping(self.collection, columns, self.run_id, now_ms())
         self.rss.sample()
-        self.mark_pending()
+        self._about_to_write()
         store_table(self.clients, self.collection, table)
         last_ms = table["updated_at"][-1].cast(pa.int64()).as_py()
         self._stored(rows, rows, 0, (last_ms, ObjectId(table["_id"][-1].as_py())))
@@ -452,21 +460,24 @@ def sync_collection(
     clients: Clients | None = None,
     after_insert: Callable[[BatchStored], None] | None = None,
     progress: ProgressSink | None = None,
+    before_insert: Callable[[int], None] | None = None,
 ) -> SyncResult:
     """Load what changed in `collection` since its watermark into `raw.<collection>`.
 
     `full_refresh` empties `raw.<collection>`, its rows in `raw.rejects` and its watermark first,
     and marks the downstream models for a full rebuild; so does a replaced source collection
     (see `loader.identity`), without being asked. `clients`: reuse open connections (one pair
-    per process run); opened and closed here if None. `after_insert` is called after each batch
-    is stored and before its watermark is saved (tests inject crashes there).
+    per process run); opened and closed here if None. `before_insert(n)` is called before batch
+    n's first write to ClickHouse, `after_insert` after each batch is stored and before its
+    watermark is saved, `progress.advance` after the watermark is saved (tests inject crashes
+    and server faults at these points, on whichever decoder path the batch takes).
     Raises `ServerUnavailable` when a server stays unreachable.
     """
     require_collection(collection)
     size = batch_size or settings.batch_size
     with open_clients(settings, clients) as cl:
         prepare_clients(cl)
-        run = _Run(cl, collection, size, after_insert, progress)
+        run = _Run(cl, collection, size, after_insert, progress, before_insert)
         rec = run.record
         ch = cl.clickhouse
         before: Watermark | None = None

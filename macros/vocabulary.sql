@@ -49,3 +49,14 @@
         6
     )
 {%- endmacro %}
+
+{% macro read_time() -%}
+    {#- The clock ages are computed against: now64(3), when the view is read. The var `as_of`
+        (a UTC time, e.g. '2026-01-15 12:00:00') freezes it at build time, so that tests can
+        place files at exact ages (86,399 s, 86,401 s) and check every figure. -#}
+    {%- if var('as_of', none) -%}
+        toDateTime64('{{ var("as_of") }}', 3, 'UTC')
+    {%- else -%}
+        now64(3)
+    {%- endif -%}
+{%- endmacro %}

@@ -23,8 +23,9 @@ aged as (
         is_open,
         files,
         oldest_assigned_at,
-        dateDiff('second', oldest_assigned_at, now64(3)) as max_time_in_stage_seconds,
-        (toUnixTimestamp64Milli(now64(3)) - avg_assigned_at_ms) / 1000 as avg_time_in_stage_seconds
+        dateDiff('second', oldest_assigned_at, {{ read_time() }}) as max_time_in_stage_seconds,
+        (toUnixTimestamp64Milli({{ read_time() }}) - avg_assigned_at_ms)
+        / 1000 as avg_time_in_stage_seconds
     from backlog
 
 )

@@ -29,7 +29,7 @@ aged as (
         is_known_employee,
         assigned_at,
         task_id,
-        dateDiff('second', assigned_at, now64(3)) as time_in_stage_seconds
+        dateDiff('second', assigned_at, {{ read_time() }}) as time_in_stage_seconds
     from current_files
 
 )

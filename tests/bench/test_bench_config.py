@@ -26,3 +26,14 @@ def test_a_bad_value_names_the_variable(name: str, value: str, why: str) -> None
 def test_good_values_are_read() -> None:
     cfg = BenchConfig.from_env({"BENCH_PORT_BASE": "65533", "BENCH_SCALE": "20_000"})
     assert (cfg.port_base, cfg.scale) == (65533, 20_000)
+
+
+def test_the_loader_memory_ratio_is_measured_by_the_bench_against_its_target() -> None:
+    # Memory ratios are measurements (`make bench`), not test assertions: a margin taken from
+    # one observation on a shared machine fails at random.
+    from bench.catalogue import new_comparisons
+
+    ratio = new_comparisons()["loader_rss_full_vs_small"]
+
+    assert (ratio.subject, ratio.baseline) == ("memory.loader_full", "memory.loader_small")
+    assert (ratio.op, ratio.threshold) == ("<=", 1.3)

@@ -56,7 +56,10 @@ class DbtProject:
             "DBT_LOG_PATH": str(self.log_path),
         }
 
-    def invoke(self, *args: str) -> DbtResult:
+    def invoke(self, *args: str, dbt_vars: dict[str, Any] | None = None) -> DbtResult:
+        """`dbt <args>`; `dbt_vars` adds to the suite's vars (e.g. `as_of`, a frozen clock)."""
+        import json
+
         from dbt.cli.main import dbtRunner
 
         log: list[str] = []
@@ -66,7 +69,7 @@ class DbtProject:
                 *args,
                 # The suite runs every test, the full recomputations included (dbt_project.yml).
                 "--vars",
-                "{full_recompute_tests: true}",
+                json.dumps({"full_recompute_tests": True, **(dbt_vars or {})}),
                 "--project-dir",
                 str(REPO),
                 "--profiles-dir",
@@ -85,9 +88,9 @@ class DbtProject:
             messages[r.node.name] = r.message or ""
         return DbtResult(bool(res.success), statuses, messages, log, res.exception)
 
-    def ok(self, *args: str) -> DbtResult:
+    def ok(self, *args: str, dbt_vars: dict[str, Any] | None = None) -> DbtResult:
         """Invoke and fail the calling test with dbt's own words when anything went wrong."""
-        result = self.invoke(*args)
+        result = self.invoke(*args, dbt_vars=dbt_vars)
         if not result.success:
             detail = "\n".join(
                 f"  {n}: {s} {result.messages.get(n, '')}" for n, s in result.failed().items()

@@ -191,23 +191,47 @@ def test_eight_threads_querying_at_once_get_their_own_answers(front: Front) -> N
 
 
 def test_ping_answers_while_a_slow_query_holds_the_engine(front: Front) -> None:
-    started = threading.Event()
+    """The engine is held by a query reading a `url()` that this test serves and answers only
+    after /ping has answered: /ping is asked while the engine is certainly busy (no race), and
+    a /ping that queued behind the engine would time out instead of passing."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    def slow() -> None:
-        started.set()
-        front.client().query(
-            "SELECT sum(sleepEachRow(1)) FROM numbers(4) SETTINGS max_block_size = 1"
+    engine_busy, release = threading.Event(), threading.Event()
+
+    class Held(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            engine_busy.set()
+            release.wait(60)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"1\n")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    source = ThreadingHTTPServer((HOST, 0), Held)
+    threading.Thread(target=source.serve_forever, daemon=True).start()
+    url = f"http://{HOST}:{source.server_address[1]}/rows.csv"
+    result: list[object] = []
+    worker = threading.Thread(
+        target=lambda: result.append(
+            front.client().query(f"SELECT x FROM url('{url}', 'CSV', 'x UInt8')").result_rows
         )
-
-    worker = threading.Thread(target=slow)
+    )
     worker.start()
-    started.wait()
-    # The engine is busy for ~4 s; /ping must not queue behind it.
-    pong = httpx.get(f"{front.url}ping", timeout=10)
-    still_running = worker.is_alive()
-    worker.join()
-    assert pong.text == "Ok.\n"
-    assert still_running
+    try:
+        assert engine_busy.wait(60), "the query never reached the engine"
+
+        pong = httpx.get(f"{front.url}ping", timeout=10)
+        still_held = worker.is_alive()
+    finally:
+        release.set()
+        worker.join(60)
+        source.shutdown()
+        source.server_close()
+
+    assert (pong.text, still_held) == ("Ok.\n", True)
+    assert result == [[(1,)]]
 
 
 def test_url_settings_apply_to_their_request_only(client: Client) -> None:

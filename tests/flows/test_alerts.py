@@ -55,3 +55,27 @@ def test_loader_memory_over_the_limit_alerts_naming_the_collection() -> None:
     alert = check_loader_memory(SETTINGS, "run-1", "tasks", 200 * 2**20)
     assert alert is not None
     assert alert.subject == "tasks"
+
+
+def test_sync_exactly_at_the_threshold_does_not_alert() -> None:
+    assert check_sync_duration(SETTINGS, "run-1", 30.0) is None
+
+
+def test_dashboard_query_exactly_at_the_threshold_does_not_alert() -> None:
+    assert check_query_duration(SETTINGS, "employee_workload", 2.0) is None
+
+
+def test_cache_hit_rate_exactly_at_the_threshold_does_not_alert() -> None:
+    assert check_cache_hit_rate(SETTINGS, "run-1", CacheStats(hits=14, misses=6)) is None
+
+
+def test_cache_hit_rate_just_under_the_threshold_alerts() -> None:
+    assert check_cache_hit_rate(SETTINGS, "run-1", CacheStats(hits=13, misses=7)) is not None
+
+
+def test_hit_rate_over_exactly_the_minimum_of_lookups_counts() -> None:
+    assert check_cache_hit_rate(SETTINGS, "run-1", CacheStats(hits=0, misses=20)) is not None
+
+
+def test_loader_memory_exactly_at_the_limit_does_not_alert() -> None:
+    assert check_loader_memory(SETTINGS, "run-1", "tasks", 100 * 2**20) is None

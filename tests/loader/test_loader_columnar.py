@@ -11,6 +11,7 @@ from bson.errors import InvalidStringData
 from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 from mapping_cases import GOOD_EMPLOYEE, GOOD_TASK, field_values
+from mongo_oracle import AS_STORED, contract_problems
 
 from loader.columnar import decode_valid_rows, object_id_columns
 from loader.mapping import CODEC_OPTIONS, BatchMapper, to_arrow, with_bookkeeping
@@ -56,6 +57,10 @@ def test_a_batch_is_decoded_to_arrow_exactly_when_every_document_maps_with_the_s
     rows = decode_valid_rows(raw, collection, MAX_CHARS)
 
     event("some rejected" if batch.rejects else "all map")
+    refused = [
+        d for d in bson.decode_all(raw, AS_STORED) if contract_problems(d, collection, MAX_CHARS)
+    ]
+    assert [r.doc for r in batch.rejects] == refused  # the documented rules decide
     if batch.rejects:
         assert rows is None
     else:

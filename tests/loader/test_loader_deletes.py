@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import pytest
 from bson import ObjectId
 from clickhouse_connect.driver.client import Client
 from loader_testlib import clickhouse_tasks, mongo_tasks
 from pymongo.database import Database
 
 from loader.clients import Clients
-from loader.deletes import follow_changes
+from loader.deletes import (
+    follow_changes,
+    load_resume_token,
+    save_resume_token,
+    write_tombstones,
+)
 from loader.reconcile import reconcile_collection
 from loader.settings import Settings
 from loader.sync import sync_collection
 from loader.synthetic import mutate, seed
+from loader.watermark import now_ms
 
 
 def _first_ids(db: Database, n: int) -> list[ObjectId]:
@@ -51,20 +58,61 @@ def test_delete_becomes_a_tombstone_through_watch(
     assert not set(map(str, gone)) & set(clickhouse_tasks(clickhouse_client))
 
 
-def test_tombstone_keeps_history_with_a_higher_version(
+def test_tombstone_through_watch_is_versioned_at_the_deletion_time(
     settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
 ) -> None:
     seed(db, 100, seed=202)
     sync_collection(settings, "tasks", clients=clients)
     _start_following(settings, clients)
     gone = _first_ids(db, 1)
+    before_ms = now_ms()
     db.tasks.delete_many({"_id": {"$in": gone}})
+    after_ms = now_ms()
 
     follow_changes(settings, "tasks", clients=clients, idle_timeout_s=0.5)
 
     (_, live_flag, live_version), (_, dead_flag, dead_version) = _versions(clickhouse_client, gone)
     assert (live_flag, dead_flag) == (0, 1)
-    assert dead_version > live_version
+    # max(deleted_at_ms, last + 1) with the deletion (the event's wall time) after the last
+    # version: the deletion time itself.
+    assert live_version < before_ms <= dead_version <= after_ms
+
+
+def _tombstone_version(
+    clients: Clients, clickhouse_client: Client, db: Database, deleted_at_ms: int
+) -> tuple[int, int]:
+    """(version of the live row, version of its tombstone written for `deleted_at_ms`)."""
+    (gone,) = _first_ids(db, 1)
+    write_tombstones(clients, "tasks", {str(gone): deleted_at_ms}, "test")
+    (_, _, live_version), (_, _, dead_version) = _versions(clickhouse_client, [gone])
+    return live_version, dead_version
+
+
+def test_tombstone_deleted_after_the_last_version_takes_the_deletion_time(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 50, seed=209)
+    sync_collection(settings, "tasks", clients=clients)
+    (gone,) = _first_ids(db, 1)
+    last = int(db.tasks.find_one({"_id": gone})["updated_at"])
+
+    live, dead = _tombstone_version(clients, clickhouse_client, db, last + 5_000)
+
+    assert (live, dead) == (last, last + 5_000)
+
+
+def test_tombstone_dated_before_the_last_version_takes_the_last_version_plus_one(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 50, seed=210)
+    sync_collection(settings, "tasks", clients=clients)
+    (gone,) = _first_ids(db, 1)
+    last = int(db.tasks.find_one({"_id": gone})["updated_at"])
+
+    # A deletion stamped earlier than the stored version (clock skew, updated_at ahead).
+    live, dead = _tombstone_version(clients, clickhouse_client, db, last - 5_000)
+
+    assert (live, dead) == (last, last + 1)
 
 
 def test_watch_resumes_after_the_last_processed_event(
@@ -160,3 +208,51 @@ def test_watch_with_all_changes_loads_updates_and_inserts_without_a_sync(
 
     assert result.events == changed.updated + changed.inserted
     assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
+
+
+def test_watch_after_its_collection_was_dropped_stops_and_forgets_its_position(
+    settings: Settings, clients: Clients, db: Database
+) -> None:
+    seed(db, 100, seed=211)
+    sync_collection(settings, "tasks", clients=clients)
+    _start_following(settings, clients)
+    assert load_resume_token(clients, "tasks") is not None
+    db.drop_collection("tasks")
+
+    result = follow_changes(settings, "tasks", clients=clients, idle_timeout_s=0.5)
+
+    assert "dropped" in result.stopped_because
+    assert load_resume_token(clients, "tasks") is None  # the next run starts from now
+
+
+def deleted_event_token(db: Database) -> dict:
+    """The resume token of a real delete event on `tasks`."""
+    with db.tasks.watch([{"$match": {"operationType": "delete"}}], max_await_time_ms=200) as s:
+        db.tasks.delete_one({"_id": _first_ids(db, 1)[0]})
+        while (event := s.try_next()) is None:
+            pass
+    return event["_id"]
+
+
+def test_watch_whose_resume_token_is_not_in_the_oplog_fails_saying_to_reconcile_and_reset(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 100, seed=212)
+    sync_collection(settings, "tasks", clients=clients)
+    data = deleted_event_token(db)["_data"]
+    # The same event one second earlier: a position the oplog does not hold (`_data` is a
+    # KeyString whose first value, type byte 0x82, is the cluster time: 4 bytes of seconds).
+    assert data[:2] == "82"
+    missing = {"_data": "82" + f"{int(data[2:10], 16) - 1:08X}" + data[10:]}
+    save_resume_token(clients, "tasks", missing, 0)
+
+    with pytest.raises(RuntimeError, match="cannot resume") as failure:
+        follow_changes(settings, "tasks", clients=clients, idle_timeout_s=0.5)
+
+    assert "python -m loader reconcile" in str(failure.value)
+    assert "watch --reset" in str(failure.value)
+    recorded = clickhouse_client.query(
+        "SELECT status, message FROM ops.sync_runs WHERE kind = 'watch' "
+        "ORDER BY started_at DESC LIMIT 1"
+    ).result_rows
+    assert recorded[0][0] == "failed" and "cannot resume" in recorded[0][1]

@@ -1,4 +1,5 @@
-"""Mapping rules, without servers: the fast path and the readable rules always agree."""
+"""Mapping rules, without servers: the mapper refuses exactly what the documented rules refuse
+(the test-side classifier in tests/mongo_oracle.py), and its fast path and readable rules agree."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from bson.datetime_ms import DatetimeMS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mapping_cases import GOOD_EMPLOYEE, GOOD_TASK, field_values
+from mongo_oracle import contract_problems
 
 from loader.mapping import CODEC_OPTIONS, BatchMapper
 from loader.schema import COLLECTION_FIELDS
@@ -67,3 +69,33 @@ def test_fast_path_agrees_with_the_readable_rules(
     mapper = BatchMapper(collection, 20)
 
     assert mapper.add(doc) is (not mapper.problems(doc))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    collection=st.sampled_from(sorted(COLLECTION_FIELDS)),
+    changes=st.dictionaries(
+        st.sampled_from(
+            sorted({f.name for fs in COLLECTION_FIELDS.values() for f in fs} | {"_id"})
+        ),
+        field_values,
+        max_size=2,
+    ),
+    dropped=st.sets(st.sampled_from(sorted(GOOD_TASK) + sorted(GOOD_EMPLOYEE)), max_size=1),
+)
+def test_the_mapper_rejects_exactly_what_the_documented_rules_refuse_naming_each_field(
+    collection: str, changes: dict[str, Any], dropped: set[str]
+) -> None:
+    base = GOOD_TASK if collection == "tasks" else GOOD_EMPLOYEE
+    doc = _as_read(base) | changes
+    for name in dropped:
+        doc.pop(name, None)
+    broken = contract_problems(doc, collection, max_string_chars=20)
+    mapper = BatchMapper(collection, 20)
+
+    loaded = mapper.add(doc)
+
+    assert loaded is (not broken)
+    if broken:
+        reason = mapper.take().rejects[0].reason
+        assert [f for f in broken if f"{f}:" not in reason] == []

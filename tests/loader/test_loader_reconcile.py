@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import pytest
 from bson import ObjectId
 from clickhouse_connect.driver.client import Client
 from loader_testlib import clickhouse_tasks, mongo_tasks
 from pymongo.database import Database
 
+from loader import reconcile as reconcile_module
 from loader.clients import Clients
 from loader.reconcile import reconcile_collection
 from loader.settings import Settings
@@ -155,3 +159,63 @@ def test_a_rejected_document_deleted_in_mongo_is_no_longer_counted(
     assert (first.differing, first.rejected_gone, first.deletes) == (3, 3, 0)
     assert again.differing == 0
     assert first.clickhouse_ids - again.clickhouse_ids == 3
+
+
+def test_reconcile_in_pages_of_one_id_repairs_every_kind_of_difference_exactly(
+    settings: Settings,
+    clients: Clients,
+    db: Database,
+    plain_db: Database,
+    clickhouse_client: Client,
+) -> None:
+    # Every id is the first and the last of its page: page boundaries cannot hide an id.
+    seed(db, 500, seed=308)
+    sync_collection(settings, "tasks", clients=clients)
+    by_id = [d["_id"] for d in plain_db.tasks.find({}, {"_id": 1}).sort("_id", 1)]
+    plain_db.tasks.delete_many({"_id": {"$in": by_id[:3]}})  # gone
+    late = [dict(d, _id=ObjectId()) for d in plain_db.tasks.find({"_id": {"$in": by_id[3:5]}})]
+    plain_db.tasks.insert_many(late)  # dated long before the watermark: missing
+    for doc in plain_db.tasks.find({"_id": {"$in": by_id[5:9]}}):  # moved backwards: stale
+        earlier = doc["updated_at"] - timedelta(days=2)
+        plain_db.tasks.update_one(
+            {"_id": doc["_id"]}, {"$set": {"status": "rejected", "updated_at": earlier}}
+        )
+
+    result = reconcile_collection(settings, "tasks", clients=clients, page_size=1)
+
+    counts = (result.deletes, result.missing_in_clickhouse, result.stale_in_clickhouse)
+    assert (result.differing, counts) == (9, (3, 2, 4))
+    assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
+
+
+def test_reconcile_does_not_tombstone_a_document_written_after_it_read_mongodb(
+    settings: Settings,
+    clients: Clients,
+    db: Database,
+    plain_db: Database,
+    clickhouse_client: Client,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A document inserted (and synced) after reconcile read MongoDB's ids is in ClickHouse
+    but not in the ids reconcile read: it looks deleted until reconcile asks MongoDB again."""
+    seed(db, 500, seed=309)
+    sync_collection(settings, "tasks", clients=clients)
+    template = plain_db.tasks.find_one({}, {"_id": 0})
+    read_mongo_ids = reconcile_module._mongo_versions
+    written: list[ObjectId] = []
+
+    def then_a_concurrent_write(*args: Any) -> Iterator[tuple[str, int]]:
+        yield from read_mongo_ids(*args)
+        # Right after reconcile has read every id: a new document, loaded by a sync.
+        doc = dict(template, updated_at=datetime.now(UTC))
+        written.append(plain_db.tasks.insert_one(doc).inserted_id)
+        sync_collection(settings, "tasks")
+
+    monkeypatch.setattr(reconcile_module, "_mongo_versions", then_a_concurrent_write)
+
+    result = reconcile_collection(settings, "tasks", clients=clients)
+
+    assert len(written) == 1
+    assert result.differing == 1  # the new document did look deleted
+    assert result.deletes == 0
+    assert str(written[0]) in clickhouse_tasks(clickhouse_client)

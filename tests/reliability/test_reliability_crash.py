@@ -1,11 +1,14 @@
 """Scenario 1: the loader process is SIGKILLed at random points of a large sync; the rerun
-(plus reconcile) leaves ClickHouse exactly equal to MongoDB.
+leaves ClickHouse exactly equal to MongoDB.
 
-Every trial starts from an empty warehouse, kills the loader at a different batch (right when
-it announces an insert, i.e. with the insert in flight, or a random moment after a batch was
-stored, i.e. around the watermark save or during the next read), changes the source a little
-while the loader is dead, then reruns. The fast variant runs 3 trials on a small collection;
-`make reliability` runs 24 on a larger one.
+Every trial starts from an empty warehouse and kills the loader at a different batch, at one of
+its three fault points (`worker.py`): with the batch read but not yet written (`insert`), with
+the batch in ClickHouse but its watermark not saved (`stored`), or with the watermark saved and
+the next read not started (`saved`). The loader pauses there, so the kill lands exactly there,
+and the trial checks that the signal killed it. The source changes a little while the loader is
+dead, then the rerun is judged right after its sync (only deletes may differ) and after
+reconcile (which must find nothing but deletes). The fast variant runs 3 trials on a small
+collection; `make reliability` runs 24 on a larger one.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from harness import Report, assert_all_ok
-from world import World
+from world import PHASES, LoaderProcess, World
 
 from loader.synthetic import mutate
 
@@ -42,30 +45,18 @@ def rng_for(test: str) -> random.Random:
     return random.Random(seed)
 
 
-def kill_at(world: World, batch_size: int, target: int, phase: str, jitter: float) -> str:
-    """Run the loader in a subprocess and SIGKILL it at batch `target`; say where it died."""
-    proc = world.spawn("sync", "--batch-size", str(batch_size))
-    assert proc.stdout is not None
+def kill_at(world: World, batch_size: int, target: int, phase: str) -> str:
+    """Run the loader in a subprocess, SIGKILL it paused at `phase target`; say where it died.
+    Fails unless the signal is what ended it."""
+    loader = LoaderProcess(world, batch_size, pause_at=(phase, target))
     try:
-        for line in proc.stdout:
-            word, _, arg = line.strip().partition(" ")
-            if word == "done":
-                return "finished before the kill point"
-            if word == phase and int(arg) == target:
-                time.sleep(jitter)
-                proc.send_signal(signal.SIGKILL)
-                proc.wait(30)
-                return f"killed at {phase} {target} + {jitter * 1000:.0f} ms"
-        proc.wait(30)
-        stderr = proc.stderr.read() if proc.stderr else ""
-        raise AssertionError(f"loader exited ({proc.returncode}) before the kill point: {stderr}")
+        loader.wait_for(f"{phase} {target}")
+        assert loader.alive(), "the loader exited at its fault point instead of pausing"
+        status = loader.kill()
+        assert status == -signal.SIGKILL, f"the loader ended with {status}, not by SIGKILL"
+        return f"killed at {phase} {target}"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-        for stream in (proc.stdout, proc.stderr):
-            if stream:
-                stream.close()
+        loader.close()
 
 
 def change_source_while_down(world: World, rng: random.Random, trial: int) -> None:
@@ -86,14 +77,13 @@ def run_sigkill_trials(
         started = time.monotonic()
         for database in ("raw", "ops"):
             world.ch.command(f"DROP DATABASE IF EXISTS {database} SYNC")
-        phase = "insert" if trial % 2 == 0 else "stored"
-        where = kill_at(world, scale.batch, target, phase, rng.uniform(0.0, 0.25))
+        phase = PHASES[trial % len(PHASES)]
+        where = kill_at(world, scale.batch, target, phase)
         change_source_while_down(world, rng, trial)
-        world.load()
-        comparisons = world.compare_raw()
+        comparisons = world.rerun_and_compare()
         if trial == len(targets) - 1:
             comparisons += world.build_and_compare_models(dbt_dir)
-        if not report.record(scenario, comparisons, time.monotonic() - started):
+        if not report.record(scenario, comparisons, time.monotonic() - started, faults=1):
             failures.append((where, comparisons))
     for where, comparisons in failures:
         print(f"trial {where}:")

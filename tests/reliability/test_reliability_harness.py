@@ -1,13 +1,15 @@
-"""The comparison itself: each kind of divergence between MongoDB and ClickHouse is counted."""
+"""The harness itself: each kind of divergence between MongoDB and ClickHouse is counted, and
+the loader announces every fault point the scenarios inject their faults at."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from bson import ObjectId
 from harness import compare_raw, compare_task_events, dbt_build
-from world import World
+from world import PHASES, LoaderProcess, World
 
 
 def loaded(world: World) -> World:
@@ -67,3 +69,38 @@ def test_refused_document_missing_from_rejects_counts_as_lost(world: World) -> N
     world.db.tasks.insert_one({"_id": ObjectId(), "file_id": None})
 
     assert compare_raw(world.ch, world.truth(), "tasks").lost == 1
+
+
+@pytest.mark.parametrize("decoder", ["pymongoarrow", "pymongo"])
+def test_every_fault_point_of_every_batch_is_announced_on_each_decoder_path(
+    world: World, decoder: str
+) -> None:
+    """The scenarios inject their faults at these announcements: one that a decoder path never
+    makes would let a scenario run without its fault."""
+    world.seed(1_000)
+    loader = LoaderProcess(world, 300, extra_env={"LOADER_DECODER": decoder})
+    try:
+        status = loader.finish()
+        stderr = loader.stderr()
+    finally:
+        loader.close()
+
+    assert status == 0, stderr[-2000:]
+    announced = [line for line in loader.lines if not line.startswith("done ")]
+    assert announced == [f"{phase} {n}" for n in range(1, 5) for phase in PHASES]
+
+
+def test_a_paused_loader_waits_at_its_fault_point_until_resumed(world: World) -> None:
+    world.seed(1_000)
+    loader = LoaderProcess(world, 300, pause_at=("insert", 2))
+    try:
+        loader.wait_for("insert 2")
+        paused = world.ch.command("SELECT count() FROM raw.tasks")
+        assert loader.alive()
+        loader.resume()
+        status = loader.finish()
+    finally:
+        loader.close()
+
+    assert (paused, status) == (300, 0)
+    assert world.ch.command("SELECT count() FROM raw.tasks") == 1_000

@@ -24,12 +24,10 @@ from bson.raw_bson import RawBSONDocument
 from harness import Comparison, Report, assert_all_ok, compare_raw
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mongo_oracle import FIELDS, stored_id
 from world import World
 
-from loader.mapping import id_to_str
-from loader.schema import fields_of
-
-TASK_FIELDS = [f.name for f in fields_of("tasks")]
+TASK_FIELDS = list(FIELDS["tasks"])
 NOW_MS = int(time.time() * 1000)
 DAY_MS = 86_400_000
 
@@ -84,6 +82,9 @@ good = {
     "updated_at": st.integers(NOW_MS - 300 * DAY_MS, NOW_MS).map(DatetimeMS),
 }
 
+# The right BSON type, with the values a rule is about: empty, NUL, non-ASCII, date edges.
+near_miss = {name: dates if name.endswith("_at") else texts for name in good}
+
 
 @st.composite
 def documents(draw: Any, n: int) -> dict[str, Any]:
@@ -101,7 +102,12 @@ def documents(draw: Any, n: int) -> dict[str, Any]:
         choice = draw(st.integers(0, 9))
         if choice == 0:
             continue  # missing
-        doc[name] = draw(values) if choice == 1 else draw(good[name])
+        if choice == 1:
+            doc[name] = draw(values)  # anything
+        elif choice == 2:
+            doc[name] = draw(near_miss[name])  # the right type, near or past a limit
+        else:
+            doc[name] = draw(good[name])
     for key, value in draw(st.dictionaries(keys, values, max_size=3)).items():
         doc.setdefault(key, value)
     return doc
@@ -140,13 +146,16 @@ def load_and_check(world: World, docs: list[Any], report: Report, scenario: str)
     assert empty_reasons == 0
 
 
-def hostile_property(world: World, report: Report, scenario: str, examples: int) -> None:
+def hostile_property(
+    world: World, report: Report, scenario: str, examples: int, *, derandomize: bool
+) -> None:
     world.sync("tasks")  # schema in place for the TRUNCATEs
 
     @settings(
         max_examples=examples,
         deadline=None,
         database=None,
+        derandomize=derandomize,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     @given(batches())
@@ -159,7 +168,8 @@ def hostile_property(world: World, report: Report, scenario: str, examples: int)
 def test_generated_hostile_documents_are_loaded_or_rejected_with_a_reason(
     world: World, report: Report
 ) -> None:
-    hostile_property(world, report, "5 hostile documents (hypothesis, fast)", 12)
+    # The same examples every run (a failure in CI reproduces); `make reliability` draws anew.
+    hostile_property(world, report, "5 hostile documents (hypothesis, fast)", 12, derandomize=True)
 
 
 @pytest.mark.slow
@@ -167,7 +177,7 @@ def test_generated_hostile_documents_are_loaded_or_rejected_with_a_reason(
 def test_many_generated_hostile_documents_are_loaded_or_rejected_with_a_reason(
     world: World, report: Report
 ) -> None:
-    hostile_property(world, report, "5 hostile documents (hypothesis x200)", 200)
+    hostile_property(world, report, "5 hostile documents (hypothesis x200)", 200, derandomize=False)
 
 
 def valid_task(**overrides: Any) -> dict[str, Any]:
@@ -269,7 +279,7 @@ def test_special_hostile_documents_are_loaded_or_rejected_with_their_reason(
     reasons = dict(world.ch.query("SELECT _id, reason FROM raw.rejects").result_rows)
     loaded = {r[0] for r in world.ch.query("SELECT _id FROM raw.tasks FINAL").result_rows}
     for label, doc, pattern in SPECIAL:
-        key = id_to_str(doc["_id"])
+        key = stored_id(doc["_id"])
         if pattern is None:
             assert key in loaded, label
         else:

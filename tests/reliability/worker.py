@@ -1,9 +1,14 @@
 """Subprocesses of the reliability scenarios (servers come from the contract env vars).
 
-python worker.py sync [--collection tasks] [--batch-size N]
-    One `sync_collection`, printing `insert <n>` before each raw insert and `stored <n>` once
-    batch n is in ClickHouse (before its watermark is saved), so the parent can kill it at a
-    chosen point; `done <json>` at the end.
+python worker.py sync [--collection tasks] [--batch-size N] [--pause-at PHASE:N]
+    One `sync_collection`, announcing its fault points on stdout, one line each:
+    `insert <n>` before batch n's first write to ClickHouse (the batch is read and mapped),
+    `stored <n>` once batch n is in ClickHouse (its watermark not yet saved), `saved <n>` once
+    its watermark is saved (before the next read). These come from the loader's own hooks on
+    whichever decoder path the batch takes. With `--pause-at insert:3` the worker waits for a
+    line on stdin after announcing that point, so the parent injects its fault (SIGKILL, a
+    server killed or stepped down) at exactly that point. `retry <message>` when the loader
+    meets a transient error and retries or resumes; `done <json>` at the end.
 python worker.py write --stop-file PATH [--seed N]
     A writer: updates, inserts and deletes tasks until PATH exists; `wrote <json>` at the end.
 """
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import sys
 import time
@@ -21,9 +27,11 @@ from typing import Any
 from bson import ObjectId
 from pymongo import MongoClient
 
-from loader import sync as sync_module
 from loader.settings import Settings
+from loader.sync import BatchStored, sync_collection
 from loader.synthetic import mutate
+
+PHASES = ("insert", "stored", "saved")
 
 
 def say(line: str) -> None:
@@ -31,23 +39,54 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def run_sync(collection: str, batch_size: int | None) -> None:
-    inserts = 0
-    original = sync_module._Run._insert_rows
+class FaultPoints:
+    """The loader's hooks, announced; pauses at the chosen one until the parent says go."""
 
-    def announced(self: Any, batch: Any) -> None:
-        nonlocal inserts
-        inserts += 1
-        say(f"insert {inserts}")
-        original(self, batch)
+    def __init__(self, pause_at: tuple[str, int] | None) -> None:
+        self.pause_at = pause_at
+        self.saved = 0
 
-    # Instrumentation only: the real insert runs unchanged right after the announcement.
-    sync_module._Run._insert_rows = announced  # type: ignore[method-assign]
-    result = sync_module.sync_collection(
+    def reached(self, phase: str, n: int) -> None:
+        say(f"{phase} {n}")
+        if self.pause_at == (phase, n):
+            sys.stdin.readline()  # the parent injects its fault, then writes a line
+
+    # sync_collection's hooks
+    def before_insert(self, n: int) -> None:
+        self.reached("insert", n)
+
+    def after_insert(self, stored: BatchStored) -> None:
+        self.reached("stored", stored.batch_no)
+
+    # ProgressSink: `advance` runs once the batch's watermark is saved
+    def start(self, collection: str, total: int | None) -> None:
+        pass
+
+    def advance(self, docs: int) -> None:
+        self.saved += 1
+        self.reached("saved", self.saved)
+
+
+class AnnounceRetries(logging.Handler):
+    """`retry <message>` for every transient error the loader retries or resumes after."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "retrying" in message or "resuming" in message:
+            say("retry " + " ".join(message.split())[:200])
+
+
+def run_sync(collection: str, batch_size: int | None, pause_at: tuple[str, int] | None) -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    logging.getLogger("loader").addHandler(AnnounceRetries(logging.WARNING))
+    points = FaultPoints(pause_at)
+    result = sync_collection(
         Settings(),
         collection,
         batch_size=batch_size,
-        after_insert=lambda stored: say(f"stored {stored.batch_no}"),
+        before_insert=points.before_insert,
+        after_insert=points.after_insert,
+        progress=points,
     )
     say("done " + json.dumps(result.as_dict()))
 
@@ -103,12 +142,19 @@ def main() -> None:
     s = sub.add_parser("sync")
     s.add_argument("--collection", default="tasks")
     s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--pause-at", default=None, help="PHASE:N, PHASE one of " + ", ".join(PHASES))
     w = sub.add_parser("write")
     w.add_argument("--stop-file", type=Path, required=True)
     w.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     if args.command == "sync":
-        run_sync(args.collection, args.batch_size)
+        pause_at = None
+        if args.pause_at:
+            phase, _, n = args.pause_at.partition(":")
+            if phase not in PHASES:
+                parser.error(f"--pause-at: unknown phase {phase!r}")
+            pause_at = (phase, int(n))
+        run_sync(args.collection, args.batch_size, pause_at)
     else:
         run_writer(args.stop_file, args.seed)
 

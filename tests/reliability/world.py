@@ -3,12 +3,16 @@ as a scheduled run drives them; plus helpers to (re)start servers."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import clickhouse_connect
 from harness import (
@@ -20,8 +24,11 @@ from harness import (
     compare_task_events,
     dbt_build,
     read_truth,
+    reconcile_found_only_deletes,
+    sync_alone,
 )
 from pymongo import MongoClient
+from worker import PHASES  # noqa: F401 - the fault points, for the scenarios
 
 from devstack.process import PortBusyError
 from devstack.stack import Stack
@@ -86,24 +93,38 @@ class World:
 
         return sync_collection(self.settings, collection)
 
-    def load(self) -> None:
-        """What a scheduled run does for the loader: sync both collections, reconcile deletes."""
+    def rerun_and_compare(self, collections: tuple[str, ...] = ("tasks",)) -> list[Comparison]:
+        """The rerun after a fault, judged in two steps, so that reconcile is no safety net:
+        right after the rerun syncs (both collections), `raw` must equal MongoDB but for deletes
+        (polling cannot see them); reconcile must then find nothing missing or stale, only
+        deletes to tombstone; after it, `raw` must equal MongoDB exactly."""
         for collection in ("employee", "tasks"):
             self.sync(collection)
-        self.reconcile("tasks")
+        out = [sync_alone(compare_raw(self.ch, self.truth(c), c)) for c in collections]
+        out.append(reconcile_found_only_deletes(self.reconcile("tasks")))
+        return out + self.compare_raw(collections)
 
     def reconcile(self, collection: str = "tasks") -> Any:
         from loader.reconcile import reconcile_collection
 
         return reconcile_collection(self.settings, collection)
 
-    def spawn(self, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    def spawn(
+        self,
+        *args: str,
+        extra_env: dict[str, str] | None = None,
+        stdin: int | None = None,
+        stderr: int | IO[Any] = subprocess.PIPE,
+    ) -> subprocess.Popen[str]:
+        # The repo first on the path: the worker runs this checkout's code, as the tests do.
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
         return subprocess.Popen(
             [sys.executable, str(WORKER), *args],
-            env={**os.environ, **self.env, **(extra_env or {})},
+            env={**os.environ, **self.env, "PYTHONPATH": path, **(extra_env or {})},
             cwd=REPO,
+            stdin=stdin,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=stderr,
             text=True,
         )
 
@@ -121,6 +142,105 @@ class World:
     def close(self) -> None:
         self.mongo.close()
         self.ch.close()
+
+
+class LoaderProcess:
+    """`worker.py sync` in a subprocess, paused at one of its fault points (`worker.py`): the
+    parent reads its announcements, injects a fault while it waits, then resumes or kills it.
+    Every method that waits for an announcement fails loudly when the loader finished or died
+    without making it: a fault point that is never reached is a broken scenario, not a pass."""
+
+    def __init__(
+        self,
+        world: World,
+        batch_size: int,
+        pause_at: tuple[str, int] | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        args = ["sync", "--batch-size", str(batch_size)]
+        if pause_at:
+            args += ["--pause-at", f"{pause_at[0]}:{pause_at[1]}"]
+        # stderr to a file: a chatty loader must never block on a full pipe.
+        self.stderr_file = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed by close()
+        self.proc = world.spawn(
+            *args, extra_env=extra_env, stdin=subprocess.PIPE, stderr=self.stderr_file
+        )
+        self.lines: list[str] = []
+        self.result: dict[str, Any] | None = None
+
+    def _next(self) -> str | None:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            return None
+        line = line.strip()
+        self.lines.append(line)
+        if line.startswith("done "):
+            self.result = json.loads(line[5:])
+        return line
+
+    def wait_for(self, announcement: str) -> None:
+        """Read announcements until `announcement` (e.g. `insert 3`)."""
+        while (line := self._next()) is not None:
+            if line == announcement:
+                return
+        self.proc.wait(60)
+        raise AssertionError(
+            f"the loader never reached its fault point {announcement!r}: it exited with "
+            f"{self.proc.returncode} after {self.lines[-3:]}; stderr: {self.stderr()[-600:]}"
+        )
+
+    def wait_for_retry(self) -> str:
+        """Read announcements until the loader reports a transient error (it met the fault)."""
+        while (line := self._next()) is not None:
+            if line.startswith("retry "):
+                return line
+        self.proc.wait(60)
+        raise AssertionError(
+            f"the loader never met the fault: it exited with {self.proc.returncode} after "
+            f"{self.lines[-3:]}; stderr: {self.stderr()[-600:]}"
+        )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def resume(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def kill(self) -> int:
+        """SIGKILL; returns the exit status (-9 when the signal killed it)."""
+        self.proc.send_signal(signal.SIGKILL)
+        return self.proc.wait(60)
+
+    def finish(self, timeout: float = 600) -> int:
+        """Let it run to its end; returns the exit status."""
+        while self._next() is not None:
+            pass
+        return self.proc.wait(timeout)
+
+    def stderr(self) -> str:
+        self.stderr_file.seek(0)
+        return self.stderr_file.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream:
+                stream.close()
+        self.stderr_file.close()
+
+
+def port_refuses(host: str, port: int) -> bool:
+    """True when nothing accepts connections on host:port (the server is down)."""
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return False
+    except OSError:
+        return True
 
 
 def restart(stack: Stack, service: str, timeout: float = 120.0) -> None:
