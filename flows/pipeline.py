@@ -179,6 +179,7 @@ def sync_pipeline(
         raise
     finally:
         _publish(recorder, ch, logger)
+        QueryCache(settings, link).bump_runs()  # run history changed: pages refresh it
         link.close()
         ch.close()
 
