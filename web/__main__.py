@@ -28,12 +28,18 @@ def port_free(host: str, port: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m web", description=__doc__, epilog=errors.CLI_HELP)
+    parser = argparse.ArgumentParser(
+        prog="python -m web", description=__doc__, epilog=errors.CLI_HELP
+    )
     parser.add_argument("--host", help="listen address (default: PIPELINE_WEB_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: PIPELINE_WEB_PORT or 8050)")
-    parser.add_argument("--verbose", "-v", action="store_true", help="on failure, print the traceback too")
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", help="on failure, print the traceback too"
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     errors.quiet_driver_logs(args.verbose)
     errors.run_cli(lambda: _serve(args), verbose=args.verbose)
 

@@ -20,6 +20,20 @@ DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 # Light to dark: older files read darker (and each segment carries its count).
 BUCKET_COLOURS = ("#c6dbef", "#9ecae1", "#6baed6", "#3182bd", "#08519c", "#08306b")
 STEP_COLOURS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#999999")
+MARKERS = ("circle", "square", "diamond", "triangle-up", "x", "star", "cross", "triangle-down")
+LEGEND_TOP = {"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0, "traceorder": "normal"}
+
+
+def pattern(shape: str) -> dict[str, Any]:
+    """A light hatch over the colour: a second signal that stays readable on a thin bar."""
+    return {
+        "shape": shape,
+        "fillmode": "overlay",
+        "fgcolor": "rgba(255,255,255,0.8)",
+        "solidity": 0.3,
+        "size": 7,
+    }
+
 
 Spec = dict[str, Any]
 
@@ -71,7 +85,7 @@ def funnel(stages: list[dict[str, Any]]) -> Spec:
             "y": labels,
             "x": [s["closed"] for s in stages],
             "textinfo": "value",
-            "marker": {"color": "#E69F00", "pattern": {"shape": "/"}},
+            "marker": {"color": "#E69F00", "pattern": pattern("/")},
             "connector": {"visible": False},
             "hovertemplate": "%{y}: %{x:,} closed<extra></extra>",
         },
@@ -79,8 +93,11 @@ def funnel(stages: list[dict[str, Any]]) -> Spec:
     return {"data": data, "layout": _layout(funnelmode="stack")}
 
 
-def lines_by_stage(rows: list[dict[str, Any]], value: str, title: str) -> Spec:
-    """One line per stage over `date` (step shape: values hold until the next day with data)."""
+def lines_by_stage(
+    rows: list[dict[str, Any]], value: str, title: str, *, step: bool = True, markers: bool = False
+) -> Spec:
+    """One line per stage over `date` (colour, dash and marker symbol per stage); `step`: a
+    value holds until the next day with data."""
     series: dict[str, list[tuple[str, Any]]] = defaultdict(list)
     order: dict[str, int] = {}
     for r in rows:
@@ -93,8 +110,14 @@ def lines_by_stage(rows: list[dict[str, Any]], value: str, title: str) -> Spec:
         data.append(
             {
                 "type": "scatter",
-                "mode": "lines",
-                "line": {"color": colour, "dash": dash, "width": 2, "shape": "hv"},
+                "mode": "lines+markers" if markers else "lines",
+                "line": {
+                    "color": colour,
+                    "dash": dash,
+                    "width": 2,
+                    "shape": "hv" if step else "linear",
+                },
+                "marker": {"symbol": MARKERS[max(order[stage] - 1, 0) % len(MARKERS)], "size": 6},
                 "name": stage,
                 "x": [p[0] for p in points],
                 "y": [p[1] for p in points],
@@ -116,15 +139,19 @@ def stacked_by_stage(
         series[r["stage"]][r["date"]] = series[r["stage"]].get(r["date"], 0) + r[value]
     dates = sorted({r["date"] for r in rows})
     data = []
-    for stage in sorted(series, key=lambda s: (stage_orders.get(s, 0) == 0, stage_orders.get(s, 0), s)):
-        colour, pattern, _ = stage_style(stage_orders.get(stage, 0) - 1)
+
+    def rank(stage: str) -> tuple[bool, int, str]:
+        return stage_orders.get(stage, 0) == 0, stage_orders.get(stage, 0), stage
+
+    for stage in sorted(series, key=rank):
+        colour, shape, _ = stage_style(stage_orders.get(stage, 0) - 1)
         data.append(
             {
                 "type": "bar",
                 "name": stage,
                 "x": dates,
                 "y": [series[stage].get(d, 0) for d in dates],
-                "marker": {"color": colour, "pattern": {"shape": pattern}},
+                "marker": {"color": colour, "pattern": pattern(shape)},
                 "hovertemplate": f"%{{x}} {stage}: %{{y:,}} {title}<extra></extra>",
             }
         )
@@ -163,6 +190,7 @@ def ageing(stages: list[str], buckets: list[str], files: dict[tuple[str, str], i
         "data": data,
         "layout": _layout(
             barmode="stack",
+            legend=LEGEND_TOP,
             yaxis={"autorange": "reversed"},
             xaxis={"title": {"text": "files (not delivered)"}},
         ),
@@ -193,7 +221,7 @@ def run_steps(runs: list[dict[str, Any]], steps: list[dict[str, Any]]) -> Spec:
                 "x": [round(seconds.get((r, name), 0.0), 3) for r in ordered],
                 "marker": {
                     "color": STEP_COLOURS[i % len(STEP_COLOURS)],
-                    "pattern": {"shape": PATTERNS[i % len(PATTERNS)]},
+                    "pattern": pattern(PATTERNS[i % len(PATTERNS)]),
                 },
                 "hovertemplate": f"%{{y}} {name}: %{{x:.2f}} s<extra></extra>",
             }
@@ -201,8 +229,9 @@ def run_steps(runs: list[dict[str, Any]], steps: list[dict[str, Any]]) -> Spec:
     return {
         "data": data,
         "layout": _layout(
-            height=max(220, 40 + 28 * len(ordered)),
+            height=max(240, 90 + 28 * len(ordered)),
             barmode="stack",
+            legend=LEGEND_TOP,
             yaxis={"autorange": "reversed", "type": "category"},
             xaxis={"title": {"text": "seconds"}},
         ),
@@ -210,7 +239,7 @@ def run_steps(runs: list[dict[str, Any]], steps: list[dict[str, Any]]) -> Spec:
 
 
 def dbt_nodes(nodes: list[dict[str, Any]]) -> Spec:
-    names = [n["name"] for n in nodes]
+    names = [n["name"] if len(n["name"]) <= 42 else n["name"][:40] + "…" for n in nodes]
     values = [round(float(n["duration_s"]), 3) for n in nodes]
     return {
         "data": [
@@ -243,7 +272,7 @@ def timeline(tasks: list[dict[str, Any]], now_ms: int, stage_orders: dict[str, i
     """One bar per task, from its assignment to its last update (finished) or now (open)."""
     data = []
     for t in tasks:
-        colour, pattern, _ = stage_style(stage_orders.get(t["stage"], 0) - 1)
+        colour, shape, _ = stage_style(stage_orders.get(t["stage"], 0) - 1)
         end = t["end_ms"] if t["end_ms"] else now_ms
         data.append(
             {
@@ -255,7 +284,7 @@ def timeline(tasks: list[dict[str, Any]], now_ms: int, stage_orders: dict[str, i
                 "x": [max(end - t["assigned_ms"], 60_000)],
                 "marker": {
                     "color": colour,
-                    "pattern": {"shape": pattern},
+                    "pattern": pattern(shape),
                     "opacity": 0.45 if t["is_deleted"] else 1.0,
                 },
                 "text": [t["status_text"]],

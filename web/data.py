@@ -33,7 +33,7 @@ DBT_NODES_SHOWN = 15
 THROUGHPUT_DAYS = 30
 BACKLOG_DAYS = 90
 SEARCH_LIMIT = 20
-EMPLOYEE_OPEN_SHOWN = 100
+EMPLOYEE_OPEN_SHOWN = 25
 
 
 @dataclass(frozen=True)
@@ -195,6 +195,7 @@ TRUST = Query(
         (SELECT toUnixTimestamp64Milli(max(ended)) FROM runs WHERE checked AND NOT failed)
             AS last_ok_ms,
         (SELECT toUnixTimestamp64Milli(max(started)) FROM runs) AS last_run_ms,
+        (SELECT toUnixTimestamp64Milli(argMax(ended, started)) FROM runs) AS last_run_end_ms,
         (SELECT argMax(failed, started) FROM runs) AS last_run_failed,
         (SELECT argMax(error, started) FROM runs) AS last_run_error,
         (SELECT toUnixTimestamp64Milli(max(started_at)) FROM ops.sync_runs

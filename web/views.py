@@ -21,7 +21,10 @@ SORTS = {
     "open_tasks": ("open tasks", lambda r: (r["open_tasks"], r["employee_code"])),
     "oldest": ("oldest open task", lambda r: (r["oldest_open_ms"] or 2**62, r["employee_code"])),
     "employee_code": ("code", lambda r: (r["employee_code"],)),
-    "employee_name": ("name", lambda r: ((r["employee_name"] or "").casefold(), r["employee_code"])),
+    "employee_name": (
+        "name",
+        lambda r: (str(r["employee_name"] or "").casefold(), r["employee_code"]),
+    ),
     "team": ("team", lambda r: ((r["team"] or "").casefold(), r["employee_code"])),
 }
 DEFAULT_SORT = ("open_tasks", "desc")
@@ -115,14 +118,16 @@ def trust(reader: Reader, settings: WebSettings, stats: ReadStats, now: int) -> 
     else:
         details.append("Not compared with MongoDB yet")
 
-    # Did the last run fail? (A sync can fail before the flow records steps.)
+    # Did the last run fail? A sync can also fail outside a flow run (before it starts, or
+    # `python -m loader sync`): one that failed after the last flow run ended counts too. (A
+    # failed attempt inside a run that then retried and succeeded does not.)
     failed_text = ""
-    if run_ms and r["last_run_failed"] and (not failed_sync_ms or run_ms >= failed_sync_ms - 60_000):
+    run_end_ms = r["last_run_end_ms"] or 0
+    if run_ms and r["last_run_failed"]:
         failed_text = f"The last run failed ({fmt_time(run_ms)}): {r['last_run_error']}"
-    elif failed_sync_ms and (not run_ms or failed_sync_ms > run_ms) and failed_sync_ms > (ok_ms or 0):
-        failed_text = (
-            f"The last sync failed ({fmt_time(failed_sync_ms)}): {r['last_failed_sync_message']}"
-        )
+    elif failed_sync_ms and failed_sync_ms > run_end_ms:
+        message = r["last_failed_sync_message"]
+        failed_text = f"The last sync failed ({fmt_time(failed_sync_ms)}): {message}"
     if failed_text:
         details.insert(0, failed_text.strip()[:400] + " — the figures below are from before it.")
         level = "error"
@@ -247,7 +252,9 @@ def overview(
     throughput = _section(reader.read(q.THROUGHPUT, stats))
     if throughput.rows:
         so = {r["stage"]: int(r["stage_order"]) for r in throughput.rows}
-        throughput.chart = charts.stacked_by_stage(throughput.rows, "tasks_done", "tasks done", so)
+        throughput.chart = charts.lines_by_stage(
+            throughput.rows, "tasks_done", "tasks done", step=False, markers=True
+        )
         per_day: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         for r in throughput.rows:
             day = per_day[r["date"]]
@@ -355,7 +362,7 @@ def file_page(reader: Reader, file_id: str, stats: ReadStats) -> dict[str, Any]:
         "current": current,
         "tasks": tasks,
         "chart_spec": chart,
-        "error": state.error or history.error,
+        "problem": state.error or history.error,
     }
 
 
@@ -389,7 +396,7 @@ def employee_page(
         "rejected_total": sum(int(r["rejected"]) for r in done.rows),
         "throughput_days": q.THROUGHPUT_DAYS,
         "threshold": settings.web_overloaded_tasks,
-        "error": emp.error or open_rows.error or done.error,
+        "problem": emp.error or open_rows.error or done.error,
     }
 
 
@@ -406,5 +413,5 @@ def search(reader: Reader, text: str, stats: ReadStats) -> dict[str, Any]:
         "more_files": len(files.rows) > q.SEARCH_LIMIT,
         "employees": people.rows[: q.SEARCH_LIMIT],
         "more_employees": len(people.rows) > q.SEARCH_LIMIT,
-        "error": files.error or people.error,
+        "problem": files.error or people.error,
     }
