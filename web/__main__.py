@@ -34,14 +34,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", help="listen address (default: PIPELINE_WEB_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: PIPELINE_WEB_PORT or 8050)")
     parser.add_argument(
+        "--url", action="store_true", help="print the address and how to start it, then exit"
+    )
+    parser.add_argument(
         "--verbose", "-v", action="store_true", help="on failure, print the traceback too"
     )
     args = parser.parse_args(argv)
+    if args.url:
+        errors.run_cli(_print_url, verbose=args.verbose)
+        return
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     errors.quiet_driver_logs(args.verbose)
     errors.run_cli(lambda: _serve(args), verbose=args.verbose)
+
+
+def _print_url() -> None:
+    from web.settings import WebSettings
+
+    settings = WebSettings()
+    print(
+        f"The web dashboard: run `make web` (or `python -m web`), then open {settings.url}\n"
+        "(`make serve` serves it too, beside the scheduled flow; PIPELINE_WEB_PORT picks the port)"
+    )
 
 
 def _serve(args: argparse.Namespace) -> None:
