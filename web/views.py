@@ -17,15 +17,16 @@ from web.settings import WebSettings
 
 STAGES = ("intake", "review", "processing", "quality_check", "approval", "delivered")
 OPEN_STATUSES = ("assigned", "in_progress")
+# Sort keys of the workload table; ties are always broken by the code, ascending.
 SORTS = {
-    "open_tasks": ("open tasks", lambda r: (r["open_tasks"], r["employee_code"])),
-    "oldest": ("oldest open task", lambda r: (r["oldest_open_ms"] or 2**62, r["employee_code"])),
-    "employee_code": ("code", lambda r: (r["employee_code"],)),
-    "employee_name": (
-        "name",
-        lambda r: (str(r["employee_name"] or "").casefold(), r["employee_code"]),
+    "open_tasks": ("open tasks", lambda r: r["open_tasks"]),
+    "oldest": (
+        "oldest open task",
+        lambda r: -r["oldest_open_ms"] if r["oldest_open_ms"] else -(2**62),
     ),
-    "team": ("team", lambda r: ((r["team"] or "").casefold(), r["employee_code"])),
+    "employee_code": ("code", lambda r: r["employee_code"]),
+    "employee_name": ("name", lambda r: str(r["employee_name"] or "").casefold()),
+    "team": ("team", lambda r: str(r["team"] or "").casefold()),
 }
 DEFAULT_SORT = ("open_tasks", "desc")
 
@@ -212,7 +213,8 @@ def workload_section(
         rows.append(row)
     overloaded = sum(1 for r in rows if r["overloaded"])
     shown = [r for r in rows if r["overloaded"]] if only else rows
-    shown.sort(key=SORTS[sort][1], reverse=direction == "desc")
+    shown.sort(key=lambda r: r["employee_code"])
+    shown.sort(key=SORTS[sort][1], reverse=direction == "desc")  # stable: ties keep the code order
     size = settings.web_page_size
     pages = max(1, -(-len(shown) // size))
     page = min(max(1, _int(params.get("page"), 1)), pages)
