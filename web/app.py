@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import clickhouse_connect
 import plotly
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
@@ -127,7 +128,15 @@ class Dashboard:
     def __init__(self, settings: WebSettings):
         self.settings = settings
         self.link = LiveRedisLink(settings, logger)
-        self.ch = ops.connect(settings)
+        # No session: the pages' queries run concurrently (one thread per request), and
+        # ClickHouse refuses concurrent queries within one session.
+        self.ch = clickhouse_connect.get_client(
+            host=settings.clickhouse_host,
+            port=settings.clickhouse_port,
+            username=settings.clickhouse_user,
+            password=settings.clickhouse_password,
+            autogenerate_session_id=False,
+        )
         self.reader = Reader(settings, self.link, self.ch)
         self.broadcaster = Broadcaster(settings)
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))

@@ -166,6 +166,7 @@ def stacked_by_stage(
 def ageing(stages: list[str], buckets: list[str], files: dict[tuple[str, str], int]) -> Spec:
     """Horizontal bars per stage, one stacked segment per age bucket (youngest first)."""
     data = []
+    widest = max((sum(files.get((s, b), 0) for b in buckets) for s in stages), default=0)
     for i, bucket in enumerate(buckets):
         values = [files.get((s, bucket), 0) for s in stages]
         data.append(
@@ -175,8 +176,10 @@ def ageing(stages: list[str], buckets: list[str], files: dict[tuple[str, str], i
                 "name": bucket,
                 "y": stages,
                 "x": values,
-                "text": [f"{v:,}" if v else "" for v in values],
+                # A number only where it fits; the hover and the table have every figure.
+                "text": [f"{v:,}" if v and v >= widest * 0.05 else "" for v in values],
                 "textposition": "inside",
+                "textangle": 0,
                 "insidetextanchor": "middle",
                 "marker": {
                     "color": BUCKET_COLOURS[i % len(BUCKET_COLOURS)],

@@ -85,8 +85,10 @@ class Trust:
 def trust(reader: Reader, settings: WebSettings, stats: ReadStats, now: int) -> Trust:
     t = reader.read(q.TRUST, stats)
     d = reader.read(q.DRIFT, stats)
-    if not t.ok or not t.rows:
-        return Trust("none", "No data", "No flow run recorded yet", error=t.error)
+    if not t.ok:
+        return Trust("none", "No data", "The run history could not be read", error=t.error)
+    if not t.rows or not t.rows[0]["last_run_ms"]:
+        return Trust("none", "No data", "No flow run recorded yet")
     r = t.rows[0]
     build_ms = r["last_build_ms"] or None
     ok_ms = r["last_ok_ms"] or None
