@@ -109,14 +109,21 @@ class QueryCache:
         params: dict[str, Any] | None = None,
         ttl_seconds: int | None = None,
         scope: str = "data",
+        versions: tuple[str, str] | None = None,
     ) -> Lookup:
         """`scope="runs"`: the rows also depend on the run history (`ops.*`), so the key
-        carries the runs version too."""
-        if scope == "runs":
-            both = self.versions()
-            version = None if both is None else f"{both[0]}r{both[1]}"
+        carries the runs version too. `versions`: (data, runs) as read once by the caller (a
+        page reads them once for all its queries: one consistent snapshot, fewer round
+        trips); None reads them here."""
+        if versions is None:
+            versions = self.versions() if scope == "runs" else None
+            data = versions[0] if versions else self.data_version()
         else:
-            version = self.data_version()
+            data = versions[0]
+        if scope == "runs":
+            version = None if versions is None else f"{versions[0]}r{versions[1]}"
+        else:
+            version = data
         if version is None:  # no Redis: straight to ClickHouse, nothing counted
             return Lookup(json.loads(_json(compute())), hit=False, version=None)
         key = self._key(version, name, params)

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import clickhouse_connect
 import plotly
@@ -242,14 +242,19 @@ def search(request: Request) -> Response:
     files, people = context["files"], context["employees"]
     exact = [f for f in files if f["file_id"] == context["q"]]
     exact_people = [p for p in people if p["employee_code"].lower() == context["q"].lower()]
+
+    def to_file(file_id: str) -> Response:
+        return RedirectResponse(f"/files/{quote(file_id, safe='')}", status_code=303)
+
+    def to_employee(code: str) -> Response:
+        return RedirectResponse(f"/employees/{quote(code, safe='')}", status_code=303)
+
     if exact and not exact_people:
-        return RedirectResponse(f"/files/{exact[0]['file_id']}", status_code=303)
+        return to_file(exact[0]["file_id"])
     if exact_people and not exact:
-        return RedirectResponse(f"/employees/{exact_people[0]['employee_code']}", status_code=303)
+        return to_employee(exact_people[0]["employee_code"])
     if len(files) + len(people) == 1 and not context["more_files"]:
-        if files:
-            return RedirectResponse(f"/files/{files[0]['file_id']}", status_code=303)
-        return RedirectResponse(f"/employees/{people[0]['employee_code']}", status_code=303)
+        return to_file(files[0]["file_id"]) if files else to_employee(people[0]["employee_code"])
     context["trust"] = _trust(dash, stats)
     return _render(request, "search.html", context, stats)
 

@@ -93,17 +93,49 @@ AGEING = Query(
     """,
     clock=True,
 )
-WORKLOAD = Query(
-    "web_workload",
+WORKLOAD_SUMMARY = Query(
+    "web_workload_summary",
     """
-    SELECT employee_code, employee_name, team, is_active, is_known_employee,
-           toUInt64(open_tasks) AS open_tasks,
-           if(open_tasks > 0, toUnixTimestamp64Milli(oldest_open_assigned_at), NULL)
-               AS oldest_open_ms
+    SELECT count() AS employees, countIf(open_tasks >= {threshold:UInt64}) AS overloaded,
+           sum(open_tasks) AS open_total
     FROM analytics.mart_employee_workload
-    ORDER BY employee_code
     """,
 )
+# The workload table's orders; every one ends with the code, ascending, to break ties.
+WORKLOAD_ORDERS = {
+    ("open_tasks", "desc"): "open_tasks DESC",
+    ("open_tasks", "asc"): "open_tasks ASC",
+    ("oldest", "desc"): "oldest_open_assigned_at ASC NULLS LAST",  # the longest wait first
+    ("oldest", "asc"): "oldest_open_assigned_at DESC NULLS FIRST",
+    ("employee_code", "desc"): "employee_code DESC",
+    ("employee_code", "asc"): "employee_code ASC",
+    ("employee_name", "desc"): "lowerUTF8(employee_name) DESC",
+    ("employee_name", "asc"): "lowerUTF8(employee_name) ASC",
+    ("team", "desc"): "lowerUTF8(team) DESC",
+    ("team", "asc"): "lowerUTF8(team) ASC",
+}
+
+
+def workload_page(sort: str, direction: str, only_overloaded: bool) -> Query:
+    """One page of the workload table, sorted in ClickHouse (a page, not every employee, goes
+    through the cache)."""
+    order = WORKLOAD_ORDERS[(sort, direction)]
+    where = "WHERE open_tasks >= {threshold:UInt64}" if only_overloaded else ""
+    return Query(
+        f"web_workload_{sort}_{direction}_{'over' if only_overloaded else 'all'}",
+        f"""
+        SELECT employee_code, employee_name, team, is_active, is_known_employee,
+               toUInt64(open_tasks) AS open_tasks,
+               if(open_tasks > 0, toUnixTimestamp64Milli(oldest_open_assigned_at), NULL)
+                   AS oldest_open_ms
+        FROM analytics.mart_employee_workload
+        {where}
+        ORDER BY {order}, employee_code
+        LIMIT {{limit:UInt64}} OFFSET {{offset:UInt64}}
+        """,
+    )
+
+
 LONGEST_WAITING_Q = Query(
     "web_longest_waiting",
     f"""
@@ -384,6 +416,7 @@ class Reader:
                 params={"sql": query.sql, **params},
                 ttl_seconds=ttl,
                 scope=query.scope,
+                versions=stats.versions,
             )
         except ClickHouseError as exc:  # a missing mart or ops table: the panel says so
             stats.misses += 1

@@ -17,16 +17,12 @@ from web.settings import WebSettings
 
 STAGES = ("intake", "review", "processing", "quality_check", "approval", "delivered")
 OPEN_STATUSES = ("assigned", "in_progress")
-# Sort keys of the workload table; ties are always broken by the code, ascending.
 SORTS = {
-    "open_tasks": ("open tasks", lambda r: r["open_tasks"]),
-    "oldest": (
-        "oldest open task",
-        lambda r: -r["oldest_open_ms"] if r["oldest_open_ms"] else -(2**62),
-    ),
-    "employee_code": ("code", lambda r: r["employee_code"]),
-    "employee_name": ("name", lambda r: str(r["employee_name"] or "").casefold()),
-    "team": ("team", lambda r: str(r["team"] or "").casefold()),
+    "open_tasks": "open tasks",
+    "oldest": "oldest open task",
+    "employee_code": "code",
+    "employee_name": "name",
+    "team": "team",
 }
 DEFAULT_SORT = ("open_tasks", "desc")
 
@@ -196,9 +192,12 @@ def funnel_section(result: Result) -> Section:
 
 
 def workload_section(
-    result: Result, settings: WebSettings, params: dict[str, str], now: int
+    reader: Reader,
+    stats: ReadStats,
+    settings: WebSettings,
+    params: dict[str, str],
+    now: int,
 ) -> Section:
-    sec = _section(result)
     threshold = max(1, _int(params.get("overloaded"), settings.web_overloaded_tasks))
     sort = params.get("sort", DEFAULT_SORT[0])
     if sort not in SORTS:
@@ -207,20 +206,24 @@ def workload_section(
     if "sort" not in params:
         direction = DEFAULT_SORT[1]
     only = params.get("only") == "overloaded"
-    rows = []
-    for r in result.rows:
-        row = dict(r)
-        row["overloaded"] = int(r["open_tasks"]) >= threshold
-        row["oldest_age"] = age_since(r["oldest_open_ms"], now)
-        rows.append(row)
-    overloaded = sum(1 for r in rows if r["overloaded"])
-    shown = [r for r in rows if r["overloaded"]] if only else rows
-    shown.sort(key=lambda r: r["employee_code"])
-    shown.sort(key=SORTS[sort][1], reverse=direction == "desc")  # stable: ties keep the code order
+    summary = reader.read(q.WORKLOAD_SUMMARY, stats, threshold=threshold)
+    totals = summary.first or {"employees": 0, "overloaded": 0, "open_total": 0}
+    count = int(totals["overloaded"] if only else totals["employees"])
     size = settings.web_page_size
-    pages = max(1, -(-len(shown) // size))
+    pages = max(1, -(-count // size))
     page = min(max(1, _int(params.get("page"), 1)), pages)
-    sec.rows = shown[(page - 1) * size : page * size]
+    result = reader.read(
+        q.workload_page(sort, direction, only),
+        stats,
+        threshold=threshold,
+        limit=size,
+        offset=(page - 1) * size,
+    )
+    sec = _section(result)
+    sec.error = summary.error or result.error
+    for row in sec.rows:
+        row["overloaded"] = int(row["open_tasks"]) >= threshold
+        row["oldest_age"] = age_since(row["oldest_open_ms"], now)
     sec.extra = {
         "threshold": threshold,
         "default_threshold": settings.web_overloaded_tasks,
@@ -229,13 +232,13 @@ def workload_section(
         "only": only,
         "page": page,
         "pages": pages,
-        "count": len(shown),
-        "employees": len(rows),
-        "overloaded": overloaded,
-        "first": (page - 1) * size + 1 if shown else 0,
-        "last": min(page * size, len(shown)),
-        "open_total": sum(int(r["open_tasks"]) for r in rows),
-        "sorts": {k: v[0] for k, v in SORTS.items()},
+        "count": count,
+        "employees": int(totals["employees"]),
+        "overloaded": int(totals["overloaded"]),
+        "first": (page - 1) * size + 1 if count else 0,
+        "last": min(page * size, count),
+        "open_total": int(totals["open_total"] or 0),
+        "sorts": SORTS,
     }
     return sec
 
@@ -292,7 +295,7 @@ def overview(
         ageing.chart = charts.ageing(stages, names, files)
         ageing.extra = {"stages": stages, "buckets": names, "files": files, "open": opens}
 
-    workload = workload_section(reader.read(q.WORKLOAD, stats), settings, params, now)
+    workload = workload_section(reader, stats, settings, params, now)
 
     waiting = _section(reader.read(q.LONGEST_WAITING_Q, stats))
     for r in waiting.rows:

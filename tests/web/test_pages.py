@@ -298,7 +298,8 @@ def test_keyboard_reaches_the_skip_link_and_the_search(page: Any, site: Site) ->
     assert page.evaluate("document.activeElement.textContent") == "Skip to content"
     page.keyboard.press("Enter")
     assert page.evaluate("document.activeElement.id") == "main"
-    page.locator("body").focus()
+
+    open_overview(page, site)  # focus back at the top of the document
     for _ in range(6):
         page.keyboard.press("Tab")
         if page.evaluate("document.activeElement.id") == "q":
@@ -307,6 +308,9 @@ def test_keyboard_reaches_the_skip_link_and_the_search(page: Any, site: Site) ->
     # Focus is visible (an outline), not only a colour change.
     outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
     assert outline == "solid"
+    page.keyboard.type("E0000")
+    page.keyboard.press("Enter")
+    expect(page.get_by_test_id("employee-results")).to_contain_text("E00001")
 
 
 def screenshots() -> Path:
