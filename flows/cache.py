@@ -102,6 +102,29 @@ class QueryCache:
         ).hexdigest()[:16]
         return self._settings.key("cache", f"v{version}", name, digest)
 
+    def lookup_many(
+        self, entries: list[tuple[str, dict[str, Any] | None, str]], versions: tuple[str, str]
+    ) -> list[Rows | None]:
+        """The cached rows of several queries (`(name, params, scope)`) in one round trip, None
+        for each miss (compute those with `get_or_compute`, which counts the miss); counts the
+        hits. Keys as `get_or_compute` builds them under `versions`."""
+        keys = [
+            self._key(versions[0] if scope != "runs" else f"{versions[0]}r{versions[1]}", n, p)
+            for n, p, scope in entries
+        ]
+
+        def read(c: Any) -> list[str | None]:
+            values = c.mget(keys)
+            hits = sum(v is not None for v in values)
+            if hits:
+                c.hincrby(self._stats_key, "hits", hits)
+            return values
+
+        values = self._link.call(read, None)
+        if values is None:
+            return [None] * len(entries)
+        return [None if v is None else json.loads(v) for v in values]
+
     def get_or_compute(
         self,
         name: str,

@@ -78,6 +78,9 @@ class Trust:
     error: str = ""
 
 
+BANNER: list[tuple[q.Query, dict[str, Any]]] = [(q.TRUST, {}), (q.DRIFT, {})]
+
+
 def trust(reader: Reader, settings: WebSettings, stats: ReadStats, now: int) -> Trust:
     t = reader.read(q.TRUST, stats)
     d = reader.read(q.DRIFT, stats)
@@ -243,10 +246,32 @@ def workload_section(
     return sec
 
 
+OVERVIEW = (
+    q.BACKLOG,
+    q.BACKLOG_DAILY,
+    q.THROUGHPUT,
+    q.AGEING,
+    q.LONGEST_WAITING_Q,
+    q.ALERTS,
+    q.RUNS,
+    q.RUN_STEPS,
+    q.DBT_NODES,
+)
+
+
 def overview(
     reader: Reader, settings: WebSettings, params: dict[str, str], stats: ReadStats
 ) -> dict[str, Any]:
     now = now_ms()
+    threshold = max(1, _int(params.get("overloaded"), settings.web_overloaded_tasks))
+    reader.prefetch(
+        stats,
+        [
+            *((query, {}) for query in OVERVIEW),
+            (q.WORKLOAD_SUMMARY, {"threshold": threshold}),
+            *BANNER,
+        ],
+    )
     funnel = funnel_section(reader.read(q.BACKLOG, stats))
     orders = {s["name"]: s["order"] for s in funnel.rows}
 
@@ -346,6 +371,10 @@ def runs_section(reader: Reader, stats: ReadStats, now: int) -> Section:
 # -- one file --------------------------------------------------------------------------------
 def file_page(reader: Reader, file_id: str, stats: ReadStats) -> dict[str, Any]:
     now = now_ms()
+    reader.prefetch(
+        stats,
+        [(q.FILE_STATE, {"file_id": file_id}), (q.FILE_HISTORY, {"file_id": file_id}), *BANNER],
+    )
     state = reader.read(q.FILE_STATE, stats, file_id=file_id)
     history = reader.read(q.FILE_HISTORY, stats, file_id=file_id)
     current = dict(state.first) if state.first else None
@@ -378,6 +407,14 @@ def employee_page(
     reader: Reader, settings: WebSettings, code: str, stats: ReadStats
 ) -> dict[str, Any]:
     now = now_ms()
+    reader.prefetch(
+        stats,
+        [
+            *((query, {"code": code}) for query in (q.EMPLOYEE, q.EMPLOYEE_OPEN)),
+            (q.EMPLOYEE_THROUGHPUT, {"code": code}),
+            *BANNER,
+        ],
+    )
     emp = reader.read(q.EMPLOYEE, stats, code=code)
     person = dict(emp.first) if emp.first else None
     open_rows = reader.read(q.EMPLOYEE_OPEN, stats, code=code)
@@ -412,6 +449,9 @@ def search(reader: Reader, text: str, stats: ReadStats) -> dict[str, Any]:
     text = text.strip()
     if not text:
         return {"q": "", "files": [], "employees": [], "more_files": False, "more_employees": False}
+    reader.prefetch(
+        stats, [(q.SEARCH_FILES, {"q": text}), (q.SEARCH_EMPLOYEES, {"q": text}), *BANNER]
+    )
     files = reader.read(q.SEARCH_FILES, stats, q=text)
     people = reader.read(q.SEARCH_EMPLOYEES, stats, q=text)
     return {
