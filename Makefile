@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PIP_FLAGS := --disable-pip-version-check --no-input --progress-bar off
 
 .DEFAULT_GOAL := help
-.PHONY: help setup up down status demo test sync lint lint-sql dbt-build serve dashboard bench reliability
+.PHONY: help setup up down status demo test sync lint lint-sql dbt-build serve web screenshot dashboard bench reliability
 
 help: ## List the targets
 	@echo "Usage: make <target>"
@@ -39,10 +39,10 @@ down: setup ## Stop the embedded servers (data stays in .data/)
 status: setup ## Show each embedded server: running, pid, port, connection string
 	$(PY) -m devstack status
 
-demo: setup up ## Set up, start the embedded stack, seed data, one full flow run, print the dashboard
-	$(PY) -m loader seed --tasks 10000
+demo: setup up ## Set up, start the embedded stack, seed data ending now, one flow run; says how to open the dashboard
+	$(PY) -m loader seed --tasks 10000 --live
 	$(PY) -m flows.pipeline
-	$(PY) -m flows.dashboard
+	@$(PY) -m web --url
 
 test: setup ## Run every test on a private stack (free ports, temp dir); set RUN_SLOW=1 for slow ones
 	$(PY) -m pytest
@@ -50,8 +50,14 @@ test: setup ## Run every test on a private stack (free ports, temp dir); set RUN
 sync: setup ## One flow run against whatever the env vars point to
 	$(PY) -m flows.pipeline
 
-serve: setup up ## Local Prefect server (SQLite in .data/prefect), flow every 15 min + runs on change
+serve: setup up ## Local Prefect server (SQLite in .data/prefect), flow every 15 min + runs on change, web dashboard
 	$(PY) -m flows.serve --events --watch
+
+web: setup ## The web dashboard at http://127.0.0.1:8050 (PIPELINE_WEB_PORT); live, through the Redis cache
+	$(PY) -m web
+
+screenshot: setup ## Save docs/dashboard.png (the README's picture of the overview; run after `make demo`)
+	$(PY) -m web.screenshot docs/dashboard.png
 
 dashboard: setup ## Print the pipeline dashboard (through the Redis cache)
 	$(PY) -m flows.dashboard

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from bench.report import Comparison, Measurement
 
+WEB_PAGES = (
+    ("overview", "/"),
+    ("file", "/files/<id>"),
+    ("employee", "/employees/<code>"),
+    ("search", "/search"),
+)
+# The target for every page, cached, at 1M tasks.
+WEB_P95_TARGET_MS = 50.0
+
 
 def new_measurements(scale: int, small: int) -> dict[str, Measurement]:
     def m(key: str, title: str, unit: str, higher: bool, latency: bool = False) -> Measurement:
@@ -21,6 +30,11 @@ def new_measurements(scale: int, small: int) -> dict[str, Measurement]:
         m("dashboard.pipeline_state", "dashboard: pipeline_state + marts", "ms", False, True),
         m("dashboard.naive", "dashboard: naive argMax over all events", "ms", False, True),
         m("dashboard.cached", "dashboard: through the Redis cache", "ms", False, True),
+        *(
+            m(f"web.{page}{suffix}", f"web page {title}: server time, {mode}", "ms", False, True)
+            for page, title in WEB_PAGES
+            for suffix, mode in (("", "cached"), ("_uncached", "uncached"))
+        ),
         m("memory.loader_small", f"loader peak RSS, {small:,} tasks", "MiB", False),
         m("memory.loader_full", f"loader peak RSS, {scale:,} tasks", "MiB", False),
         m("memory.seed_v1_small", f"seed v1 peak RSS, {small:,} tasks", "MiB", False),
@@ -103,6 +117,16 @@ def new_comparisons() -> dict[str, Comparison]:
             "dashboard.cached",
             "dashboard.pipeline_state",
             row="dashboard.cached",
+        ),
+        *(
+            Comparison(
+                f"web_{page}_uncached_vs_cached",
+                "uncached ÷ cached",
+                f"web.{page}_uncached",
+                f"web.{page}",
+                row=f"web.{page}_uncached",
+            )
+            for page, _ in WEB_PAGES
         ),
         Comparison(
             "loader_rss_full_vs_small",

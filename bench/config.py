@@ -3,7 +3,8 @@
 - `BENCH_SCALE` (1000000): tasks in the main dataset; the memory comparison's small dataset
   has a tenth of them.
 - `BENCH_REPEAT` (3): runs per measurement (1 is accepted, for the smoke test).
-- `BENCH_DASHBOARD_RUNS` (50): page loads per dashboard latency measurement.
+- `BENCH_DASHBOARD_RUNS` (50): page loads per dashboard latency measurement (and per page and
+  mode of the `web` group).
 - `BENCH_OUTPUT` (`bench/results/latest.json`): where the JSON report goes.
 - `BENCH_DATA_DIR` (a new temp dir, removed afterwards): data of the bench's private stack.
 - `BENCH_PORT_BASE` (free ports): first of three consecutive ports (mongo, clickhouse, redis),
@@ -32,6 +33,7 @@ GROUPS: tuple[str, ...] = (
     "incremental",
     "dbt",
     "dashboard",
+    "web",
 )
 
 

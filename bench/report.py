@@ -22,6 +22,8 @@ Measurement keys (listed in `bench.catalogue.MEASUREMENT_KEYS`):
 - load.loader, load.cursor_drain, load.seed_v1, load.dlt: docs/s of an initial load;
 - sync.full, sync.noop, sync.has_changes, sync.incremental_1pct: seconds;
 - dashboard.pipeline_state, dashboard.naive, dashboard.cached: ms per page load;
+- web.overview, web.file, web.employee, web.search (each also `_uncached`): the web
+  dashboard's server time per request, ms (`bench.web`);
 - memory.loader_small, memory.loader_full, memory.seed_v1_small, memory.seed_v1_full: peak RSS
   of the whole worker process, MiB;
 - dbt.full_refresh, dbt.incremental_1pct: seconds;
@@ -31,7 +33,7 @@ Comparison keys (listed in `bench.catalogue.COMPARISON_KEYS`): loader_vs_cursor_
 loader_vs_seed_v1, loader_vs_dlt, noop_vs_full, probe_vs_full, incremental_vs_full,
 naive_vs_pipeline_state, cached_vs_pipeline_state, loader_rss_full_vs_small,
 seed_v1_rss_full_vs_small, seed_v1_vs_loader_rss_full, dbt_incremental_vs_full,
-pymongoarrow_vs_pymongo.
+pymongoarrow_vs_pymongo, web_<page>_uncached_vs_cached (overview, file, employee, search).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from typing import Any
 
 from rich.console import Console
 
-from bench.catalogue import new_comparisons, new_measurements
+from bench.catalogue import WEB_P95_TARGET_MS, WEB_PAGES, new_comparisons, new_measurements
 from bench.config import GROUPS, REPO_ROOT, BenchConfig, ConfigError
 from bench.report import OK, Comparison, Measurement, render, write_json
 from bench.worker import MARKER
@@ -43,6 +43,7 @@ GROUP_MEASUREMENTS: dict[str, tuple[str, ...]] = {
     "incremental": ("sync.incremental_1pct",),
     "dbt": ("dbt.full_refresh", "dbt.incremental_1pct"),
     "dashboard": ("dashboard.pipeline_state", "dashboard.naive", "dashboard.cached"),
+    "web": tuple(f"web.{page}{suffix}" for page, _ in WEB_PAGES for suffix in ("", "_uncached")),
 }
 
 
@@ -396,7 +397,7 @@ class Harness:
                 "dbt full refresh",
             )
             self.built = self.measurements["dbt.full_refresh"].ok
-        elif self.cfg.wants("dashboard"):
+        elif self.cfg.wants("dashboard") or self.cfg.wants("web"):
             self.ensure_built()
         wanted = {"sync.incremental_1pct": want_sync, "dbt.incremental_1pct": want_dbt}
         keys = tuple(k for k, yes in wanted.items() if yes)
@@ -455,6 +456,27 @@ class Harness:
                 m.unavailable(_reason(exc))
                 self.log(f"[red]dashboard {page}: {m.status}[/red]")
 
+    def run_web(self) -> None:
+        """Server time per page of the web dashboard, cached and uncached (`bench.web`)."""
+        self.ensure_loaded()
+        self.ensure_built()
+        job = {"kind": "web", "runs": self.cfg.dashboard_runs}
+        r = self.worker(job)
+        for page, _ in WEB_PAGES:
+            for suffix, mode in (("", "cached"), ("_uncached", "uncached")):
+                m = self.measurements[f"web.{page}{suffix}"]
+                m.runs = list(r["extra"][page][mode])
+                m.status = OK
+                p95 = m.stat("p95") or 0.0
+                verdict = "meets" if p95 <= WEB_P95_TARGET_MS else "misses"
+                m.note = (
+                    f"{len(m.runs)} requests; p95 {p95:.1f} ms {verdict} the "
+                    f"{WEB_P95_TARGET_MS:g} ms target"
+                    if not suffix
+                    else f"{len(m.runs)} requests, each after a version bump (all queries miss)"
+                )
+                self.log(f"web {page} {mode}: p50 {m.stat('p50') or 0:.1f} ms, p95 {p95:.1f} ms")
+
     def run_all(self) -> None:
         steps: list[tuple[str, Callable[[], None]]] = [
             ("memory", self.run_memory),
@@ -472,6 +494,8 @@ class Harness:
             self._guarded("incremental", self.run_changes)
         if self.cfg.wants("dashboard"):
             self._guarded("dashboard", self.run_dashboard)
+        if self.cfg.wants("web"):
+            self._guarded("web", self.run_web)
 
     def _guarded(self, group: str, step: Callable[[], None]) -> None:
         try:

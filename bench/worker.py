@@ -125,6 +125,13 @@ def dashboard(params: dict[str, Any]) -> tuple[Any, float]:
     return (len(out["samples_s"]), out), seconds
 
 
+def web(params: dict[str, Any]) -> tuple[Any, float]:
+    from bench.web import latencies
+
+    out, seconds = _timed(lambda: latencies(int(params["runs"])))
+    return (sum(len(v["cached"]) for v in out.values()), out), seconds
+
+
 JOBS: dict[str, Callable[[dict[str, Any]], tuple[Any, float]]] = {
     "loader_sync": loader_sync,
     "has_changes": has_changes,
@@ -134,6 +141,7 @@ JOBS: dict[str, Callable[[dict[str, Any]], tuple[Any, float]]] = {
     "dlt_run": dlt_run,
     "decode": decode,
     "dashboard": dashboard,
+    "web": web,
 }
 
 

@@ -4,6 +4,12 @@ A key is `<prefix>:cache:v<version>:<query>:<params hash>`. The flow increments 
 each build lands, so a lookup after a sync misses and recomputes: the cache never serves data
 older than the last sync. Old versions simply age out by TTL. Hits and misses are counted in a
 Redis hash so the hit rate can be alerted on.
+
+Queries of the run history (`scope="runs"`: `ops.*`) are keyed by a second counter,
+`<prefix>:runs_version`, that every flow run bumps when it ends (ok, skipped or failed), so a
+failed run shows at once although it bumps no data version. Each bump is also published on the
+channel `<prefix>:events` (`{"data": <version>}` / `{"runs": <version>}`): the web dashboard
+pushes it to open pages (server-sent events), so no viewer polls ClickHouse.
 """
 
 from __future__ import annotations
@@ -47,20 +53,48 @@ def _json(rows: Rows) -> str:
     return json.dumps(rows, default=str, separators=(",", ":"))
 
 
+def events_channel(settings: FlowSettings) -> str:
+    """The pub/sub channel on which every version bump is announced."""
+    return settings.key("events")
+
+
 class QueryCache:
     def __init__(self, settings: FlowSettings, link: RedisLink):
         self._settings = settings
         self._link = link
         self._version_key = settings.key("data_version")
+        self._runs_key = settings.key("runs_version")
         self._stats_key = settings.key("cache", "stats")
+        self._channel = events_channel(settings)
 
     def data_version(self) -> str | None:
         """The current data version ("0" before the first sync), or None without Redis."""
         return self._link.call(lambda c: c.get(self._version_key) or "0", None)
 
+    def versions(self) -> tuple[str, str] | None:
+        """(data version, runs version), "0" before the first bump; None without Redis."""
+
+        def read(c: Any) -> tuple[str, str]:
+            data, runs = c.mget(self._version_key, self._runs_key)
+            return data or "0", runs or "0"
+
+        return self._link.call(read, None)
+
+    def _bump(self, key: str, field: str) -> int | None:
+        def bump(c: Any) -> int:
+            version = int(c.incr(key))
+            c.publish(self._channel, json.dumps({field: version}))
+            return version
+
+        return self._link.call(bump, None)
+
     def bump_version(self) -> int | None:
         """Called after each landed sync: every cached entry becomes unreachable."""
-        return self._link.call(lambda c: int(c.incr(self._version_key)), None)
+        return self._bump(self._version_key, "data")
+
+    def bump_runs(self) -> int | None:
+        """Called when a flow run ends, whatever its outcome: run-history entries expire."""
+        return self._bump(self._runs_key, "runs")
 
     def _key(self, version: str, name: str, params: dict[str, Any] | None) -> str:
         digest = hashlib.sha1(
@@ -68,14 +102,51 @@ class QueryCache:
         ).hexdigest()[:16]
         return self._settings.key("cache", f"v{version}", name, digest)
 
+    def lookup_many(
+        self, entries: list[tuple[str, dict[str, Any] | None, str]], versions: tuple[str, str]
+    ) -> list[Rows | None]:
+        """The cached rows of several queries (`(name, params, scope)`) in one round trip, None
+        for each miss (compute those with `get_or_compute`, which counts the miss); counts the
+        hits. Keys as `get_or_compute` builds them under `versions`."""
+        keys = [
+            self._key(versions[0] if scope != "runs" else f"{versions[0]}r{versions[1]}", n, p)
+            for n, p, scope in entries
+        ]
+
+        def read(c: Any) -> list[str | None]:
+            values = c.mget(keys)
+            hits = sum(v is not None for v in values)
+            if hits:
+                c.hincrby(self._stats_key, "hits", hits)
+            return values
+
+        values = self._link.call(read, None)
+        if values is None:
+            return [None] * len(entries)
+        return [None if v is None else json.loads(v) for v in values]
+
     def get_or_compute(
         self,
         name: str,
         compute: Callable[[], Rows],
         params: dict[str, Any] | None = None,
         ttl_seconds: int | None = None,
+        scope: str = "data",
+        versions: tuple[str, str] | None = None,
     ) -> Lookup:
-        version = self.data_version()
+        """`scope="runs"`: the rows also depend on the run history (`ops.*`), so the key
+        carries the runs version too. `versions`: (data, runs) as read once by the caller (a
+        page reads them once for all its queries: one consistent snapshot, fewer round
+        trips); None reads them here."""
+        if versions is None:
+            versions = self.versions() if scope == "runs" else None
+            data = versions[0] if versions else self.data_version()
+        else:
+            data = versions[0]
+        if scope == "runs":
+            version = None if versions is None else f"{versions[0]}r{versions[1]}"
+        else:
+            version = data
         if version is None:  # no Redis: straight to ClickHouse, nothing counted
             return Lookup(json.loads(_json(compute())), hit=False, version=None)
         key = self._key(version, name, params)

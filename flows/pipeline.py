@@ -179,6 +179,7 @@ def sync_pipeline(
         raise
     finally:
         _publish(recorder, ch, logger)
+        QueryCache(settings, link).bump_runs()  # run history changed: pages refresh it
         link.close()
         ch.close()
 
@@ -396,13 +397,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--reconcile", action="store_true", help="also repair deletes and missed writes"
     )
+    parser.add_argument("--json", action="store_true", help="print the whole run summary as JSON")
     parser.add_argument(
-        "--verbose", "-v", action="store_true", help="on failure, print the traceback too"
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="show Prefect's and dbt's progress, and on failure the traceback",
     )
     args = parser.parse_args(argv)
     errors.quiet_driver_logs(args.verbose)
-    # An ephemeral Prefect API (no PREFECT_API_URL) would otherwise log telemetry errors.
+    # An ephemeral Prefect API (no PREFECT_API_URL) would otherwise log telemetry errors, and
+    # dbt would try to send usage statistics (no network here).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
+    if not args.verbose:
+        _quiet_console()
 
     def run() -> None:
         # A bad setting, or a server that does not answer or refuses the credentials, fails
@@ -416,9 +425,50 @@ def main(argv: list[str] | None = None) -> None:
             summary = sync_pipeline(
                 full_refresh=args.full_refresh, build_all=args.build_all, reconcile=args.reconcile
             )
-        print(json.dumps(summary, indent=2, default=str))
+        print(json.dumps(summary, indent=2, default=str) if args.json else short_summary(summary))
 
     errors.run_cli(run, verbose=args.verbose)
+
+
+def _quiet_console() -> None:
+    """Warnings and errors only on the console: Prefect's run logs still reach its API, dbt's
+    its log file; the command prints its own short summary."""
+    import os
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    os.environ.setdefault("DBT_QUIET", "true")
+    loggers = [logging.getLogger(), *map(logging.getLogger, list(logging.root.manager.loggerDict))]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.setLevel(logging.WARNING)
+
+
+def short_summary(summary: dict[str, Any]) -> str:
+    """A few lines for a person: outcome, what was loaded and built, in step or not, alerts."""
+    lines = [f"sync {summary['status']} in {summary['duration_s']:.1f} s (run {summary['run_id']})"]
+    loads = summary.get("loads") or {}
+    if loads:
+        parts = [
+            f"{name} {info['docs_read']:,} read, {info['rejects']:,} rejected, "
+            f"{info['deletes']:,} deleted"
+            for name, info in loads.items()
+        ]
+        lines.append("loaded: " + "; ".join(parts))
+    if summary.get("built"):
+        refresh = " (full refresh)" if summary.get("full_refresh") else ""
+        lines.append(f"built: {' '.join(summary['built'])}{refresh}")
+    if summary["status"] != "ok":
+        lines.append(summary["message"])
+    elif summary.get("in_step"):
+        lines.append(summary["in_step"])
+    alerts = summary.get("alerts") or []
+    lines.append(f"alerts: {len(alerts)}" + "".join(f"\n  - {a}" for a in alerts[:5]))
+    if len(alerts) > 5:
+        lines.append(f"  ... {len(alerts) - 5} more (ops.alerts)")
+    lines.append("the whole summary: python -m flows.pipeline --json")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ of the flow's own Redis lock. `--events` adds the event-driven mode: a listener 
 Redis stream starts a deployment run within seconds of a signalled change; with
 `--watch` this process also runs the loader's change-stream follower, which signals each change
 (otherwise run `python -m loader watch`-style followers that call `flows.events.signal_change`).
+The web dashboard (`web`, as `make web` serves it) runs in this process too, at
+`PIPELINE_WEB_HOST:PIPELINE_WEB_PORT` (127.0.0.1:8050), unless `--no-web`.
 
 Prefect reads its settings when it is imported, so this module sets the environment first and
 imports Prefect only inside `main`.
@@ -159,6 +161,9 @@ def main(argv: list[str] | None = None) -> None:
         help="with --events: run the loader's change-stream follower here; it signals changes",
     )
     parser.add_argument(
+        "--no-web", action="store_true", help="do not serve the web dashboard from this process"
+    )
+    parser.add_argument(
         "--no-server",
         action="store_true",
         help="use the Prefect API that PREFECT_API_URL already points to",
@@ -183,6 +188,13 @@ def _serve(args: argparse.Namespace) -> None:
         if getattr(args, name) is None:
             setattr(args, name, default)
     check_servers()
+    web = None
+    if not args.no_web:  # before Prefect starts: a busy port or a missing password fails fast
+        from web.server import BackgroundServer
+        from web.settings import WebSettings
+
+        web = BackgroundServer(WebSettings()).start()
+        logging.info("Web dashboard at %s", web.url)
 
     server = None
     if not args.no_server:
@@ -220,6 +232,8 @@ def _serve(args: argparse.Namespace) -> None:
         )
     finally:
         stop.set()
+        if web is not None:
+            web.stop()
         if server is not None:
             server.terminate()
             try:

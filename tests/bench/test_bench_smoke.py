@@ -28,6 +28,7 @@ TOP_LEVEL = {
     "comparisons",
 }
 # The stable keys documented in `bench.report`; renaming one breaks readers of latest.json.
+PAGES = ("overview", "file", "employee", "search")  # the web group's pages
 MEASUREMENT_KEYS = {
     "load.loader",
     "load.cursor_drain",
@@ -48,6 +49,7 @@ MEASUREMENT_KEYS = {
     "dbt.incremental_1pct",
     "decode.pymongo",
     "decode.pymongoarrow",
+    *(f"web.{page}{suffix}" for page in PAGES for suffix in ("", "_uncached")),
 }
 COMPARISON_KEYS = {
     "loader_vs_cursor_drain",
@@ -63,6 +65,7 @@ COMPARISON_KEYS = {
     "seed_v1_vs_loader_rss_full",
     "dbt_incremental_vs_full",
     "pymongoarrow_vs_pymongo",
+    *(f"web_{page}_uncached_vs_cached" for page in PAGES),
 }
 MEASUREMENT_FIELDS = {"title", "unit", "status", "runs", "median", "min", "max", "p50", "p95"}
 COMPARISON_FIELDS = {"title", "subject", "baseline", "ratio", "target", "passed", "status"}
