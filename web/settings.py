@@ -8,6 +8,8 @@ may override it for one view). `PIPELINE_WEB_STALE_MINUTES`: the banner warns wh
 successful sync is older than this (default: twice `PIPELINE_SYNC_INTERVAL_MINUTES`).
 `PIPELINE_WEB_REFRESH_SECONDS`: open pages also refresh this often, so times in stage keep
 moving between builds (from the Redis cache; ClickHouse is not asked again).
+`PIPELINE_WEB_LIVE_MIN_INTERVAL_SECONDS`: open pages are told of new data at most this often
+(0.5 s by default), however often the data version moves.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class WebSettings(FlowSettings):
     web_overloaded_tasks: int = Field(160, ge=1)
     web_stale_minutes: float | None = Field(None, gt=0)
     web_refresh_seconds: float = Field(60.0, gt=0)
+    web_live_min_interval_seconds: float = Field(0.5, ge=0)
     web_page_size: int = Field(25, ge=1, le=500)
     # Ageing buckets depend on the clock: recomputed at most this often, whatever the viewers.
     web_clock_ttl_seconds: int = Field(60, ge=1)
