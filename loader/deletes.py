@@ -35,6 +35,7 @@ from loader.schema import (
     require_collection,
 )
 from loader.settings import Settings
+from loader.state import Settled, TaskVersions, settle
 from loader.sync import prepare_clients, store_rejects, store_rows, write_run_or_log
 from loader.watermark import now_ms
 
@@ -102,6 +103,21 @@ class FollowResult:
     deletes: int  # tombstones written
     resumed: bool  # started from a stored resume token
     stopped_because: str
+    batches: int = 0  # batches stored (with something in them)
+    settled_files: int = 0  # file states recomputed in the hot path (retractions)
+
+
+@dataclass(frozen=True)
+class StoredBatch:
+    """What one flush stored, for `on_stored`: the hot path's progress report."""
+
+    collection: str
+    events: int  # events in this batch (before de-duplication by _id)
+    rows: int  # rows written to raw
+    deletes: int  # tombstones written
+    settled: Settled | None  # None: pipeline_state is not maintained here (no store yet)
+    lag_seconds: float  # now - commit time of the batch's last event
+    stored_at: float  # time.time() when the batch was stored and settled
 
 
 def load_resume_token(clients: Clients, collection: str) -> Any:
@@ -120,15 +136,30 @@ def load_resume_token(clients: Clients, collection: str) -> Any:
     return json_util.loads(rows[0][0])
 
 
-def save_resume_token(clients: Clients, collection: str, token: Any, events: int) -> None:
+def save_resume_token(
+    clients: Clients,
+    collection: str,
+    token: Any,
+    events: int,
+    *,
+    lag_seconds: float = 0.0,
+    last_event_ms: int | None = None,
+) -> None:
     text = json_util.dumps(token, json_options=json_util.CANONICAL_JSON_OPTIONS) if token else ""
     clickhouse_call(
         clients.settings,
         lambda: clients.clickhouse.command(
             f"INSERT INTO {CHANGE_STREAM_STATE.qualified} "
-            "(collection, resume_token, events, saved_at) "
-            "SELECT {c:String}, {t:String}, {n:UInt64}, now64(6)",
-            parameters={"c": collection, "t": text, "n": events},
+            "(collection, resume_token, events, saved_at, lag_seconds, last_event_at) "
+            "SELECT {c:String}, {t:String}, {n:UInt64}, now64(6), {lag:Float64}, "
+            "if({last:Int64} < 0, NULL, fromUnixTimestamp64Milli({last:Int64}, 'UTC'))",
+            parameters={
+                "c": collection,
+                "t": text,
+                "n": events,
+                "lag": max(0.0, lag_seconds),
+                "last": -1 if last_event_ms is None else last_event_ms,
+            },
         ),
     )
 
@@ -150,20 +181,34 @@ def follow_changes(
     idle_timeout_s: float | None = None,
     stop: threading.Event | None = None,
     flush_every: int = 1_000,
-    max_await_ms: int = 500,
+    flush_interval_s: float | None = None,
+    max_await_ms: int | None = None,
     on_flush: Callable[[int, int], None] | None = None,
+    on_stored: Callable[[StoredBatch], None] | None = None,
     all_changes: bool = False,
+    heartbeat_s: float = 1.0,
+    after_store: Callable[[], None] | None = None,
 ) -> FollowResult:
     """Follow `collection`'s change stream and tombstone deleted documents.
 
     With `all_changes`, inserts, updates and replacements are loaded too (the current document,
-    mapped like `sync` maps it, rejects included), so the raw table follows Mongo within about
-    a second; `sync` stays the authority for the watermark. Resumes from the token in
-    `ops.change_stream_state` (from "now" on the first run). Stops after `max_events` events,
-    after `idle_timeout_s` without any, when `stop` is set, or on Ctrl-C; runs forever
-    otherwise. `on_flush(events, deletes)` reports progress.
+    mapped like `sync` maps it, rejects included), so the raw table follows Mongo within a
+    fraction of a second; `sync` stays the authority for the watermark. This is the hot path:
+    events are buffered (the last event per `_id` wins) and stored as one batch at most
+    `flush_interval_s` (LOADER_FLUSH_INTERVAL_MS, 0.1 s) after the first of them, or at
+    `flush_every` events; for `tasks`, each stored batch is then settled into
+    `analytics.pipeline_state_store` (`loader.state.settle`). The resume token is saved in
+    `ops.change_stream_state`, with the follower's lag, only after the batch is stored and
+    settled, so a crash replays the batch (raw dedupes it, settling is idempotent). Resumes from
+    the stored token (from "now" on the first run). Stops after `max_events` events, after
+    `idle_timeout_s` without any, when `stop` is set, or on Ctrl-C; runs forever otherwise.
+    `on_flush(events, deletes)` reports progress after every flush (idle ones included);
+    `on_stored(StoredBatch)` after each batch that stored something. `after_store` runs between
+    storing a batch and settling it (tests inject crashes there).
     """
     require_collection(collection)
+    interval = settings.flush_interval_ms / 1000 if flush_interval_s is None else flush_interval_s
+    await_ms = max(1, int(interval * 1000)) if max_await_ms is None else max_await_ms
     with open_clients(settings, clients) as cl:
         prepare_clients(cl)
         run_id = new_run_id()
@@ -173,39 +218,84 @@ def follow_changes(
         token = load_resume_token(cl, collection)
         resumed = token is not None
         coll = cl.db[collection]
-        events = deletes = 0
+        events = deletes = batches = settled_files = 0
+        # The batch being buffered: the last full document or delete per _id (a later event of
+        # the same document replaces an earlier one), and when its first event arrived.
+        docs: dict[Any, dict[str, Any]] = {}
         pending: dict[str, int] = {}
+        buffered = 0
+        first_at: float | None = None
+        last_event_ms: int | None = None
         mapper = BatchMapper(collection, settings.max_string_chars)
-        mapped = 0
         marked_pending = False
         last_event = time.monotonic()
         saved_token = token
+        saved_at = 0.0
         why = "stopped"
 
         def flush(stream: Any) -> None:
-            nonlocal deletes, saved_token, mapped, marked_pending
-            if (mapped or pending) and not marked_pending:
+            nonlocal deletes, saved_token, saved_at, marked_pending, buffered, first_at
+            nonlocal batches, settled_files
+            stored = bool(docs or pending)
+            if stored and not marked_pending:
                 # Before the first write: the downstream models need a build.
                 clickhouse_call(
                     settings, lambda: mark_build_pending(cl.clickhouse, collection, run_id)
                 )
                 marked_pending = True
-            if mapped:
+            versions = TaskVersions()
+            written = tombstoned = 0
+            if docs:
+                for doc in docs.values():
+                    mapper.add(doc)
                 batch = mapper.take()
                 store_rows(cl, batch, run_id)
                 store_rejects(cl, batch, run_id)
-                rec.docs_read += mapped
+                rec.docs_read += len(docs)
                 rec.rows_written += batch.rows
                 rec.rejects += len(batch.rejects)
-                mapped = 0
+                written = batch.rows
+                versions.add_batch(batch)
+                docs.clear()
             if pending:
-                deletes += write_tombstones(cl, collection, pending, run_id)
+                tombstoned = write_tombstones(cl, collection, pending, run_id)
+                deletes += tombstoned
+                versions.add_deleted(pending)
                 pending.clear()
+            settled = None
+            if stored:
+                if after_store is not None:
+                    after_store()
+                if collection == "tasks":
+                    settled = settle(cl, versions)
+                    if settled is not None:
+                        settled_files += settled.files
+            lag = 0.0
+            if stored and last_event_ms is not None:
+                lag = max(0.0, time.time() - last_event_ms / 1000)
             current = stream.resume_token
-            if current is not None and current != saved_token:
-                save_resume_token(cl, collection, current, events)
+            now = time.monotonic()
+            if (
+                current is not None
+                and current != saved_token
+                and (stored or now - saved_at >= heartbeat_s)
+            ):
+                save_resume_token(
+                    cl, collection, current, events, lag_seconds=lag, last_event_ms=last_event_ms
+                )
                 saved_token = current
+                saved_at = now
             rss.sample()
+            if stored:
+                batches += 1
+                if on_stored:
+                    on_stored(
+                        StoredBatch(
+                            collection, buffered, written, tombstoned, settled, lag, time.time()
+                        )
+                    )
+            buffered = 0
+            first_at = None
             if on_flush:
                 on_flush(events, deletes)
 
@@ -216,7 +306,7 @@ def follow_changes(
                     [{"$match": {"operationType": {"$in": list(ops)}}}],
                     full_document="updateLookup" if all_changes else None,
                     resume_after=token,
-                    max_await_time_ms=max_await_ms,
+                    max_await_time_ms=await_ms,
                     batch_size=flush_every,
                 ),
             )
@@ -234,16 +324,24 @@ def follow_changes(
                             save_resume_token(cl, collection, None, events)
                             break
                         events += 1
+                        buffered += 1
+                        if first_at is None:
+                            first_at = last_event
+                        last_event_ms = _deleted_at_ms(change)
+                        key = change.get("documentKey", {}).get("_id")
                         if change.get("operationType") == "delete":
-                            key = change.get("documentKey", {}).get("_id")
                             if isinstance(key, ObjectId):
-                                pending[str(key)] = _deleted_at_ms(change)
+                                pending[str(key)] = last_event_ms
+                                docs.pop(key, None)
                         elif isinstance(change.get("fullDocument"), dict):
                             # None when the document is gone by lookup time: its delete follows.
-                            mapper.add(change["fullDocument"])
-                            mapped += 1
-                        if len(pending) + mapped < flush_every and (
-                            max_events is None or events < max_events
+                            docs[key] = change["fullDocument"]
+                            if isinstance(key, ObjectId):
+                                pending.pop(str(key), None)
+                        if (
+                            len(pending) + len(docs) < flush_every
+                            and last_event - first_at < interval
+                            and (max_events is None or events < max_events)
                         ):
                             continue
                     flush(stream)
@@ -279,9 +377,11 @@ def follow_changes(
             rec.finish("failed", f"{type(exc).__name__}: {exc}")
             _record(cl, rec, events, deletes, rss)
             raise
-        rec.finish("ok", f"watch: {why}; resumed={resumed}")
+        rec.finish("ok", f"watch: {why}; resumed={resumed}; batches={batches}")
         _record(cl, rec, events, deletes, rss)
-        return FollowResult(run_id, collection, events, deletes, resumed, why)
+        return FollowResult(
+            run_id, collection, events, deletes, resumed, why, batches, settled_files
+        )
 
 
 def reset_resume_token(
