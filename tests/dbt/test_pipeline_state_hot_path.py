@@ -125,6 +125,35 @@ def test_a_build_settles_a_stale_candidate_that_a_late_load_left_in_the_store(
     dbt.ok("test", "--select", "assert_pipeline_state_matches_naive_recomputation")
 
 
+def test_a_merge_between_inserting_the_best_row_and_deleting_the_stale_one_loses_nothing(
+    built: Any,
+) -> None:
+    """ReplacingMergeTree keeps each file's top row when it merges. Right after the recomputed
+    best row is inserted, the top row is still the stale one: a merge then drops the best row,
+    and the delete of the stale row would leave the file with no row at all."""
+    from loader.clients import open_clients
+    from loader.state import settle_files
+
+    db, ch = built.db, built.ch
+    file_id = sorted(current_task_per_file(db))[0]
+    ch.command(
+        "INSERT INTO analytics.pipeline_state_store SELECT * REPLACE ("
+        "'ffffffffffffffffffffffff' AS task_id, rank + bitShiftLeft(toUInt256(1), 250) AS rank) "
+        "FROM analytics.pipeline_state_store FINAL WHERE file_id = {f:String}",
+        parameters={"f": file_id},
+    )
+    assert warehouse_state(ch)[file_id][4] == "f" * 24
+
+    with open_clients(built.settings) as clients:
+        settle_files(
+            clients,
+            [file_id],
+            after_insert=lambda: ch.command("OPTIMIZE TABLE analytics.pipeline_state_store FINAL"),
+        )
+
+    assert warehouse_state(ch).get(file_id) == current_task_per_file(db)[file_id]
+
+
 def test_a_burst_of_writes_while_the_follower_runs_loses_and_duplicates_nothing(
     following: Any, dbt: Any
 ) -> None:
