@@ -46,7 +46,8 @@ STORE_COLUMNS = [
 ]
 # Tasks per request: the arrays travel as URL parameters (128 KiB each on ClickHouse's side).
 CHUNK = 2_000
-MISSING = ("UNKNOWN_TABLE", "UNKNOWN_DATABASE", "UNKNOWN_VIEW")
+# A parameterized view that does not exist is an unknown table function.
+MISSING = ("UNKNOWN_TABLE", "UNKNOWN_DATABASE", "UNKNOWN_VIEW", "UNKNOWN_FUNCTION")
 
 
 @dataclass
@@ -97,7 +98,14 @@ class Settled:
 
 
 def _missing(exc: BaseException) -> bool:
-    return isinstance(exc, DatabaseError) and any(code in str(exc) for code in MISSING)
+    """The store or its views do not exist (rather than any other error in them)."""
+    text = str(exc)
+    names = (STORE, STALE_VIEW, RECOMPUTED_VIEW, ANALYTICS_DB)
+    return (
+        isinstance(exc, DatabaseError)
+        and any(code in text for code in MISSING)
+        and any(name in text for name in names)
+    )
 
 
 def settle(clients: Clients, versions: TaskVersions) -> Settled | None:

@@ -160,3 +160,68 @@ def test_watch_with_all_changes_loads_updates_and_inserts_without_a_sync(
 
     assert result.events == changed.updated + changed.inserted
     assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
+
+
+def test_a_steady_trickle_of_writes_is_stored_while_it_lasts(
+    settings: Settings, clients: Clients, db: Database
+) -> None:
+    """The follower stores what it buffered every LOADER_FLUSH_INTERVAL_MS (0.1 s), not only
+    at 1,000 events or when the stream falls idle: under writes that never pause, the first
+    batch lands while the writer is still writing."""
+    import threading
+    import time
+
+    from loader.deletes import StoredBatch
+
+    seed(db, 50, seed=210)
+    sync_collection(settings, "tasks", clients=clients)
+    _start_following(settings, clients)
+    stored: list[StoredBatch] = []
+    stop = threading.Event()
+    follower = threading.Thread(
+        target=follow_changes,
+        args=(settings, "tasks"),
+        kwargs={"all_changes": True, "stop": stop, "on_stored": stored.append},
+        daemon=True,
+    )
+    follower.start()
+    ids = _first_ids(db, 50)
+    for i in range(60):  # 3 s of writes, one every 50 ms
+        db.tasks.update_one({"_id": ids[i % len(ids)]}, {"$set": {"status": f"s{i}"}})
+        time.sleep(0.05)
+    writer_done = time.time()
+    stop.set()
+    follower.join(timeout=30)
+
+    assert stored and stored[0].stored_at < writer_done
+    assert sum(b.events for b in stored) == 60
+
+
+def test_the_last_version_of_a_document_in_a_batch_is_the_one_stored(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 20, seed=211)
+    sync_collection(settings, "tasks", clients=clients)
+    _start_following(settings, clients)
+    target = _first_ids(db, 1)[0]
+    for i in range(20):
+        db.tasks.update_one({"_id": target}, {"$set": {"status": f"step-{i}"}})
+    gone = _first_ids(db, 3)[1:]
+    db.tasks.update_many({"_id": {"$in": gone}}, {"$set": {"status": "about to go"}})
+    db.tasks.delete_many({"_id": {"$in": gone}})
+
+    result = follow_changes(
+        settings, "tasks", clients=clients, idle_timeout_s=0.5, all_changes=True
+    )
+
+    assert (result.events, result.batches) == (24, 1)
+    rows = _versions(clickhouse_client, [target, *gone])
+    # One new row for the document updated 20 times (its last version), tombstones for the rest.
+    assert len([r for r in rows if r[0] == str(target)]) == 2
+    assert clickhouse_tasks(clickhouse_client)[str(target)] == mongo_tasks(db)[str(target)]
+    assert all(
+        r[1] == 1
+        for r in rows
+        if r[0] in map(str, gone)
+        and r == max((x for x in rows if x[0] == r[0]), key=lambda x: x[2])
+    )
