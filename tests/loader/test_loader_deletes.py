@@ -166,8 +166,8 @@ def test_a_steady_trickle_of_writes_is_stored_while_it_lasts(
     settings: Settings, clients: Clients, db: Database
 ) -> None:
     """The follower stores what it buffered every LOADER_FLUSH_INTERVAL_MS (0.1 s), not only
-    at 1,000 events or when the stream falls idle: under writes that never pause, the first
-    batch lands while the writer is still writing."""
+    at `flush_every` events or when the stream falls idle: under writes that never pause, the
+    first batch lands while the writer is still writing."""
     import threading
     import time
 
@@ -181,20 +181,27 @@ def test_a_steady_trickle_of_writes_is_stored_while_it_lasts(
     follower = threading.Thread(
         target=follow_changes,
         args=(settings, "tasks"),
-        kwargs={"all_changes": True, "stop": stop, "on_stored": stored.append},
+        kwargs={
+            "all_changes": True,
+            "stop": stop,
+            "on_stored": stored.append,
+            "flush_every": 1_000_000,  # only the time budget (or idleness) can flush
+        },
         daemon=True,
     )
     follower.start()
     ids = _first_ids(db, 50)
-    for i in range(60):  # 3 s of writes, one every 50 ms
-        db.tasks.update_one({"_id": ids[i % len(ids)]}, {"$set": {"status": f"s{i}"}})
-        time.sleep(0.05)
+    written = 0
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:  # writes without a pause
+        db.tasks.update_one({"_id": ids[written % len(ids)]}, {"$set": {"status": f"s{written}"}})
+        written += 1
     writer_done = time.time()
     stop.set()
     follower.join(timeout=30)
 
     assert stored and stored[0].stored_at < writer_done
-    assert sum(b.events for b in stored) == 60
+    assert sum(b.events for b in stored) == written
 
 
 def test_the_last_version_of_a_document_in_a_batch_is_the_one_stored(
