@@ -255,7 +255,8 @@ def follow_changes(
                 rec.rows_written += batch.rows
                 rec.rejects += len(batch.rejects)
                 written = batch.rows
-                versions.add_batch(batch)
+                if collection == "tasks":
+                    versions.add_batch(batch)
                 docs.clear()
             if pending:
                 tombstoned = write_tombstones(cl, collection, pending, run_id)
