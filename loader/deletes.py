@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from bson import ObjectId, json_util
@@ -42,6 +43,7 @@ from loader.watermark import now_ms
 log = logging.getLogger(__name__)
 
 TOMBSTONE_CHUNK = 50_000  # ids per INSERT ... SELECT: bounded server memory
+FEW_TOMBSTONES = 2_000  # up to this many ids: one lookup by primary key and one insert
 CHANGE_STREAM_HISTORY_LOST = 286
 INVALID_RESUME_TOKEN = 260
 
@@ -57,6 +59,8 @@ def write_tombstones(
     any number works. Returns the number of tombstones written."""
     if not deleted:
         return 0
+    if len(deleted) <= FEW_TOMBSTONES:
+        return _write_few_tombstones(clients, collection, deleted, run_id)
     table = raw_table(collection).qualified
     names = [n for n, _ in raw_columns(collection)]
     exprs = {
@@ -92,6 +96,40 @@ def write_tombstones(
 
             written += clickhouse_call(clients.settings, go)
     return written
+
+
+def _write_few_tombstones(
+    clients: Clients, collection: str, deleted: dict[str, int], run_id: str
+) -> int:
+    """`write_tombstones` for a change-stream batch: the latest row of each id by primary key
+    (the ids as a query parameter; no FINAL, which merges every part of the table), then one
+    insert of the tombstones built from them. Same rows as the INSERT ... SELECT path."""
+    table = raw_table(collection).qualified
+    names = [n for n, _ in raw_columns(collection)]
+    cols = ", ".join(f"`{n}`" for n in names)
+    ch = clients.clickhouse
+    latest = (
+        f"SELECT {cols} FROM (SELECT {cols} FROM {table} WHERE _id IN {{ids:Array(String)}} "
+        "ORDER BY _id, _version DESC LIMIT 1 BY _id) WHERE is_deleted = 0"
+    )
+    live = clickhouse_call(
+        clients.settings,
+        lambda: ch.query(latest, parameters={"ids": list(deleted)}).result_rows,
+    )
+    if not live:
+        return 0
+    at = {n: i for i, n in enumerate(names)}
+    loaded_at = datetime.fromtimestamp(now_ms() / 1000, UTC)
+    rows = []
+    for row in live:
+        tomb = list(row)
+        tomb[at["is_deleted"]] = 1
+        tomb[at["_version"]] = max(int(row[at["_version"]]) + 1, deleted[row[at["_id"]]])
+        tomb[at["_loaded_at"]] = loaded_at
+        tomb[at["_run_id"]] = run_id
+        rows.append(tomb)
+    clickhouse_call(clients.settings, lambda: ch.insert(table, rows, column_names=names))
+    return len(rows)
 
 
 # -- change stream -----------------------------------------------------------------------------
@@ -187,6 +225,7 @@ def follow_changes(
     on_stored: Callable[[StoredBatch], None] | None = None,
     all_changes: bool = False,
     heartbeat_s: float = 1.0,
+    save_every_s: float = 0.5,
     after_store: Callable[[], None] | None = None,
 ) -> FollowResult:
     """Follow `collection`'s change stream and tombstone deleted documents.
@@ -233,8 +272,11 @@ def follow_changes(
         saved_at = 0.0
         why = "stopped"
 
-        def flush(stream: Any) -> None:
+        unsaved_lag: float | None = None  # lag of a stored batch whose position is not saved
+
+        def flush(stream: Any, final: bool = False) -> None:
             nonlocal deletes, saved_token, saved_at, marked_pending, buffered, first_at
+            nonlocal unsaved_lag
             nonlocal batches, settled_files
             stored = bool(docs or pending)
             if stored and not marked_pending:
@@ -276,16 +318,27 @@ def follow_changes(
                 lag = max(0.0, time.time() - last_event_ms / 1000)
             current = stream.resume_token
             now = time.monotonic()
+            # Saved after the batch is stored and settled, at most every `save_every_s` while
+            # batches keep coming (a crash replays at most that much, idempotently), and every
+            # `heartbeat_s` while idle (the position and the lag stay fresh).
+            if stored:
+                unsaved_lag = lag
             if (
                 current is not None
                 and current != saved_token
-                and (stored or now - saved_at >= heartbeat_s)
+                and (final or now - saved_at >= (save_every_s if stored else heartbeat_s))
             ):
                 save_resume_token(
-                    cl, collection, current, events, lag_seconds=lag, last_event_ms=last_event_ms
+                    cl,
+                    collection,
+                    current,
+                    events,
+                    lag_seconds=lag if unsaved_lag is None else unsaved_lag,
+                    last_event_ms=last_event_ms,
                 )
                 saved_token = current
                 saved_at = now
+                unsaved_lag = None
             rss.sample()
             if stored:
                 batches += 1
@@ -321,7 +374,7 @@ def follow_changes(
                             # Forget the token so the next run starts from now; deletes before
                             # then are for `reconcile` (or a full refresh) to find.
                             why = "collection dropped or renamed: run reconcile"
-                            flush(stream)
+                            flush(stream, final=True)
                             save_resume_token(cl, collection, None, events)
                             break
                         events += 1
@@ -345,18 +398,19 @@ def follow_changes(
                             and (max_events is None or events < max_events)
                         ):
                             continue
-                    flush(stream)
+                    leaving = ""
                     if max_events is not None and events >= max_events:
-                        why = "max_events"
-                        break
-                    if stop is not None and stop.is_set():
-                        why = "stop requested"
-                        break
-                    if (
+                        leaving = "max_events"
+                    elif stop is not None and stop.is_set():
+                        leaving = "stop requested"
+                    elif (
                         idle_timeout_s is not None
                         and time.monotonic() - last_event >= idle_timeout_s
                     ):
-                        why = "idle"
+                        leaving = "idle"
+                    flush(stream, final=bool(leaving))  # leaving: save the position now
+                    if leaving:
+                        why = leaving
                         break
         except OperationFailure as exc:
             if exc.code in (CHANGE_STREAM_HISTORY_LOST, INVALID_RESUME_TOKEN):

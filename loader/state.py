@@ -155,60 +155,48 @@ def settle_files(
     clients: Clients, files: list[str], *, after_insert: Callable[[], None] | None = None
 ) -> int:
     """Make the store's row of each of `files` the best row recomputed from raw (none for a
-    file without live tasks); returns the rows deleted.
+    file without live tasks); returns the rows deleted. `macros/pipeline_state.sql`
+    (`pipeline_state_settle_files`) does the same inside a dbt build.
 
     The best rows of the files whose state differs are inserted first, then the rows that
     outrank them are deleted, so a reader sees the old or the new state. A ReplacingMergeTree
-    merge in between keeps the top row of each file, which may still be the stale one and drop
+    merge in between keeps the top row of each file, which may still be the stale one, and drop
     the best row just inserted: the best rows missing after the delete are inserted again."""
     if not files:
         return 0
     ch = clients.clickhouse
     cols = ", ".join(STORE_COLUMNS)
-    best = {
-        r[0]: list(r)
-        for r in _query(
-            clients,
-            f"SELECT {cols} FROM {RECOMPUTED_VIEW}(file_ids = {{files:Array(String)}})",
-            files=files,
-        )
-    }
+    best: dict[str, list[Any]] = {}
+    rows: list[tuple[str, int]] = []  # every live candidate row of the files
+    for r in _query(
+        clients,
+        f"SELECT kind, {cols} FROM {RECOMPUTED_VIEW}(file_ids = {{files:Array(String)}})",
+        files=files,
+    ):
+        if r[0] == "best":
+            best[r[1]] = list(r[1:])
+        else:
+            rows.append((r[1], int(r[2])))
     rank = {f: int(row[1]) for f, row in best.items()}
-
-    def current() -> dict[str, int]:
-        return {
-            r[0]: int(r[1])
-            for r in _query(
-                clients,
-                f"SELECT file_id, rank FROM {STORE} FINAL WHERE file_id IN {{files:Array(String)}}",
-                files=files,
-            )
-        }
-
-    now = current()
-    differing = [f for f in files if now.get(f) != rank.get(f)]
+    shown: dict[str, int] = {}  # what FINAL shows: the top row per file
+    for f, r in rows:
+        shown[f] = max(r, shown.get(f, 0))
+    differing = [f for f in files if shown.get(f) != rank.get(f)]
     if not differing:
         return 0
 
     def insert(which: list[str]) -> None:
-        rows = [best[f] for f in which if f in best]
-        if rows:
+        new = [best[f] for f in which if f in best]
+        if new:
             clickhouse_call(
-                clients.settings, lambda: ch.insert(STORE, rows, column_names=STORE_COLUMNS)
+                clients.settings, lambda: ch.insert(STORE, new, column_names=STORE_COLUMNS)
             )
 
     insert(differing)
     if after_insert is not None:  # tests force a merge here
         after_insert()
-    doomed = [
-        (f, int(r))
-        for f, r in _query(
-            clients,
-            f"SELECT file_id, rank FROM {STORE} WHERE file_id IN {{files:Array(String)}}",
-            files=differing,
-        )
-        if int(r) > rank.get(f, 0)
-    ]
+    wrong = set(differing)
+    doomed = sorted({(f, r) for f, r in rows if f in wrong and r > rank.get(f, 0)})
     if doomed:
         clickhouse_call(
             clients.settings,
@@ -220,7 +208,14 @@ def settle_files(
             ),
         )
     for _ in range(3):
-        now = current()
+        now = {
+            r[0]: int(r[1])
+            for r in _query(
+                clients,
+                f"SELECT file_id, rank FROM {STORE} FINAL WHERE file_id IN {{files:Array(String)}}",
+                files=[f for f in differing if f in best],
+            )
+        }
         dropped = [f for f in differing if f in best and now.get(f) != rank[f]]
         if not dropped:
             break

@@ -8,23 +8,26 @@
       "latest assigned_at, ties broken by task_id" is exactly the order of the naive
       `argMax(..., (assigned_at, _id))`, and a newer version of the same task wins over its
       older versions when assigned_at is unchanged. Readers apply FINAL.
-    - `pipeline_state_raw_mv`: materialized view on inserts into `raw.tasks` (the loader's
-      table): every task version any loader writes (sync, reconcile, the change-stream follower)
-      becomes a candidate row of its file in the same INSERT, with no dbt run in between.
+    - `pipeline_state_members`: every (file_id, task_id) pair a task version ever had,
+      ORDER BY (file_id, task_id) with a projection by task_id: which tasks to recompute a file
+      from, and which files may hold a task's candidates, both by primary key.
+    - `pipeline_state_raw_mv`, `pipeline_state_members_mv`: materialized views on inserts into
+      `raw.tasks` (the loader's table): every task version any loader writes (sync, reconcile,
+      the change-stream follower) becomes a candidate row of its file in the same INSERT, with
+      no dbt run in between.
     - Settling (what an insert-only view cannot express: a deleted task, assigned_at moved
-      backwards, a task moved to another file, a version that arrived after a newer one): the
-      store rows of the changed tasks that disagree with the task's current version are
-      "stale"; their files are recomputed from raw, the recomputed best row inserted, then the
-      stale rows deleted (in that order, so a reader never sees a file without a row). Two
-      parameterized views hold the SQL, so every caller runs the same definition:
-        `pipeline_state_stale(task_ids, file_ids, assigned_ms, versions, deleted)`: stale rows
-          of the given task versions, plus (task_id '') files whose best row ranks below a live
-          given version (a candidate the view did not deliver);
-        `pipeline_state_recomputed(file_ids)`: the best row of each file, from raw.
-      The change-stream follower settles each micro-batch right after storing it
-      (`loader/state.py`); the hooks of `task_events` settle every task loaded since the last
-      build (`pipeline_state_record_changed_tasks`, `pipeline_state_sync`), so whatever loaded
-      a change, a build leaves the store equal to the recomputation.
+      backwards, a task moved to another file, a version that arrived after a newer one): a
+      store row of a changed task that its current version contradicts is stale, and so is a
+      file whose best row ranks below a live current version; those files are recomputed from
+      raw and replaced (see pipeline_state_settle_files). Two parameterized views hold the SQL
+      the change-stream follower runs after each micro-batch (`loader/state.py`):
+        `pipeline_state_stale(task_ids, file_ids, assigned_ms, versions, deleted)`: the files
+          the given task versions make stale;
+        `pipeline_state_recomputed(file_ids)`: the best row of each file, from raw (kind
+          'best'), and the rows the store holds for those files (kind 'held').
+      The hooks of `task_events` settle every file a task loaded since the last build touched
+      (`pipeline_state_record_changed_tasks`, `pipeline_state_sync`), so whatever loaded a
+      change, a build leaves the store equal to the recomputation.
 -#}
 
 {% macro pipeline_state_relation(events_relation, suffix) -%}
@@ -66,6 +69,13 @@
     where is_deleted = 0
 {%- endmacro %}
 
+{% macro pipeline_state_members_select(raw_relation) -%}
+    select
+        file_id,
+        _id as task_id
+    from {{ raw_relation }}
+{%- endmacro %}
+
 {% macro pipeline_state_current_versions(task_filter) -%}
     {#- the current version of the tasks matching `task_filter` (on task_id), with their rank -#}
     select
@@ -82,16 +92,16 @@
     where {{ task_filter }}
 {%- endmacro %}
 
-{% macro pipeline_state_best_of_files(files_sql) -%}
+{% macro pipeline_state_best_of_files(members, files_sql) -%}
     {#-
         The best row of each file in `files_sql` (a subquery of file ids), from raw: the tasks
-        that ever had a version in those files (a scan of raw.tasks' file_id column), then their
-        current versions (primary-key lookups), live ones in those files, top rank per file.
+        that ever had a version in those files (`members`, by primary key), their current
+        versions (primary-key lookups in raw), the live ones in those files, top rank per file.
     -#}
     select {{ pipeline_state_store_columns() }}
     from (
         {{ pipeline_state_current_versions(
-            "task_id in (select _id from " ~ source('mongo', 'tasks') ~ " where file_id in " ~ files_sql ~ ")"
+            "task_id in (select task_id from " ~ members ~ " where file_id in " ~ files_sql ~ ")"
         ) }}
     )
     where is_deleted = 0 and file_id in {{ files_sql }}
@@ -99,85 +109,107 @@
     limit 1 by file_id
 {%- endmacro %}
 
-{% macro pipeline_state_stale_select(store, latest, task_ids_sql) -%}
-    {#-
-        `latest`: a CTE name with (task_id, file_id, rank, is_deleted) of the current version of
-        some tasks, whose ids `task_ids_sql` (a subquery) also lists (so the store's scan of
-        task_id can skip granules). Returns (file_id, task_id, rank) of every store row of those
-        tasks that the current version contradicts, and (file_id, '', 0) for every file whose
-        best row ranks below a live current version (a candidate the view never delivered, or
-        one a concurrent settle deleted).
-    -#}
-    select
-        s.file_id as file_id,
-        s.task_id as task_id,
-        s.rank as rank
-    from {{ store }} as s
-    inner join {{ latest }} as l on s.task_id = l.task_id
-    where
-        s.task_id in {{ task_ids_sql }}
-        and (l.is_deleted = 1 or s.file_id != l.file_id or s.rank > l.rank)
-
-    union all
-
-    select
-        l.file_id as file_id,
-        '' as task_id,
-        toUInt256(0) as rank
-    from {{ latest }} as l
-    left join (
-        select
-            file_id,
-            max(rank) as best
-        from {{ store }}
-        where file_id in (select file_id from {{ latest }} where is_deleted = 0)
-        group by file_id
-    ) as b on l.file_id = b.file_id
-    where l.is_deleted = 0 and b.best < l.rank
-    settings join_use_nulls = 0
-{%- endmacro %}
-
 {% macro pipeline_state_create_views(events_relation) -%}
-    {#- The materialized view and the two parameterized views (idempotent). -#}
+    {#- The materialized views and the two parameterized views (idempotent). -#}
     {% set store = pipeline_state_relation(events_relation, "store") %}
-    {% set raw_mv = pipeline_state_relation(events_relation, "raw_mv") %}
-    {% set stale = pipeline_state_relation(events_relation, "stale") %}
-    {% set recomputed = pipeline_state_relation(events_relation, "recomputed") %}
+    {% set members = pipeline_state_relation(events_relation, "members") %}
+    {% set raw = source('mongo', 'tasks') %}
     {% do run_query(
-        "create materialized view if not exists " ~ raw_mv ~ " to " ~ store ~ " as "
-        ~ pipeline_state_raw_select(source('mongo', 'tasks'))
+        "create materialized view if not exists " ~ pipeline_state_relation(events_relation, "raw_mv")
+        ~ " to " ~ store ~ " as " ~ pipeline_state_raw_select(raw)
     ) %}
-    {% set latest_from_params %}
-        select
-            task_id,
-            file_id,
-            {{ pipeline_state_rank(assigned_at="fromUnixTimestamp64Milli(assigned_ms, 'UTC')") }} as rank,
-            is_deleted
-        from (
+    {% do run_query(
+        "create materialized view if not exists " ~ pipeline_state_relation(events_relation, "members_mv")
+        ~ " to " ~ members ~ " as " ~ pipeline_state_members_select(raw)
+    ) %}
+    {% set stale %}
+        with
+        latest as (
             select
-                tupleElement(v, 1) as task_id,
-                tupleElement(v, 2) as file_id,
-                tupleElement(v, 3) as assigned_ms,
-                tupleElement(v, 4) as _version,
-                tupleElement(v, 5) as is_deleted
+                task_id,
+                file_id,
+                {{ pipeline_state_rank(assigned_at="fromUnixTimestamp64Milli(assigned_ms, 'UTC')") }} as rank,
+                is_deleted
             from (
-                select arrayJoin(arrayZip(
-                    {task_ids:Array(String)},
-                    {file_ids:Array(String)},
-                    {assigned_ms:Array(Int64)},
-                    {versions:Array(UInt64)},
-                    {deleted:Array(UInt8)}
-                )) as v
+                select
+                    tupleElement(v, 1) as task_id,
+                    tupleElement(v, 2) as file_id,
+                    tupleElement(v, 3) as assigned_ms,
+                    tupleElement(v, 4) as _version,
+                    tupleElement(v, 5) as is_deleted
+                from (
+                    select arrayJoin(arrayZip(
+                        {task_ids:Array(String)},
+                        {file_ids:Array(String)},
+                        {assigned_ms:Array(Int64)},
+                        {versions:Array(UInt64)},
+                        {deleted:Array(UInt8)}
+                    )) as v
+                )
             )
+        ),
+
+        candidates as (
+            select
+                file_id,
+                task_id,
+                rank
+            from {{ store }}
+            where
+                file_id in (select file_id from {{ members }} where task_id in {task_ids:Array(String)})
+                and task_id in {task_ids:Array(String)}
         )
+
+        {#- a candidate of a given task that its current version contradicts #}
+        select c.file_id as file_id
+        from candidates as c
+        inner join latest as l on c.task_id = l.task_id
+        where l.is_deleted = 1 or c.file_id != l.file_id or c.rank > l.rank
+
+        union all
+
+        {#- a file whose best row ranks below a live given version (a candidate never delivered) #}
+        select l.file_id as file_id
+        from latest as l
+        left join (
+            select
+                file_id,
+                max(rank) as best
+            from {{ store }}
+            where file_id in (select file_id from latest where is_deleted = 0)
+            group by file_id
+        ) as b on l.file_id = b.file_id
+        where l.is_deleted = 0 and b.best < l.rank
+        settings join_use_nulls = 0
     {% endset %}
     {% do run_query(
-        "create or replace view " ~ stale ~ " as with latest as (" ~ latest_from_params ~ ") "
-        ~ pipeline_state_stale_select(store, "latest", "{task_ids:Array(String)}")
+        "create or replace view " ~ pipeline_state_relation(events_relation, "stale") ~ " as " ~ stale
     ) %}
+    {% set recomputed %}
+        select
+            'best' as kind,
+            {{ pipeline_state_store_columns() }}
+        from ({{ pipeline_state_best_of_files(members, "{file_ids:Array(String)}") }})
+
+        union all
+
+        {# the rows the store holds for those files now, for the caller to diff #}
+        select
+            'held' as kind,
+            file_id,
+            rank,
+            '' as stage,
+            '' as employee_code,
+            '' as employee_name,
+            '' as status,
+            toDateTime64(0, 3, 'UTC') as assigned_at,
+            task_id
+        from {{ store }}
+        where file_id in {file_ids:Array(String)}
+    {% endset %}
     {% do run_query(
-        "create or replace view " ~ recomputed ~ " as "
-        ~ pipeline_state_best_of_files("{file_ids:Array(String)}")
+        "create or replace view " ~ pipeline_state_relation(events_relation, "recomputed")
+        ~ " as " ~ recomputed
     ) %}
 {%- endmacro %}
 
@@ -186,8 +218,23 @@
     create table {{ relation }}
     engine = ReplacingMergeTree(rank)
     order by file_id
-    settings enable_block_number_column = 1, enable_block_offset_column = 1
+    settings
+        enable_block_number_column = 1,
+        enable_block_offset_column = 1,
+        {#- small granules: the follower looks up a few files at random keys per batch -#}
+        index_granularity = 1024
     empty as {{ pipeline_state_raw_select(source('mongo', 'tasks')) }}
+{%- endmacro %}
+
+{% macro pipeline_state_create_members(relation) -%}
+    create table {{ relation }} (
+        file_id String,
+        task_id String,
+        projection by_task (select * order by task_id)
+    )
+    engine = ReplacingMergeTree
+    order by (file_id, task_id)
+    settings deduplicate_merge_projection_mode = 'rebuild', index_granularity = 1024
 {%- endmacro %}
 
 {% macro pipeline_state_create_pending(pending) -%}
@@ -227,13 +274,14 @@
     {{ return("") }}
 {% endmacro %}
 
-{% macro pipeline_state_settle_files(store, files) %}
+{% macro pipeline_state_settle_files(store, members, files) %}
     {#-
         Make the store's row of every file in the table `files` (file_id) the best row
         recomputed from raw: insert the best rows of the files whose state differs, then delete
         their rows that outrank the best (all of them for a file left without live tasks), then
         insert again any best row a merge dropped meanwhile (ReplacingMergeTree keeps the top
         row when it merges, which may still be the stale one until the delete lands).
+        loader/state.py `settle_files` does the same for the change-stream follower.
     -#}
     {% set best = pipeline_state_relation(store, "settle_best") %}
     {% set diff = pipeline_state_relation(store, "settle_diff") %}
@@ -242,7 +290,7 @@
     {% set files_sql = "(select file_id from " ~ files ~ ")" %}
     {% do run_query(
         "create table " ~ best ~ " engine = MergeTree order by file_id as "
-        ~ pipeline_state_best_of_files(files_sql)
+        ~ pipeline_state_best_of_files(members, files_sql)
     ) %}
     {% set differing %}
         select
@@ -300,28 +348,64 @@
     {% do run_query("drop table if exists " ~ diff) %}
 {% endmacro %}
 
+{% macro pipeline_state_swap_in(target, create_macro, view, view_select, copy_select, aside) %}
+    {#-
+        (Re)build `target` from `copy_select` while `view` keeps feeding it from raw.
+        With `aside` (the target and its view exist): build a copy next to it, fed by a view of
+        its own created before the copy (so a load meanwhile reaches it one way or both), then
+        swap the two tables atomically, so readers keep the old table until the new one is
+        complete. Views address their target by name: after the swap `view` feeds the new table.
+        Without: drop the view first (an insert into raw must never meet a view without its
+        table), create the table and the view, then copy.
+    -#}
+    {% if aside %}
+        {% set next = target.incorporate(path={"identifier": target.identifier ~ "_next"}) %}
+        {% set next_view = target.incorporate(path={"identifier": target.identifier ~ "_next_mv"}) %}
+        {% do run_query("drop view if exists " ~ next_view) %}
+        {% do run_query("drop table if exists " ~ next) %}
+        {% do run_query(create_macro(next)) %}
+        {% do run_query("create materialized view " ~ next_view ~ " to " ~ next ~ " as " ~ view_select) %}
+        {% do run_query("insert into " ~ next ~ " " ~ copy_select) %}
+        {% do run_query("exchange tables " ~ next ~ " and " ~ target) %}
+        {% do run_query("drop view " ~ next_view) %}
+        {% do run_query("drop table " ~ next) %}
+    {% else %}
+        {% do run_query("drop view if exists " ~ view) %}
+        {% do run_query("drop table if exists " ~ target) %}
+        {% do run_query(create_macro(target)) %}
+        {% do run_query("create materialized view " ~ view ~ " to " ~ target ~ " as " ~ view_select) %}
+        {% do run_query("insert into " ~ target ~ " " ~ copy_select) %}
+    {% endif %}
+{% endmacro %}
+
+{% macro pipeline_state_exists(relation) -%}
+    {{ return(adapter.get_relation(database=relation.database, schema=relation.schema, identifier=relation.identifier) is not none) }}
+{%- endmacro %}
+
 {% macro pipeline_state_sync() %}
     {#- post-hook of task_events; `this` is task_events -#}
     {% if not execute %}{{ return("") }}{% endif %}
+    {% set raw = source('mongo', 'tasks') %}
     {% set store = pipeline_state_relation(this, "store") %}
     {% set raw_mv = pipeline_state_relation(this, "raw_mv") %}
+    {% set members = pipeline_state_relation(this, "members") %}
+    {% set members_mv = pipeline_state_relation(this, "members_mv") %}
     {% set pending = pipeline_state_relation(this, "pending") %}
     {% set touched = pipeline_state_relation(this, "settle_files") %}
     {% do run_query(pipeline_state_create_pending(pending)) %}
     {#- the objects of the earlier design (a view on task_events, pending files) -#}
-    {% set legacy_mv = pipeline_state_relation(this, "store_mv") %}
-    {% set legacy_mv_exists = adapter.get_relation(database=legacy_mv.database, schema=legacy_mv.schema, identifier=legacy_mv.identifier) is not none %}
-    {% do run_query("drop view if exists " ~ legacy_mv) %}
+    {% set legacy = pipeline_state_exists(pipeline_state_relation(this, "store_mv")) %}
+    {% do run_query("drop view if exists " ~ pipeline_state_relation(this, "store_mv")) %}
     {% do run_query("drop table if exists " ~ pipeline_state_relation(this, "pending_files")) %}
 
     {% set flags_row = run_query(
         "select countIf(rebuild_all = 1), countIf(rebuild_all = 0) from " ~ pending
     ).rows[0] %}
-    {% set store_exists = adapter.get_relation(database=store.database, schema=store.schema, identifier=store.identifier) is not none %}
-    {% set view_exists = adapter.get_relation(database=raw_mv.database, schema=raw_mv.schema, identifier=raw_mv.identifier) is not none %}
+    {% set store_ok = pipeline_state_exists(store) and pipeline_state_exists(raw_mv) and not legacy %}
+    {% set members_ok = pipeline_state_exists(members) and pipeline_state_exists(members_mv) %}
 
-    {% if flags_row[0] > 0 or legacy_mv_exists or not store_exists or not view_exists %}
-        {{ log("pipeline_state: rebuilding " ~ store ~ " from " ~ source('mongo', 'tasks'), info=True) }}
+    {% if flags_row[0] > 0 or not store_ok or not members_ok %}
+        {{ log("pipeline_state: rebuilding " ~ store ~ " from " ~ raw, info=True) }}
         {% set copy_all %}
             select {{ pipeline_state_store_columns() }}
             from ({{ pipeline_state_current_versions("1") }})
@@ -329,43 +413,22 @@
             order by file_id, rank desc
             limit 1 by file_id
         {% endset %}
-        {% if store_exists and view_exists and not legacy_mv_exists %}
-            {#-
-                Readers keep the old store until the new one is complete: build it aside, fed
-                by a view of its own from before the copy (so a load meanwhile reaches it one
-                way or both), then swap the two tables atomically. Views address their target
-                by name, so after the swap the store's view feeds the new table.
-            -#}
-            {% set next = pipeline_state_relation(this, "store_next") %}
-            {% set next_mv = pipeline_state_relation(this, "store_next_mv") %}
-            {% do run_query("drop view if exists " ~ next_mv) %}
-            {% do run_query("drop table if exists " ~ next) %}
-            {% do run_query(pipeline_state_create_store(next)) %}
-            {% do run_query(
-                "create materialized view " ~ next_mv ~ " to " ~ next ~ " as "
-                ~ pipeline_state_raw_select(source('mongo', 'tasks'))
-            ) %}
-            {% do run_query("insert into " ~ next ~ " " ~ copy_all) %}
-            {% do run_query("exchange tables " ~ next ~ " and " ~ store) %}
-            {% do run_query("drop view " ~ next_mv) %}
-            {% do run_query("drop table " ~ next) %}
-            {% do pipeline_state_create_views(this) %}
-        {% else %}
-            {#- the view first: an insert into raw must never meet a view without its table -#}
-            {% do run_query("drop view if exists " ~ raw_mv) %}
-            {% do run_query("drop table if exists " ~ store) %}
-            {% do run_query(pipeline_state_create_store(store)) %}
-            {#- the view before the copy: a load meanwhile reaches the store one way or both -#}
-            {% do pipeline_state_create_views(this) %}
-            {% do run_query("insert into " ~ store ~ " " ~ copy_all) %}
-        {% endif %}
+        {% do pipeline_state_swap_in(
+            members, pipeline_state_create_members, members_mv, pipeline_state_members_select(raw),
+            "select distinct file_id, _id as task_id from " ~ raw, members_ok
+        ) %}
+        {% do pipeline_state_swap_in(
+            store, pipeline_state_create_store, raw_mv, pipeline_state_raw_select(raw),
+            copy_all, store_ok
+        ) %}
+        {% do pipeline_state_create_views(this) %}
     {% else %}
         {% do pipeline_state_create_views(this) %}
         {% if flags_row[1] > 0 %}
             {#-
-                Every file a task loaded since the last build was in, is in, or has a candidate
-                row in: whatever the hot path did or missed, these files end equal to the
-                recomputation.
+                Every file a task loaded since the last build was in (task_events, before this
+                run) or had a version in (members): whatever the hot path did or missed, these
+                files end equal to the recomputation.
             -#}
             {% set changed = "(select task_id from " ~ pending ~ " where task_id != '')" %}
             {% do run_query("drop table if exists " ~ touched) %}
@@ -374,13 +437,11 @@
                 from (
                     select file_id from {{ pending }} where file_id != ''
                     union all
-                    select file_id from {{ store }} where task_id in {{ changed }}
-                    union all
-                    select file_id from {{ ref('stg_mongo__tasks') }} where task_id in {{ changed }}
+                    select file_id from {{ members }} where task_id in {{ changed }}
                 )
             {% endset %}
             {% do run_query("create table " ~ touched ~ " engine = MergeTree order by file_id as " ~ touched_files) %}
-            {% do pipeline_state_settle_files(store, touched) %}
+            {% do pipeline_state_settle_files(store, members, touched) %}
             {% do run_query("drop table if exists " ~ touched) %}
         {% endif %}
     {% endif %}
