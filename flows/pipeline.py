@@ -13,6 +13,15 @@ still says whether the warehouse is in step with MongoDB. The return value summa
 
 from __future__ import annotations
 
+# ruff: noqa: E402 (the imports below come after the command line's early exit)
+if __name__ == "__main__":
+    # `python -m flows.pipeline`: decided before Prefect is imported, so that a run with
+    # nothing to do takes well under a second (see flows/once.py).
+    from flows.once import main
+
+    main()
+    raise SystemExit(0)
+
 import logging
 import time
 from contextlib import ExitStack
@@ -43,11 +52,10 @@ from flows.lock import run_guard
 from flows.redis_link import RedisLink
 from flows.settings import FlowSettings
 from flows.timings import TimingRecorder
-from loader import errors
 from loader.build_pending import PendingBuild, clear_build_pending, pending_builds
 from loader.clients import Clients, open_clients
 from loader.drift import Drift, measure_drift, record_drift
-from loader.failed_runs import record_failed_start, sync_clients
+from loader.failed_runs import record_failed_start
 from loader.reconcile import ReconcileResult, reconcile_collection
 from loader.settings import Settings as LoaderSettings
 from loader.sync import SyncResult, has_changes, sync_collection
@@ -380,46 +388,3 @@ def _publish(
         recorder.publish_artifact()
     except Exception as exc:
         logger.error("Could not create the timings artifact: %s", exc)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m flows.pipeline` (`make sync`): one run; prints its summary as JSON."""
-    import argparse
-    import json
-    import os
-
-    parser = argparse.ArgumentParser(
-        prog="python -m flows.pipeline", description=main.__doc__, epilog=errors.CLI_HELP
-    )
-    parser.add_argument("--full-refresh", action="store_true", help="reload every collection")
-    parser.add_argument("--build-all", action="store_true", help="build downstream of all sources")
-    parser.add_argument(
-        "--reconcile", action="store_true", help="also repair deletes and missed writes"
-    )
-    parser.add_argument(
-        "--verbose", "-v", action="store_true", help="on failure, print the traceback too"
-    )
-    args = parser.parse_args(argv)
-    errors.quiet_driver_logs(args.verbose)
-    # An ephemeral Prefect API (no PREFECT_API_URL) would otherwise log telemetry errors.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-    def run() -> None:
-        # A bad setting, or a server that does not answer or refuses the credentials, fails
-        # here within seconds, before Prefect starts (a temporary API takes longer than that);
-        # a MongoDB failure is still recorded as each collection's failed sync.
-        settings = FlowSettings()
-        with sync_clients(LoaderSettings(), settings.collections):
-            pass
-        # Prefect logs the failure with its traceback; the console gets the line only.
-        with errors.console_logs_without_tracebacks(not args.verbose):
-            summary = sync_pipeline(
-                full_refresh=args.full_refresh, build_all=args.build_all, reconcile=args.reconcile
-            )
-        print(json.dumps(summary, indent=2, default=str))
-
-    errors.run_cli(run, verbose=args.verbose)
-
-
-if __name__ == "__main__":
-    main()
