@@ -1,7 +1,7 @@
 """`python -m flows.pipeline` with nothing to do: recorded without Prefect (flows/once.py).
 
-Each run is a subprocess that reports whether Prefect was imported at all; its Prefect API
-points at a closed port, so a run that did need Prefect could not pass unnoticed either.
+Each run is a subprocess whose imports are listed (`-X importtime`); its Prefect API points at
+a closed port, so a run that did need Prefect could not pass unnoticed either.
 """
 
 from __future__ import annotations
@@ -24,34 +24,28 @@ if TYPE_CHECKING:  # fixtures' types, from this suite's conftest.py
 
 pytestmark = pytest.mark.timeout(900)
 
-# Runs `python -m flows.pipeline` as `-m` does, then says whether Prefect got imported.
-RUN = """
-import runpy, sys
-code = 0
-try:
-    runpy.run_module("flows.pipeline", run_name="__main__", alter_sys=True)
-except SystemExit as exc:
-    code = exc.code or 0
-print("prefect imported:", "prefect" in sys.modules)
-sys.exit(code)
-"""
-
 
 def run_cli(*args: str, prefect_api: str | None = None) -> tuple[dict[str, Any], bool]:
+    """`python -m flows.pipeline`: its summary, and whether it imported Prefect at all (from
+    `-X importtime`, which lists every module a process imports)."""
     if prefect_api is None:  # nowhere: a run that starts Prefect fails
         prefect_api = f"http://127.0.0.1:{free_ports(1)[0]}/api"
     out = subprocess.run(
-        [sys.executable, "-c", RUN, *args],
+        [sys.executable, "-X", "importtime", "-m", "flows.pipeline", *args],
         env=os.environ | {"PREFECT_API_URL": prefect_api},
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    printed, _, tail = out.stdout.rpartition("prefect imported:")
-    lines = printed.splitlines()  # Prefect's log lines, if it ran, then the summary
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in out.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    lines = out.stdout.splitlines()  # Prefect's log lines, if it ran, then the summary
     start = max(i for i, line in enumerate(lines) if line == "{")
-    return json.loads("\n".join(lines[start:])), tail.strip() == "True"
+    return json.loads("\n".join(lines[start:])), "prefect" in imported
 
 
 def skipped_rows(pipeline: Pipeline, run_id: str) -> list[dict[str, Any]]:
