@@ -55,6 +55,7 @@ class Outcome:
     writes: int = 0
     seconds: float = 0.0
     unseen: int = 0  # probes not visible within the timeout
+    deferred: int = 0  # probe ticks skipped because every probe file was still outstanding
     mix: Counter[str] = field(default_factory=Counter)
 
 
@@ -84,7 +85,10 @@ def run(
     ).result_rows
     if len(sample) < 40:
         raise RuntimeError("freshness needs a built dataset (pipeline_state has too few files)")
-    n_probe = max(8, min(len(sample) // 4, int(probes_per_s * timeout_s) + 8))
+    # Few probe files, so that each goes through its whole cycle (insert, status, reassign,
+    # delete) several times in a run: two seconds' worth of probes, plus a margin. A tick that
+    # finds every probe file outstanding (latency above ~2 s) is deferred, and counted.
+    n_probe = max(8, min(len(sample) // 4, int(probes_per_s * 2) + 4))
     probe_files = sample[:n_probe]
     background = [t for _, t in sample[n_probe:]]
     employees = [
@@ -220,7 +224,9 @@ def run(
             if time.monotonic() >= next_probe:
                 with lock:
                     i = idle.pop(0) if idle else None
-                if i is not None:
+                if i is None:
+                    out.deferred += 1
+                else:
                     p = probes[i]
                     probe_write(p)
                     out.writes += 1

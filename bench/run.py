@@ -537,6 +537,7 @@ class Harness:
                     "seconds": round(extra["write_seconds"], 1),
                     "mix": extra["mix"],
                     "probes_unseen_within_30s": extra["unseen"],
+                    "probe_ticks_deferred": extra.get("deferred", 0),
                     "p50_ms_by_kind": {
                         k: round(percentile(v, 50), 1) for k, v in sorted(by_kind.items())
                     },

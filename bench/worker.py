@@ -159,6 +159,7 @@ def freshness(params: dict[str, Any]) -> tuple[Any, float]:
         "writes": out.writes,
         "write_seconds": out.seconds,
         "unseen": out.unseen,
+        "deferred": out.deferred,
         "mix": dict(out.mix),
     }
     return (len(out.latencies_s), extra), seconds
