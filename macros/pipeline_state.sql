@@ -149,37 +149,45 @@
             )
         ),
 
-        candidates as (
+        {#-
+            One read of the store: every row of the files the given tasks ever had a version
+            in (members, by task) or have now, aggregated per file: its best rank, and
+            whether a row of a given task is contradicted by that task's current version.
+        #}
+        held as (
+            select
+                h.file_id as file_id,
+                max(h.rank) as best,
+                max(
+                    l.task_id != ''
+                    and (l.is_deleted = 1 or h.file_id != l.file_id or h.rank > l.rank)
+                ) as contradicted
+            from {{ store }} as h
+            left join latest as l on h.task_id = l.task_id
+            where
+                h.file_id in (select file_id from {{ members }} where task_id in {task_ids:Array(String)})
+                or h.file_id in {file_ids:Array(String)}
+            group by h.file_id
+        ),
+
+        {#- per file, the best live given version #}
+        given as (
             select
                 file_id,
-                task_id,
-                rank
-            from {{ store }}
-            where
-                file_id in (select file_id from {{ members }} where task_id in {task_ids:Array(String)})
-                and task_id in {task_ids:Array(String)}
+                max(rank) as top
+            from latest
+            where is_deleted = 0
+            group by file_id
         )
 
-        {#- a candidate of a given task that its current version contradicts #}
-        select c.file_id as file_id
-        from candidates as c
-        inner join latest as l on c.task_id = l.task_id
-        where l.is_deleted = 1 or c.file_id != l.file_id or c.rank > l.rank
-
-        union all
-
-        {#- a file whose best row ranks below a live given version (a candidate never delivered) #}
-        select l.file_id as file_id
-        from latest as l
-        left join (
-            select
-                file_id,
-                max(rank) as best
-            from {{ store }}
-            where file_id in (select file_id from latest where is_deleted = 0)
-            group by file_id
-        ) as b on l.file_id = b.file_id
-        where l.is_deleted = 0 and b.best < l.rank
+        {#-
+            a file holding a contradicted row of a given task, or whose best row ranks below a
+            live given version (a candidate never delivered; no row at all counts as rank 0)
+        #}
+        select if(held.file_id != '', held.file_id, given.file_id) as file_id
+        from held
+        full join given on held.file_id = given.file_id
+        where held.contradicted = 1 or (given.file_id != '' and held.best < given.top)
         settings join_use_nulls = 0
     {% endset %}
     {% do run_query(
