@@ -279,8 +279,11 @@ def follow_changes(
             nonlocal unsaved_lag
             nonlocal batches, settled_files
             stored = bool(docs or pending)
-            if stored and not marked_pending:
-                # Before the first write: the downstream models need a build.
+            if stored and (not marked_pending or pending):
+                # Before the first write: the downstream models need a build. Again before a
+                # batch with deletes: a build may have cleared the mark meanwhile, and a delete
+                # is invisible to the watermark, so no scheduled run would load it (a changed
+                # document is: the next run's sync reads it again and marks it).
                 clickhouse_call(
                     settings, lambda: mark_build_pending(cl.clickhouse, collection, run_id)
                 )

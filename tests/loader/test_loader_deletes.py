@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import queue
+import threading
+from datetime import UTC, datetime
+
 from bson import ObjectId
 from clickhouse_connect.driver.client import Client
 from loader_testlib import clickhouse_tasks, mongo_tasks
 from pymongo.database import Database
 
+from loader.build_pending import clear_build_pending, pending_builds
 from loader.clients import Clients
-from loader.deletes import follow_changes
+from loader.deletes import StoredBatch, follow_changes
 from loader.reconcile import reconcile_collection
 from loader.settings import Settings
 from loader.sync import sync_collection
@@ -168,10 +173,7 @@ def test_a_steady_trickle_of_writes_is_stored_while_it_lasts(
     """The follower stores what it buffered every LOADER_FLUSH_INTERVAL_MS (0.1 s), not only
     at `flush_every` events or when the stream falls idle: under writes that never pause, the
     first batch lands while the writer is still writing."""
-    import threading
     import time
-
-    from loader.deletes import StoredBatch
 
     seed(db, 50, seed=210)
     sync_collection(settings, "tasks", clients=clients)
@@ -232,3 +234,36 @@ def test_the_last_version_of_a_document_in_a_batch_is_the_one_stored(
         if r[0] in map(str, gone)
         and r == max((x for x in rows if x[0] == r[0]), key=lambda x: x[2])
     )
+
+
+def test_a_delete_marks_the_build_pending_again_after_a_build_cleared_the_mark(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    """A delete is invisible to the watermark: no scheduled run would load it, so the follower
+    marks the build pending again even when a build cleared its first mark meanwhile."""
+    seed(db, 200, seed=231)
+    sync_collection(settings, "tasks", clients=clients)
+    _start_following(settings, clients)
+    stored: queue.Queue[StoredBatch] = queue.Queue()
+    stop = threading.Event()
+    follower = threading.Thread(
+        target=follow_changes,
+        args=(settings, "tasks"),
+        kwargs={"stop": stop, "all_changes": True, "on_stored": stored.put},
+    )
+    follower.start()
+    try:
+        assert mutate(db, 3, seed=4).updated > 0
+        stored.get(timeout=60)  # the first batch marked the build pending
+        clear_build_pending(
+            clickhouse_client, ["tasks"], "a-build", build_started_at=datetime.now(UTC)
+        )
+        assert "tasks" not in pending_builds(clickhouse_client, ["tasks"])
+        db.tasks.delete_one({"_id": _first_ids(db, 1)[0]})
+        while stored.get(timeout=60).deletes == 0:
+            pass
+    finally:
+        stop.set()
+        follower.join(timeout=60)
+
+    assert "tasks" in pending_builds(clickhouse_client, ["tasks"])
