@@ -14,6 +14,7 @@ server-side parameters, so the last known values stay in the table as history.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,13 @@ from bson import ObjectId, json_util
 from pymongo.errors import OperationFailure
 
 from loader.build_pending import mark_build_pending
-from loader.clients import Clients, clickhouse_call, mongo_call, open_clients
+from loader.clients import (
+    Clients,
+    clickhouse_call,
+    connect_clickhouse,
+    mongo_call,
+    open_clients,
+)
 from loader.idset import id_set
 from loader.mapping import BatchMapper
 from loader.runs import PeakRss, RunRecord, new_run_id
@@ -158,6 +165,163 @@ class StoredBatch:
     stored_at: float  # time.time() when the batch was stored and settled
 
 
+@dataclass
+class _Pending:
+    """A flush handed to the settler: a stored batch, or only a stream position (idle)."""
+
+    versions: TaskVersions | None  # the stored task versions to settle (tasks only)
+    token: Any  # the stream position after this flush
+    events: int  # events processed so far
+    stored: bool
+    buffered: int  # events in the batch
+    rows: int
+    deletes: int
+    last_event_ms: int | None
+    final: bool = False
+
+
+class _Settler:
+    """Settles stored batches and saves the stream position, in a thread of its own.
+
+    The follower's thread stores batch after batch; this one takes whatever has been stored
+    since it last looked, settles it in one go (`loader.state.settle`, over its own ClickHouse
+    connection), then saves the resume token of the last of them, so the saved position never
+    passes a batch that is not settled: a crash replays at most the unsettled batches, and
+    settling them again is harmless. The position is saved at most every `save_every_s` while
+    batches keep coming, every `heartbeat_s` while idle, and at once for a final flush. The
+    first error stops all further work (nothing more is saved) and is raised in the follower's
+    thread at its next flush."""
+
+    def __init__(
+        self,
+        clients: Clients,
+        collection: str,
+        token: Any,
+        *,
+        on_stored: Callable[[StoredBatch], None] | None,
+        save_every_s: float,
+        heartbeat_s: float,
+    ) -> None:
+        self.clients = clients
+        self.collection = collection
+        self.on_stored = on_stored
+        self.save_every_s = save_every_s
+        self.heartbeat_s = heartbeat_s
+        self.saved_token = token
+        self.saved_at = 0.0
+        self.unsaved_lag: float | None = None  # lag of a settled batch whose position is unsaved
+        self.batches = 0
+        self.settled_files = 0
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=f"settle-{collection}", daemon=True)
+        self._own: Clients | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, item: _Pending) -> None:
+        self._queue.put(item)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def drain(self) -> None:
+        """Wait until everything handed over is settled and its position saved."""
+        self._queue.join()
+        self.check()
+
+    def stop(self) -> None:
+        """Finish what was handed over, then end the thread (never raises)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _clients(self) -> Clients:
+        if self._own is None:
+            cl = self.clients
+            self._own = Clients(cl.settings, cl.mongo, connect_clickhouse(cl.settings))
+        return self._own
+
+    def _run(self) -> None:
+        try:
+            while True:
+                items = [self._queue.get()]
+                while True:
+                    try:
+                        items.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                work = [i for i in items if i is not None]
+                try:
+                    if work and self.error is None:
+                        self._settle(work)
+                except BaseException as exc:  # noqa: BLE001 - raised in the follower's thread
+                    self.error = exc
+                finally:
+                    for _ in items:
+                        self._queue.task_done()
+                if len(work) < len(items):
+                    return
+        finally:
+            if self._own is not None:
+                self._own.clickhouse.close()
+
+    def _settle(self, items: list[_Pending]) -> None:
+        stored = [i for i in items if i.stored]
+        settled = None
+        if any(i.versions is not None for i in stored):
+            merged = TaskVersions()
+            for i in stored:
+                if i.versions is not None:
+                    merged.merge(i.versions)
+            settled = settle(self._clients(), merged)
+            if settled is not None:
+                self.settled_files += settled.files
+        now = time.time()
+        lags = {
+            id(i): max(0.0, now - i.last_event_ms / 1000) if i.last_event_ms is not None else 0.0
+            for i in stored
+        }
+        if stored:
+            self.unsaved_lag = lags[id(stored[-1])]
+        last = items[-1]
+        final = any(i.final for i in items)
+        mono = time.monotonic()
+        wait = self.save_every_s if stored else self.heartbeat_s
+        if (
+            last.token is not None
+            and last.token != self.saved_token
+            and (final or mono - self.saved_at >= wait)
+        ):
+            save_resume_token(
+                self._clients(),
+                self.collection,
+                last.token,
+                last.events,
+                lag_seconds=self.unsaved_lag or 0.0,
+                last_event_ms=last.last_event_ms,
+            )
+            self.saved_token = last.token
+            self.saved_at = mono
+            self.unsaved_lag = None
+        for i in stored:
+            self.batches += 1
+            if self.on_stored is not None:
+                self.on_stored(
+                    StoredBatch(
+                        self.collection,
+                        i.buffered,
+                        i.rows,
+                        i.deletes,
+                        settled,
+                        lags[id(i)],
+                        time.time(),
+                    )
+                )
+
+
 def load_resume_token(clients: Clients, collection: str) -> Any:
     rows = clickhouse_call(
         clients.settings,
@@ -257,7 +421,7 @@ def follow_changes(
         token = load_resume_token(cl, collection)
         resumed = token is not None
         coll = cl.db[collection]
-        events = deletes = batches = settled_files = 0
+        events = deletes = 0
         # The batch being buffered: the last full document or delete per _id (a later event of
         # the same document replaces an earlier one), and when its first event arrived.
         docs: dict[Any, dict[str, Any]] = {}
@@ -268,16 +432,24 @@ def follow_changes(
         mapper = BatchMapper(collection, settings.max_string_chars)
         marked_pending = False
         last_event = time.monotonic()
-        saved_token = token
-        saved_at = 0.0
         why = "stopped"
 
-        unsaved_lag: float | None = None  # lag of a stored batch whose position is not saved
+        # Settling and saving the position run in a thread of their own (`_Settler`, with its
+        # own ClickHouse connection), so the next batch is stored while the last one settles:
+        # a new task, a status change or a reassignment shows in pipeline_state as soon as its
+        # batch is stored, a retraction once its batch is settled.
+        settler = _Settler(
+            cl,
+            collection,
+            token,
+            on_stored=on_stored,
+            save_every_s=save_every_s,
+            heartbeat_s=heartbeat_s,
+        )
 
         def flush(stream: Any, final: bool = False) -> None:
-            nonlocal deletes, saved_token, saved_at, marked_pending, buffered, first_at
-            nonlocal unsaved_lag
-            nonlocal batches, settled_files
+            nonlocal deletes, marked_pending, buffered, first_at
+            settler.check()
             stored = bool(docs or pending)
             if stored and (not marked_pending or pending):
                 # Before the first write: the downstream models need a build. Again before a
@@ -308,54 +480,30 @@ def follow_changes(
                 deletes += tombstoned
                 versions.add_deleted(pending)
                 pending.clear()
-            settled = None
-            if stored:
-                if after_store is not None:
-                    after_store()
-                if collection == "tasks":
-                    settled = settle(cl, versions)
-                    if settled is not None:
-                        settled_files += settled.files
-            lag = 0.0
-            if stored and last_event_ms is not None:
-                lag = max(0.0, time.time() - last_event_ms / 1000)
-            current = stream.resume_token
-            now = time.monotonic()
-            # Saved after the batch is stored and settled, at most every `save_every_s` while
-            # batches keep coming (a crash replays at most that much, idempotently), and every
-            # `heartbeat_s` while idle (the position and the lag stay fresh).
-            if stored:
-                unsaved_lag = lag
-            if (
-                current is not None
-                and current != saved_token
-                and (final or now - saved_at >= (save_every_s if stored else heartbeat_s))
-            ):
-                save_resume_token(
-                    cl,
-                    collection,
-                    current,
-                    events,
-                    lag_seconds=lag if unsaved_lag is None else unsaved_lag,
-                    last_event_ms=last_event_ms,
-                )
-                saved_token = current
-                saved_at = now
-                unsaved_lag = None
+            if stored and after_store is not None:
+                after_store()
             rss.sample()
-            if stored:
-                batches += 1
-                if on_stored:
-                    on_stored(
-                        StoredBatch(
-                            collection, buffered, written, tombstoned, settled, lag, time.time()
-                        )
-                    )
+            settler.put(
+                _Pending(
+                    versions if stored and collection == "tasks" else None,
+                    stream.resume_token,
+                    events,
+                    stored,
+                    buffered,
+                    written,
+                    tombstoned,
+                    last_event_ms,
+                    final,
+                )
+            )
+            if final:
+                settler.drain()  # settled and the position saved before leaving
             buffered = 0
             first_at = None
             if on_flush:
                 on_flush(events, deletes)
 
+        settler.start()
         try:
             stream = mongo_call(
                 settings,
@@ -435,10 +583,19 @@ def follow_changes(
             rec.finish("failed", f"{type(exc).__name__}: {exc}")
             _record(cl, rec, events, deletes, rss)
             raise
-        rec.finish("ok", f"watch: {why}; resumed={resumed}; batches={batches}")
+        finally:
+            settler.stop()
+        rec.finish("ok", f"watch: {why}; resumed={resumed}; batches={settler.batches}")
         _record(cl, rec, events, deletes, rss)
         return FollowResult(
-            run_id, collection, events, deletes, resumed, why, batches, settled_files
+            run_id,
+            collection,
+            events,
+            deletes,
+            resumed,
+            why,
+            settler.batches,
+            settler.settled_files,
         )
 
 

@@ -74,6 +74,15 @@ class TaskVersions:
             self.deleted.add(task_id)
             self.file_id.pop(task_id, None)
 
+    def merge(self, later: TaskVersions) -> None:
+        """Apply the versions of a later batch on top of these."""
+        for task_id, file_id in later.file_id.items():
+            self.file_id[task_id] = file_id
+            self.assigned_ms[task_id] = later.assigned_ms[task_id]
+            self.version[task_id] = later.version[task_id]
+            self.deleted.discard(task_id)
+        self.add_deleted(later.deleted)
+
     def __len__(self) -> int:
         return len(self.file_id) + len(self.deleted)
 
