@@ -216,12 +216,25 @@ class _Settler:
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=f"settle-{collection}", daemon=True)
         self._own: Clients | None = None
+        self._inflight = 0  # stored batches handed over and not settled yet
+        self._settled = threading.Condition()
 
     def start(self) -> None:
         self._thread.start()
 
     def put(self, item: _Pending) -> None:
+        if item.stored:
+            with self._settled:
+                self._inflight += 1
         self._queue.put(item)
+
+    def wait_for_room(self) -> None:
+        """Block while a stored batch is still settling and another one waits behind it: the
+        next batch is stored while the last one settles, no further ahead. On an engine that
+        runs one statement at a time (the embedded stack) a deeper queue only interleaves more,
+        smaller batches; waiting lets the buffered batch grow instead."""
+        with self._settled:
+            self._settled.wait_for(lambda: self._inflight <= 1 or self.error is not None)
 
     def check(self) -> None:
         if self.error is not None:
@@ -260,6 +273,9 @@ class _Settler:
                 except BaseException as exc:  # noqa: BLE001 - raised in the follower's thread
                     self.error = exc
                 finally:
+                    with self._settled:
+                        self._inflight -= sum(1 for i in work if i.stored)
+                        self._settled.notify_all()
                     for _ in items:
                         self._queue.task_done()
                 if len(work) < len(items):
@@ -449,8 +465,10 @@ def follow_changes(
 
         def flush(stream: Any, final: bool = False) -> None:
             nonlocal deletes, marked_pending, buffered, first_at
-            settler.check()
             stored = bool(docs or pending)
+            if stored:
+                settler.wait_for_room()
+            settler.check()
             if stored and (not marked_pending or pending):
                 # Before the first write: the downstream models need a build. Again before a
                 # batch with deletes: a build may have cleared the mark meanwhile, and a delete
