@@ -416,14 +416,17 @@ def follow_changes(
     events are buffered (the last event per `_id` wins) and stored as one batch at most
     `flush_interval_s` (LOADER_FLUSH_INTERVAL_MS, 0.1 s) after the first of them, or at
     `flush_every` events; for `tasks`, each stored batch is then settled into
-    `analytics.pipeline_state_store` (`loader.state.settle`). The resume token is saved in
-    `ops.change_stream_state`, with the follower's lag, only after the batch is stored and
-    settled, so a crash replays the batch (raw dedupes it, settling is idempotent). Resumes from
+    `analytics.pipeline_state_store` (`loader.state.settle`) by a thread of its own (`_Settler`)
+    while the next batch is stored (one batch settling at a time, one stored ahead of it). The
+    resume token is saved in `ops.change_stream_state`, with the follower's lag, only after the
+    batch is stored and settled, so a crash replays the batch (raw dedupes it, settling is
+    idempotent). Resumes from
     the stored token (from "now" on the first run). Stops after `max_events` events, after
     `idle_timeout_s` without any, when `stop` is set, or on Ctrl-C; runs forever otherwise.
     `on_flush(events, deletes)` reports progress after every flush (idle ones included);
-    `on_stored(StoredBatch)` after each batch that stored something. `after_store` runs between
-    storing a batch and settling it (tests inject crashes there).
+    `on_stored(StoredBatch)` after each batch that stored something has been settled (from the
+    settling thread). `after_store` runs between storing a batch and handing it over for
+    settling (tests inject crashes there).
     """
     require_collection(collection)
     interval = settings.flush_interval_ms / 1000 if flush_interval_s is None else flush_interval_s

@@ -4,7 +4,9 @@ The store, the materialized view that feeds it from `raw.tasks` and the two para
 used here are dbt's (`macros/pipeline_state.sql`); this module only calls them. The view makes
 every stored task version a candidate current state of its file in the same INSERT. What it
 cannot express is a retraction: a deleted task, `assigned_at` moved backwards, a task moved to
-another file, or a version older than one already stored. After each batch the follower asks
+another file, or a version older than one already stored. After each batch (in its settling
+thread, while the next batch is being stored; batches stored meanwhile are settled together,
+their versions merged with `TaskVersions.merge`) the follower asks
 `pipeline_state_stale` which files the batch's versions contradict (a store row of a batch task
 that is deleted, now elsewhere or ranked above its current version, or a file whose best row
 ranks below a live batch version), recomputes those files from raw with
