@@ -43,6 +43,8 @@ def new_measurements(scale: int, small: int) -> dict[str, Measurement]:
         m("dbt.incremental_1pct", "dbt build after 1% of tasks changed", "s", False),
         m("decode.pymongo", "batch conversion: pymongo (dicts)", "docs/s", True),
         m("decode.pymongoarrow", "batch conversion: pymongoarrow", "docs/s", True),
+        m("freshness.50_per_s", "write → pipeline_state, 50 writes/s", "ms", False, True),
+        m("freshness.500_per_s", "write → pipeline_state, 500 writes/s", "ms", False, True),
     ]
     return {x.key: x for x in items}
 

@@ -10,10 +10,11 @@ JSON layout (keys are stable; a measurement that could not run keeps its key, wi
     machine           cpus, python, platform
     dataset           tasks, files, employees, small_tasks, seed_seconds (time to seed Mongo)
     decoder_default   the decoder the loader uses ("pymongo" or "pymongoarrow")
-    measurements      {key: {title, unit, status, runs, median, min, max, p50, p95, note, detail}}
+    measurements      {key: {title, unit, status, runs, median, min, max, p50, p95, p99, note,
+                      detail}}
     comparisons       {key: {title, subject, baseline, ratio, target, passed, status, note}}
 
-`runs` holds one figure per run in `unit`; `p50`/`p95` are set for latencies (else null).
+`runs` holds one figure per run in `unit`; `p50`/`p95`/`p99` are set for latencies (else null).
 `ratio` is subject ÷ baseline of their medians (p50 for latencies); `target` is a text like
 ">= 0.7" or "" when there is none; `passed` is true/false against it, null without a target or
 figure.
@@ -27,6 +28,8 @@ Measurement keys (listed in `bench.catalogue.MEASUREMENT_KEYS`):
 - memory.loader_small, memory.loader_full, memory.seed_v1_small, memory.seed_v1_full: peak RSS
   of the whole worker process, MiB;
 - dbt.full_refresh, dbt.incremental_1pct: seconds;
+- freshness.50_per_s, freshness.500_per_s: ms from a write's acknowledgement by MongoDB to the
+  first read of `analytics.pipeline_state` that shows it, one run per probe write;
 - decode.pymongo, decode.pymongoarrow: docs/s.
 
 Comparison keys (listed in `bench.catalogue.COMPARISON_KEYS`): loader_vs_cursor_drain,
@@ -64,7 +67,7 @@ class Measurement:
     higher_is_better: bool
     status: str = "unavailable: not run"
     runs: list[float] = field(default_factory=list)
-    latency: bool = False  # report p50/p95 (runs are the samples)
+    latency: bool = False  # report p50/p95/p99 (runs are the samples)
     note: str = ""
     detail: dict[str, Any] = field(default_factory=dict)
 
@@ -81,8 +84,8 @@ class Measurement:
             return min(self.runs)
         if name == "max":
             return max(self.runs)
-        if name in ("p50", "p95") and self.latency:
-            return percentile(self.runs, 50 if name == "p50" else 95)
+        if name in ("p50", "p95", "p99") and self.latency:
+            return percentile(self.runs, int(name[1:]))
         return None
 
     @property
@@ -105,6 +108,7 @@ class Measurement:
             "max": _round(self.stat("max")),
             "p50": _round(self.stat("p50")),
             "p95": _round(self.stat("p95")),
+            "p99": _round(self.stat("p99")),
             "note": self.note,
             "detail": self.detail,
         }
@@ -207,6 +211,7 @@ def render(
         ("min", "right"),
         ("max", "right"),
         ("p95", "right"),
+        ("p99", "right"),
         ("ratio (vs baseline)", "left"),
         ("target", "left"),
         ("result", "left"),
@@ -217,11 +222,12 @@ def render(
         if not m.ok:
             status = m.status if len(m.status) <= 160 else m.status[:157] + "..."
             label = f"{m.title}\n[dim]{escape(status)}[/dim]"
-            table.add_row(label, m.unit, "—", "—", "—", "—", "", "", "")
+            table.add_row(label, m.unit, "—", "—", "—", "—", "—", "", "", "")
             continue
         first = m.stat("p50") if m.latency else m.stat("median")
         cells = [m.title, m.unit, _fmt(first), _fmt(m.stat("min")), _fmt(m.stat("max"))]
         cells.append(_fmt(m.stat("p95")) if m.latency else "")
+        cells.append(_fmt(m.stat("p99")) if m.latency else "")
         if not comps:
             table.add_row(*cells, "", "", "")
         for i, c in enumerate(comps):
@@ -229,7 +235,7 @@ def render(
             if c.status != OK:
                 result = "[dim]unavailable[/dim]"
             ratio = f"{_fmt_ratio(c.ratio)} {c.title}"
-            row = cells if i == 0 else ["", "", "", "", "", ""]
+            row = cells if i == 0 else [""] * len(cells)
             table.add_row(*row, ratio, c.target, result)
     console.print(table)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from rich.console import Console
 
 from bench.catalogue import WEB_P95_TARGET_MS, WEB_PAGES, new_comparisons, new_measurements
 from bench.config import GROUPS, REPO_ROOT, BenchConfig, ConfigError
-from bench.report import OK, Comparison, Measurement, render, write_json
+from bench.report import OK, Comparison, Measurement, percentile, render, write_json
 from bench.worker import MARKER
 
 MAIN_DB = "bench"
@@ -44,7 +45,12 @@ GROUP_MEASUREMENTS: dict[str, tuple[str, ...]] = {
     "dbt": ("dbt.full_refresh", "dbt.incremental_1pct"),
     "dashboard": ("dashboard.pipeline_state", "dashboard.naive", "dashboard.cached"),
     "web": tuple(f"web.{page}{suffix}" for page, _ in WEB_PAGES for suffix in ("", "_uncached")),
+    "freshness": ("freshness.50_per_s", "freshness.500_per_s"),
 }
+# Latency targets of the freshness group (issue 12), in ms, and the figure the issue measured
+# before the hot path (event-driven flow run + dbt build per change, 100k tasks, 6 probes).
+FRESHNESS_TARGETS = {"p50": 500.0, "p99": 1000.0}
+FRESHNESS_BEFORE = "p50 8.0 s, max 9.6 s before the hot path (issue 12: a flow run per change)"
 
 
 class StepFailed(RuntimeError):
@@ -477,6 +483,102 @@ class Harness:
                 )
                 self.log(f"web {page} {mode}: p50 {m.stat('p50') or 0:.1f} ms, p95 {p95:.1f} ms")
 
+    @contextmanager
+    def follower(self, log_name: str) -> Iterator[subprocess.Popen[bytes]]:
+        """The hot path as its own process: `python -m loader watch --all-changes` on tasks,
+        from "now" (`--reset`), ready once it has saved its stream position."""
+        import clickhouse_connect
+
+        log_path = self.workdir / f"{log_name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "loader", "watch", "--collection", "tasks"]
+                + ["--all-changes", "--reset"],
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        ch = clickhouse_connect.get_client(
+            host=self.stack.clickhouse_host, port=self.stack.clickhouse_port
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    raise StepFailed(f"the follower exited with {proc.returncode}; see {log_path}")
+                saved = ch.query(
+                    "SELECT max(saved_at) FROM ops.change_stream_state "
+                    "WHERE collection = 'tasks' AND resume_token != ''"
+                ).result_rows
+                if saved and saved[0][0] and saved[0][0].timestamp() > started:
+                    break
+                time.sleep(0.2)
+            else:
+                raise StepFailed(f"the follower did not start within 120 s; see {log_path}")
+            yield proc
+        finally:
+            ch.close()
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def run_freshness(self) -> None:
+        self.ensure_loaded()
+        self.ensure_built()
+        seconds, probes = self.cfg.freshness_seconds, self.cfg.freshness_probes
+        for rate, key in ((50, "freshness.50_per_s"), (500, "freshness.500_per_s")):
+            m = self.measurements[key]
+            try:
+                with self.follower(f"follower-{rate}"):
+                    r = self.worker(
+                        {
+                            "kind": "freshness",
+                            "rate": rate,
+                            "seconds": seconds,
+                            "probes_per_s": probes,
+                        }
+                    )
+                extra = r["extra"]
+                if not extra["latencies_s"]:
+                    raise StepFailed(f"no probe became visible ({extra['unseen']} timed out)")
+                m.runs = [x * 1000 for x in extra["latencies_s"]]
+                m.status = OK
+                by_kind: dict[str, list[float]] = {}
+                for kind, x in zip(extra["kinds"], m.runs, strict=True):
+                    by_kind.setdefault(kind, []).append(x)
+                achieved = extra["writes"] / extra["write_seconds"]
+                p50, p99 = m.stat("p50") or 0.0, m.stat("p99") or 0.0
+                m.detail = {
+                    "writes_per_s": round(achieved, 1),
+                    "writes": extra["writes"],
+                    "seconds": round(extra["write_seconds"], 1),
+                    "mix": extra["mix"],
+                    "probes_unseen_within_30s": extra["unseen"],
+                    "probe_ticks_deferred": extra.get("deferred", 0),
+                    "p50_ms_by_kind": {
+                        k: round(percentile(v, 50), 1) for k, v in sorted(by_kind.items())
+                    },
+                    "targets_ms": FRESHNESS_TARGETS,
+                    "targets_met": p50 <= FRESHNESS_TARGETS["p50"]
+                    and p99 <= FRESHNESS_TARGETS["p99"]
+                    and extra["unseen"] == 0,
+                    "before": FRESHNESS_BEFORE,
+                }
+                m.note = (
+                    f"{len(m.runs)} probes over {seconds} s at {achieved:.0f} writes/s "
+                    f"({self.dataset.get('tasks', 0):,} tasks); target p50 <= 500 ms, "
+                    "p99 <= 1000 ms"
+                )
+                self.log(f"freshness {rate}/s: p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+            except Exception as exc:  # noqa: BLE001
+                m.unavailable(_reason(exc))
+                self.log(f"[red]freshness {rate}/s: {m.status}[/red]")
+
     def run_all(self) -> None:
         steps: list[tuple[str, Callable[[], None]]] = [
             ("memory", self.run_memory),
@@ -496,6 +598,8 @@ class Harness:
             self._guarded("dashboard", self.run_dashboard)
         if self.cfg.wants("web"):
             self._guarded("web", self.run_web)
+        if self.cfg.wants("freshness"):
+            self._guarded("freshness", self.run_freshness)
 
     def _guarded(self, group: str, step: Callable[[], None]) -> None:
         try:

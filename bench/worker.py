@@ -132,6 +132,46 @@ def web(params: dict[str, Any]) -> tuple[Any, float]:
     return (sum(len(v["cached"]) for v in out.values()), out), seconds
 
 
+def freshness(params: dict[str, Any]) -> tuple[Any, float]:
+    import clickhouse_connect
+    from pymongo import MongoClient
+
+    from bench.freshness import run
+
+    s = _settings()
+    mongo: MongoClient = MongoClient(s.mongo_uri)
+    ch = clickhouse_connect.get_client(
+        host=s.clickhouse_host,
+        port=s.clickhouse_port,
+        username=s.clickhouse_user,
+        password=s.clickhouse_password.get_secret_value(),
+        autogenerate_session_id=False,
+    )
+    try:
+        out, seconds = _timed(
+            lambda: run(
+                mongo[s.mongo_db],
+                ch,
+                rate=float(params["rate"]),
+                seconds=float(params["seconds"]),
+                probes_per_s=float(params.get("probes_per_s", 10)),
+            )
+        )
+    finally:
+        ch.close()
+        mongo.close()
+    extra = {
+        "latencies_s": out.latencies_s,
+        "kinds": out.kinds,
+        "writes": out.writes,
+        "write_seconds": out.seconds,
+        "unseen": out.unseen,
+        "deferred": out.deferred,
+        "mix": dict(out.mix),
+    }
+    return (len(out.latencies_s), extra), seconds
+
+
 JOBS: dict[str, Callable[[dict[str, Any]], tuple[Any, float]]] = {
     "loader_sync": loader_sync,
     "has_changes": has_changes,
@@ -142,6 +182,7 @@ JOBS: dict[str, Callable[[dict[str, Any]], tuple[Any, float]]] = {
     "decode": decode,
     "dashboard": dashboard,
     "web": web,
+    "freshness": freshness,
 }
 
 

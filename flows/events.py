@@ -117,36 +117,40 @@ def run_on_signals(
 def follow_and_signal(
     settings: FlowSettings, collection: str, stop: threading.Event, logger: logging.Logger
 ) -> None:
-    """Run the loader's change-stream follower on `collection` and signal what it sees.
+    """Run the loader's change-stream follower on `collection`: the hot path.
 
-    The follower (`loader.deletes.follow_changes`, all changes) writes changed documents and
-    tombstones into `raw` within about a second, keeps its resume token in ClickHouse and marks
-    the collection's build pending in `ops.build_pending` before it writes (durable: a delete
-    that the watermark cannot see still gets built). After each batch with new events this
-    XADDs a signal.
+    The follower (`loader.deletes.follow_changes`, all changes) stores changed documents and
+    tombstones in `raw` every `LOADER_FLUSH_INTERVAL_MS` (0.1 s) and, for `tasks`, settles them
+    into `analytics.pipeline_state_store`, which the dashboard reads live: no dbt build and no
+    Prefect run per change. After each stored batch this bumps the dashboard cache's data
+    version, so the next page load reads the new state. A batch the hot path could not carry
+    to the dashboard on its own (an `employee` change: names come from `dim_employees`; or no
+    store yet, before the first build) XADDs a change signal instead, which starts a flow run
+    when `--events` listens. Every write also marks its build pending in `ops.build_pending`
+    (durable): the scheduled runs build the marts and run the tests.
     """
-    from loader.deletes import follow_changes
+    from flows.cache import QueryCache
+    from flows.redis_link import RedisLink
+    from loader.deletes import StoredBatch, follow_changes
     from loader.settings import Settings
 
     client = connect(settings)
-    seen = 0
+    cache = QueryCache(settings, RedisLink(settings, logger))
 
-    def on_flush(events: int, deletes: int) -> None:
-        nonlocal seen
-        if events <= seen:
+    def on_stored(batch: StoredBatch) -> None:
+        if batch.settled is not None:
+            cache.bump_version()
             return
         try:
-            signal_change(client, settings, collection, events=events - seen, deletes=deletes)
+            signal_change(client, settings, collection, events=batch.events, deletes=batch.deletes)
         except REDIS_ERRORS as exc:  # the pending flag is durable; the schedule picks it up
             logger.warning("Could not signal a change of %s (%s)", collection, exc)
-        seen = events
 
     try:
         while not stop.is_set():
-            seen = 0  # the follower's counters restart with every call
             try:
                 follow_changes(
-                    Settings(), collection, stop=stop, on_flush=on_flush, all_changes=True
+                    Settings(), collection, stop=stop, on_stored=on_stored, all_changes=True
                 )
             except Exception as exc:  # keep following; the schedule covers the gap
                 logger.error(

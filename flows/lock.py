@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
-import httpx
 from redis.exceptions import LockError
 
 from flows.redis_link import REDIS_ERRORS, RedisLink
@@ -95,6 +94,7 @@ def _prefect_limit(settings: FlowSettings) -> Iterator[bool]:
     """One slot of a global concurrency limit of 1, leased for `lock_ttl_seconds` so a crashed
     run frees it like the Redis lock's TTL. The client calls are used directly (not
     `prefect.concurrency.sync.concurrency`) because acquisition must not wait: 423 = taken."""
+    import httpx
     from prefect.client.orchestration import get_client
 
     name = settings.concurrency_limit_name

@@ -15,6 +15,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
 from flows.settings import FlowSettings
+from loader.clients import insert_json_rows
 
 DDL = (
     "CREATE DATABASE IF NOT EXISTS ops",
@@ -98,7 +99,11 @@ def insert_rows(
     client: Client, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
 ) -> None:
     data = [list(r) for r in rows]
-    if data:
+    if not data:
+        return
+    try:
+        insert_json_rows(client, table, columns, data)  # no pandas import (loader.clients)
+    except ValueError:  # a value JSON cannot carry (nan, inf)
         client.insert(table, data, column_names=list(columns))
 
 

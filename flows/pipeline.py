@@ -13,6 +13,15 @@ still says whether the warehouse is in step with MongoDB. The return value summa
 
 from __future__ import annotations
 
+# ruff: noqa: E402 (the imports below come after the command line's early exit)
+if __name__ == "__main__":
+    # `python -m flows.pipeline`: decided before Prefect is imported, so that a run with
+    # nothing to do takes well under a second (see flows/once.py).
+    from flows.once import main
+
+    main()
+    raise SystemExit(0)
+
 import logging
 import time
 from contextlib import ExitStack
@@ -43,11 +52,10 @@ from flows.lock import run_guard
 from flows.redis_link import RedisLink
 from flows.settings import FlowSettings
 from flows.timings import TimingRecorder
-from loader import errors
 from loader.build_pending import PendingBuild, clear_build_pending, pending_builds
 from loader.clients import Clients, open_clients
 from loader.drift import Drift, measure_drift, record_drift
-from loader.failed_runs import record_failed_start, sync_clients
+from loader.failed_runs import record_failed_start
 from loader.reconcile import ReconcileResult, reconcile_collection
 from loader.settings import Settings as LoaderSettings
 from loader.sync import SyncResult, has_changes, sync_collection
@@ -381,95 +389,3 @@ def _publish(
         recorder.publish_artifact()
     except Exception as exc:
         logger.error("Could not create the timings artifact: %s", exc)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m flows.pipeline` (`make sync`): one run; prints its summary as JSON."""
-    import argparse
-    import json
-    import os
-
-    parser = argparse.ArgumentParser(
-        prog="python -m flows.pipeline", description=main.__doc__, epilog=errors.CLI_HELP
-    )
-    parser.add_argument("--full-refresh", action="store_true", help="reload every collection")
-    parser.add_argument("--build-all", action="store_true", help="build downstream of all sources")
-    parser.add_argument(
-        "--reconcile", action="store_true", help="also repair deletes and missed writes"
-    )
-    parser.add_argument("--json", action="store_true", help="print the whole run summary as JSON")
-    parser.add_argument(
-        "--verbose",
-        "-v",
-        action="store_true",
-        help="show Prefect's and dbt's progress, and on failure the traceback",
-    )
-    args = parser.parse_args(argv)
-    errors.quiet_driver_logs(args.verbose)
-    # An ephemeral Prefect API (no PREFECT_API_URL) would otherwise log telemetry errors, and
-    # dbt would try to send usage statistics (no network here).
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
-    if not args.verbose:
-        _quiet_console()
-
-    def run() -> None:
-        # A bad setting, or a server that does not answer or refuses the credentials, fails
-        # here within seconds, before Prefect starts (a temporary API takes longer than that);
-        # a MongoDB failure is still recorded as each collection's failed sync.
-        settings = FlowSettings()
-        with sync_clients(LoaderSettings(), settings.collections):
-            pass
-        # Prefect logs the failure with its traceback; the console gets the line only.
-        with errors.console_logs_without_tracebacks(not args.verbose):
-            summary = sync_pipeline(
-                full_refresh=args.full_refresh, build_all=args.build_all, reconcile=args.reconcile
-            )
-        print(json.dumps(summary, indent=2, default=str) if args.json else short_summary(summary))
-
-    errors.run_cli(run, verbose=args.verbose)
-
-
-def _quiet_console() -> None:
-    """Warnings and errors only on the console: Prefect's run logs still reach its API, dbt's
-    its log file; the command prints its own short summary."""
-    import os
-
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    os.environ.setdefault("DBT_QUIET", "true")
-    loggers = [logging.getLogger(), *map(logging.getLogger, list(logging.root.manager.loggerDict))]
-    for logger in loggers:
-        for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, PrefectConsoleHandler):
-                handler.setLevel(logging.WARNING)
-
-
-def short_summary(summary: dict[str, Any]) -> str:
-    """A few lines for a person: outcome, what was loaded and built, in step or not, alerts."""
-    lines = [f"sync {summary['status']} in {summary['duration_s']:.1f} s (run {summary['run_id']})"]
-    loads = summary.get("loads") or {}
-    if loads:
-        parts = [
-            f"{name} {info['docs_read']:,} read, {info['rejects']:,} rejected, "
-            f"{info['deletes']:,} deleted"
-            for name, info in loads.items()
-        ]
-        lines.append("loaded: " + "; ".join(parts))
-    if summary.get("built"):
-        refresh = " (full refresh)" if summary.get("full_refresh") else ""
-        lines.append(f"built: {' '.join(summary['built'])}{refresh}")
-    if summary["status"] != "ok":
-        lines.append(summary["message"])
-    elif summary.get("in_step"):
-        lines.append(summary["in_step"])
-    alerts = summary.get("alerts") or []
-    lines.append(f"alerts: {len(alerts)}" + "".join(f"\n  - {a}" for a in alerts[:5]))
-    if len(alerts) > 5:
-        lines.append(f"  ... {len(alerts) - 5} more (ops.alerts)")
-    lines.append("the whole summary: python -m flows.pipeline --json")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    main()

@@ -4,10 +4,12 @@ Starts `prefect server start` with its SQLite database under `<PIPELINE_DATA_DIR
 ephemeral API cannot schedule), then serves `sync_pipeline` every `PIPELINE_SYNC_INTERVAL_MINUTES`
 (15 by default), and with `reconcile=True` every `PIPELINE_RECONCILE_INTERVAL_MINUTES` (daily).
 Overlap protection: the deployment's concurrency limit of 1 (runs queue, never overlap) on top
-of the flow's own Redis lock. `--events` adds the event-driven mode: a listener blocked on a
-Redis stream starts a deployment run within seconds of a signalled change; with
-`--watch` this process also runs the loader's change-stream follower, which signals each change
-(otherwise run `python -m loader watch`-style followers that call `flows.events.signal_change`).
+of the flow's own Redis lock. `--watch` runs the hot path in this process: the loader's
+change-stream follower per collection, which stores every write in `raw` within about 0.1 s and
+settles it into `pipeline_state` (see `flows.events.follow_and_signal`), no run per change.
+`--events` adds the event-driven mode: a listener blocked on a Redis stream starts a deployment
+run within seconds of a signalled change (what the hot path cannot show on its own, or a signal
+from `flows.events.signal_change` elsewhere).
 The web dashboard (`web`, as `make web` serves it) runs in this process too, at
 `PIPELINE_WEB_HOST:PIPELINE_WEB_PORT` (127.0.0.1:8050), unless `--no-web`.
 
@@ -80,7 +82,7 @@ def start_server(settings: FlowSettings, port: int, env: dict[str, str]) -> subp
 
 
 def _event_threads(
-    settings: FlowSettings, stop: threading.Event, watch: bool
+    settings: FlowSettings, stop: threading.Event, watch: bool, events: bool = True
 ) -> list[threading.Thread]:
     from prefect.deployments import run_deployment
 
@@ -101,11 +103,16 @@ def _event_threads(
             raise RuntimeError(f"flow run {flow_run.id} ended {flow_run.state}")
         return flow_run
 
-    threads = [
-        threading.Thread(
-            target=run_on_signals, args=(settings, run, stop, logger), name="signals", daemon=True
+    threads: list[threading.Thread] = []
+    if events:
+        threads.append(
+            threading.Thread(
+                target=run_on_signals,
+                args=(settings, run, stop, logger),
+                name="signals",
+                daemon=True,
+            )
         )
-    ]
     if watch:
         threads += [
             threading.Thread(
@@ -209,7 +216,7 @@ def _serve(args: argparse.Namespace) -> None:
     from flows.pipeline import sync_pipeline
 
     stop = threading.Event()
-    threads = _event_threads(settings, stop, args.watch) if args.events else []
+    threads = _event_threads(settings, stop, args.watch, args.events)
     for t in threads:
         t.start()
     try:

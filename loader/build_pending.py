@@ -38,9 +38,23 @@ def mark_build_pending(
 ) -> None:
     """Mark `collection`'s downstream models as needing a build (before writing to raw).
 
-    A pending full refresh stays a full refresh until a build clears it."""
-    keep_full = any(p.full_refresh for p in pending_builds(client, [collection]).values())
-    _write(client, [[collection, 1, int(full_refresh or keep_full), run_id, datetime.now(UTC)]])
+    A pending full refresh stays a full refresh until a build clears it. One statement (the
+    change-stream follower marks before every batch it stores); the time is the loader's clock,
+    which the flow compares with its own when it clears marks."""
+    table = BUILD_PENDING.qualified
+    at = datetime.now(UTC)
+    client.command(
+        f"INSERT INTO {table} ({', '.join(COLUMNS)}) "
+        "SELECT {c:String}, 1, greatest({full:UInt8}, (SELECT toUInt8(count() > 0) FROM "
+        f"(SELECT * FROM {table} FINAL WHERE source = {{c:String}} AND pending = 1 "
+        "AND full_refresh = 1))), {run:String}, fromUnixTimestamp64Micro({at:Int64}, 'UTC')",
+        parameters={
+            "c": collection,
+            "full": int(full_refresh),
+            "run": run_id,
+            "at": int(at.timestamp() * 1_000_000),
+        },
+    )
 
 
 def pending_builds(client: Client, sources: Iterable[str]) -> dict[str, PendingBuild]:

@@ -14,15 +14,15 @@ and the flow then reconciles that collection in the same run.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from bson import ObjectId
 from clickhouse_connect.driver.client import Client
 
-from loader.clients import Clients, clickhouse_call, mongo_call
-from loader.reconcile import rejected_only_sql
-from loader.schema import DRIFT_CHECKS, raw_table
+from loader.clients import Clients, clickhouse_call, insert_json_rows, mongo_call
+from loader.schema import DRIFT_CHECKS, REJECTS, raw_table
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,25 @@ class Drift:
         )
 
 
+def rejected_only_sql(collection: str) -> str:
+    """(`_id`, `v` = updated_at ms of its last rejected document) of every ObjectId known only
+    from `raw.rejects` and not marked gone. They are in Mongo too; leaving them out would make
+    every bucket differ. Takes parameter `c`."""
+    table = raw_table(collection).qualified
+    rejected_updated_at = (
+        "toInt64OrZero(JSONExtractString(document, 'updated_at', '$date', '$numberLong'))"
+    )
+    rejected = f"SELECT _id FROM {REJECTS.qualified} WHERE collection = {{c:String}}"
+    return (
+        f"SELECT _id, argMax({rejected_updated_at}, rejected_at) AS v "
+        f"FROM {REJECTS.qualified} WHERE collection = {{c:String}} "
+        "AND length(_id) = 24 AND match(_id, '^[0-9a-f]+$') "
+        # Restricted to the rejected ids, so the primary key of the raw table serves it.
+        f"AND _id NOT IN (SELECT _id FROM {table} WHERE _id IN ({rejected})) "
+        "GROUP BY _id HAVING argMax(is_deleted, rejected_at) = 0"
+    )
+
+
 def clickhouse_count_sql(collection: str) -> str:
     """Documents the warehouse accounts for with an id below `cut`. Takes `c` and `cut`."""
     table = raw_table(collection).qualified
@@ -62,20 +81,60 @@ def clickhouse_count_sql(collection: str) -> str:
 
 def measure_drift(clients: Clients, collection: str) -> Drift:
     """Count both sides now (see the module docstring)."""
-    settings = clients.settings
-    counted_before = datetime.now(UTC) - timedelta(seconds=settings.overlap_seconds)
-    cut = ObjectId.from_datetime(counted_before)
-    ch = clients.clickhouse
-    in_clickhouse = clickhouse_call(
-        settings,
-        lambda: ch.command(
-            clickhouse_count_sql(collection), parameters={"c": collection, "cut": str(cut)}
-        ),
-    )
-    coll = clients.db[collection]
-    # `$lt` an ObjectId selects ObjectIds only (BSON types compare within their type).
-    in_mongo = mongo_call(settings, lambda: coll.count_documents({"_id": {"$lt": cut}}))
-    return Drift(collection, int(in_mongo), int(in_clickhouse), counted_before, datetime.now(UTC))
+    return start_counts(clients, [collection]).result()[0]
+
+
+class Counts:
+    """Drift counts under way (`start_counts`): MongoDB counts each collection in a thread of
+    its own from the start, ClickHouse counts in `result()`, so the caller can do other work
+    meanwhile (a flow run with nothing to do is mostly waiting for MongoDB's count)."""
+
+    def __init__(self, clients: Clients, collections: list[str]) -> None:
+        self.clients = clients
+        self.collections = collections
+        settings = clients.settings
+        self.counted_before = datetime.now(UTC) - timedelta(seconds=settings.overlap_seconds)
+        self.cut = ObjectId.from_datetime(self.counted_before)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(collections)))
+        # `$lt` an ObjectId selects ObjectIds only (BSON types compare within their type).
+        self._mongo = {
+            c: self._pool.submit(
+                mongo_call,
+                settings,
+                lambda coll=clients.db[c]: coll.count_documents({"_id": {"$lt": self.cut}}),
+            )
+            for c in collections
+        }
+
+    def result(self) -> list[Drift]:
+        settings = self.clients.settings
+        ch = self.clients.clickhouse
+        try:
+            in_clickhouse = {
+                c: clickhouse_call(
+                    settings,
+                    lambda c=c: ch.command(
+                        clickhouse_count_sql(c), parameters={"c": c, "cut": str(self.cut)}
+                    ),
+                )
+                for c in self.collections
+            }
+            in_mongo = {c: f.result() for c, f in self._mongo.items()}
+        finally:
+            self.cancel()
+        checked_at = datetime.now(UTC)
+        return [
+            Drift(c, int(in_mongo[c]), int(in_clickhouse[c]), self.counted_before, checked_at)
+            for c in self.collections
+        ]
+
+    def cancel(self) -> None:
+        """Stop waiting (a count already running finishes in its thread)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def start_counts(clients: Clients, collections: list[str]) -> Counts:
+    return Counts(clients, collections)
 
 
 def record_drift(clients: Clients, drift: Drift, run_id: str, note: str = "") -> None:
@@ -91,8 +150,8 @@ def record_drift(clients: Clients, drift: Drift, run_id: str, note: str = "") ->
     ch = clients.clickhouse
     clickhouse_call(
         clients.settings,
-        lambda: ch.insert(
-            DRIFT_CHECKS.qualified, [row], column_names=[n for n, _ in DRIFT_CHECKS.columns]
+        lambda: insert_json_rows(
+            ch, DRIFT_CHECKS.qualified, [n for n, _ in DRIFT_CHECKS.columns], [row]
         ),
     )
 

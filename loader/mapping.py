@@ -17,14 +17,16 @@ A rejected document is kept in `raw.rejects` as canonical extended JSON (truncat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
 from bson import ObjectId, json_util
 from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.datetime_ms import DatetimeMS
 
 from loader.schema import ID_COLUMNS, Field, fields_of, raw_columns
+
+if TYPE_CHECKING:  # pyarrow is imported where it is used: probing for changes needs none of it
+    import pyarrow as pa
 
 # Read dates as raw milliseconds: no datetime objects to build, no failure on dates Python's
 # datetime cannot hold (those become rejects instead of aborting the cursor).
@@ -235,6 +237,8 @@ class BatchMapper:
 
 
 def _arrow_type(ch_type: str) -> pa.DataType:
+    import pyarrow as pa
+
     if ch_type.startswith("DateTime64"):
         return pa.timestamp("ms", tz="UTC")
     if ch_type.startswith("DateTime"):
@@ -250,6 +254,8 @@ def bookkeeping_arrays(
     version: pa.Array | pa.ChunkedArray, run_id: str, loaded_at_ms: int
 ) -> dict[str, pa.Array | pa.ChunkedArray]:
     """The bookkeeping columns (`schema.BOOKKEEPING`) of rows whose `_version` is `version`."""
+    import pyarrow as pa
+
     n = len(version)
     return {
         "_version": version,
@@ -264,6 +270,8 @@ def with_bookkeeping(
 ) -> pa.Table:
     """`ID_COLUMNS` + field columns → a table in `raw.<collection>` column order, with the
     bookkeeping columns filled in (`_version` is `updated_at` in milliseconds)."""
+    import pyarrow as pa
+
     version = columns["updated_at"].cast(pa.int64()).cast(pa.uint64())
     known = columns | bookkeeping_arrays(version, run_id, loaded_at_ms)
     return pa.table({name: known[name] for name, _ in raw_columns(collection)})
@@ -271,6 +279,8 @@ def with_bookkeeping(
 
 def to_arrow(batch: MappedBatch, run_id: str, loaded_at_ms: int) -> pa.Table:
     """The batch as an Arrow table in `raw.<collection>` column order (bookkeeping filled in)."""
+    import pyarrow as pa
+
     types = dict(raw_columns(batch.collection))
     columns = {
         name: pa.array(values, _arrow_type(types[name])) for name, values in batch.columns.items()

@@ -33,6 +33,7 @@ from bson.datetime_ms import DatetimeMS
 from loader.build_pending import mark_build_pending
 from loader.clients import Clients, clickhouse_call, mongo_call, open_clients
 from loader.deletes import write_tombstones
+from loader.drift import rejected_only_sql
 from loader.idset import IdSet, id_set
 from loader.mapping import BatchMapper, MappedBatch, to_arrow
 from loader.runs import PeakRss, RunRecord, new_run_id, write_run
@@ -97,25 +98,6 @@ class ReconcileResult:
     @property
     def repaired(self) -> bool:
         return bool(self.deletes or self.rows_written or self.rejects or self.rejected_gone)
-
-
-def rejected_only_sql(collection: str) -> str:
-    """(`_id`, `v` = updated_at ms of its last rejected document) of every ObjectId known only
-    from `raw.rejects` and not marked gone. They are in Mongo too; leaving them out would make
-    every bucket differ. Takes parameter `c`."""
-    table = raw_table(collection).qualified
-    rejected_updated_at = (
-        "toInt64OrZero(JSONExtractString(document, 'updated_at', '$date', '$numberLong'))"
-    )
-    rejected = f"SELECT _id FROM {REJECTS.qualified} WHERE collection = {{c:String}}"
-    return (
-        f"SELECT _id, argMax({rejected_updated_at}, rejected_at) AS v "
-        f"FROM {REJECTS.qualified} WHERE collection = {{c:String}} "
-        "AND length(_id) = 24 AND match(_id, '^[0-9a-f]+$') "
-        # Restricted to the rejected ids, so the primary key of the raw table serves it.
-        f"AND _id NOT IN (SELECT _id FROM {table} WHERE _id IN ({rejected})) "
-        "GROUP BY _id HAVING argMax(is_deleted, rejected_at) = 0"
-    )
 
 
 def known_sql(collection: str) -> str:

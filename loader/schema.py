@@ -187,6 +187,10 @@ CHANGE_STREAM_STATE = Table(
         ("resume_token", "String"),
         ("events", "UInt64"),
         ("saved_at", "DateTime64(6, 'UTC')"),
+        # How far behind MongoDB the follower was when it saved: seconds from the last event's
+        # commit (wallTime) to its batch being stored and settled; 0 when it had caught up.
+        ("lag_seconds", "Float64 DEFAULT 0"),
+        ("last_event_at", "Nullable(DateTime64(3, 'UTC'))"),
     ),
     "ReplacingMergeTree(saved_at)",
     "collection",

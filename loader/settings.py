@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     decoder: Literal["pymongoarrow", "pymongo"] = Field(
         "pymongoarrow", validation_alias="LOADER_DECODER"
     )
+    # The change-stream follower stores what it has buffered at least this often (and at
+    # `flush_every` events), so a write reaches raw and pipeline_state within about this long.
+    flush_interval_ms: int = Field(
+        100, ge=1, le=60_000, validation_alias="LOADER_FLUSH_INTERVAL_MS"
+    )
     # Late-commit window: a write may become visible up to this long after its `updated_at`.
     overlap_seconds: float = Field(60.0, ge=0, validation_alias="LOADER_OVERLAP_SECONDS")
     # Documents dated further than this past the loader's clock are not loaded yet (they would

@@ -14,10 +14,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import bson
-import pyarrow as pa
 from bson import MinKey, ObjectId
 from bson.datetime_ms import DatetimeMS
 from pymongo.collection import Collection
@@ -32,7 +31,6 @@ from loader.clients import (
     mongo_unavailable,
     open_clients,
 )
-from loader.columnar import decode_valid_rows
 from loader.errors import add_note, failure_message, watermark_outcome
 from loader.identity import Identity, check_identity, collection_uuid, record_identity
 from loader.idset import id_set
@@ -66,6 +64,9 @@ from loader.watermark import (
     reset_watermark,
     save_watermark,
 )
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +261,12 @@ class _Run:
     def flush_raw(self, raw: bytes) -> None:
         """Store a raw server batch through Arrow when every document maps; otherwise map it
         document by document (`flush`), which records each reject with its reason."""
+        # Imported here: pymongoarrow brings pandas and pyarrow (half a second), which a run
+        # that only probes for changes (`has_changes`, a no-op flow run) never needs.
+        import pyarrow as pa
+
+        from loader.columnar import decode_valid_rows
+
         columns = decode_valid_rows(raw, self.collection, self.settings.max_string_chars)
         if columns is None:
             self.flush(bson.decode_all(raw, CODEC_OPTIONS))

@@ -1,32 +1,40 @@
 {#-
-    The state behind `pipeline_state`, kept by ClickHouse rather than recomputed per read:
+    The state behind `pipeline_state`, kept by ClickHouse as documents arrive rather than
+    recomputed per read or per build (docs: `pipeline_state` in models/marts/_marts__docs.md):
 
     - `pipeline_state_store`: ReplacingMergeTree(rank) ORDER BY file_id. Every candidate current
       task of a file is a row; the engine keeps, per file, the row with the highest `rank`, which
       packs (assigned_at, task_id, _version) into one UInt256 (see pipeline_state_rank), so
       "latest assigned_at, ties broken by task_id" is exactly the order of the naive
       `argMax(..., (assigned_at, _id))`, and a newer version of the same task wins over its
-      older versions when assigned_at is unchanged. Reads use FINAL: a streaming merge of a few
-      rows per file, ~100x cheaper than argMax over the events (and than argMaxMerge over tuple
-      states, which ClickHouse handles through its slow generic path).
-    - `pipeline_state_store_mv`: materialized view on inserts into `task_events`; every new task
-      version becomes a candidate row of its file.
-    - `pipeline_state_pending_files`: files whose state needs a recompute because this run
-      retracts something an insert-only view cannot: a deleted task, a task whose assigned_at
-      moved backwards, a task moved to another file.
-
-    The hooks of `task_events` drive it: `pipeline_state_record_retractions` (pre-hook) records
-    the files before the old rows are deleted; `pipeline_state_sync` (post-hook) recomputes them
-    from `task_events`, or rebuilds everything after a first build or a full refresh.
-    Readers do not read the store: `int_pipeline_state_current` (a table rebuilt at each build)
-    applies FINAL and the employee join once, and `pipeline_state` reads that table.
+      older versions when assigned_at is unchanged. Readers apply FINAL.
+    - `pipeline_state_members`: every (file_id, task_id) pair a task version ever had,
+      ORDER BY (file_id, task_id) with a projection by task_id: which tasks to recompute a file
+      from, and which files may hold a task's candidates, both by primary key.
+    - `pipeline_state_raw_mv`, `pipeline_state_members_mv`: materialized views on inserts into
+      `raw.tasks` (the loader's table): every task version any loader writes (sync, reconcile,
+      the change-stream follower) becomes a candidate row of its file in the same INSERT, with
+      no dbt run in between.
+    - Settling (what an insert-only view cannot express: a deleted task, assigned_at moved
+      backwards, a task moved to another file, a version that arrived after a newer one): a
+      store row of a changed task that its current version contradicts is stale, and so is a
+      file whose best row ranks below a live current version; those files are recomputed from
+      raw and replaced (see pipeline_state_settle_files). Two parameterized views hold the SQL
+      the change-stream follower runs after each micro-batch (`loader/state.py`):
+        `pipeline_state_stale(task_ids, file_ids, assigned_ms, versions, deleted)`: the files
+          the given task versions make stale;
+        `pipeline_state_recomputed(file_ids)`: the best row of each file, from raw (kind
+          'best'), and the rows the store holds for those files (kind 'held').
+      The hooks of `task_events` settle every file a task loaded since the last build touched
+      (`pipeline_state_record_changed_tasks`, `pipeline_state_sync`), so whatever loaded a
+      change, a build leaves the store equal to the recomputation.
 -#}
 
 {% macro pipeline_state_relation(events_relation, suffix) -%}
     {{ return(events_relation.incorporate(path={"identifier": "pipeline_state_" ~ suffix}, type="table")) }}
 {%- endmacro %}
 
-{% macro pipeline_state_rank() -%}
+{% macro pipeline_state_rank(task_id='task_id', version='_version', assigned_at='assigned_at') -%}
     {#-
         (assigned_at, task_id, _version) as one UInt256, ordered like the tuple:
         bits 160+ milliseconds since 1900 (DateTime64's lower bound, so never negative),
@@ -35,15 +43,43 @@
     -#}
     bitOr(
         bitOr(
-            bitShiftLeft(toUInt256(toUInt64(toUnixTimestamp64Milli(assigned_at) + 2208988800000)), 160),
-            bitShiftLeft(toUInt256(reinterpretAsUInt128(reverse(unhex(task_id)))), 64)
+            bitShiftLeft(toUInt256(toUInt64(toUnixTimestamp64Milli({{ assigned_at }}) + 2208988800000)), 160),
+            bitShiftLeft(toUInt256(reinterpretAsUInt128(reverse(unhex({{ task_id }})))), 64)
         ),
-        toUInt256(_version)
+        toUInt256({{ version }})
     )
 {%- endmacro %}
 
-{% macro pipeline_state_store_select(events_relation, pending_relation=none, reduce=true) -%}
+{% macro pipeline_state_store_columns() -%}
+    file_id, rank, stage, employee_code, employee_name, status, assigned_at, task_id
+{%- endmacro %}
+
+{% macro pipeline_state_raw_select(raw_relation) -%}
+    {#- every live row inserted into raw.tasks as a candidate (the materialized view) -#}
     select
+        file_id,
+        {{ pipeline_state_rank(task_id='_id') }} as rank,
+        stage,
+        employee_code,
+        employee_name,
+        status,
+        assigned_at,
+        _id as task_id
+    from {{ raw_relation }}
+    where is_deleted = 0
+{%- endmacro %}
+
+{% macro pipeline_state_members_select(raw_relation) -%}
+    select
+        file_id,
+        _id as task_id
+    from {{ raw_relation }}
+{%- endmacro %}
+
+{% macro pipeline_state_current_versions(task_filter) -%}
+    {#- the current version of the tasks matching `task_filter` (on task_id), with their rank -#}
+    select
+        task_id,
         file_id,
         {{ pipeline_state_rank() }} as rank,
         stage,
@@ -51,101 +87,371 @@
         employee_name,
         status,
         assigned_at,
-        task_id
-    from {{ events_relation }}
-    where
-        is_deleted = 0
-        {%- if pending_relation is not none %}
-            and file_id in (select file_id from {{ pending_relation }})
-        {%- endif %}
-    {#- with reduce: one row per file up front, so a rebuild leaves no merging to the reads #}
-    {%- if reduce %}
+        is_deleted
+    from {{ ref('stg_mongo__tasks') }}
+    where {{ task_filter }}
+{%- endmacro %}
+
+{% macro pipeline_state_best_of_files(members, files_sql) -%}
+    {#-
+        The best row of each file in `files_sql` (a subquery of file ids), from raw: the tasks
+        that ever had a version in those files (`members`, by primary key), their current
+        versions (primary-key lookups in raw), the live ones in those files, top rank per file.
+    -#}
+    select {{ pipeline_state_store_columns() }}
+    from (
+        {{ pipeline_state_current_versions(
+            "task_id in (select task_id from " ~ members ~ " where file_id in " ~ files_sql ~ ")"
+        ) }}
+    )
+    where is_deleted = 0 and file_id in {{ files_sql }}
     order by file_id, rank desc
     limit 1 by file_id
-    {%- endif %}
+{%- endmacro %}
+
+{% macro pipeline_state_create_views(events_relation) -%}
+    {#- The materialized views and the two parameterized views (idempotent). -#}
+    {% set store = pipeline_state_relation(events_relation, "store") %}
+    {% set members = pipeline_state_relation(events_relation, "members") %}
+    {% set raw = source('mongo', 'tasks') %}
+    {% do run_query(
+        "create materialized view if not exists " ~ pipeline_state_relation(events_relation, "raw_mv")
+        ~ " to " ~ store ~ " as " ~ pipeline_state_raw_select(raw)
+    ) %}
+    {% do run_query(
+        "create materialized view if not exists " ~ pipeline_state_relation(events_relation, "members_mv")
+        ~ " to " ~ members ~ " as " ~ pipeline_state_members_select(raw)
+    ) %}
+    {% set stale %}
+        with
+        latest as (
+            select
+                task_id,
+                file_id,
+                {{ pipeline_state_rank(assigned_at="fromUnixTimestamp64Milli(assigned_ms, 'UTC')") }} as rank,
+                is_deleted
+            from (
+                select
+                    tupleElement(v, 1) as task_id,
+                    tupleElement(v, 2) as file_id,
+                    tupleElement(v, 3) as assigned_ms,
+                    tupleElement(v, 4) as _version,
+                    tupleElement(v, 5) as is_deleted
+                from (
+                    select arrayJoin(arrayZip(
+                        {task_ids:Array(String)},
+                        {file_ids:Array(String)},
+                        {assigned_ms:Array(Int64)},
+                        {versions:Array(UInt64)},
+                        {deleted:Array(UInt8)}
+                    )) as v
+                )
+            )
+        ),
+
+        {#-
+            One read of the store: every row of the files the given tasks ever had a version
+            in (members, by task) or have now, aggregated per file: its best rank, and
+            whether a row of a given task is contradicted by that task's current version.
+        #}
+        held as (
+            select
+                h.file_id as file_id,
+                max(h.rank) as best,
+                max(
+                    l.task_id != ''
+                    and (l.is_deleted = 1 or h.file_id != l.file_id or h.rank > l.rank)
+                ) as contradicted
+            from {{ store }} as h
+            left join latest as l on h.task_id = l.task_id
+            where
+                h.file_id in (select file_id from {{ members }} where task_id in {task_ids:Array(String)})
+                or h.file_id in {file_ids:Array(String)}
+            group by h.file_id
+        ),
+
+        {#- per file, the best live given version #}
+        given as (
+            select
+                file_id,
+                max(rank) as top
+            from latest
+            where is_deleted = 0
+            group by file_id
+        )
+
+        {#-
+            a file holding a contradicted row of a given task, or whose best row ranks below a
+            live given version (a candidate never delivered; no row at all counts as rank 0)
+        #}
+        select if(held.file_id != '', held.file_id, given.file_id) as file_id
+        from held
+        full join given on held.file_id = given.file_id
+        where held.contradicted = 1 or (given.file_id != '' and held.best < given.top)
+        settings join_use_nulls = 0
+    {% endset %}
+    {% do run_query(
+        "create or replace view " ~ pipeline_state_relation(events_relation, "stale") ~ " as " ~ stale
+    ) %}
+    {% set recomputed %}
+        select
+            'best' as kind,
+            {{ pipeline_state_store_columns() }}
+        from ({{ pipeline_state_best_of_files(members, "{file_ids:Array(String)}") }})
+
+        union all
+
+        {# the rows the store holds for those files now, for the caller to diff #}
+        select
+            'held' as kind,
+            file_id,
+            rank,
+            '' as stage,
+            '' as employee_code,
+            '' as employee_name,
+            '' as status,
+            toDateTime64(0, 3, 'UTC') as assigned_at,
+            task_id
+        from {{ store }}
+        where file_id in {file_ids:Array(String)}
+    {% endset %}
+    {% do run_query(
+        "create or replace view " ~ pipeline_state_relation(events_relation, "recomputed")
+        ~ " as " ~ recomputed
+    ) %}
+{%- endmacro %}
+
+{% macro pipeline_state_create_store(relation) -%}
+    {#- patch-part deletes (lightweight updates): a settle deletes a few rows cheaply -#}
+    create table {{ relation }}
+    engine = ReplacingMergeTree(rank)
+    order by file_id
+    settings
+        enable_block_number_column = 1,
+        enable_block_offset_column = 1,
+        {#- small granules: the follower looks up a few files at random keys per batch -#}
+        index_granularity = 1024
+    empty as {{ pipeline_state_raw_select(source('mongo', 'tasks')) }}
+{%- endmacro %}
+
+{% macro pipeline_state_create_members(relation) -%}
+    create table {{ relation }} (
+        file_id String,
+        task_id String,
+        projection by_task (select * order by task_id)
+    )
+    engine = ReplacingMergeTree
+    order by (file_id, task_id)
+    settings deduplicate_merge_projection_mode = 'rebuild', index_granularity = 1024
 {%- endmacro %}
 
 {% macro pipeline_state_create_pending(pending) -%}
     create table if not exists {{ pending }} (
+        task_id String,
         file_id String,
         rebuild_all UInt8,
         recorded_at DateTime64(3, 'UTC') default now64(3)
     )
     engine = MergeTree
-    order by file_id
+    order by (task_id, file_id)
 {%- endmacro %}
 
-{% macro pipeline_state_record_retractions() %}
-    {#- pre-hook of task_events; `this` is task_events -#}
+{% macro pipeline_state_record_changed_tasks() %}
+    {#-
+        pre-hook of task_events (`this`): the tasks loaded since the last build, and the files
+        task_events still puts them in, recorded before the incremental run moves its cursor
+        past them, for the post-hook to settle. Kept until a post-hook has settled them, so a
+        failed run leaves them for the next one.
+    -#}
     {% if not execute %}{{ return("") }}{% endif %}
-    {% set pending = pipeline_state_relation(this, "pending_files") %}
+    {% set pending = pipeline_state_relation(this, "pending") %}
     {% do run_query(pipeline_state_create_pending(pending)) %}
     {% if not is_incremental() %}
-        {#- the table is (re)built from scratch and the view does not see that insert -#}
-        {% do run_query("insert into " ~ pending ~ " (file_id, rebuild_all) values ('', 1)") %}
+        {#- task_events is (re)built from scratch: so is the store -#}
+        {% do run_query("insert into " ~ pending ~ " (task_id, file_id, rebuild_all) values ('', '', 1)") %}
         {{ return("") }}
     {% endif %}
-    {% set record %}
-        insert into {{ pending }} (file_id, rebuild_all)
-        select
-            old.file_id,
-            0
-        from {{ this }} as old
-        inner join (
-            select
-                task_id,
-                file_id,
-                assigned_at,
-                is_deleted
-            from {{ ref('stg_mongo__tasks') }}
-            where task_id in ({{ task_events_changed_task_ids() }})
-        ) as new on old.task_id = new.task_id
-        where
-            old.task_id in ({{ task_events_changed_task_ids() }})
-            and old.is_deleted = 0
-            and (
-                new.is_deleted = 1
-                or new.file_id != old.file_id
-                or new.assigned_at < old.assigned_at
-            )
-    {% endset %}
-    {% do run_query(record) %}
+    {% do run_query(
+        "insert into " ~ pending ~ " (task_id, file_id, rebuild_all) select _id, '', 0 from ("
+        ~ task_events_changed_task_ids() ~ ")"
+    ) %}
+    {% do run_query(
+        "insert into " ~ pending ~ " (task_id, file_id, rebuild_all) select '', file_id, 0 from "
+        ~ this ~ " where task_id in (select task_id from " ~ pending ~ " where task_id != '')"
+    ) %}
     {{ return("") }}
 {% endmacro %}
+
+{% macro pipeline_state_settle_files(store, members, files) %}
+    {#-
+        Make the store's row of every file in the table `files` (file_id) the best row
+        recomputed from raw: insert the best rows of the files whose state differs, then delete
+        their rows that outrank the best (all of them for a file left without live tasks), then
+        insert again any best row a merge dropped meanwhile (ReplacingMergeTree keeps the top
+        row when it merges, which may still be the stale one until the delete lands).
+        loader/state.py `settle_files` does the same for the change-stream follower.
+    -#}
+    {% set best = pipeline_state_relation(store, "settle_best") %}
+    {% set diff = pipeline_state_relation(store, "settle_diff") %}
+    {% do run_query("drop table if exists " ~ best) %}
+    {% do run_query("drop table if exists " ~ diff) %}
+    {% set files_sql = "(select file_id from " ~ files ~ ")" %}
+    {% do run_query(
+        "create table " ~ best ~ " engine = MergeTree order by file_id as "
+        ~ pipeline_state_best_of_files(members, files_sql)
+    ) %}
+    {% set differing %}
+        select
+            f.file_id as file_id,
+            b.rank as best_rank
+        from {{ files }} as f
+        left join {{ best }} as b on f.file_id = b.file_id
+        left join (
+            select
+                file_id,
+                rank
+            from {{ store }} final
+            where file_id in {{ files_sql }}
+        ) as s on f.file_id = s.file_id
+        where s.rank != b.rank
+        settings join_use_nulls = 0
+    {% endset %}
+    {% do run_query("create table " ~ diff ~ " engine = MergeTree order by file_id as " ~ differing) %}
+    {% set n = run_query("select count() from " ~ diff).rows[0][0] %}
+    {% if n > 0 %}
+        {{ log("pipeline_state: settling " ~ n ~ " file state(s)", info=True) }}
+        {% set insert_best %}
+            insert into {{ store }}
+            select {{ pipeline_state_store_columns() }}
+            from {{ best }}
+            where (file_id, rank) in (select file_id, best_rank from {{ diff }})
+        {% endset %}
+        {% do run_query(insert_best) %}
+        {% do run_query(
+            "delete from " ~ store ~ " where (file_id, rank) in (select s.file_id, s.rank from "
+            ~ store ~ " as s inner join " ~ diff ~ " as d on s.file_id = d.file_id"
+            ~ " where s.file_id in (select file_id from " ~ diff ~ ") and s.rank > d.best_rank)"
+            ~ " settings lightweight_delete_mode = 'lightweight_update'"
+        ) %}
+        {% set dropped %}
+            select count()
+            from {{ diff }} as d
+            left join (
+                select
+                    file_id,
+                    rank
+                from {{ store }} final
+                where file_id in (select file_id from {{ diff }})
+            ) as s on d.file_id = s.file_id
+            where d.best_rank != 0 and s.rank != d.best_rank
+            settings join_use_nulls = 0
+        {% endset %}
+        {% for attempt in range(3) %}
+            {% if run_query(dropped).rows[0][0] > 0 %}
+                {% do run_query(insert_best) %}
+            {% endif %}
+        {% endfor %}
+    {% endif %}
+    {% do run_query("drop table if exists " ~ best) %}
+    {% do run_query("drop table if exists " ~ diff) %}
+{% endmacro %}
+
+{% macro pipeline_state_swap_in(target, create_macro, view, view_select, copy_select, aside) %}
+    {#-
+        (Re)build `target` from `copy_select` while `view` keeps feeding it from raw.
+        With `aside` (the target and its view exist): build a copy next to it, fed by a view of
+        its own created before the copy (so a load meanwhile reaches it one way or both), then
+        swap the two tables atomically, so readers keep the old table until the new one is
+        complete. Views address their target by name: after the swap `view` feeds the new table.
+        Without: drop the view first (an insert into raw must never meet a view without its
+        table), create the table and the view, then copy.
+    -#}
+    {% if aside %}
+        {% set next = target.incorporate(path={"identifier": target.identifier ~ "_next"}) %}
+        {% set next_view = target.incorporate(path={"identifier": target.identifier ~ "_next_mv"}) %}
+        {% do run_query("drop view if exists " ~ next_view) %}
+        {% do run_query("drop table if exists " ~ next) %}
+        {% do run_query(create_macro(next)) %}
+        {% do run_query("create materialized view " ~ next_view ~ " to " ~ next ~ " as " ~ view_select) %}
+        {% do run_query("insert into " ~ next ~ " " ~ copy_select) %}
+        {% do run_query("exchange tables " ~ next ~ " and " ~ target) %}
+        {% do run_query("drop view " ~ next_view) %}
+        {% do run_query("drop table " ~ next) %}
+    {% else %}
+        {% do run_query("drop view if exists " ~ view) %}
+        {% do run_query("drop table if exists " ~ target) %}
+        {% do run_query(create_macro(target)) %}
+        {% do run_query("create materialized view " ~ view ~ " to " ~ target ~ " as " ~ view_select) %}
+        {% do run_query("insert into " ~ target ~ " " ~ copy_select) %}
+    {% endif %}
+{% endmacro %}
+
+{% macro pipeline_state_exists(relation) -%}
+    {{ return(adapter.get_relation(database=relation.database, schema=relation.schema, identifier=relation.identifier) is not none) }}
+{%- endmacro %}
 
 {% macro pipeline_state_sync() %}
     {#- post-hook of task_events; `this` is task_events -#}
     {% if not execute %}{{ return("") }}{% endif %}
+    {% set raw = source('mongo', 'tasks') %}
     {% set store = pipeline_state_relation(this, "store") %}
-    {% set view = pipeline_state_relation(this, "store_mv") %}
-    {% set pending = pipeline_state_relation(this, "pending_files") %}
+    {% set raw_mv = pipeline_state_relation(this, "raw_mv") %}
+    {% set members = pipeline_state_relation(this, "members") %}
+    {% set members_mv = pipeline_state_relation(this, "members_mv") %}
+    {% set pending = pipeline_state_relation(this, "pending") %}
+    {% set touched = pipeline_state_relation(this, "settle_files") %}
     {% do run_query(pipeline_state_create_pending(pending)) %}
+    {#- the objects of the earlier design (a view on task_events, pending files) -#}
+    {% set legacy = pipeline_state_exists(pipeline_state_relation(this, "store_mv")) %}
+    {% do run_query("drop view if exists " ~ pipeline_state_relation(this, "store_mv")) %}
+    {% do run_query("drop table if exists " ~ pipeline_state_relation(this, "pending_files")) %}
 
     {% set flags_row = run_query(
         "select countIf(rebuild_all = 1), countIf(rebuild_all = 0) from " ~ pending
     ).rows[0] %}
-    {% set store_exists = adapter.get_relation(database=store.database, schema=store.schema, identifier=store.identifier) is not none %}
-    {% set view_exists = adapter.get_relation(database=view.database, schema=view.schema, identifier=view.identifier) is not none %}
+    {% set store_ok = pipeline_state_exists(store) and pipeline_state_exists(raw_mv) and not legacy %}
+    {% set members_ok = pipeline_state_exists(members) and pipeline_state_exists(members_mv) %}
 
-    {% if flags_row[0] > 0 or not store_exists or not view_exists %}
-        {{ log("pipeline_state: rebuilding " ~ store ~ " from " ~ this, info=True) }}
-        {% do run_query("drop view if exists " ~ view) %}
-        {% do run_query("drop table if exists " ~ store) %}
-        {% do run_query(
-            "create table " ~ store ~ " engine = ReplacingMergeTree(rank) order by file_id empty as "
-            ~ pipeline_state_store_select(this, reduce=false)
+    {% if flags_row[0] > 0 or not store_ok or not members_ok %}
+        {{ log("pipeline_state: rebuilding " ~ store ~ " from " ~ raw, info=True) }}
+        {% set copy_all %}
+            select {{ pipeline_state_store_columns() }}
+            from ({{ pipeline_state_current_versions("1") }})
+            where is_deleted = 0
+            order by file_id, rank desc
+            limit 1 by file_id
+        {% endset %}
+        {% do pipeline_state_swap_in(
+            members, pipeline_state_create_members, members_mv, pipeline_state_members_select(raw),
+            "select distinct file_id, _id as task_id from " ~ raw, members_ok
         ) %}
-        {% do run_query(
-            "create materialized view " ~ view ~ " to " ~ store ~ " as "
-            ~ pipeline_state_store_select(this, reduce=false)
+        {% do pipeline_state_swap_in(
+            store, pipeline_state_create_store, raw_mv, pipeline_state_raw_select(raw),
+            copy_all, store_ok
         ) %}
-        {% do run_query("insert into " ~ store ~ " " ~ pipeline_state_store_select(this)) %}
-    {% elif flags_row[1] > 0 %}
-        {{ log("pipeline_state: recomputing " ~ flags_row[1] ~ " retracted file state(s)", info=True) }}
-        {% do run_query(
-            "delete from " ~ store ~ " where file_id in (select file_id from " ~ pending ~ ")"
-        ) %}
-        {% do run_query("insert into " ~ store ~ " " ~ pipeline_state_store_select(this, pending)) %}
+        {% do pipeline_state_create_views(this) %}
+    {% else %}
+        {% do pipeline_state_create_views(this) %}
+        {% if flags_row[1] > 0 %}
+            {#-
+                Every file a task loaded since the last build was in (task_events, before this
+                run) or had a version in (members): whatever the hot path did or missed, these
+                files end equal to the recomputation.
+            -#}
+            {% set changed = "(select task_id from " ~ pending ~ " where task_id != '')" %}
+            {% do run_query("drop table if exists " ~ touched) %}
+            {% set touched_files %}
+                select distinct file_id
+                from (
+                    select file_id from {{ pending }} where file_id != ''
+                    union all
+                    select file_id from {{ members }} where task_id in {{ changed }}
+                )
+            {% endset %}
+            {% do run_query("create table " ~ touched ~ " engine = MergeTree order by file_id as " ~ touched_files) %}
+            {% do pipeline_state_settle_files(store, members, touched) %}
+            {% do run_query("drop table if exists " ~ touched) %}
+        {% endif %}
     {% endif %}
     {% do run_query("truncate table " ~ pending) %}
     {{ return("") }}

@@ -1,14 +1,9 @@
-{{
-    config(
-        materialized='table',
-        engine='MergeTree()',
-        order_by='(stage, status)',
-    )
-}}
+{{ config(materialized='view') }}
 
 {#-
     Files per current stage and status, with the assignment times the ages are derived from:
-    a few dozen rows, rebuilt at each build from int_pipeline_state_current. The ages
+    a few dozen rows aggregated at read time from int_pipeline_state_current (live: a write
+    that reached pipeline_state_store counts at once). The ages
     themselves depend on the clock, so mart_backlog_by_stage computes them at read time.
 -#}
 

@@ -1,13 +1,7 @@
-{{
-    config(
-        materialized='table',
-        engine='MergeTree()',
-        order_by='employee_code',
-    )
-}}
+{{ config(materialized='view') }}
 
 {#-
-    Open work per employee, rebuilt at each build from int_pipeline_state_current and
+    Open work per employee, aggregated at read time from int_pipeline_state_current (live) and
     dim_employees (one row per employee): the files whose current task is assigned to the
     employee with an open status (var('open_statuses')) and the oldest such assignment. Every
     employee of the dimension appears (zero when idle); a code missing from the dimension still

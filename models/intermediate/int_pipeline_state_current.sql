@@ -1,17 +1,12 @@
-{{
-    config(
-        materialized='table',
-        engine='MergeTree()',
-        order_by='(assigned_at, file_id)',
-    )
-}}
+{{ config(materialized='view') }}
 
 {#-
-    The current task of every file with the assignee's name resolved, rebuilt at each build
-    from pipeline_state_store (kept incrementally, see macros/pipeline_state.sql). Reading the
-    store needs FINAL and the employee join; doing both once per build (one pass over one row
-    per file) leaves the dashboard's reads a plain scan of this table. Ordered by assigned_at:
-    the dashboard's "longest waiting" panel reads the oldest files first.
+    The current task of every file with the assignee's name resolved, read live from
+    pipeline_state_store (kept as documents arrive, see macros/pipeline_state.sql): FINAL keeps
+    each file's highest-ranked row, and the join to dim_employees (a few thousand rows) resolves
+    the name. A view, not a table rebuilt per build, so a write that reached the store is
+    visible at once; at 1M tasks (389k files) this read costs about what a scan of the former
+    table did (measured: a count 12 ms vs 23 ms, the longest-waiting panel 40 ms vs 48 ms).
 
     Nothing is filtered: a stage or status outside the vocabulary, or an assignee the employee
     dimension lacks, is shown as it is and flagged (is_known_stage, is_known_status,

@@ -1,10 +1,10 @@
 {{ config(materialized='view') }}
 
 {#-
-    Current state per file: int_pipeline_state_current (rebuilt at each build from
-    pipeline_state_store, which a materialized view on task_events keeps; see
-    macros/pipeline_state.sql) plus the time in stage, computed at read time. A read scans one
-    row per file and never touches task_events.
+    Current state per file: int_pipeline_state_current (pipeline_state_store read live with
+    FINAL; materialized views on raw.tasks feed the store and the change-stream follower settles
+    retractions, see macros/pipeline_state.sql) plus the time in stage, computed at read time.
+    A read sees one row per file and never touches task_events.
 -#}
 
 with

@@ -24,7 +24,7 @@
             if var('task_events_patch_deletes', true) else {}
         ),
         on_schema_change='fail',
-        pre_hook="{{ pipeline_state_record_retractions() }}",
+        pre_hook="{{ pipeline_state_record_changed_tasks() }}",
         post_hook="{{ pipeline_state_sync() }}",
     )
 }}
@@ -34,7 +34,8 @@
     One row per task (its current version), deleted tasks included with is_deleted = 1.
     Incremental path: only tasks with a raw row loaded since the last run are rebuilt
     (see macros/task_events.sql); delete+insert replaces their old row wherever its
-    partition was, then the materialized view of pipeline_state sees the inserted rows.
+    partition was. The hooks settle pipeline_state_store for those tasks (see
+    macros/pipeline_state.sql); the store itself is fed by a view on raw.tasks.
 #}
 
 select

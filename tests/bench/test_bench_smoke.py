@@ -50,6 +50,8 @@ MEASUREMENT_KEYS = {
     "decode.pymongo",
     "decode.pymongoarrow",
     *(f"web.{page}{suffix}" for page in PAGES for suffix in ("", "_uncached")),
+    "freshness.50_per_s",
+    "freshness.500_per_s",
 }
 COMPARISON_KEYS = {
     "loader_vs_cursor_drain",
@@ -121,3 +123,14 @@ def test_a_skipped_group_is_reported_unavailable_with_its_reason(report: dict[st
 def test_the_loader_measurements_ran(report: dict[str, Any]) -> None:
     assert report["measurements"]["load.loader"]["status"] == "ok"
     assert len(report["measurements"]["load.loader"]["runs"]) == 1
+
+
+def test_the_freshness_probes_were_seen(report: dict[str, Any]) -> None:
+    for key in ("freshness.50_per_s", "freshness.500_per_s"):
+        m = report["measurements"][key]
+        assert m["status"] == "ok", (key, m["status"])
+        assert m["runs"] and m["p99"] is not None, key
+        assert m["detail"]["probes_unseen_within_30s"] == 0, key
+        # Probe files cycle insert → status → reassign → delete; a short run under load may
+        # not reach the later steps, so only the first two are required here.
+        assert {"insert", "status"} <= set(m["detail"]["p50_ms_by_kind"]), key

@@ -95,15 +95,15 @@ def test_unknown_stage_stays_visible_in_the_marts(built, dbt) -> None:
 
 
 def test_comparison_test_catches_a_pipeline_state_that_drifted(built, dbt) -> None:
-    # A row that exists only in task_events (not in raw) reaches the state through the
-    # materialized view; the naive recomputation over raw does not have it.
+    # A candidate row that no raw task backs, written into the store behind the loader's and
+    # dbt's back: pipeline_state (read live from the store) shows it, the naive recomputation
+    # over raw does not.
     built.ch.command(
-        "insert into analytics.task_events"
+        "insert into analytics.pipeline_state_store"
         " select * replace ('ffffffffffffffffffffffff' as task_id,"
-        " assigned_at + interval 1 year as assigned_at)"
-        " from analytics.task_events where is_deleted = 0 order by task_id limit 1"
+        " assigned_at + interval 1 year as assigned_at, rank + bitShiftLeft(toUInt256(1), 250)"
+        " as rank) from analytics.pipeline_state_store final order by file_id limit 1"
     )
-    dbt.ok("run", "--select", "int_pipeline_state_current")  # the snapshot pipeline_state reads
     drifted = dbt.invoke("test", "--select", "assert_pipeline_state_matches_naive_recomputation")
     assert drifted.statuses == {"assert_pipeline_state_matches_naive_recomputation": "fail"}
 

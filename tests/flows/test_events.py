@@ -118,3 +118,69 @@ def test_the_change_follower_signals_a_change_and_marks_its_build_pending(
     entries = client.xrange(stream_key(settings))
     assert entries and entries[0][1]["collection"] == "employee"
     assert "employee" in pending_builds(ch, ["employee"])
+
+
+def test_the_hot_path_shows_a_task_write_on_the_dashboard_without_a_flow_run(
+    pipeline: Any,
+) -> None:
+    """With the store built once, the follower alone carries a new task to the dashboard's
+    panels (through the cache, whose data version it bumps): no signal, no flow run."""
+    import time
+
+    from bson import ObjectId
+
+    from flows.dashboard import PANELS, collect
+    from flows.events import follow_and_signal
+    from flows.pipeline import sync_pipeline
+    from flows.redis_link import RedisLink
+
+    settings = pipeline.settings
+    log = logging.getLogger("test")
+    sync_pipeline()
+    runs = pipeline.scalar("SELECT uniqExact(run_id) FROM ops.step_timings")
+    panel = tuple(p for p in PANELS if p.name == "files_by_stage_status")
+    link = RedisLink(settings, log)
+
+    def files(stage: str, status: str) -> int:
+        rows = collect(settings, link, pipeline.ch, log, panel)[0].rows
+        return sum(r["files"] for r in rows if (r["stage"], r["status"]) == (stage, status))
+
+    before = files("intake", "assigned")
+    assert collect(settings, link, pipeline.ch, log, panel)[0].hit  # cached from here on
+    stop = threading.Event()
+    follower = threading.Thread(
+        target=follow_and_signal, args=(settings, "tasks", stop, log), daemon=True
+    )
+    follower.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not pipeline.scalar(
+            "SELECT count() FROM ops.change_stream_state WHERE collection = 'tasks'"
+        ):
+            time.sleep(0.1)  # the follower's stream is open once it has saved a position
+        employee = pipeline.db.employee.find_one({})
+        now = datetime.now(UTC)
+        pipeline.db.tasks.insert_one(
+            {
+                "_id": ObjectId(),
+                "file_id": "HOT-PATH-1",
+                "stage": "intake",
+                "employee_code": employee["employee_code"],
+                "employee_name": employee["employee_name"],
+                "status": "assigned",
+                "assigned_at": now,
+                "updated_at": now,
+            }
+        )
+        seen = before
+        while time.monotonic() < deadline and seen == before:
+            time.sleep(0.1)
+            seen = files("intake", "assigned")
+    finally:
+        stop.set()
+        follower.join(timeout=30)
+        link.close()
+
+    assert seen == before + 1
+    assert connect(settings).xlen(stream_key(settings)) == 0
+    assert pipeline.scalar("SELECT uniqExact(run_id) FROM ops.step_timings") == runs

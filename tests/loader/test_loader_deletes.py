@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import queue
+import threading
+from datetime import UTC, datetime
+
 import pytest
 from bson import ObjectId
 from clickhouse_connect.driver.client import Client
 from loader_testlib import clickhouse_tasks, mongo_tasks
 from pymongo.database import Database
 
+from loader.build_pending import clear_build_pending, pending_builds
 from loader.clients import Clients
 from loader.deletes import (
+    StoredBatch,
     follow_changes,
     load_resume_token,
     save_resume_token,
@@ -256,3 +262,105 @@ def test_watch_whose_resume_token_is_not_in_the_oplog_fails_saying_to_reconcile_
         "ORDER BY started_at DESC LIMIT 1"
     ).result_rows
     assert recorded[0][0] == "failed" and "cannot resume" in recorded[0][1]
+
+
+def test_a_steady_trickle_of_writes_is_stored_while_it_lasts(
+    settings: Settings, clients: Clients, db: Database
+) -> None:
+    """The follower stores what it buffered every LOADER_FLUSH_INTERVAL_MS (0.1 s), not only
+    at `flush_every` events or when the stream falls idle: under writes that never pause, the
+    first batch lands while the writer is still writing."""
+    import time
+
+    seed(db, 50, seed=210)
+    sync_collection(settings, "tasks", clients=clients)
+    _start_following(settings, clients)
+    stored: list[StoredBatch] = []
+    stop = threading.Event()
+    follower = threading.Thread(
+        target=follow_changes,
+        args=(settings, "tasks"),
+        kwargs={
+            "all_changes": True,
+            "stop": stop,
+            "on_stored": stored.append,
+            "flush_every": 1_000_000,  # only the time budget (or idleness) can flush
+        },
+        daemon=True,
+    )
+    follower.start()
+    ids = _first_ids(db, 50)
+    written = 0
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:  # writes without a pause
+        db.tasks.update_one({"_id": ids[written % len(ids)]}, {"$set": {"status": f"s{written}"}})
+        written += 1
+    writer_done = time.time()
+    stop.set()
+    follower.join(timeout=30)
+
+    assert stored and stored[0].stored_at < writer_done
+    assert sum(b.events for b in stored) == written
+
+
+def test_the_last_version_of_a_document_in_a_batch_is_the_one_stored(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 20, seed=211)
+    sync_collection(settings, "tasks", clients=clients)
+    _start_following(settings, clients)
+    target = _first_ids(db, 1)[0]
+    for i in range(20):
+        db.tasks.update_one({"_id": target}, {"$set": {"status": f"step-{i}"}})
+    gone = _first_ids(db, 3)[1:]
+    db.tasks.update_many({"_id": {"$in": gone}}, {"$set": {"status": "about to go"}})
+    db.tasks.delete_many({"_id": {"$in": gone}})
+
+    result = follow_changes(
+        settings, "tasks", clients=clients, idle_timeout_s=0.5, all_changes=True
+    )
+
+    assert (result.events, result.batches) == (24, 1)
+    rows = _versions(clickhouse_client, [target, *gone])
+    # One new row for the document updated 20 times (its last version), tombstones for the rest.
+    assert len([r for r in rows if r[0] == str(target)]) == 2
+    assert clickhouse_tasks(clickhouse_client)[str(target)] == mongo_tasks(db)[str(target)]
+    assert all(
+        r[1] == 1
+        for r in rows
+        if r[0] in map(str, gone)
+        and r == max((x for x in rows if x[0] == r[0]), key=lambda x: x[2])
+    )
+
+
+def test_a_delete_marks_the_build_pending_again_after_a_build_cleared_the_mark(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    """A delete is invisible to the watermark: no scheduled run would load it, so the follower
+    marks the build pending again even when a build cleared its first mark meanwhile."""
+    seed(db, 200, seed=231)
+    sync_collection(settings, "tasks", clients=clients)
+    _start_following(settings, clients)
+    stored: queue.Queue[StoredBatch] = queue.Queue()
+    stop = threading.Event()
+    follower = threading.Thread(
+        target=follow_changes,
+        args=(settings, "tasks"),
+        kwargs={"stop": stop, "all_changes": True, "on_stored": stored.put},
+    )
+    follower.start()
+    try:
+        assert mutate(db, 3, seed=4).updated > 0
+        stored.get(timeout=60)  # the first batch marked the build pending
+        clear_build_pending(
+            clickhouse_client, ["tasks"], "a-build", build_started_at=datetime.now(UTC)
+        )
+        assert "tasks" not in pending_builds(clickhouse_client, ["tasks"])
+        db.tasks.delete_one({"_id": _first_ids(db, 1)[0]})
+        while stored.get(timeout=60).deletes == 0:
+            pass
+    finally:
+        stop.set()
+        follower.join(timeout=60)
+
+    assert "tasks" in pending_builds(clickhouse_client, ["tasks"])

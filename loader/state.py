@@ -1,0 +1,234 @@
+"""Settle `analytics.pipeline_state_store` after the change-stream follower stores a batch.
+
+The store, the materialized view that feeds it from `raw.tasks` and the two parameterized views
+used here are dbt's (`macros/pipeline_state.sql`); this module only calls them. The view makes
+every stored task version a candidate current state of its file in the same INSERT. What it
+cannot express is a retraction: a deleted task, `assigned_at` moved backwards, a task moved to
+another file, or a version older than one already stored. After each batch (in its settling
+thread, while the next batch is being stored; batches stored meanwhile are settled together,
+their versions merged with `TaskVersions.merge`) the follower asks
+`pipeline_state_stale` which files the batch's versions contradict (a store row of a batch task
+that is deleted, now elsewhere or ranked above its current version, or a file whose best row
+ranks below a live batch version), recomputes those files from raw with
+`pipeline_state_recomputed`, and replaces what differs (`settle_files`): the recomputed best
+rows are inserted first, then the rows that outrank them deleted, so a reader sees the old or
+the new state of a file; a best row that a merge dropped in between is inserted again.
+
+It needs no memory of earlier batches: the store itself says where a task's candidates are, so a
+batch replayed after a crash (the resume token is saved only after this step) settles the same
+way, whoever loaded the versions first. Until dbt has built the store (first build) the views
+are missing: `settle` then returns None and the next build brings the store up to date.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from clickhouse_connect.driver.exceptions import DatabaseError
+
+from loader.clients import Clients, clickhouse_call
+from loader.mapping import MappedBatch
+
+ANALYTICS_DB = "analytics"  # the dbt profile's schema (docs/ARCHITECTURE.md)
+STORE = f"{ANALYTICS_DB}.pipeline_state_store"
+STALE_VIEW = f"{ANALYTICS_DB}.pipeline_state_stale"
+RECOMPUTED_VIEW = f"{ANALYTICS_DB}.pipeline_state_recomputed"
+STORE_COLUMNS = [
+    "file_id",
+    "rank",
+    "stage",
+    "employee_code",
+    "employee_name",
+    "status",
+    "assigned_at",
+    "task_id",
+]
+# Tasks per request: the arrays travel as URL parameters (128 KiB each on ClickHouse's side).
+CHUNK = 2_000
+# A parameterized view that does not exist is an unknown table function.
+MISSING = ("UNKNOWN_TABLE", "UNKNOWN_DATABASE", "UNKNOWN_VIEW", "UNKNOWN_FUNCTION")
+
+
+@dataclass
+class TaskVersions:
+    """The current versions of the tasks a batch stored (or tombstoned), by task id."""
+
+    file_id: dict[str, str] = field(default_factory=dict)
+    assigned_ms: dict[str, int] = field(default_factory=dict)
+    version: dict[str, int] = field(default_factory=dict)
+    deleted: set[str] = field(default_factory=set)
+
+    def add_batch(self, batch: MappedBatch) -> None:
+        cols = batch.columns
+        for task_id, file_id, assigned, updated in zip(
+            cols["_id"], cols["file_id"], cols["assigned_at"], cols["updated_at"], strict=True
+        ):
+            self.file_id[task_id] = file_id
+            self.assigned_ms[task_id] = int(assigned)
+            self.version[task_id] = int(updated)  # `_version` is updated_at in milliseconds
+            self.deleted.discard(task_id)
+
+    def add_deleted(self, task_ids: Iterable[str]) -> None:
+        for task_id in task_ids:
+            self.deleted.add(task_id)
+            self.file_id.pop(task_id, None)
+
+    def merge(self, later: TaskVersions) -> None:
+        """Apply the versions of a later batch on top of these."""
+        for task_id, file_id in later.file_id.items():
+            self.file_id[task_id] = file_id
+            self.assigned_ms[task_id] = later.assigned_ms[task_id]
+            self.version[task_id] = later.version[task_id]
+            self.deleted.discard(task_id)
+        self.add_deleted(later.deleted)
+
+    def __len__(self) -> int:
+        return len(self.file_id) + len(self.deleted)
+
+    def params(self) -> Iterable[dict[str, list[Any]]]:
+        ids = list(self.file_id) + sorted(self.deleted)
+        for start in range(0, len(ids), CHUNK):
+            chunk = ids[start : start + CHUNK]
+            yield {
+                "task_ids": chunk,
+                "file_ids": [self.file_id.get(t, "") for t in chunk],
+                "assigned_ms": [self.assigned_ms.get(t, 0) for t in chunk],
+                "versions": [self.version.get(t, 0) for t in chunk],
+                "deleted": [1 if t in self.deleted else 0 for t in chunk],
+            }
+
+
+@dataclass(frozen=True)
+class Settled:
+    stale_rows: int  # store rows the batch contradicted (deleted)
+    files: int  # files recomputed
+    seconds: float
+
+
+def _missing(exc: BaseException) -> bool:
+    """The store or its views do not exist (rather than any other error in them)."""
+    text = str(exc)
+    names = (STORE, STALE_VIEW, RECOMPUTED_VIEW, ANALYTICS_DB)
+    return (
+        isinstance(exc, DatabaseError)
+        and any(code in text for code in MISSING)
+        and any(name in text for name in names)
+    )
+
+
+def settle(clients: Clients, versions: TaskVersions) -> Settled | None:
+    """Bring the store in line with `versions` (see the module docstring). None when the store
+    or its views do not exist yet (no dbt build so far): nothing to settle."""
+    t0 = time.perf_counter()
+    if not versions:
+        return Settled(0, 0, 0.0)
+    ch = clients.clickhouse
+    flagged: set[str] = set()
+    try:
+        for params in versions.params():
+            rows = clickhouse_call(
+                clients.settings,
+                lambda params=params: (
+                    ch.query(
+                        f"SELECT DISTINCT file_id FROM {STALE_VIEW}("
+                        "task_ids = {task_ids:Array(String)}, "
+                        "file_ids = {file_ids:Array(String)}, "
+                        "assigned_ms = {assigned_ms:Array(Int64)}, "
+                        "versions = {versions:Array(UInt64)}, "
+                        "deleted = {deleted:Array(UInt8)})",
+                        parameters=params,
+                    ).result_rows
+                ),
+            )
+            flagged.update(r[0] for r in rows)
+    except DatabaseError as exc:
+        if _missing(exc):
+            return None
+        raise
+    removed = 0
+    files = sorted(flagged)
+    for start in range(0, len(files), CHUNK):
+        removed += settle_files(clients, files[start : start + CHUNK])
+    return Settled(removed, len(files), time.perf_counter() - t0)
+
+
+def _query(clients: Clients, sql: str, **parameters: Any) -> list[tuple[Any, ...]]:
+    ch = clients.clickhouse
+    return clickhouse_call(
+        clients.settings, lambda: ch.query(sql, parameters=parameters).result_rows
+    )
+
+
+def settle_files(
+    clients: Clients, files: list[str], *, after_insert: Callable[[], None] | None = None
+) -> int:
+    """Make the store's row of each of `files` the best row recomputed from raw (none for a
+    file without live tasks); returns the rows deleted. `macros/pipeline_state.sql`
+    (`pipeline_state_settle_files`) does the same inside a dbt build.
+
+    The best rows of the files whose state differs are inserted first, then the rows that
+    outrank them are deleted, so a reader sees the old or the new state. A ReplacingMergeTree
+    merge in between keeps the top row of each file, which may still be the stale one, and drop
+    the best row just inserted: the best rows missing after the delete are inserted again."""
+    if not files:
+        return 0
+    ch = clients.clickhouse
+    cols = ", ".join(STORE_COLUMNS)
+    best: dict[str, list[Any]] = {}
+    rows: list[tuple[str, int]] = []  # every live candidate row of the files
+    for r in _query(
+        clients,
+        f"SELECT kind, {cols} FROM {RECOMPUTED_VIEW}(file_ids = {{files:Array(String)}})",
+        files=files,
+    ):
+        if r[0] == "best":
+            best[r[1]] = list(r[1:])
+        else:
+            rows.append((r[1], int(r[2])))
+    rank = {f: int(row[1]) for f, row in best.items()}
+    shown: dict[str, int] = {}  # what FINAL shows: the top row per file
+    for f, r in rows:
+        shown[f] = max(r, shown.get(f, 0))
+    differing = [f for f in files if shown.get(f) != rank.get(f)]
+    if not differing:
+        return 0
+
+    def insert(which: list[str]) -> None:
+        new = [best[f] for f in which if f in best]
+        if new:
+            clickhouse_call(
+                clients.settings, lambda: ch.insert(STORE, new, column_names=STORE_COLUMNS)
+            )
+
+    insert(differing)
+    if after_insert is not None:  # tests force a merge here
+        after_insert()
+    wrong = set(differing)
+    doomed = sorted({(f, r) for f, r in rows if f in wrong and r > rank.get(f, 0)})
+    if doomed:
+        clickhouse_call(
+            clients.settings,
+            lambda: ch.command(
+                f"DELETE FROM {STORE} WHERE (file_id, rank) IN "
+                "{rows:Array(Tuple(String, UInt256))}",
+                parameters={"rows": doomed},
+                settings={"lightweight_delete_mode": "lightweight_update"},
+            ),
+        )
+    for _ in range(3):
+        now = {
+            r[0]: int(r[1])
+            for r in _query(
+                clients,
+                f"SELECT file_id, rank FROM {STORE} FINAL WHERE file_id IN {{files:Array(String)}}",
+                files=[f for f in differing if f in best],
+            )
+        }
+        dropped = [f for f in differing if f in best and now.get(f) != rank[f]]
+        if not dropped:
+            break
+        insert(dropped)
+    return len(doomed)

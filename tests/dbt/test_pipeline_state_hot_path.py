@@ -1,0 +1,236 @@
+"""The hot path: the change-stream follower alone keeps `pipeline_state` equal to MongoDB.
+
+No dbt run happens between a change and the comparison: the follower stores each micro-batch in
+`raw.tasks`, the materialized view carries every version into `pipeline_state_store`, and the
+follower settles what the view cannot retract (`loader.state`). After the changes a build must
+leave everything (task_events, pipeline_state, the marts) equal to what MongoDB says, and the
+full recomputation tests must pass. Expected states come from MongoDB through
+`tests/mongo_oracle.py`, never from the warehouse.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from bson import ObjectId
+from mongo_oracle import current_task_per_file, differences_from_mongo, warehouse_state
+from test_pipeline_state_scenario import STEPS
+
+from loader.deletes import StoredBatch, follow_changes
+
+
+def _differing(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    wrong = sorted(f for f in expected.keys() | actual.keys() if expected.get(f) != actual.get(f))
+    return [f"{f}: expected {expected.get(f)}, got {actual.get(f)}" for f in wrong]
+
+
+def _follow(warehouse: Any, **kwargs: Any) -> Any:
+    """One follower run over what is waiting in the change stream, all changes loaded."""
+    return follow_changes(
+        warehouse.settings, "tasks", all_changes=True, idle_timeout_s=0.3, **kwargs
+    )
+
+
+@pytest.fixture
+def following(built: Any) -> Any:
+    """A built warehouse whose follower has stored its position (later runs resume there)."""
+    built.ch.command("TRUNCATE TABLE ops.change_stream_state")
+    _follow(built, max_events=0)
+    return built
+
+
+def test_the_follower_alone_keeps_pipeline_state_equal_to_mongodb_after_each_kind_of_change(
+    following: Any, dbt: Any
+) -> None:
+    db, ch = following.db, following.ch
+    assert not _differing(current_task_per_file(db), warehouse_state(ch))
+    for step in STEPS:
+        before = current_task_per_file(db)
+        step.change(db)
+        assert current_task_per_file(db) != before, f"step {step.name!r} changed nothing"
+
+        result = _follow(following)
+
+        assert result.events > 0 and result.batches > 0
+        wrong = _differing(current_task_per_file(db), warehouse_state(ch))
+        assert not wrong, f"after {step.name!r} (no build): {len(wrong)} differ: {wrong[:3]}"
+
+    # A build after changes that arrived through the hot path converges to the same state, the
+    # marts included, and the recomputation tests agree.
+    dbt.ok("run", "--select", "task_events+")
+    assert differences_from_mongo(db, ch) == {}
+    dbt.ok("test", "--select", "tag:full_recompute")
+
+
+def test_a_batch_replayed_after_the_follower_died_before_settling_it_settles_the_same(
+    following: Any,
+) -> None:
+    db, ch = following.db, following.ch
+    file_id = next(f for f, s in current_task_per_file(db).items() if s[4])
+    current = ObjectId(current_task_per_file(db)[file_id][4])
+    db.tasks.delete_one({"_id": current})  # a retraction: the view alone would keep the row
+
+    def die() -> None:
+        raise RuntimeError("follower killed after storing its batch")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        _follow(following, after_store=die)
+    # Stored but not settled: the deleted task still shows as the file's current one.
+    assert warehouse_state(ch).get(file_id, (None,) * 5)[4] == str(current)
+
+    replayed = _follow(following)  # resumes from the token saved before the batch
+
+    assert replayed.resumed and replayed.events >= 1
+    assert not _differing(current_task_per_file(db), warehouse_state(ch))
+
+
+def test_a_build_settles_a_stale_candidate_that_a_late_load_left_in_the_store(
+    built: Any, dbt: Any
+) -> None:
+    """A loader that read a task before its newer version was stored (a sync racing the
+    follower) inserts the older version last: raw keeps the newer one, but the view has already
+    made the older one a candidate. Here the older version had a later assigned_at, so it
+    outranks the file's true state until a settle removes it."""
+    db, ch = built.db, built.ch
+    task_id = ch.query(
+        "SELECT task_id FROM analytics.pipeline_state ORDER BY file_id LIMIT 1"
+    ).result_rows[0][0]
+    columns = [
+        r[0]
+        for r in ch.query(
+            "SELECT name FROM system.columns WHERE database = 'raw' AND table = 'tasks' "
+            "ORDER BY position"
+        ).result_rows
+    ]
+    older = {
+        "_version": "_version - 1",
+        "assigned_at": "assigned_at + INTERVAL 30 DAY",
+        "_loaded_at": "now64(3, 'UTC')",
+    }
+    select = ", ".join(f"{older.get(c, c)} AS `{c}`" for c in columns)
+    ch.command(
+        f"INSERT INTO raw.tasks ({', '.join(f'`{c}`' for c in columns)}) "
+        f"SELECT {select} FROM (SELECT * FROM raw.tasks FINAL WHERE _id = {{t:String}})",
+        parameters={"t": task_id},
+    )
+    assert _differing(current_task_per_file(db), warehouse_state(ch)), "the stale row shows"
+
+    dbt.ok("run", "--select", "task_events+")
+
+    assert not _differing(current_task_per_file(db), warehouse_state(ch))
+    dbt.ok("test", "--select", "assert_pipeline_state_matches_naive_recomputation")
+
+
+def test_a_merge_between_inserting_the_best_row_and_deleting_the_stale_one_loses_nothing(
+    built: Any,
+) -> None:
+    """ReplacingMergeTree keeps each file's top row when it merges. Right after the recomputed
+    best row is inserted, the top row is still the stale one: a merge then drops the best row,
+    and the delete of the stale row would leave the file with no row at all."""
+    from loader.clients import open_clients
+    from loader.state import settle_files
+
+    db, ch = built.db, built.ch
+    file_id = sorted(current_task_per_file(db))[0]
+    ch.command(
+        "INSERT INTO analytics.pipeline_state_store SELECT * REPLACE ("
+        "'ffffffffffffffffffffffff' AS task_id, rank + bitShiftLeft(toUInt256(1), 250) AS rank) "
+        "FROM analytics.pipeline_state_store FINAL WHERE file_id = {f:String}",
+        parameters={"f": file_id},
+    )
+    assert warehouse_state(ch)[file_id][4] == "f" * 24
+
+    with open_clients(built.settings) as clients:
+        settle_files(
+            clients,
+            [file_id],
+            after_insert=lambda: ch.command("OPTIMIZE TABLE analytics.pipeline_state_store FINAL"),
+        )
+
+    assert warehouse_state(ch).get(file_id) == current_task_per_file(db)[file_id]
+
+
+def test_a_burst_of_writes_while_the_follower_runs_loses_and_duplicates_nothing(
+    following: Any, dbt: Any
+) -> None:
+    from loader.synthetic import mutate
+
+    db, ch = following.db, following.ch
+    stop = threading.Event()
+    stored: list[StoredBatch] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            follow_changes(
+                following.settings, "tasks", all_changes=True, stop=stop, on_stored=stored.append
+            )
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        employees = list(db.employee.find({}, {"employee_code": 1, "employee_name": 1}))
+        now = datetime.now(UTC)
+        files = sorted(current_task_per_file(db))
+        new = [
+            {
+                "_id": ObjectId(),
+                "file_id": files[i % len(files)] if i % 3 else f"BURST-{i:05d}",
+                "stage": "review",
+                "employee_code": employees[i % len(employees)]["employee_code"],
+                "employee_name": employees[i % len(employees)]["employee_name"],
+                "status": "assigned",
+                "assigned_at": now + timedelta(milliseconds=i),
+                "updated_at": now,
+            }
+            for i in range(3_000)
+        ]
+        for start in range(0, len(new), 500):
+            db.tasks.insert_many(new[start : start + 500])
+        for seed in range(5):
+            mutate(db, 100, seed=300 + seed)
+        db.tasks.delete_many({"_id": {"$in": [d["_id"] for d in new[::7]]}})
+        written = db.tasks.count_documents({})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not errors:
+            time.sleep(0.5)
+            state = warehouse_state(ch)
+            live = ch.query("SELECT count() FROM raw.tasks FINAL WHERE is_deleted = 0").result_rows
+            if live[0][0] == written and not _differing(current_task_per_file(db), state):
+                break
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not errors, errors
+    assert len(stored) > 1, "a burst is stored in several batches"
+    assert not _differing(current_task_per_file(db), warehouse_state(ch))
+    dupes = ch.query(
+        "SELECT count() FROM (SELECT file_id FROM analytics.pipeline_state "
+        "GROUP BY file_id HAVING count() > 1)"
+    ).result_rows[0][0]
+    assert dupes == 0
+    dbt.ok("run", "--select", "task_events+")
+    assert differences_from_mongo(db, ch) == {}
+
+
+def test_a_follower_that_fell_behind_records_its_lag(following: Any) -> None:
+    db, ch = following.db, following.ch
+    task = db.tasks.find_one({})
+    db.tasks.update_one({"_id": task["_id"]}, {"$set": {"status": "in_progress"}})
+    time.sleep(1.5)  # the follower is not running: the write waits in the change stream
+
+    stored: list[StoredBatch] = []
+    _follow(following, on_stored=stored.append)
+
+    assert stored and stored[-1].lag_seconds >= 1.5
+    lag, last_event_at = ch.query(
+        "SELECT lag_seconds, last_event_at FROM ops.change_stream_state FINAL "
+        "WHERE collection = 'tasks'"
+    ).result_rows[0]
+    assert lag >= 1.5 and last_event_at is not None
