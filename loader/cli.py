@@ -368,7 +368,7 @@ def seed(
     embedded stack (`python -m devstack up`), unless --force; --keep drops nothing."""
     from pymongo import MongoClient
 
-    from loader import synthetic
+    import synthetic
 
     _setup_logging(verbose)
     settings = _settings()

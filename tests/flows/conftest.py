@@ -73,7 +73,7 @@ def pipeline(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Pipeline]:
     from flows.settings import FlowSettings
-    from loader.synthetic import seed
+    from synthetic import seed
 
     private = uuid.uuid4().hex[:8]
     monkeypatch.setenv("PIPELINE_DBT_PROFILES_DIR", str(dbt_dirs["profiles"]))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from flows.pipeline import sync_pipeline
-from loader.synthetic import mutate
+from synthetic import mutate
 
 if TYPE_CHECKING:  # fixtures' types, from this suite's conftest.py
     from conftest import Captured, Pipeline

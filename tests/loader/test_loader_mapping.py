@@ -14,7 +14,7 @@ from mongo_oracle import contract_problems
 
 from loader.mapping import CODEC_OPTIONS, BatchMapper
 from loader.schema import COLLECTION_FIELDS
-from loader.synthetic import MALFORMED_KINDS, corrupt
+from synthetic import MALFORMED_KINDS, corrupt
 
 
 def _as_read(doc: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from harness import (
 )
 from world import World, port_refuses, restart
 
-from loader.synthetic import mutate
+from synthetic import mutate
 
 pytestmark = pytest.mark.timeout(900)
 
