@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PIP_FLAGS := --disable-pip-version-check --no-input --progress-bar off
 
 .DEFAULT_GOAL := help
-.PHONY: help setup up down status demo test sync lint lint-sql dbt-build serve web screenshot dashboard bench reliability
+.PHONY: help setup up down status demo test test-unit sync lint lint-sql dbt-build serve web screenshot dashboard bench reliability
 
 help: ## List the targets
 	@echo "Usage: make <target>"
@@ -46,6 +46,9 @@ demo: setup up ## Set up, start the embedded stack, seed data ending now, one fl
 
 test: setup ## Run every test on a private stack (free ports, temp dir); set RUN_SLOW=1 for slow ones
 	$(PY) -m pytest
+
+test-unit: setup ## Only the tests that need no server (tests/unit: pure rules, seconds)
+	$(PY) -m pytest tests/unit -q
 
 sync: setup ## One flow run against whatever the env vars point to
 	$(PY) -m flows.pipeline
