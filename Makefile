@@ -71,9 +71,10 @@ dbt-build: setup ## dbt build (models + tests) against the env-configured ClickH
 lint-sql: setup ## sqlfluff on the dbt models and tests (needs a running ClickHouse: make up)
 	$(VENV)/bin/sqlfluff lint models tests/data
 
-lint: setup ## ruff check + ruff format --check
+lint: setup ## ruff check + ruff format --check + mypy (the packages listed in pyproject.toml)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 bench: setup ## Benchmarks against the baselines (quick run: BENCH_SCALE=20000; see bench/config.py)
 	$(PY) -m pip install $(PIP_FLAGS) -e '.[dev,bench]'

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,7 +103,9 @@ class QueryCache:
         return self._settings.key("cache", f"v{version}", name, digest)
 
     def lookup_many(
-        self, entries: list[tuple[str, dict[str, Any] | None, str]], versions: tuple[str, str]
+        self,
+        entries: Sequence[tuple[str, dict[str, Any] | None, str]],
+        versions: tuple[str, str],
     ) -> list[Rows | None]:
         """The cached rows of several queries (`(name, params, scope)`) in one round trip, None
         for each miss (compute those with `get_or_compute`, which counts the miss); counts the
