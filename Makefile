@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PIP_FLAGS := --disable-pip-version-check --no-input --progress-bar off
 
 .DEFAULT_GOAL := help
-.PHONY: help setup up down status demo test sync lint lint-sql dbt-build serve web screenshot dashboard bench reliability
+.PHONY: help setup up down status demo test test-unit sync lint lint-sql dbt-build serve web screenshot dashboard bench reliability
 
 help: ## List the targets
 	@echo "Usage: make <target>"
@@ -47,6 +47,9 @@ demo: setup up ## Set up, start the embedded stack, seed data ending now, one fl
 test: setup ## Run every test on a private stack (free ports, temp dir); set RUN_SLOW=1 for slow ones
 	$(PY) -m pytest
 
+test-unit: setup ## Only the tests that need no server (tests/unit: pure rules, seconds)
+	$(PY) -m pytest tests/unit -q
+
 sync: setup ## One flow run against whatever the env vars point to
 	$(PY) -m flows.pipeline
 
@@ -68,9 +71,10 @@ dbt-build: setup ## dbt build (models + tests) against the env-configured ClickH
 lint-sql: setup ## sqlfluff on the dbt models and tests (needs a running ClickHouse: make up)
 	$(VENV)/bin/sqlfluff lint models tests/data
 
-lint: setup ## ruff check + ruff format --check
+lint: setup ## ruff check + ruff format --check + mypy (the packages listed in pyproject.toml)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 bench: setup ## Benchmarks against the baselines (quick run: BENCH_SCALE=20000; see bench/config.py)
 	$(PY) -m pip install $(PIP_FLAGS) -e '.[dev,bench]'

@@ -180,7 +180,7 @@ class Harness:
 
         from bench.baselines.seed_v1 import ensure_lookup_index
         from loader.sync import ensure_watermark_index
-        from loader.synthetic import seed
+        from synthetic import seed
 
         client: MongoClient = MongoClient(self.stack.mongo_uri)
         try:
@@ -256,7 +256,7 @@ class Harness:
 
         from pymongo import MongoClient
 
-        from loader.synthetic import mutate
+        from synthetic import mutate
 
         client: MongoClient = MongoClient(self.stack.mongo_uri)
         try:

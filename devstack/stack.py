@@ -147,7 +147,14 @@ def start_on_free_ports(
     """Start a stack of its own on free ports (tests, benchmarks); new ports if another
     program grabs one between the choice and the start."""
     for attempt in range(1, attempts + 1):
-        stack = Stack(data_dir, *free_ports(3), clickhouse_password=clickhouse_password)
+        mongo_port, clickhouse_port, redis_port = free_ports(3)
+        stack = Stack(
+            data_dir,
+            mongo_port,
+            clickhouse_port,
+            redis_port,
+            clickhouse_password=clickhouse_password,
+        )
         try:
             stack.up()
         except PortBusyError:

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
@@ -149,7 +150,7 @@ def _notify(
 
     body = "\n".join(f"- {a.kind}: {a.message}" for a in alerts)
     try:
-        block = Block.load(block_name)
+        block: Any = Block.load(block_name)  # sync here (sync_compatible): the block itself
         block.notify(body=body, subject=f"sync pipeline: {len(alerts)} alert(s)")
     except Exception as exc:  # a broken notifier must not fail the pipeline
         logger.warning("Could not notify through Prefect block %r: %s", block_name, exc)

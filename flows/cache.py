@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from flows.redis_link import RedisLink
 from flows.settings import FlowSettings
@@ -69,7 +69,7 @@ class QueryCache:
 
     def data_version(self) -> str | None:
         """The current data version ("0" before the first sync), or None without Redis."""
-        return self._link.call(lambda c: c.get(self._version_key) or "0", None)
+        return self._link.call(lambda c: cast(str | None, c.get(self._version_key)) or "0", None)
 
     def versions(self) -> tuple[str, str] | None:
         """(data version, runs version), "0" before the first bump; None without Redis."""
@@ -103,7 +103,9 @@ class QueryCache:
         return self._settings.key("cache", f"v{version}", name, digest)
 
     def lookup_many(
-        self, entries: list[tuple[str, dict[str, Any] | None, str]], versions: tuple[str, str]
+        self,
+        entries: Sequence[tuple[str, dict[str, Any] | None, str]],
+        versions: tuple[str, str],
     ) -> list[Rows | None]:
         """The cached rows of several queries (`(name, params, scope)`) in one round trip, None
         for each miss (compute those with `get_or_compute`, which counts the miss); counts the

@@ -3,7 +3,7 @@
 Runner choice: plain `dbtRunner` in-process, turning its run results into `StepTiming` rows
 (-> `ops.step_timings` and the run's Prefect table artifact, so every node's timing is visible in
 Prefect), instead of prefect-dbt's `PrefectDbtRunner`, which makes every dbt node a Prefect task
-and pays API round trips per node. Measured with `python -m flows.runner_bench` (one `dbt build`
+and pays API round trips per node. Measured with `python -m bench.runner_bench` (one `dbt build`
 of both sources inside a Prefect flow, test-harness API, embedded ClickHouse, 66 nodes = models
 and data tests, 5,000 raw tasks, 2 shared cores; seconds per build, first run includes imports):
 

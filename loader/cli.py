@@ -17,6 +17,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -70,7 +71,7 @@ class _RichProgress:
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
-        self.task: int | None = None
+        self.task: TaskID | None = None
 
     def start(self, collection: str, total: int | None) -> None:
         self.task = self.progress.add_task(f"sync {collection}", total=total)
@@ -368,7 +369,7 @@ def seed(
     embedded stack (`python -m devstack up`), unless --force; --keep drops nothing."""
     from pymongo import MongoClient
 
-    from loader import synthetic
+    import synthetic
 
     _setup_logging(verbose)
     settings = _settings()

@@ -108,7 +108,9 @@ def retrying(settings: Settings, transient: tuple[type[BaseException], ...]) -> 
         ),
         retry=retry_if_exception_type(transient),
         before_sleep=lambda rs: log.warning(
-            "transient error (attempt %d): %s; retrying", rs.attempt_number, rs.outcome.exception()
+            "transient error (attempt %d): %s; retrying",
+            rs.attempt_number,
+            rs.outcome and rs.outcome.exception(),
         ),
         reraise=False,
     )
@@ -157,7 +159,9 @@ def connect_call(
         ),
         retry=retry_if_exception_type(transient),
         before_sleep=lambda rs: log.info(
-            "connecting (attempt %d): %s; retrying", rs.attempt_number, rs.outcome.exception()
+            "connecting (attempt %d): %s; retrying",
+            rs.attempt_number,
+            rs.outcome and rs.outcome.exception(),
         ),
         reraise=False,
     )
@@ -215,7 +219,7 @@ def connect_clickhouse(settings: Settings) -> Client:
             autogenerate_session_id=False,
         )
         # Later connections of the pool wait the configured time, not this attempt's share.
-        client.timeout = Timeout(connect=timeout, read=read_timeout)
+        client.timeout = Timeout(connect=timeout, read=read_timeout)  # type: ignore[attr-defined]  # HttpClient's
         return client
 
     return connect_call(settings, attempt, CLICKHOUSE_TRANSIENT, clickhouse_unavailable)

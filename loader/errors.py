@@ -546,7 +546,7 @@ def console_logs_without_tracebacks(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         for handler, formatter in wrapped:
-            handler.setFormatter(formatter)  # type: ignore[arg-type]
+            handler.setFormatter(formatter)
 
 
 def quiet_driver_logs(verbose: bool) -> None:

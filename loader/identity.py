@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import cast
 
 from loader.clients import Clients, clickhouse_call, mongo_call
 from loader.errors import ActionableError
@@ -108,11 +109,10 @@ def record_identity(clients: Clients, collection: str, uuid: str, run_id: str) -
 def _live_rows(clients: Clients, collection: str) -> int:
     ch = clients.clickhouse
     table = raw_table(collection).qualified
-    return int(
-        clickhouse_call(
-            clients.settings,
-            lambda: ch.command(
-                f"SELECT count() FROM (SELECT 1 FROM {table} FINAL WHERE is_deleted = 0 LIMIT 1)"
-            ),
-        )
+    count = clickhouse_call(
+        clients.settings,
+        lambda: ch.command(
+            f"SELECT count() FROM (SELECT 1 FROM {table} FINAL WHERE is_deleted = 0 LIMIT 1)"
+        ),
     )
+    return int(cast(int, count))

@@ -187,7 +187,7 @@ class BatchMapper:
 
         The hot path: one pass that checks and converts each value, with `problems` (the
         readable version of the same rules) consulted only for documents that fail."""
-        oid = doc.get("_id")
+        oid: Any = doc.get("_id")  # an ObjectId wherever `ok` holds
         values: list[Any] = []
         ok = type(oid) is ObjectId
         if ok:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import cast
 
 from clickhouse_connect.driver.client import Client
 
@@ -287,16 +288,17 @@ def migrate_table(client: Client, table: Table) -> list[str]:
         "SELECT count() FROM system.tables WHERE database = {db:String} AND name = {t:String}",
         parameters={"db": table.database, "t": table.name},
     )
-    if not int(exists):
+    if not int(cast(int, exists)):
         client.command(table.create_sql())
         return [f"created {table.qualified}"]
-    present = dict(
-        client.query(
+    present: dict[str, str] = {
+        name: ch_type
+        for name, ch_type in client.query(
             "SELECT name, type FROM system.columns "
             "WHERE database = {db:String} AND table = {t:String}",
             parameters={"db": table.database, "t": table.name},
         ).result_rows
-    )
+    }
     previous = None
     for name, ch_type in table.columns:
         if name not in present:

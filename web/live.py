@@ -91,7 +91,7 @@ class Broadcaster:
         data, runs = await client.mget(
             self.settings.key("data_version"), self.settings.key("runs_version")
         )
-        return (data or "0", runs or "0")
+        return (str(data or "0"), str(runs or "0"))  # str already: decode_responses=True
 
     async def _check(self, client: aioredis.Redis) -> None:
         versions = await self._read_versions(client)

@@ -14,7 +14,7 @@ import lz4.frame
 import zstandard
 
 try:  # brotli is optional: used only when installed
-    import brotli  # type: ignore[import-not-found]
+    import brotli
 except ImportError:  # pragma: no cover - depends on the environment
     brotli = None
 
@@ -24,8 +24,11 @@ class UnsupportedEncodingError(ValueError):
 
 
 class _FrameDecoder(Protocol):
-    eof: bool
-    unused_data: bytes
+    @property
+    def eof(self) -> bool: ...
+
+    @property
+    def unused_data(self) -> bytes: ...
 
     def decompress(self, data: bytes) -> bytes: ...
 
@@ -80,7 +83,7 @@ class _Brotli:
 
 
 def _zstd_frame() -> _FrameDecoder:
-    return zstandard.ZstdDecompressor().decompressobj()  # type: ignore[return-value]
+    return zstandard.ZstdDecompressor().decompressobj()
 
 
 _DECODERS: dict[str, Callable[[], _FrameDecoder]] = {

@@ -9,6 +9,7 @@ create the external-data tables; run the statement; undo what the request change
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import secrets
@@ -226,7 +227,7 @@ class Statement:
     async def cleanup(self) -> None:
         """Drop the external tables and undo the URL's settings (a session keeps the rest)."""
         for name in self._tables:
-            await run_sync(_quietly(lambda n=name: self.conn.drop_temporary_table(n)))
+            await run_sync(_quietly(functools.partial(self.conn.drop_temporary_table, name)))
         self._tables = []
         applied, self._applied = self._applied, None
         if applied is not None and self.keeps_state:

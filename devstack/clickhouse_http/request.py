@@ -273,7 +273,8 @@ def _read_form(req: QueryRequest, body: bytes) -> bytes:
     fields: list[tuple[str, bytes]] = []
     for part in message.iter_parts():
         name = str(part.get_param("name", header="content-disposition") or "")
-        value = part.get_payload(decode=True) or b""
+        payload = part.get_payload(decode=True)  # a leaf part: its bytes, or None
+        value = payload if isinstance(payload, bytes) else b""
         if part.get_filename() is not None:
             req.external_tables.append(_external_table(req, name or "_data", value))
             continue

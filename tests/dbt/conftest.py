@@ -121,7 +121,7 @@ class Warehouse:
         self.settings = Settings()
 
     def seed(self, n_tasks: int = N_TASKS) -> None:
-        from loader.synthetic import seed
+        from synthetic import seed
 
         seed(self.db, n_tasks, seed=7, end=DATA_END, days=60)
 

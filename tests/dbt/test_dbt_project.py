@@ -23,7 +23,7 @@ def _task_events_uuid(warehouse) -> str:
 
 
 def test_build_passes_twice_with_the_second_run_incremental(warehouse, dbt) -> None:
-    from loader.synthetic import mutate
+    from synthetic import mutate
 
     warehouse.seed()
     warehouse.load(full_refresh=True)
@@ -201,6 +201,6 @@ def _now():
 @pytest.fixture(autouse=True)
 def _stages_match_the_loader() -> None:
     # The vocabulary in dbt_project.yml must be the one the source uses.
-    from loader.synthetic import STAGES as LOADER_STAGES
+    from synthetic import STAGES as LOADER_STAGES
 
     assert list(LOADER_STAGES) == STAGES

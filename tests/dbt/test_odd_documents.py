@@ -13,7 +13,7 @@ FLAGS = ("stage_order", "is_known_stage", "is_known_status", "is_known_employee"
 
 
 def test_odd_documents_flow_on_flagged_and_their_ids_are_stored(built, dbt) -> None:
-    from loader.synthetic import mutate
+    from synthetic import mutate
 
     assert mutate(built.db, 30, seed=5).updated > 0  # valid changes beside the odd ones
     planted = plant_odd_tasks(built.db)

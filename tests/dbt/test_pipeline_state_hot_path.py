@@ -157,7 +157,7 @@ def test_a_merge_between_inserting_the_best_row_and_deleting_the_stale_one_loses
 def test_a_burst_of_writes_while_the_follower_runs_loses_and_duplicates_nothing(
     following: Any, dbt: Any
 ) -> None:
-    from loader.synthetic import mutate
+    from synthetic import mutate
 
     db, ch = following.db, following.ch
     stop = threading.Event()

@@ -71,7 +71,7 @@ def _employees(db: Database) -> list[dict[str, Any]]:
 
 
 def inserts_status_changes_and_reassignments(db: Database) -> None:
-    from loader.synthetic import mutate
+    from synthetic import mutate
 
     result = mutate(db, 40, seed=11)
     assert result.updated > 0 and result.inserted > 0

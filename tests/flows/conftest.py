@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from testkit import Captured, captured_run_logs
 
 REPO = Path(__file__).resolve().parents[2]
 N_TASKS = 300
@@ -73,7 +73,7 @@ def pipeline(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Pipeline]:
     from flows.settings import FlowSettings
-    from loader.synthetic import seed
+    from synthetic import seed
 
     private = uuid.uuid4().hex[:8]
     monkeypatch.setenv("PIPELINE_DBT_PROFILES_DIR", str(dbt_dirs["profiles"]))
@@ -95,28 +95,8 @@ def pipeline(
         p.close()
 
 
-class Captured(logging.Handler):
-    """Collects records of Prefect's run loggers (which do not propagate to pytest's caplog)."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def messages(self, level: int) -> list[str]:
-        return [r.getMessage() for r in self.records if r.levelno == level]
-
-
 @pytest.fixture
 def run_logs() -> Iterator[Captured]:
-    handler = Captured()
-    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    try:
+    """Every record of Prefect's run loggers during the test."""
+    with captured_run_logs() as handler:
         yield handler
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)

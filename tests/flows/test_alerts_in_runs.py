@@ -17,7 +17,8 @@ import pytest
 from flows.pipeline import sync_pipeline
 
 if TYPE_CHECKING:  # fixtures' types, from this suite's conftest.py
-    from conftest import Captured, Pipeline
+    from conftest import Pipeline
+    from testkit import Captured
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -30,7 +30,7 @@ def data_alerts(pipeline: Pipeline, run_id: str) -> list[dict[str, Any]]:
 
 
 def test_odd_documents_flow_on_flagged_and_alerts_name_them(pipeline: Pipeline) -> None:
-    from loader.synthetic import mutate
+    from synthetic import mutate
 
     assert sync_pipeline()["status"] == "ok"
     assert mutate(pipeline.db, 30, seed=5).updated > 0  # valid changes beside the odd ones

@@ -17,7 +17,7 @@ import pytest
 
 from devstack.process import free_ports
 from flows.pipeline import sync_pipeline
-from loader.synthetic import mutate
+from synthetic import mutate
 
 if TYPE_CHECKING:  # fixtures' types, from this suite's conftest.py
     from conftest import Pipeline

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import logging
 import shutil
-import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from testkit import run_at_once
 
 from flows.pipeline import sync_pipeline
-from loader.synthetic import mutate
+from synthetic import mutate
 
 if TYPE_CHECKING:  # fixtures' types, from this suite's conftest.py
-    from conftest import Captured, Pipeline
+    from conftest import Pipeline
+    from testkit import Captured
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(900)
@@ -138,18 +139,7 @@ def test_reconcile_run_with_nothing_to_repair_builds_nothing(pipeline: Pipeline)
 
 
 def test_two_runs_started_together_one_runs_and_one_is_skipped(pipeline: Pipeline) -> None:
-    barrier = threading.Barrier(2)
-    results: list[dict[str, Any]] = []
-
-    def start() -> None:
-        barrier.wait()
-        results.append(sync_pipeline())
-
-    threads = [threading.Thread(target=start) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = run_at_once(sync_pipeline)
 
     assert sorted(r["status"] for r in results) == ["ok", "skipped"]
     skipped = next(r for r in results if r["status"] == "skipped")

@@ -16,7 +16,7 @@ from mongo_oracle import current_task_per_file, differences_from_mongo, warehous
 
 from flows.pipeline import sync_pipeline
 from loader.identity import SourceMissing
-from loader.synthetic import seed
+from synthetic import seed
 
 if TYPE_CHECKING:  # fixtures' types, from this suite's conftest.py
     from conftest import Pipeline

@@ -27,8 +27,8 @@ from devstack.process import free_ports
 from devstack.stack import Stack
 from loader.schema import ensure_schema
 from loader.settings import Settings
-from loader.synthetic import seed
 from loader.watermark import load_watermark
+from synthetic import seed
 
 COMMANDS = {
     "sync": ["sync"],

@@ -24,8 +24,8 @@ from loader.deletes import (
 from loader.reconcile import reconcile_collection
 from loader.settings import Settings
 from loader.sync import sync_collection
-from loader.synthetic import mutate, seed
 from loader.watermark import now_ms
+from synthetic import mutate, seed
 
 
 def _first_ids(db: Database, n: int) -> list[ObjectId]:

@@ -10,8 +10,8 @@ from devstack.process import free_ports
 from loader.clients import ServerUnavailable
 from loader.settings import Settings
 from loader.sync import has_changes, sync_collection
-from loader.synthetic import mutate, seed
 from loader.watermark import Watermark, load_watermark
+from synthetic import mutate, seed
 
 
 @pytest.fixture

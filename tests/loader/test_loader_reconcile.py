@@ -17,7 +17,7 @@ from loader.clients import Clients
 from loader.reconcile import reconcile_collection
 from loader.settings import Settings
 from loader.sync import sync_collection
-from loader.synthetic import seed
+from synthetic import seed
 
 
 def _rejects(client: Client) -> int:

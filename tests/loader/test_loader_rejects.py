@@ -18,8 +18,8 @@ from loader.clients import Clients
 from loader.mapping import dump_document
 from loader.settings import Settings
 from loader.sync import ensure_watermark_index, sync_collection, undatable_cursors
-from loader.synthetic import REJECTED_KINDS, corrupt, seed
 from loader.watermark import now_ms
+from synthetic import REJECTED_KINDS, corrupt, seed
 
 EXPECTED_REASON = {
     "missing_file_id": "file_id: missing",

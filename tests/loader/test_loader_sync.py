@@ -24,8 +24,8 @@ from loader.sync import (
     has_changes,
     sync_collection,
 )
-from loader.synthetic import mutate, seed
 from loader.watermark import Watermark, load_watermark, save_watermark
+from synthetic import mutate, seed
 
 
 class InjectedCrash(RuntimeError):

@@ -10,7 +10,7 @@ from pymongo import MongoClient
 from pymongo.database import Database
 
 from loader.settings import Settings
-from loader.synthetic import (
+from synthetic import (
     STAGES,
     STATUSES,
     NotAnEmbeddedServer,

@@ -1,7 +1,7 @@
-"""The watermark's read bounds (docs/ARCHITECTURE.md, "Watermark read bounds"): with a stored
-`(W, id)` saved by a run that started reading at R, the next run reads `(updated_at, _id) >
-(W, id)` when `W <= R - overlap`, else every `updated_at >= R - overlap`; never past
-`now + LOADER_MAX_FUTURE_SECONDS`."""
+"""What a sync reads with a stored watermark, against MongoDB: with a stored `(W, id)` saved by
+a run that started reading at R, the next run reads `(updated_at, _id) > (W, id)` when
+`W <= R - overlap`, else every `updated_at >= R - overlap`. The bounds themselves are specified
+without servers in tests/unit/test_watermark_bounds.py."""
 
 from __future__ import annotations
 
@@ -13,35 +13,9 @@ from pymongo.database import Database
 
 from loader.settings import Settings
 from loader.sync import sync_collection
-from loader.watermark import ReadBounds, Watermark, read_bounds, save_watermark
+from loader.watermark import Watermark, save_watermark
 
 OVERLAP_S = 60
-FUTURE_S = 86_400
-NOW = 1_767_268_800_000  # 2026-01-01T12:00:00Z, in ms
-R = NOW - 3_600_000  # the previous run started reading an hour ago
-WINDOW = R - OVERLAP_S * 1_000  # R - overlap
-LAST_ID = "65a000000000000000000000"
-UPPER = NOW + FUTURE_S * 1_000
-
-
-def bounds_after(watermark_ms: int) -> ReadBounds:
-    return read_bounds(Watermark(watermark_ms, LAST_ID, R), OVERLAP_S, FUTURE_S, NOW)
-
-
-def test_without_a_watermark_everything_up_to_the_future_limit_is_read() -> None:
-    assert read_bounds(None, OVERLAP_S, FUTURE_S, NOW) == ReadBounds(None, None, UPPER)
-
-
-def test_a_watermark_exactly_at_r_minus_overlap_reads_strictly_after_it() -> None:
-    assert bounds_after(WINDOW) == ReadBounds(WINDOW, ObjectId(LAST_ID), UPPER)
-
-
-def test_a_watermark_one_ms_before_r_minus_overlap_reads_strictly_after_it() -> None:
-    assert bounds_after(WINDOW - 1) == ReadBounds(WINDOW - 1, ObjectId(LAST_ID), UPPER)
-
-
-def test_a_watermark_one_ms_inside_the_window_rereads_from_r_minus_overlap() -> None:
-    assert bounds_after(WINDOW + 1) == ReadBounds(WINDOW, None, UPPER)
 
 
 # -- what a sync actually reads with a stored watermark ------------------------------------------

@@ -18,8 +18,8 @@ from world import LoaderProcess, World
 
 from loader.settings import Settings
 from loader.sync import BatchStored, sync_collection
-from loader.synthetic import mutate
 from loader.watermark import load_watermark
+from synthetic import mutate
 
 
 class Writer:

@@ -24,7 +24,7 @@ import pytest
 from harness import Report, assert_all_ok
 from world import PHASES, LoaderProcess, World
 
-from loader.synthetic import mutate
+from synthetic import mutate
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,10 @@ from harness import (
     compare_pipeline_state,
     compare_task_events,
 )
+from testkit import Captured, captured_run_logs, run_at_once
 from world import World, port_refuses, restart
 
-from loader.synthetic import mutate
+from synthetic import mutate
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -62,32 +63,11 @@ def flow_world(
     return world
 
 
-class Captured(logging.Handler):
-    """Records of Prefect's run loggers (they do not propagate to pytest's caplog)."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.WARNING)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture
 def run_warnings() -> Iterator[Captured]:
-    from prefect.logging.configuration import setup_logging
-
-    # Prefect configures logging once per process, replacing handlers: do it before attaching.
-    setup_logging()
-    handler = Captured()
-    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    try:
+    """Warnings of Prefect's run loggers during the test."""
+    with captured_run_logs(logging.WARNING, configure_prefect=True) as handler:
         yield handler
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
 
 
 def compare_everything(world: World) -> list[Any]:
@@ -166,27 +146,19 @@ def test_two_flow_runs_started_at_once_twice_leave_no_duplicate_and_lose_nothing
 ) -> None:
     from flows.pipeline import sync_pipeline
 
+    def run_or_failure() -> dict[str, Any]:
+        try:
+            return sync_pipeline()
+        except Exception as exc:  # noqa: BLE001 - reported by the assertions below
+            return {"status": f"failed: {type(exc).__name__}: {exc}"[:300]}
+
     started = time.monotonic()
     for round_no in range(2):
         if round_no:
             mutate(flow_world.db, 60, seed=21)
             gone = [d["_id"] for d in flow_world.db.tasks.find().limit(10)]
             flow_world.db.tasks.delete_many({"_id": {"$in": gone}})
-        barrier = threading.Barrier(2)
-        results: list[dict[str, Any]] = []
-
-        def start(barrier: threading.Barrier = barrier, results: list = results) -> None:
-            barrier.wait()
-            try:
-                results.append(sync_pipeline())
-            except Exception as exc:  # noqa: BLE001 - reported by the assertions below
-                results.append({"status": f"failed: {type(exc).__name__}: {exc}"[:300]})
-
-        threads = [threading.Thread(target=start) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(600)
+        results = run_at_once(run_or_failure, timeout_s=600)
         # One run holds the lock for its whole load and build; the other, started with it,
         # finds the lock taken and is skipped, naming the run that holds it.
         by_status = {r["status"]: r for r in results}

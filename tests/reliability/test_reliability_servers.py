@@ -29,7 +29,7 @@ from pymongo import MongoClient
 from pymongo.errors import AutoReconnect, ConnectionFailure
 from world import LoaderProcess, World, port_refuses, restart
 
-from loader.synthetic import mutate
+from synthetic import mutate
 
 TASKS = 8_000
 BATCH = 400

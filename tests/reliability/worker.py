@@ -29,7 +29,7 @@ from pymongo import MongoClient
 
 from loader.settings import Settings
 from loader.sync import BatchStored, sync_collection
-from loader.synthetic import mutate
+from synthetic import mutate
 
 PHASES = ("insert", "stored", "saved")
 

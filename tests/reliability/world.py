@@ -33,7 +33,7 @@ from worker import PHASES  # noqa: F401 - the fault points, for the scenarios
 from devstack.process import PortBusyError
 from devstack.stack import Stack
 from loader.settings import Settings
-from loader.synthetic import seed
+from synthetic import seed
 
 RELIABILITY_DB = "reliability"
 WORKER = Path(__file__).with_name("worker.py")

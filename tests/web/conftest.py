@@ -58,7 +58,7 @@ def site(
 ) -> Iterator[Site]:
     from devstack.process import free_ports
     from flows.pipeline import sync_pipeline
-    from loader.synthetic import seed
+    from synthetic import seed
     from web.server import BackgroundServer
     from web.settings import WebSettings
 

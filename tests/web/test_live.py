@@ -15,7 +15,7 @@ from mongo_oracle import current_task_per_file
 from playwright.sync_api import expect
 
 from flows.pipeline import sync_pipeline
-from loader.synthetic import STAGES
+from synthetic import STAGES
 
 if TYPE_CHECKING:
     from conftest import Site

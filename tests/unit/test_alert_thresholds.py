@@ -1,15 +1,21 @@
-"""Alert thresholds: crossed -> an alert naming the value and threshold; otherwise none."""
+"""Alert thresholds, without servers: crossed -> an alert naming the value and threshold;
+at or within the threshold -> none."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from flows.alerts import (
     check_cache_hit_rate,
+    check_drift,
     check_loader_memory,
     check_query_duration,
+    check_source_replaced,
     check_sync_duration,
 )
 from flows.cache import CacheStats
 from flows.settings import FlowSettings
+from loader.drift import Drift
 
 SETTINGS = FlowSettings(
     alert_sync_seconds=30,
@@ -18,6 +24,18 @@ SETTINGS = FlowSettings(
     alert_cache_min_lookups=20,
     alert_loader_rss_bytes=100 * 2**20,
 )
+
+CHECKED_AT = datetime(2026, 1, 1, 12, tzinfo=UTC)
+
+
+def drift(mongo: int, warehouse: int) -> Drift:
+    return Drift(
+        collection="tasks",
+        mongo_count=mongo,
+        clickhouse_count=warehouse,
+        counted_before=CHECKED_AT,
+        checked_at=CHECKED_AT,
+    )
 
 
 def test_sync_over_the_threshold_alerts() -> None:
@@ -79,3 +97,35 @@ def test_hit_rate_over_exactly_the_minimum_of_lookups_counts() -> None:
 
 def test_loader_memory_exactly_at_the_limit_does_not_alert() -> None:
     assert check_loader_memory(SETTINGS, "run-1", "tasks", 100 * 2**20) is None
+
+
+def test_a_replaced_source_alerts_naming_the_collection_and_why() -> None:
+    alert = check_source_replaced("run-1", "tasks", "its collection UUID changed")
+
+    assert alert is not None
+    assert (alert.kind, alert.subject, alert.message) == (
+        "source_replaced",
+        "tasks",
+        "its collection UUID changed",
+    )
+
+
+def test_a_source_that_was_not_replaced_does_not_alert() -> None:
+    assert check_source_replaced("run-1", "tasks", "") is None
+
+
+def test_counts_that_still_differ_alert_with_the_number_of_documents() -> None:
+    alert = check_drift("run-1", drift(mongo=1_005, warehouse=1_000))
+
+    assert alert is not None
+    assert (alert.kind, alert.subject, alert.value, alert.threshold) == ("drift", "tasks", 5.0, 0)
+
+
+def test_a_warehouse_with_more_documents_than_mongodb_alerts_too() -> None:
+    alert = check_drift("run-1", drift(mongo=1_000, warehouse=1_002))
+
+    assert alert is not None and alert.value == 2.0
+
+
+def test_equal_counts_do_not_alert() -> None:
+    assert check_drift("run-1", drift(mongo=1_000, warehouse=1_000)) is None

@@ -14,12 +14,26 @@ from mongo_oracle import contract_problems
 
 from loader.mapping import CODEC_OPTIONS, BatchMapper
 from loader.schema import COLLECTION_FIELDS
-from loader.synthetic import MALFORMED_KINDS, corrupt
+from synthetic import MALFORMED_KINDS, corrupt
 
 
 def _as_read(doc: dict[str, Any]) -> dict[str, Any]:
     """The document as the loader receives it from the server."""
     return bson.decode(bson.encode(doc), CODEC_OPTIONS)
+
+
+@st.composite
+def hostile_documents(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+    """A collection and a good document of it, as read, with up to two fields (or `_id`) set to
+    values that break one rule or another (or none) and up to one field dropped."""
+    collection = draw(st.sampled_from(sorted(COLLECTION_FIELDS)))
+    names = sorted({f.name for fs in COLLECTION_FIELDS.values() for f in fs} | {"_id"})
+    changes = draw(st.dictionaries(st.sampled_from(names), field_values, max_size=2))
+    dropped = draw(st.sets(st.sampled_from(sorted(GOOD_TASK) + sorted(GOOD_EMPLOYEE)), max_size=1))
+    doc = _as_read(GOOD_TASK if collection == "tasks" else GOOD_EMPLOYEE) | changes
+    for name in dropped:
+        doc.pop(name, None)
+    return collection, doc
 
 
 def test_good_task_maps_to_a_row_with_millisecond_dates() -> None:
@@ -47,49 +61,46 @@ def test_updated_at_before_1970_is_rejected_because_it_is_the_version() -> None:
     assert "updated_at: date -1 ms" in mapper.take().rejects[0].reason
 
 
+def test_a_string_of_exactly_the_maximum_length_is_loaded() -> None:
+    mapper = BatchMapper("tasks", 20)
+
+    assert mapper.add(_as_read(GOOD_TASK) | {"employee_name": "x" * 20}) is True
+
+
+def test_a_string_one_character_over_the_maximum_is_rejected_naming_the_field() -> None:
+    mapper = BatchMapper("tasks", 20)
+
+    assert mapper.add(_as_read(GOOD_TASK) | {"employee_name": "x" * 21}) is False
+    assert mapper.take().rejects[0].reason.startswith("employee_name:")
+
+
+def test_an_empty_file_id_is_rejected() -> None:
+    mapper = BatchMapper("tasks", 20)
+
+    assert mapper.add(_as_read(GOOD_TASK) | {"file_id": ""}) is False
+
+
+def test_an_empty_employee_name_is_loaded() -> None:
+    mapper = BatchMapper("tasks", 20)
+
+    assert mapper.add(_as_read(GOOD_TASK) | {"employee_name": ""}) is True
+
+
 @settings(max_examples=400, deadline=None)
-@given(
-    collection=st.sampled_from(sorted(COLLECTION_FIELDS)),
-    changes=st.dictionaries(
-        st.sampled_from(
-            sorted({f.name for fs in COLLECTION_FIELDS.values() for f in fs} | {"_id"})
-        ),
-        field_values,
-        max_size=2,
-    ),
-    dropped=st.sets(st.sampled_from(sorted(GOOD_TASK) + sorted(GOOD_EMPLOYEE)), max_size=1),
-)
-def test_fast_path_agrees_with_the_readable_rules(
-    collection: str, changes: dict[str, Any], dropped: set[str]
-) -> None:
-    base = GOOD_TASK if collection == "tasks" else GOOD_EMPLOYEE
-    doc = _as_read(base) | changes
-    for name in dropped:
-        doc.pop(name, None)
+@given(hostile_documents())
+def test_fast_path_agrees_with_the_readable_rules(case: tuple[str, dict[str, Any]]) -> None:
+    collection, doc = case
     mapper = BatchMapper(collection, 20)
 
     assert mapper.add(doc) is (not mapper.problems(doc))
 
 
 @settings(max_examples=400, deadline=None)
-@given(
-    collection=st.sampled_from(sorted(COLLECTION_FIELDS)),
-    changes=st.dictionaries(
-        st.sampled_from(
-            sorted({f.name for fs in COLLECTION_FIELDS.values() for f in fs} | {"_id"})
-        ),
-        field_values,
-        max_size=2,
-    ),
-    dropped=st.sets(st.sampled_from(sorted(GOOD_TASK) + sorted(GOOD_EMPLOYEE)), max_size=1),
-)
+@given(hostile_documents())
 def test_the_mapper_rejects_exactly_what_the_documented_rules_refuse_naming_each_field(
-    collection: str, changes: dict[str, Any], dropped: set[str]
+    case: tuple[str, dict[str, Any]],
 ) -> None:
-    base = GOOD_TASK if collection == "tasks" else GOOD_EMPLOYEE
-    doc = _as_read(base) | changes
-    for name in dropped:
-        doc.pop(name, None)
+    collection, doc = case
     broken = contract_problems(doc, collection, max_string_chars=20)
     mapper = BatchMapper(collection, 20)
 

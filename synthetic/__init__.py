@@ -407,7 +407,7 @@ def mutate(
     now = _ms(now or datetime.now(UTC))
     meta = db[META].find_one({"_id": "dataset"})
     if meta is None:
-        raise RuntimeError("mutate needs a dataset made by loader.synthetic.seed (no _synthetic)")
+        raise RuntimeError("mutate needs a dataset made by synthetic.seed (no _synthetic)")
     n_files = int(meta["files"])
     if count is None:
         count = round(db[TASKS].estimated_document_count() * float(fraction or 0))

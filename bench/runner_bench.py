@@ -1,4 +1,4 @@
-"""`python -m flows.runner_bench`: time one `dbt build` inside a Prefect flow, two ways.
+"""`python -m bench.runner_bench`: time one `dbt build` inside a Prefect flow, two ways.
 
 - plain: `dbtRunner` in-process + its run results as a Prefect table artifact (what the flow uses)
 - prefect-dbt: `PrefectDbtRunner`, which turns every dbt node into a Prefect task
@@ -56,7 +56,7 @@ def prefect_dbt() -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.runner_bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.runner_bench", description=__doc__)
     parser.add_argument("--runs", type=int, default=4)
     args = parser.parse_args(argv)
     harness: contextlib.AbstractContextManager[object] = contextlib.nullcontext()

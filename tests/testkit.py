@@ -1,0 +1,75 @@
+"""Helpers shared by several suites: capturing Prefect's run logs, and starting calls at once."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+T = TypeVar("T")
+
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+class Captured(logging.Handler):
+    """Records of Prefect's run loggers (they do not propagate to pytest's caplog)."""
+
+    def __init__(self, level: int = logging.DEBUG) -> None:
+        super().__init__(level=level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def messages(self, level: int) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno == level]
+
+
+@contextmanager
+def captured_run_logs(
+    level: int = logging.DEBUG, *, configure_prefect: bool = False
+) -> Iterator[Captured]:
+    """Capture what flow and task runs log at `level` or above while the block runs.
+
+    `configure_prefect`: let Prefect configure logging first (it does so once per process,
+    replacing handlers, so a handler attached before that would be dropped)."""
+    if configure_prefect:
+        from prefect.logging.configuration import setup_logging
+
+        setup_logging()
+    handler = Captured(level)
+    loggers = [logging.getLogger(name) for name in RUN_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
+def run_at_once(call: Callable[[], T], times: int = 2, timeout_s: float | None = None) -> list[T]:
+    """Run `call` in `times` threads released together (a barrier), and return what each
+    returned, in the order they finished. An exception raised in a thread is raised here
+    once every thread has ended."""
+    barrier = threading.Barrier(times)
+    results: list[T] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            results.append(call())
+        except BaseException as exc:  # noqa: BLE001 - raised in the calling thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(times)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout_s)
+    if errors:
+        raise errors[0]
+    return results
