@@ -11,18 +11,20 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import chdb
+import jinja2
 
 MACROS = Path(__file__).resolve().parents[2] / "macros" / "pipeline_state.sql"
 Row = tuple[datetime, str, int]  # (assigned_at, task_id, _version)
 
 
 def rank_expression() -> str:
+    """The macro called with its default column names, rendered as dbt would (Jinja)."""
     text = MACROS.read_text()
-    body = re.search(
-        r"{%-?\s*macro pipeline_state_rank\(\)\s*-?%}(.*?){%-?\s*endmacro\s*-?%}", text, re.S
+    assert re.search(r"{%-?\s*macro pipeline_state_rank\(", text), (
+        f"no macro pipeline_state_rank in {MACROS}"
     )
-    assert body, f"no macro pipeline_state_rank in {MACROS}"
-    return re.sub(r"{#.*?#}", "", body.group(1), flags=re.S).strip()
+    env = jinja2.Environment(extensions=["jinja2.ext.do"])
+    return env.from_string(text + "{{ pipeline_state_rank() }}").render().strip()
 
 
 def ranked(rows: list[Row]) -> list[Row]:
