@@ -102,18 +102,10 @@ def _page_loader(page: str, client: Any) -> tuple[Callable[[], int], Callable[[]
 
 def latencies(page: str, runs: int) -> dict[str, Any]:
     """Seconds of each of `runs` page loads (plus, for `cached`, the first load that fills it)."""
-    import clickhouse_connect
-
+    from loader.clients import connect_clickhouse
     from loader.settings import Settings
 
-    s = Settings()
-    client = clickhouse_connect.get_client(
-        host=s.clickhouse_host,
-        port=s.clickhouse_port,
-        username=s.clickhouse_user,
-        password=s.clickhouse_password.get_secret_value(),
-        autogenerate_session_id=False,
-    )
+    client = connect_clickhouse(Settings())
     load, close = _page_loader(page, client)
     try:
         out: dict[str, Any] = {}

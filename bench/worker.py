@@ -133,20 +133,12 @@ def web(params: dict[str, Any]) -> tuple[Any, float]:
 
 
 def freshness(params: dict[str, Any]) -> tuple[Any, float]:
-    import clickhouse_connect
-    from pymongo import MongoClient
-
     from bench.freshness import run
+    from loader.clients import connect_clickhouse, connect_mongo
 
     s = _settings()
-    mongo: MongoClient = MongoClient(s.mongo_uri)
-    ch = clickhouse_connect.get_client(
-        host=s.clickhouse_host,
-        port=s.clickhouse_port,
-        username=s.clickhouse_user,
-        password=s.clickhouse_password.get_secret_value(),
-        autogenerate_session_id=False,
-    )
+    mongo = connect_mongo(s)
+    ch = connect_clickhouse(s)
     try:
         out, seconds = _timed(
             lambda: run(
