@@ -14,6 +14,7 @@ exception as a note, so every layer that reports the exception reports it too).
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -33,6 +34,17 @@ CLI_HELP = (
     " naming the variable to fix and exit with code 2 (other failures: 1); --verbose adds the"
     " traceback."
 )
+
+
+def cli_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """The parser of a project command: the error-reporting epilog and `--verbose`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=CLI_HELP)
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", help="on failure, print the traceback too"
+    )
+    return parser
+
+
 EXIT_PROBLEM = 2  # an actionable problem: fix the named variable or server
 EXIT_FAILED = 1  # anything else
 
