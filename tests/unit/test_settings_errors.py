@@ -46,7 +46,43 @@ def test_every_package_reads_the_contract_env_vars_alike(
     ) == (*list(CONTRACT.values())[:3], 18123, "loader", "s3cret", CONTRACT["REDIS_URL"])
 
 
-def assert_an_error_naming(
+@pytest.mark.parametrize(
+    ("settings_class", "name", "value"),
+    [
+        *[
+            (Settings, name, value)
+            for name, value in [
+                ("CLICKHOUSE_PORT", "abc"),
+                ("CLICKHOUSE_PORT", "0"),
+                ("CLICKHOUSE_PORT", "65536"),
+                ("MONGO_DB", "a.b"),
+                ("LOADER_BATCH_SIZE", "0"),
+                ("LOADER_OVERLAP_SECONDS", "-1"),
+                ("LOADER_CONNECT_TIMEOUT", "inf"),
+            ]
+        ],
+        *[
+            (FlowSettings, name, value)
+            for name, value in [
+                ("CLICKHOUSE_PORT", "abc"),
+                ("CLICKHOUSE_PORT", "0"),
+                ("PIPELINE_REDIS_TIMEOUT_SECONDS", "0"),
+                ("PIPELINE_PREFECT_PORT", "70000"),
+                ("PIPELINE_SYNC_INTERVAL_MINUTES", "-1"),
+                ("PIPELINE_SYNC_INTERVAL_MINUTES", "0"),
+                ("PIPELINE_RECONCILE_INTERVAL_MINUTES", "nan"),
+                ("PIPELINE_LOCK_TTL_SECONDS", "0"),
+                ("PIPELINE_ALERT_CACHE_HIT_RATE", "1.5"),
+                ("PIPELINE_TASK_RETRIES", "-1"),
+                ("PIPELINE_TASK_RETRY_DELAY_SECONDS", "soon"),
+            ]
+        ],
+        (WebSettings, "PIPELINE_WEB_PORT", "0"),
+        (WebSettings, "CLICKHOUSE_PORT", "abc"),
+        (StackSettings, "CLICKHOUSE_PORT", "abc"),
+    ],
+)
+def test_a_bad_setting_is_an_error_naming_its_variable(
     monkeypatch: pytest.MonkeyPatch, settings_class: type[BaseSettings], name: str, value: str
 ) -> None:
     """`name=value` makes `settings_class()` fail with the variable as the error's only `loc`,
@@ -61,57 +97,3 @@ def assert_an_error_naming(
     assert problem is not None
     assert (problem.kind, problem.variables) == ("settings", name)
     assert problem.message.startswith(f"invalid setting {name}: ")
-
-
-@pytest.mark.parametrize(
-    ("name", "value"),
-    [
-        ("CLICKHOUSE_PORT", "abc"),
-        ("CLICKHOUSE_PORT", "0"),
-        ("CLICKHOUSE_PORT", "65536"),
-        ("MONGO_DB", "a.b"),
-        ("LOADER_BATCH_SIZE", "0"),
-        ("LOADER_OVERLAP_SECONDS", "-1"),
-        ("LOADER_CONNECT_TIMEOUT", "inf"),
-    ],
-)
-def test_a_bad_loader_setting_is_an_error_naming_it(
-    monkeypatch: pytest.MonkeyPatch, name: str, value: str
-) -> None:
-    assert_an_error_naming(monkeypatch, Settings, name, value)
-
-
-@pytest.mark.parametrize(
-    ("name", "value"),
-    [
-        ("CLICKHOUSE_PORT", "abc"),
-        ("CLICKHOUSE_PORT", "0"),
-        ("PIPELINE_REDIS_TIMEOUT_SECONDS", "0"),
-        ("PIPELINE_PREFECT_PORT", "70000"),
-        ("PIPELINE_SYNC_INTERVAL_MINUTES", "-1"),
-        ("PIPELINE_SYNC_INTERVAL_MINUTES", "0"),
-        ("PIPELINE_RECONCILE_INTERVAL_MINUTES", "nan"),
-        ("PIPELINE_LOCK_TTL_SECONDS", "0"),
-        ("PIPELINE_ALERT_CACHE_HIT_RATE", "1.5"),
-        ("PIPELINE_TASK_RETRIES", "-1"),
-        ("PIPELINE_TASK_RETRY_DELAY_SECONDS", "soon"),
-    ],
-)
-def test_a_bad_flow_setting_is_an_error_naming_it(
-    monkeypatch: pytest.MonkeyPatch, name: str, value: str
-) -> None:
-    assert_an_error_naming(monkeypatch, FlowSettings, name, value)
-
-
-@pytest.mark.parametrize(
-    ("settings_class", "name", "value"),
-    [
-        (WebSettings, "PIPELINE_WEB_PORT", "0"),
-        (WebSettings, "CLICKHOUSE_PORT", "abc"),
-        (StackSettings, "CLICKHOUSE_PORT", "abc"),
-    ],
-)
-def test_a_bad_web_or_stack_setting_is_an_error_naming_it(
-    monkeypatch: pytest.MonkeyPatch, settings_class: type[BaseSettings], name: str, value: str
-) -> None:
-    assert_an_error_naming(monkeypatch, settings_class, name, value)
