@@ -31,7 +31,7 @@ class FlowSettings(ConnectionSettings):
 
     # Collections the flow keeps in step, in load order.
     collections: tuple[str, ...] = ("tasks", "employee")
-    # The dbt source declaring the raw tables (models/staging/mongo/_mongo__sources.yml).
+    # The dbt source declaring the raw tables (models/sources.yml).
     dbt_source: str = "mongo"
     dbt_project_dir: Path = REPO_ROOT
     # None: dbt's own lookup (the project dir, then ~/.dbt); `make setup` writes profiles.yml.
