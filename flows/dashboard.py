@@ -101,7 +101,7 @@ PANELS: tuple[PanelQuery, ...] = (
                outcome,
                round((ended_ms - started_ms) / 1000, 2) AS total_s,
                rows_loaded, load_s, dbt_s, dbt_nodes,
-               substring(note, 1, 90) AS note
+               substring(note, 1, 90) AS message  -- not "note": no alias over its column
         FROM ({ops.last_runs_sql(8)})
         ORDER BY started_ms DESC
         """,
