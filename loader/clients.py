@@ -83,31 +83,25 @@ class ServerUnavailable(RuntimeError):
         )
 
 
-def mongo_unavailable(
-    settings: ConnectionSettings,
-    attempts: int,
-    cause: BaseException,
-    elapsed_s: float | None = None,
-) -> ServerUnavailable:
-    return ServerUnavailable(
-        "MongoDB", settings.redacted_mongo_uri(), "MONGO_URI", attempts, cause, elapsed_s
-    )
+def _unavailable(
+    server: str, env_vars: str, address: Callable[[ConnectionSettings], str]
+) -> Callable[..., ServerUnavailable]:
+    def unavailable(
+        settings: ConnectionSettings,
+        attempts: int,
+        cause: BaseException,
+        elapsed_s: float | None = None,
+    ) -> ServerUnavailable:
+        return ServerUnavailable(server, address(settings), env_vars, attempts, cause, elapsed_s)
+
+    return unavailable
 
 
-def clickhouse_unavailable(
-    settings: ConnectionSettings,
-    attempts: int,
-    cause: BaseException,
-    elapsed_s: float | None = None,
-) -> ServerUnavailable:
-    return ServerUnavailable(
-        "ClickHouse",
-        settings.clickhouse_address(),
-        "CLICKHOUSE_HOST / CLICKHOUSE_PORT",
-        attempts,
-        cause,
-        elapsed_s,
-    )
+# `(settings, attempts, cause, elapsed_s=None) -> ServerUnavailable` naming what to fix.
+mongo_unavailable = _unavailable("MongoDB", "MONGO_URI", ConnectionSettings.redacted_mongo_uri)
+clickhouse_unavailable = _unavailable(
+    "ClickHouse", "CLICKHOUSE_HOST / CLICKHOUSE_PORT", ConnectionSettings.clickhouse_address
+)
 
 
 def retrying(
