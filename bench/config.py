@@ -21,8 +21,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, ValidationError
+from pydantic_core import PydanticCustomError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GROUPS: tuple[str, ...] = (
@@ -45,47 +50,97 @@ class ConfigError(ValueError):
     """A BENCH_* variable has a value the bench cannot use."""
 
 
-def _int(
-    env: dict[str, str], name: str, default: int, minimum: int, maximum: int | None = None
-) -> int:
-    raw = env.get(name, "").replace("_", "").strip()
-    if not raw:
-        return default
-    # ASCII digits only (int() would also take other scripts' digits, such as "٣").
-    digits = raw[1:] if raw[:1] in "+-" else raw
-    if not (digits.isascii() and digits.isdigit()):
-        raise ConfigError(f"{name}={env[name]!r} is not an integer")
-    value = int(raw)
-    if value < minimum:
-        raise ConfigError(f"{name}={value} is too small: use at least {minimum}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{name}={value} is too large: use at most {maximum}")
-    return value
+def _bench_int(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
+    """A validator of an integer variable: ASCII digits (and `_`), within the bounds."""
+
+    def check(value: Any) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            raw = str(value)
+        else:
+            raw = str(value).replace("_", "").strip()
+        # ASCII digits only (int() would also take other scripts' digits, such as "٣").
+        digits = raw[1:] if raw[:1] in "+-" else raw
+        if not (digits.isascii() and digits.isdigit()):
+            raise PydanticCustomError(
+                "bench_int", "{value} is not an integer", {"value": repr(value)}
+            )
+        number = int(raw)
+        if number < minimum:
+            raise PydanticCustomError(
+                "bench_int", "{n} is too small: use at least {m}", {"n": number, "m": minimum}
+            )
+        if maximum is not None and number > maximum:
+            raise PydanticCustomError(
+                "bench_int", "{n} is too large: use at most {m}", {"n": number, "m": maximum}
+            )
+        return number
+
+    return check
 
 
-def _groups(env: dict[str, str], name: str) -> frozenset[str]:
-    raw = env.get(name, "")
-    names = frozenset(g.strip() for g in raw.split(",") if g.strip())
+def _groups(value: Any) -> frozenset[str]:
+    if isinstance(value, str):
+        value = value.split(",")
+    names = frozenset(g.strip() for g in value or () if g.strip())
     unknown = names - set(GROUPS)
     if unknown:
-        raise ConfigError(
-            f"{name} names unknown groups {sorted(unknown)}; choose from {', '.join(GROUPS)}"
+        raise PydanticCustomError(
+            "bench_groups",
+            "names unknown groups {unknown}; choose from {groups}",
+            {"unknown": sorted(unknown), "groups": ", ".join(GROUPS)},
         )
     return names
 
 
-@dataclass(frozen=True)
-class BenchConfig:
-    scale: int = 1_000_000
-    repeat: int = 3
-    dashboard_runs: int = 50
-    output: Path = REPO_ROOT / "bench" / "results" / "latest.json"
-    data_dir: Path | None = None
-    port_base: int | None = None
-    groups: frozenset[str] = field(default_factory=lambda: frozenset(GROUPS))
-    worker_timeout: float = 7200.0
-    freshness_seconds: int = 10
-    freshness_probes: int = 10
+def _none_if_empty(value: Any) -> Any:
+    return None if value == "" else value
+
+
+Groups = Annotated[frozenset[str], BeforeValidator(_groups)]
+
+
+class BenchConfig(BaseSettings):
+    """The BENCH_* variables (see the module docstring); `from_env` turns a bad value into a
+    `ConfigError` naming the variable."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    scale: Annotated[int, BeforeValidator(_bench_int(100))] = Field(
+        1_000_000, validation_alias="BENCH_SCALE"
+    )
+    repeat: Annotated[int, BeforeValidator(_bench_int(1))] = Field(
+        3, validation_alias="BENCH_REPEAT"
+    )
+    dashboard_runs: Annotated[int, BeforeValidator(_bench_int(1))] = Field(
+        50, validation_alias="BENCH_DASHBOARD_RUNS"
+    )
+    output: Path = Field(
+        REPO_ROOT / "bench" / "results" / "latest.json", validation_alias="BENCH_OUTPUT"
+    )
+    data_dir: Annotated[Path | None, BeforeValidator(_none_if_empty)] = Field(
+        None, validation_alias="BENCH_DATA_DIR"
+    )
+    # Three consecutive ports from here: the last one must still be a port (65535).
+    port_base: Annotated[
+        int | None,
+        BeforeValidator(lambda v: None if v in ("", None) else _bench_int(1024, 65533)(v)),
+    ] = Field(None, validation_alias="BENCH_PORT_BASE")
+    only: Groups = Field(frozenset(), validation_alias="BENCH_ONLY")
+    skip: Groups = Field(frozenset(), validation_alias="BENCH_SKIP")
+    worker_timeout: Annotated[float, BeforeValidator(_bench_int(10))] = Field(
+        7200, validation_alias="BENCH_WORKER_TIMEOUT"
+    )
+    freshness_seconds: Annotated[int, BeforeValidator(_bench_int(1, 3600))] = Field(
+        10, validation_alias="BENCH_FRESHNESS_SECONDS"
+    )
+    freshness_probes: Annotated[int, BeforeValidator(_bench_int(1, 100))] = Field(
+        10, validation_alias="BENCH_FRESHNESS_PROBES"
+    )
+
+    @property
+    def groups(self) -> frozenset[str]:
+        """The groups to run: BENCH_ONLY (all when unset) less BENCH_SKIP."""
+        return (self.only or frozenset(GROUPS)) - self.skip
 
     @property
     def small_scale(self) -> int:
@@ -96,22 +151,16 @@ class BenchConfig:
         return group in self.groups
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> BenchConfig:
-        env = dict(os.environ if env is None else env)
-        only = _groups(env, "BENCH_ONLY") or frozenset(GROUPS)
-        skip = _groups(env, "BENCH_SKIP")
-        port_base = env.get("BENCH_PORT_BASE")
-        data_dir = env.get("BENCH_DATA_DIR")
-        return cls(
-            scale=_int(env, "BENCH_SCALE", 1_000_000, 100),
-            repeat=_int(env, "BENCH_REPEAT", 3, 1),
-            dashboard_runs=_int(env, "BENCH_DASHBOARD_RUNS", 50, 1),
-            output=Path(env.get("BENCH_OUTPUT") or cls.output),
-            data_dir=Path(data_dir) if data_dir else None,
-            # Three consecutive ports from here: the last one must still be a port (65535).
-            port_base=_int(env, "BENCH_PORT_BASE", 0, 1024, 65533) if port_base else None,
-            groups=only - skip,
-            worker_timeout=float(_int(env, "BENCH_WORKER_TIMEOUT", 7200, 10)),
-            freshness_seconds=_int(env, "BENCH_FRESHNESS_SECONDS", 10, 1, 3600),
-            freshness_probes=_int(env, "BENCH_FRESHNESS_PROBES", 10, 1, 100),
-        )
+    def from_env(cls, env: Mapping[str, str] | None = None) -> BenchConfig:
+        """The config from `env` (default: the process environment); an empty value is unset."""
+        env = os.environ if env is None else env
+        given = {k: v for k, v in env.items() if k.startswith("BENCH_") and v.strip()}
+        try:
+            # model_validate reads only `given`, never the process environment.
+            return cls.model_validate(given)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            name = ".".join(str(part) for part in first["loc"])
+            # "BENCH_SCALE='1e6' is not an integer", "BENCH_ONLY names unknown groups [...]"
+            joint = " " if first["type"] == "bench_groups" else "="
+            raise ConfigError(f"{name}{joint}{first['msg']}") from None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 OPEN = "('assigned', 'in_progress')"
@@ -92,10 +93,10 @@ def _page_loader(page: str, client: Any) -> tuple[Callable[[], int], Callable[[]
         raise RuntimeError(f"Redis at {settings.redis_url} is unreachable: no cache to measure")
 
     def load() -> int:
-        return sum(
-            len(cache.get_or_compute(name, lambda s=sql: _rows(client, s)).rows)
-            for name, sql in panels
-        )
+        total = 0
+        for name, sql in panels:
+            total += len(cache.get_or_compute(name, partial(_rows, client, sql)).rows)
+        return total
 
     return load, link.close
 

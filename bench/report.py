@@ -52,7 +52,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.markup import escape
 from rich.table import Table
 
@@ -204,7 +204,7 @@ def render(
     for c in comparisons.values():
         by_row.setdefault(c.row, []).append(c)
     table = Table(title=title, title_justify="left", show_lines=False)
-    for col, justify in (
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("measurement", "left"),
         ("unit", "left"),
         ("median", "right"),
@@ -215,7 +215,8 @@ def render(
         ("ratio (vs baseline)", "left"),
         ("target", "left"),
         ("result", "left"),
-    ):
+    )
+    for col, justify in columns:
         table.add_column(col, justify=justify, overflow="fold")
     for m in measurements.values():
         comps = by_row.get(m.key, [])

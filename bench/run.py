@@ -75,8 +75,8 @@ def private_stack(cfg: BenchConfig, console: Console) -> Iterator[tuple[Any, Pat
     root = Path(tempfile.mkdtemp(prefix="bench-")) if temp else Path(cfg.data_dir or ".")
     root.mkdir(parents=True, exist_ok=True)
     if cfg.port_base:
-        ports = [cfg.port_base, cfg.port_base + 1, cfg.port_base + 2]
-        stack = Stack(root / "stack", *ports)
+        base = cfg.port_base
+        stack = Stack(root / "stack", base, base + 1, base + 2)
         stack.up()
     else:
         stack = start_on_free_ports(root / "stack")
@@ -112,6 +112,13 @@ class Harness:
         self.decoder_default: str | None = None
         self.loaded = False  # raw.* holds the main dataset
         self.built = False  # the dbt models are built on it
+
+    @property
+    def connection(self) -> Any:
+        """The private stack's connection settings, for the clients this process opens."""
+        from loader.settings import ConnectionSettings
+
+        return ConnectionSettings(**self.stack.env)
 
     # -- plumbing ------------------------------------------------------------------------------
     def settings(self, db: str = MAIN_DB) -> Any:
@@ -176,13 +183,12 @@ class Harness:
 
     # -- data ----------------------------------------------------------------------------------
     def seed(self) -> None:
-        from pymongo import MongoClient
-
         from bench.baselines.seed_v1 import ensure_lookup_index
+        from loader.clients import connect_mongo
         from loader.sync import ensure_watermark_index
         from synthetic import seed
 
-        client: MongoClient = MongoClient(self.stack.mongo_uri)
+        client = connect_mongo(self.connection)
         try:
             t0 = time.perf_counter()
             big = seed(client[MAIN_DB], self.cfg.scale, seed=0)
@@ -254,11 +260,10 @@ class Harness:
         """Change 1% of the tasks; returns how many documents now carry a new `updated_at`."""
         from datetime import UTC, datetime, timedelta
 
-        from pymongo import MongoClient
-
+        from loader.clients import connect_mongo
         from synthetic import mutate
 
-        client: MongoClient = MongoClient(self.stack.mongo_uri)
+        client = connect_mongo(self.connection)
         try:
             db = client[MAIN_DB]
             since = datetime.now(UTC) - timedelta(milliseconds=1)
@@ -487,7 +492,7 @@ class Harness:
     def follower(self, log_name: str) -> Iterator[subprocess.Popen[bytes]]:
         """The hot path as its own process: `python -m loader watch --all-changes` on tasks,
         from "now" (`--reset`), ready once it has saved its stream position."""
-        import clickhouse_connect
+        from loader.clients import connect_clickhouse
 
         log_path = self.workdir / f"{log_name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -501,9 +506,7 @@ class Harness:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        ch = clickhouse_connect.get_client(
-            host=self.stack.clickhouse_host, port=self.stack.clickhouse_port
-        )
+        ch = connect_clickhouse(self.connection)
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:

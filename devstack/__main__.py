@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -101,7 +102,7 @@ def _stack(
         mongo_port=ports["mongo"],
         clickhouse_port=ports["clickhouse"],
         redis_port=ports["redis"],
-        clickhouse_password=settings.clickhouse_password or None,
+        clickhouse_password=settings.clickhouse_password.get_secret_value() or None,
         clickhouse_user=settings.clickhouse_user,
     )
     external = settings.external(ports)
@@ -166,6 +167,14 @@ def _fail(exc: StackError) -> typer.Exit:
     return typer.Exit(code=1)
 
 
+def _act(action: Callable[[list[str]], list[Outcome]], embedded: list[str]) -> list[Outcome]:
+    """`stack.up` or `stack.down` on the embedded parts; a stack error is one red line."""
+    try:
+        return action(embedded)
+    except StackError as exc:
+        raise _fail(exc) from None
+
+
 def _outcome_table(stack: Stack, outcomes: list[Outcome], external: dict[str, str]) -> Table:
     table = Table(title=f"embedded stack ({stack.data_dir})")
     for column in ("service", "state", "pid"):
@@ -191,11 +200,8 @@ def up(
 ) -> None:
     """Start every embedded server that is not running yet; wait until each answers."""
     stack, embedded, external = _stack(data_dir, mongo_port, clickhouse_port, redis_port)
-    try:
-        with out.status(f"starting {', '.join(embedded) or 'nothing'} ..."):
-            outcomes = stack.up(embedded)
-    except StackError as exc:
-        raise _fail(exc) from None
+    with out.status(f"starting {', '.join(embedded) or 'nothing'} ..."):
+        outcomes = _act(stack.up, embedded)
     out.print(_outcome_table(stack, outcomes, external))
     out.print(f"logs: {stack.data_dir / 'logs'}")
     exports = _exports(stack, embedded)
@@ -215,10 +221,7 @@ def down(
 ) -> None:
     """Stop the embedded servers cleanly; their data stays in the data dir."""
     stack, embedded, external = _stack(data_dir, mongo_port, clickhouse_port, redis_port)
-    try:
-        outcomes = stack.down(embedded)
-    except StackError as exc:
-        raise _fail(exc) from None
+    outcomes = _act(stack.down, embedded)
     for o in reversed(outcomes):
         out.print(f"{o.name}: {o.action}" + (f" (pid {o.pid})" if o.pid else ""))
     if embedded and all(o.action == "not running" for o in outcomes):

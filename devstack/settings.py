@@ -13,31 +13,30 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo.errors import InvalidURI
 from pymongo.uri_parser import parse_uri
 
-from loader.settings import Port
+from loader.settings import ConnectionSettings
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
-class StackSettings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+class StackSettings(ConnectionSettings):
+    """The connection settings (`loader.settings.ConnectionSettings`, declared there once) and
+    which of them the environment sets: only a set variable names a server (`configured`)."""
 
     data_dir: Path = Field(
         Path(".data"), validation_alias=AliasChoices("PIPELINE_DATA_DIR", "data_dir")
     )
-    mongo_uri: str | None = Field(None, validation_alias="MONGO_URI")
-    clickhouse_host: str | None = Field(None, validation_alias="CLICKHOUSE_HOST")
-    clickhouse_port: Port | None = Field(None, validation_alias="CLICKHOUSE_PORT")
-    clickhouse_user: str = Field("default", validation_alias="CLICKHOUSE_USER")
-    clickhouse_password: str | None = Field(None, validation_alias="CLICKHOUSE_PASSWORD")
-    redis_url: str | None = Field(None, validation_alias="REDIS_URL")
+
+    def given(self, name: str) -> bool:
+        """Whether the environment (or a keyword) set this field to something; unset or empty
+        means the embedded default."""
+        return name in self.model_fields_set and getattr(self, name) != ""
 
     @field_validator("mongo_uri")
     @classmethod
-    def _mongo_uri_port(cls, uri: str | None) -> str | None:
+    def _mongo_uri_port(cls, uri: str) -> str:
         # A typo in the port of a plain mongodb:// URI must not turn into "external, not managed
         # here"; an SRV record that does not resolve (offline) is left to the loader.
         if uri and uri.startswith("mongodb://"):
@@ -49,7 +48,7 @@ class StackSettings(BaseSettings):
 
     @field_validator("redis_url")
     @classmethod
-    def _redis_url_port(cls, url: str | None) -> str | None:
+    def _redis_url_port(cls, url: str) -> str:
         if url:
             try:
                 port = urlsplit(url).port
@@ -62,24 +61,24 @@ class StackSettings(BaseSettings):
     def local_ports(self) -> dict[str, int]:
         """Ports of the parts whose env var points at this machine (127.0.0.1 / localhost)."""
         out: dict[str, int] = {}
-        if self.mongo_uri and (port := _mongo_local_port(self.mongo_uri)) is not None:
+        if self.given("mongo_uri") and (port := _mongo_local_port(self.mongo_uri)) is not None:
             out["mongo"] = port
-        if self.clickhouse_host in LOCAL_HOSTS:
-            out["clickhouse"] = self.clickhouse_port or 8123
-        if self.redis_url and (port := _url_local_port(self.redis_url)) is not None:
+        if self.given("clickhouse_host") and self.clickhouse_host in LOCAL_HOSTS:
+            out["clickhouse"] = self.clickhouse_port
+        if self.given("redis_url") and (port := _url_local_port(self.redis_url)) is not None:
             out["redis"] = port
         return out
 
     def configured(self) -> dict[str, str]:
         """Parts named by an env var: service name -> the variable (password hidden)."""
         out: dict[str, str] = {}
-        if self.mongo_uri:
+        if self.given("mongo_uri"):
             out["mongo"] = f"MONGO_URI={_redact(self.mongo_uri)}"
-        if self.clickhouse_host:
+        if self.given("clickhouse_host"):
             out["clickhouse"] = f"CLICKHOUSE_HOST={self.clickhouse_host}" + (
-                f", CLICKHOUSE_PORT={self.clickhouse_port}" if self.clickhouse_port else ""
+                f", CLICKHOUSE_PORT={self.clickhouse_port}" if self.given("clickhouse_port") else ""
             )
-        if self.redis_url:
+        if self.given("redis_url"):
             out["redis"] = f"REDIS_URL={_redact(self.redis_url)}"
         return out
 

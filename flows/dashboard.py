@@ -8,7 +8,6 @@ through `QueryCache` (keyed by the data version each landed sync bumps); a query
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -95,24 +94,16 @@ PANELS: tuple[PanelQuery, ...] = (
     PanelQuery(
         "last_runs",
         "Last runs",
-        """
+        f"""
         SELECT right(run_id, 8) AS run,  -- Prefect's run ids are UUIDv7: the head is a clock
-               formatDateTime(min(started_at), '%Y-%m-%d %H:%i:%S') AS run_started,
-               multiIf(countIf(kind = 'step' AND status = 'failed') > 0, 'failed',
-                       countIf(kind = 'step' AND status = 'skipped') > 0, 'skipped',
-                       'ok') AS outcome,
-               round(dateDiff('millisecond', min(started_at), max(ended_at)) / 1000, 2)
-                   AS total_s,
-               sumIf(rows, startsWith(step, 'load:')) AS rows_loaded,
-               round(sumIf(duration_s, startsWith(step, 'load:')), 2) AS load_s,
-               round(sumIf(duration_s, step = 'dbt_build'), 2) AS dbt_s,
-               countIf(kind = 'dbt_node') AS dbt_nodes,
-               substring(anyIf(message, kind = 'step' AND status IN ('failed', 'skipped')), 1, 90)
-                   AS note
-        FROM ops.step_timings
-        GROUP BY run_id
-        ORDER BY min(started_at) DESC
-        LIMIT 8
+               formatDateTime(fromUnixTimestamp64Milli(started_ms), '%Y-%m-%d %H:%i:%S')
+                   AS run_started,
+               outcome,
+               round((ended_ms - started_ms) / 1000, 2) AS total_s,
+               rows_loaded, load_s, dbt_s, dbt_nodes,
+               substring(note, 1, 90) AS message  -- not "note": no alias over its column
+        FROM ({ops.last_runs_sql(8)})
+        ORDER BY started_ms DESC
         """,
         ttl_seconds=30,
     ),
@@ -189,15 +180,7 @@ def render(panels: list[Panel], console: Console, cache_line: str = "") -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m flows.dashboard",
-        description=__doc__,
-        epilog=errors.CLI_HELP,
-    )
-    parser.add_argument(
-        "--verbose", "-v", action="store_true", help="on failure, print the traceback too"
-    )
-    args = parser.parse_args(argv)
+    args = errors.cli_parser("python -m flows.dashboard", __doc__).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     errors.quiet_driver_logs(args.verbose)
     with errors.console_logs_without_tracebacks(not args.verbose):

@@ -3,15 +3,8 @@
 Runner choice: plain `dbtRunner` in-process, turning its run results into `StepTiming` rows
 (-> `ops.step_timings` and the run's Prefect table artifact, so every node's timing is visible in
 Prefect), instead of prefect-dbt's `PrefectDbtRunner`, which makes every dbt node a Prefect task
-and pays API round trips per node. Measured with `python -m bench.runner_bench` (one `dbt build`
-of both sources inside a Prefect flow, test-harness API, embedded ClickHouse, 66 nodes = models
-and data tests, 5,000 raw tasks, 2 shared cores; seconds per build, first run includes imports):
-
-    plain dbtRunner + table artifact:  7.76, 2.83, 3.97   (warm median 3.4 s)
-    PrefectDbtRunner (prefect-dbt 0.7.25): 18.08, 15.79, 15.68   (warm median 15.7 s)
-
-An earlier round on the same data gave 2.6 s vs 14.0 s. PrefectDbtRunner costs about 12 s more
-per build here, about 4-5x, in line with the reported per-node overhead; the plain runner wins.
+and pays API round trips per node: measured about 4-5x slower per build (`python -m
+bench.runner_bench`; figures in docs/ARCHITECTURE.md, "Measurements behind design choices").
 """
 
 from __future__ import annotations

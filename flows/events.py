@@ -17,6 +17,7 @@ import redis
 
 from flows.redis_link import REDIS_ERRORS
 from flows.settings import FlowSettings
+from loader.clients import connect_redis
 
 GROUP = "sync-runners"
 # The stream only needs recent signals: a run covers everything older anyway.
@@ -30,7 +31,7 @@ def stream_key(settings: FlowSettings) -> str:
 
 
 def connect(settings: FlowSettings) -> redis.Redis:
-    return redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    return connect_redis(settings, blocking_reads=True)  # XREADGROUP blocks for a signal
 
 
 def signal_change(client: redis.Redis, settings: FlowSettings, collection: str, **info: Any) -> str:

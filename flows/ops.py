@@ -11,11 +11,10 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
 from flows.settings import FlowSettings
-from loader.clients import insert_json_rows
+from loader.clients import connect_clickhouse, insert_json_rows
 
 DDL = (
     "CREATE DATABASE IF NOT EXISTS ops",
@@ -77,17 +76,40 @@ SYNC_RUN_COLUMNS = (
 )
 
 
+def last_runs_sql(limit: int) -> str:
+    """The run history, newest first: one row per flow run of `ops.step_timings`, with the one
+    outcome rule every view shows (the web page, `make dashboard`): `failed` when a step failed,
+    `skipped` when the guard found another run holding the lock, `no changes` when nothing was
+    built, else `ok`. Times are Unix milliseconds (views format them)."""
+    return f"""
+    SELECT run_id,
+           toUnixTimestamp64Milli(min(started_at)) AS started_ms,
+           toUnixTimestamp64Milli(max(ended_at)) AS ended_ms,
+           multiIf(countIf(kind = 'step' AND status = 'failed') > 0, 'failed',
+                   countIf(step = 'guard' AND status = 'skipped') > 0, 'skipped',
+                   countIf(step = 'dbt_build' AND status = 'ok') = 0, 'no changes',
+                   'ok') AS outcome,
+           sumIf(rows, startsWith(step, 'load:')) AS rows_loaded,
+           round(sumIf(duration_s, startsWith(step, 'load:')), 2) AS load_s,
+           round(sumIf(duration_s, step = 'dbt_build'), 2) AS dbt_s,
+           countIf(kind = 'dbt_node') AS dbt_nodes,
+           substring(anyIf(message, kind = 'step' AND status IN ('failed', 'skipped')), 1, 240)
+               AS note
+    FROM ops.step_timings
+    GROUP BY run_id
+    ORDER BY min(started_at) DESC
+    LIMIT {int(limit)}
+    """
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 
 
 def connect(settings: FlowSettings) -> Client:
-    return clickhouse_connect.get_client(
-        host=settings.clickhouse_host,
-        port=settings.clickhouse_port,
-        username=settings.clickhouse_user,
-        password=settings.clickhouse_password,
-    )
+    """The flow's ClickHouse client: the loader's factory, so a run's clients share one
+    configuration (no session, the same timeouts and connect deadline)."""
+    return connect_clickhouse(settings)
 
 
 def ensure_tables(client: Client) -> None:

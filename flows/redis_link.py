@@ -13,6 +13,7 @@ from typing import TypeVar
 import redis
 
 from flows.settings import FlowSettings
+from loader.clients import connect_redis
 
 T = TypeVar("T")
 
@@ -50,12 +51,7 @@ class RedisLink:
         if self.down:
             return None
         if self._client is None:
-            self._client = redis.Redis.from_url(
-                self._settings.redis_url,
-                socket_timeout=self._settings.redis_timeout_seconds,
-                socket_connect_timeout=self._settings.redis_timeout_seconds,
-                decode_responses=True,
-            )
+            self._client = connect_redis(self._settings)
             try:
                 self._client.ping()
             except REDIS_ERRORS as exc:

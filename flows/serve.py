@@ -13,6 +13,11 @@ from `flows.events.signal_change` elsewhere).
 The web dashboard (`web`, as `make web` serves it) runs in this process too, at
 `PIPELINE_WEB_HOST:PIPELINE_WEB_PORT` (127.0.0.1:8050), unless `--no-web`.
 
+The deployment itself (name, description, parameters, schedules and which one reconciles, the
+concurrency limit, tags) is defined once, in `prefect.yaml`, which `prefect deploy` uses on a
+server; this module serves that definition, with the intervals of PIPELINE_*_INTERVAL_MINUTES
+(their defaults are the file's intervals) or of the options below.
+
 Prefect reads its settings when it is imported, so this module sets the environment first and
 imports Prefect only inside `main`.
 """
@@ -27,14 +32,62 @@ import sys
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from flows.settings import FlowSettings
+import yaml
+
+from flows.settings import REPO_ROOT, FlowSettings
 from loader import errors
 
-DEPLOYMENT = "sync-pipeline-scheduled"
+PREFECT_YAML = REPO_ROOT / "prefect.yaml"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    interval_seconds: float
+    parameters: dict[str, Any]
+
+    @property
+    def reconciles(self) -> bool:
+        return bool(self.parameters.get("reconcile"))
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """The one deployment of `prefect.yaml`, as `make serve` serves it."""
+
+    name: str
+    description: str
+    entrypoint: str
+    parameters: dict[str, Any]
+    schedules: tuple[Schedule, ...]
+    concurrency_limit: int
+    collision_strategy: str
+    tags: tuple[str, ...]
+
+
+def deployment_spec(path: Path = PREFECT_YAML) -> DeploymentSpec:
+    (spec,) = yaml.safe_load(path.read_text())["deployments"]
+    limit = spec["concurrency_limit"]
+    return DeploymentSpec(
+        name=spec["name"],
+        description=spec["description"],
+        entrypoint=spec["entrypoint"],
+        parameters=dict(spec.get("parameters") or {}),
+        schedules=tuple(
+            Schedule(float(s["interval"]), dict(s.get("parameters") or {}))
+            for s in spec["schedules"]
+        ),
+        concurrency_limit=int(limit["limit"]),
+        collision_strategy=limit["collision_strategy"],
+        tags=tuple(spec.get("tags") or ()),
+    )
+
+
+DEPLOYMENT = deployment_spec().name
 
 
 def prefect_env(settings: FlowSettings, port: int) -> dict[str, str]:
@@ -84,6 +137,7 @@ def start_server(settings: FlowSettings, port: int, env: dict[str, str]) -> subp
 def _event_threads(
     settings: FlowSettings, stop: threading.Event, watch: bool, events: bool = True
 ) -> list[threading.Thread]:
+    from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
 
     from flows.events import follow_and_signal, run_on_signals
@@ -92,7 +146,8 @@ def _event_threads(
 
     def run(signals: list[dict[str, str]]) -> Any:
         collections = sorted({s.get("collection", "?") for s in signals})
-        flow_run = run_deployment(
+        # Called from a thread without an event loop: the sync form, which returns the run.
+        flow_run: FlowRun = run_deployment(  # type: ignore[assignment]
             f"sync-pipeline/{DEPLOYMENT}",
             timeout=None,  # wait: signals are acknowledged only after a finished run
             as_subflow=False,
@@ -138,11 +193,7 @@ def check_servers() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m flows.serve",
-        description=__doc__,
-        epilog=errors.CLI_HELP,
-    )
+    parser = errors.cli_parser("python -m flows.serve", __doc__)
     parser.add_argument(
         "--interval-minutes",
         type=float,
@@ -174,9 +225,6 @@ def main(argv: list[str] | None = None) -> None:
         "--no-server",
         action="store_true",
         help="use the Prefect API that PREFECT_API_URL already points to",
-    )
-    parser.add_argument(
-        "--verbose", "-v", action="store_true", help="on failure, print the traceback too"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -215,27 +263,33 @@ def _serve(args: argparse.Namespace) -> None:
 
     from flows.pipeline import sync_pipeline
 
+    spec = deployment_spec()
+    minutes = {False: args.interval_minutes, True: args.reconcile_interval_minutes}
+
     stop = threading.Event()
     threads = _event_threads(settings, stop, args.watch, args.events)
     for t in threads:
         t.start()
     try:
         sync_pipeline.serve(
-            name=DEPLOYMENT,
+            name=spec.name,
+            description=spec.description,
+            parameters=spec.parameters,
             schedules=[
-                Interval(timedelta(minutes=args.interval_minutes)),
                 Interval(
-                    timedelta(minutes=args.reconcile_interval_minutes),
-                    parameters={"reconcile": True},
-                ),
+                    timedelta(minutes=minutes[s.reconciles]),
+                    parameters=s.parameters,
+                )
+                for s in spec.schedules
             ],
             # Runs queue behind a running one instead of overlapping; the flow's Redis lock
             # is the second line (a run that slips through records "skipped").
             global_limit=ConcurrencyLimitConfig(
-                limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
+                limit=spec.concurrency_limit,
+                collision_strategy=ConcurrencyLimitStrategy(spec.collision_strategy),
             ),
-            limit=1,
-            tags=["scheduled"],
+            limit=spec.concurrency_limit,
+            tags=list(spec.tags),
         )
     finally:
         stop.set()

@@ -1,23 +1,24 @@
 """Settings of the flow, the cache, the lock and the alerts (env vars; unset = default).
 
-Connection settings reuse the names of `loader.settings` (`CLICKHOUSE_*`, `REDIS_URL`) so one
-environment drives every part; the flow's own knobs carry the `PIPELINE_` prefix.
+The connection settings (`MONGO_*`, `CLICKHOUSE_*`, `REDIS_URL`) are inherited from
+`loader.settings.ConnectionSettings`, so one environment drives every part; the flow's own
+knobs carry the `PIPELINE_` prefix.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, AliasGenerator, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasGenerator, Field
+from pydantic_settings import SettingsConfigDict
 
-from loader.settings import Port
+from loader.settings import ConnectionSettings, Port
 
 # The repository root: `dbt_project.yml` lives there and dbt runs from there.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class FlowSettings(BaseSettings):
+class FlowSettings(ConnectionSettings):
     # Every `PIPELINE_` knob has its env var as alias, so a validation error's `loc` names the
     # variable (`PIPELINE_SYNC_INTERVAL_MINUTES`), not the field; keywords still use field names.
     model_config = SettingsConfigDict(
@@ -28,25 +29,9 @@ class FlowSettings(BaseSettings):
         allow_inf_nan=False,
     )
 
-    clickhouse_host: str = Field(
-        "127.0.0.1", validation_alias=AliasChoices("CLICKHOUSE_HOST", "clickhouse_host")
-    )
-    clickhouse_port: Port = Field(
-        8123, validation_alias=AliasChoices("CLICKHOUSE_PORT", "clickhouse_port")
-    )
-    clickhouse_user: str = Field(
-        "default", validation_alias=AliasChoices("CLICKHOUSE_USER", "clickhouse_user")
-    )
-    clickhouse_password: str = Field(
-        "", validation_alias=AliasChoices("CLICKHOUSE_PASSWORD", "clickhouse_password")
-    )
-    redis_url: str = Field(
-        "redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "redis_url")
-    )
-
     # Collections the flow keeps in step, in load order.
     collections: tuple[str, ...] = ("tasks", "employee")
-    # The dbt source declaring the raw tables (models/staging/mongo/_mongo__sources.yml).
+    # The dbt source declaring the raw tables (models/sources.yml).
     dbt_source: str = "mongo"
     dbt_project_dir: Path = REPO_ROOT
     # None: dbt's own lookup (the project dir, then ~/.dbt); `make setup` writes profiles.yml.
@@ -71,7 +56,6 @@ class FlowSettings(BaseSettings):
     redis_prefix: str = "pipeline"
     lock_ttl_seconds: int = Field(3600, ge=1)
     cache_ttl_seconds: int = Field(3600, ge=1)
-    redis_timeout_seconds: float = Field(1.0, gt=0)
 
     # Alert thresholds (defaults from the seed).
     alert_sync_seconds: float = Field(30.0, ge=0)

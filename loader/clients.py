@@ -1,5 +1,8 @@
 """Server connections with retries, and the errors raised when a server stays unreachable.
 
+The one client factory of the project: `connect_clickhouse`, `connect_mongo` and `connect_redis`
+build every client of every package (loader, flows, web, bench) from
+`loader.settings.ConnectionSettings`, so each server is reached with one configuration.
 One `Clients` per process run: a pooled `clickhouse-connect` client and a `MongoClient`, created
 once and passed to every operation (the first version opened a connection per operation).
 """
@@ -18,6 +21,8 @@ from typing import Any, TypeVar
 
 import clickhouse_connect
 import pymongo
+import redis
+import redis.asyncio as aioredis
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import OperationalError
 from pymongo import MongoClient
@@ -31,11 +36,12 @@ from tenacity import (
     stop_before_delay,
     wait_exponential,
 )
+from tenacity.stop import stop_base
 from urllib3.util import Timeout
 
 from loader.errors import short_reason
 from loader.mapping import CODEC_OPTIONS
-from loader.settings import Settings
+from loader.settings import ConnectionSettings, Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,38 +83,52 @@ class ServerUnavailable(RuntimeError):
         )
 
 
-def mongo_unavailable(
-    settings: Settings, attempts: int, cause: BaseException, elapsed_s: float | None = None
-) -> ServerUnavailable:
-    return ServerUnavailable(
-        "MongoDB", settings.redacted_mongo_uri(), "MONGO_URI", attempts, cause, elapsed_s
-    )
+def _unavailable(
+    server: str, env_vars: str, address: Callable[[ConnectionSettings], str]
+) -> Callable[..., ServerUnavailable]:
+    def unavailable(
+        settings: ConnectionSettings,
+        attempts: int,
+        cause: BaseException,
+        elapsed_s: float | None = None,
+    ) -> ServerUnavailable:
+        return ServerUnavailable(server, address(settings), env_vars, attempts, cause, elapsed_s)
+
+    return unavailable
 
 
-def clickhouse_unavailable(
-    settings: Settings, attempts: int, cause: BaseException, elapsed_s: float | None = None
-) -> ServerUnavailable:
-    return ServerUnavailable(
-        "ClickHouse",
-        settings.clickhouse_address(),
-        "CLICKHOUSE_HOST / CLICKHOUSE_PORT",
-        attempts,
-        cause,
-        elapsed_s,
-    )
+# `(settings, attempts, cause, elapsed_s=None) -> ServerUnavailable` naming what to fix.
+mongo_unavailable = _unavailable("MongoDB", "MONGO_URI", ConnectionSettings.redacted_mongo_uri)
+clickhouse_unavailable = _unavailable(
+    "ClickHouse", "CLICKHOUSE_HOST / CLICKHOUSE_PORT", ConnectionSettings.clickhouse_address
+)
 
 
-def retrying(settings: Settings, transient: tuple[type[BaseException], ...]) -> Retrying:
+def retrying(
+    settings: ConnectionSettings,
+    transient: tuple[type[BaseException], ...],
+    *,
+    deadline_s: float | None = None,
+    note: str = "transient error",
+    level: int = logging.WARNING,
+) -> Retrying:
+    """Retries of `transient` errors with exponential backoff, LOADER_RETRY_ATTEMPTS at most
+    (and, with `deadline_s`, none that would start after that many seconds)."""
+    stop: stop_base = stop_after_attempt(settings.retry_attempts)
+    if deadline_s is not None:
+        stop = stop | stop_before_delay(deadline_s)
     return Retrying(
-        stop=stop_after_attempt(settings.retry_attempts),
+        stop=stop,
         wait=wait_exponential(
             multiplier=settings.retry_initial_wait,
             min=settings.retry_initial_wait,
             max=settings.retry_max_wait,
         ),
         retry=retry_if_exception_type(transient),
-        before_sleep=lambda rs: log.warning(
-            "transient error (attempt %d): %s; retrying",
+        before_sleep=lambda rs: log.log(
+            level,
+            "%s (attempt %d): %s; retrying",
+            note,
             rs.attempt_number,
             rs.outcome and rs.outcome.exception(),
         ),
@@ -130,7 +150,7 @@ def _call(
 
 
 def connect_call(
-    settings: Settings,
+    settings: ConnectionSettings,
     attempt: Callable[[float], T],
     transient: tuple[type[BaseException], ...],
     unavailable: Callable[..., ServerUnavailable],
@@ -147,23 +167,12 @@ def connect_call(
         left = deadline - time.monotonic()
         return attempt(max(0.1, min(settings.connect_timeout_seconds, left)))
 
-    retry = Retrying(
-        stop=(
-            stop_after_attempt(settings.retry_attempts)
-            | stop_before_delay(settings.connect_deadline_seconds)
-        ),
-        wait=wait_exponential(
-            multiplier=settings.retry_initial_wait,
-            min=settings.retry_initial_wait,
-            max=settings.retry_max_wait,
-        ),
-        retry=retry_if_exception_type(transient),
-        before_sleep=lambda rs: log.info(
-            "connecting (attempt %d): %s; retrying",
-            rs.attempt_number,
-            rs.outcome and rs.outcome.exception(),
-        ),
-        reraise=False,
+    retry = retrying(
+        settings,
+        transient,
+        deadline_s=settings.connect_deadline_seconds,
+        note="connecting",
+        level=logging.INFO,
     )
     try:
         return retry(once)
@@ -201,7 +210,10 @@ class Clients:
         self.clickhouse.close()
 
 
-def connect_clickhouse(settings: Settings) -> Client:
+def connect_clickhouse(settings: ConnectionSettings) -> Client:
+    """The ClickHouse client of every package: pooled HTTP, no session (sessions serialise
+    queries on the server; pages and runs query concurrently), the connect deadline of
+    `connect_call`, and LOADER_CONNECT_TIMEOUT / 300 s for later connections and reads."""
     timeout = settings.connect_timeout_seconds
     read_timeout = max(300.0, timeout)
 
@@ -225,7 +237,8 @@ def connect_clickhouse(settings: Settings) -> Client:
     return connect_call(settings, attempt, CLICKHOUSE_TRANSIENT, clickhouse_unavailable)
 
 
-def connect_mongo(settings: Settings) -> MongoClient:
+def connect_mongo(settings: ConnectionSettings) -> MongoClient:
+    """The MongoDB client of every package, pinged within the connect deadline."""
     timeout_ms = int(settings.connect_timeout_seconds * 1000)
     client: MongoClient = MongoClient(
         settings.mongo_uri,
@@ -244,6 +257,29 @@ def connect_mongo(settings: Settings) -> MongoClient:
         client.close()
         raise
     return client
+
+
+def connect_redis(settings: ConnectionSettings, *, blocking_reads: bool = False) -> redis.Redis:
+    """The Redis client of every package (text replies). Connecting, and every reply unless
+    `blocking_reads` (a stream read that waits for a signal), is bounded by
+    PIPELINE_REDIS_TIMEOUT_SECONDS: Redis is optional and its callers go on without it."""
+    timeout = settings.redis_timeout_seconds
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=None if blocking_reads else timeout,
+        socket_connect_timeout=timeout,
+        decode_responses=True,
+    )
+
+
+def connect_redis_async(settings: ConnectionSettings) -> aioredis.Redis:
+    """`connect_redis` for an event loop (the web dashboard's live listener, which waits on a
+    channel, so only connecting is bounded)."""
+    return aioredis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=settings.redis_timeout_seconds,
+        decode_responses=True,
+    )
 
 
 def open_clients_now(settings: Settings) -> Clients:

@@ -14,6 +14,7 @@ exception as a note, so every layer that reports the exception reports it too).
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -33,6 +34,17 @@ CLI_HELP = (
     " naming the variable to fix and exit with code 2 (other failures: 1); --verbose adds the"
     " traceback."
 )
+
+
+def cli_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """The parser of a project command: the error-reporting epilog and `--verbose`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=CLI_HELP)
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", help="on failure, print the traceback too"
+    )
+    return parser
+
+
 EXIT_PROBLEM = 2  # an actionable problem: fix the named variable or server
 EXIT_FAILED = 1  # anything else
 
@@ -286,7 +298,7 @@ def _redis(exc: BaseException) -> Problem | None:
         return None
     import redis
 
-    url = redact(os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0")
+    url = redact(_configured("redis_url"))
     if isinstance(exc, redis.AuthenticationError):
         return Problem(
             "auth",
@@ -413,17 +425,24 @@ def _clickhouse_url(text: str) -> str:
     match = re.search(r"\((?:for url )?(https?://[^)\s]+)\)", text)
     if match:
         return match.group(1)
-    host = os.environ.get("CLICKHOUSE_HOST") or "127.0.0.1"
-    port = os.environ.get("CLICKHOUSE_PORT") or "8123"
-    return f"http://{host}:{port}"
+    return f"http://{_configured('clickhouse_host')}:{_configured('clickhouse_port')}"
 
 
 def _server_message(text: str) -> str:
     return text.split("DB::Exception: ", 1)[-1]
 
 
+def _configured(field: str) -> str:
+    """A connection setting as the environment gives it, else its default, unvalidated (the
+    error being described may be that it does not validate)."""
+    from loader.settings import ConnectionSettings
+
+    info = ConnectionSettings.model_fields[field]
+    return os.environ.get(str(info.validation_alias)) or str(info.default)
+
+
 def _env_mongo_uri() -> str:
-    return redact(os.environ.get("MONGO_URI") or "mongodb://127.0.0.1:27017/?replicaSet=rs0")
+    return redact(_configured("mongo_uri"))
 
 
 # --- the watermark of a failed sync -----------------------------------------------------------

@@ -28,18 +28,19 @@ def _port_number(value: Any) -> int:
 Port = Annotated[int, BeforeValidator(_port_number)]
 
 
-class Settings(BaseSettings):
-    """Everything the loader needs to reach its servers and how hard to push them.
+class ConnectionSettings(BaseSettings):
+    """Where the servers are and how patiently to reach them: the one declaration of the
+    contract env vars (`MONGO_URI`, `MONGO_DB`, `CLICKHOUSE_*`, `REDIS_URL`).
 
-    Server addresses use the project-wide env vars (`MONGO_URI`, `CLICKHOUSE_HOST`, ...); the
-    loader's own knobs use a `LOADER_` prefix. With `populate_by_name`, a field's own name also
-    works, as a keyword and as an env var. Pass an instance explicitly; nothing is global.
+    Every package's settings inherit this class (`Settings` here, `flows.settings.FlowSettings`,
+    `web.settings.WebSettings`, `devstack.settings.StackSettings`), and every client is built
+    from it by `loader.clients` (`connect_clickhouse`, `connect_mongo`, `connect_redis`). A new
+    connection env var is a field here. With `populate_by_name`, a field's own name also works,
+    as a keyword and as an env var.
     """
 
     # allow_inf_nan=False: "inf" or "nan" in a float knob is an error naming the variable.
-    model_config = SettingsConfigDict(
-        extra="ignore", populate_by_name=True, frozen=True, allow_inf_nan=False
-    )
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, allow_inf_nan=False)
 
     mongo_uri: str = Field(
         "mongodb://127.0.0.1:27017/?replicaSet=rs0", validation_alias="MONGO_URI"
@@ -50,26 +51,12 @@ class Settings(BaseSettings):
     clickhouse_user: str = Field("default", validation_alias="CLICKHOUSE_USER")
     clickhouse_password: SecretStr = Field(SecretStr(""), validation_alias="CLICKHOUSE_PASSWORD")
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")
+    # Redis is optional to every part (cache, lock, signals): a call that waits longer than
+    # this counts as Redis being down, and the caller goes on without it.
+    redis_timeout_seconds: float = Field(
+        1.0, gt=0, validation_alias="PIPELINE_REDIS_TIMEOUT_SECONDS"
+    )
 
-    # Documents per Mongo read batch and per ClickHouse insert (see README: measured figures).
-    batch_size: int = Field(10_000, ge=1, validation_alias="LOADER_BATCH_SIZE")
-    # How a batch is decoded: "pymongoarrow" straight into Arrow columns (the faster, see
-    # `make bench`), "pymongo" into a dict per document. Both load the same rows.
-    decoder: Literal["pymongoarrow", "pymongo"] = Field(
-        "pymongoarrow", validation_alias="LOADER_DECODER"
-    )
-    # The change-stream follower stores what it has buffered at least this often (and at
-    # `flush_every` events), so a write reaches raw and pipeline_state within about this long.
-    flush_interval_ms: int = Field(
-        100, ge=1, le=60_000, validation_alias="LOADER_FLUSH_INTERVAL_MS"
-    )
-    # Late-commit window: a write may become visible up to this long after its `updated_at`.
-    overlap_seconds: float = Field(60.0, ge=0, validation_alias="LOADER_OVERLAP_SECONDS")
-    # Documents dated further than this past the loader's clock are not loaded yet (they would
-    # drag the watermark into the future); they are rejected once as "updated_at in the future".
-    max_future_seconds: float = Field(86_400.0, ge=0, validation_alias="LOADER_MAX_FUTURE_SECONDS")
-    # Longest string value accepted in a mapped field, in characters; longer ones are rejected.
-    max_string_chars: int = Field(65_536, ge=1, validation_alias="LOADER_MAX_STRING_CHARS")
     # Transient-error retries: attempts per operation and exponential backoff bounds (seconds).
     retry_attempts: int = Field(5, ge=1, validation_alias="LOADER_RETRY_ATTEMPTS")
     retry_initial_wait: float = Field(0.5, ge=0, validation_alias="LOADER_RETRY_INITIAL_WAIT")
@@ -98,3 +85,30 @@ class Settings(BaseSettings):
 
     def clickhouse_address(self) -> str:
         return f"http://{self.clickhouse_host}:{self.clickhouse_port}"
+
+
+class Settings(ConnectionSettings):
+    """The loader's own knobs (`LOADER_` prefix) on top of the connection settings. Pass an
+    instance explicitly; nothing is global."""
+
+    model_config = SettingsConfigDict(frozen=True)
+
+    # Documents per Mongo read batch and per ClickHouse insert (see README: measured figures).
+    batch_size: int = Field(10_000, ge=1, validation_alias="LOADER_BATCH_SIZE")
+    # How a batch is decoded: "pymongoarrow" straight into Arrow columns (the faster, see
+    # `make bench`), "pymongo" into a dict per document. Both load the same rows.
+    decoder: Literal["pymongoarrow", "pymongo"] = Field(
+        "pymongoarrow", validation_alias="LOADER_DECODER"
+    )
+    # The change-stream follower stores what it has buffered at least this often (and at
+    # `flush_every` events), so a write reaches raw and pipeline_state within about this long.
+    flush_interval_ms: int = Field(
+        100, ge=1, le=60_000, validation_alias="LOADER_FLUSH_INTERVAL_MS"
+    )
+    # Late-commit window: a write may become visible up to this long after its `updated_at`.
+    overlap_seconds: float = Field(60.0, ge=0, validation_alias="LOADER_OVERLAP_SECONDS")
+    # Documents dated further than this past the loader's clock are not loaded yet (they would
+    # drag the watermark into the future); they are rejected once as "updated_at in the future".
+    max_future_seconds: float = Field(86_400.0, ge=0, validation_alias="LOADER_MAX_FUTURE_SECONDS")
+    # Longest string value accepted in a mapped field, in characters; longer ones are rejected.
+    max_string_chars: int = Field(65_536, ge=1, validation_alias="LOADER_MAX_STRING_CHARS")

@@ -28,16 +28,11 @@ def port_free(host: str, port: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m web", description=__doc__, epilog=errors.CLI_HELP
-    )
+    parser = errors.cli_parser("python -m web", __doc__)
     parser.add_argument("--host", help="listen address (default: PIPELINE_WEB_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: PIPELINE_WEB_PORT or 8050)")
     parser.add_argument(
         "--url", action="store_true", help="print the address and how to start it, then exit"
-    )
-    parser.add_argument(
-        "--verbose", "-v", action="store_true", help="on failure, print the traceback too"
     )
     args = parser.parse_args(argv)
     if args.url:

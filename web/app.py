@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-import clickhouse_connect
 import plotly
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
@@ -40,6 +39,7 @@ from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flows import ops
+from loader.clients import connect_clickhouse
 from web import views
 from web.data import LiveRedisLink, Reader, ReadStats
 from web.live import Broadcaster
@@ -128,15 +128,9 @@ class Dashboard:
     def __init__(self, settings: WebSettings):
         self.settings = settings
         self.link = LiveRedisLink(settings, logger)
-        # No session: the pages' queries run concurrently (one thread per request), and
-        # ClickHouse refuses concurrent queries within one session.
-        self.ch = clickhouse_connect.get_client(
-            host=settings.clickhouse_host,
-            port=settings.clickhouse_port,
-            username=settings.clickhouse_user,
-            password=settings.clickhouse_password,
-            autogenerate_session_id=False,
-        )
+        # Sessionless (the factory's configuration): the pages' queries run concurrently, one
+        # thread per request, and ClickHouse refuses concurrent queries within one session.
+        self.ch = connect_clickhouse(settings)
         self.reader = Reader(settings, self.link, self.ch)
         self.broadcaster = Broadcaster(settings)
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))

@@ -20,6 +20,7 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
+from flows import ops
 from flows.cache import QueryCache, Rows
 from flows.redis_link import REDIS_ERRORS, RedisLink
 from web.settings import WebSettings
@@ -149,50 +150,41 @@ LONGEST_WAITING_Q = Query(
 )
 
 # -- run history (scope "runs") ------------------------------------------------------------------
-RUNS = Query(
-    "web_runs",
-    f"""
-    SELECT run_id,
-           toUnixTimestamp64Milli(min(started_at)) AS started_ms,
-           toUnixTimestamp64Milli(max(ended_at)) AS ended_ms,
-           multiIf(countIf(kind = 'step' AND status = 'failed') > 0, 'failed',
-                   countIf(step = 'guard' AND status = 'skipped') > 0, 'skipped',
-                   countIf(step = 'dbt_build' AND status = 'ok') = 0, 'no changes',
-                   'ok') AS outcome,
-           sumIf(rows, startsWith(step, 'load:')) AS rows_loaded,
-           countIf(kind = 'dbt_node') AS dbt_nodes,
-           substring(anyIf(message, kind = 'step' AND status IN ('failed', 'skipped')), 1, 240)
-               AS note
+RUNS = Query("web_runs", ops.last_runs_sql(RUNS_SHOWN), scope="runs")
+
+
+def _timings(kind: str, runs: str, order: str) -> str:
+    """Rows of `kind` ('step' or 'dbt_node') in ops.step_timings of the runs `runs` selects."""
+    return f"""
+    SELECT run_id, step, status, duration_s
     FROM ops.step_timings
-    GROUP BY run_id
-    ORDER BY min(started_at) DESC
-    LIMIT {RUNS_SHOWN}
-    """,
-    scope="runs",
-)
+    WHERE kind = '{kind}' AND run_id {runs}
+    ORDER BY {order}
+    """
+
+
+# The steps of the runs the history shows.
 RUN_STEPS = Query(
     "web_run_steps",
-    f"""
-    SELECT run_id, step, status, duration_s
-    FROM ops.step_timings
-    WHERE kind = 'step' AND run_id IN (
+    _timings(
+        "step",
+        f"""IN (
         SELECT run_id FROM ops.step_timings GROUP BY run_id
-        ORDER BY min(started_at) DESC LIMIT {RUNS_SHOWN})
-    ORDER BY started_at, step
-    """,
+        ORDER BY min(started_at) DESC LIMIT {RUNS_SHOWN})""",
+        "started_at, step",
+    ),
     scope="runs",
 )
+# The slowest dbt nodes of the last run that built.
 DBT_NODES = Query(
     "web_dbt_nodes",
-    f"""
-    SELECT run_id, step, status, duration_s
-    FROM ops.step_timings
-    WHERE kind = 'dbt_node' AND run_id = (
+    _timings(
+        "dbt_node",
+        """= (
         SELECT run_id FROM ops.step_timings WHERE kind = 'dbt_node'
-        ORDER BY started_at DESC LIMIT 1)
-    ORDER BY duration_s DESC, step
-    LIMIT {DBT_NODES_SHOWN}
-    """,
+        ORDER BY started_at DESC LIMIT 1)""",
+        f"duration_s DESC, step LIMIT {DBT_NODES_SHOWN}",
+    ),
     scope="runs",
 )
 ALERTS = Query(

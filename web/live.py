@@ -26,6 +26,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from flows.cache import events_channel
+from loader.clients import connect_redis_async
 from web.settings import WebSettings
 
 logger = logging.getLogger("web.live")
@@ -108,11 +109,7 @@ class Broadcaster:
     async def _listen(self) -> None:
         channel = events_channel(self.settings)
         while True:
-            client = aioredis.Redis.from_url(
-                self.settings.redis_url,
-                decode_responses=True,
-                socket_connect_timeout=self.settings.redis_timeout_seconds,
-            )
+            client = connect_redis_async(self.settings)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(channel)

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 from clickhouse_connect.driver.client import Client
-from pydantic import ValidationError
 from pymongo import MongoClient
 
 from devstack.process import free_ports
@@ -168,28 +167,6 @@ def test_seed_force_and_keep_proceed_on_a_server_the_stack_did_not_start(
     forced = _loader(settings, "seed", "--tasks", "100", "--force")
     assert forced.returncode == 0, forced.stderr
     assert _seeded(mongo_client, settings) == 100  # dropped
-
-
-@pytest.mark.parametrize(
-    ("name", "value"),
-    [
-        ("CLICKHOUSE_PORT", "abc"),
-        ("CLICKHOUSE_PORT", "0"),
-        ("CLICKHOUSE_PORT", "65536"),
-        ("LOADER_BATCH_SIZE", "0"),
-        ("LOADER_OVERLAP_SECONDS", "-1"),
-        ("LOADER_CONNECT_TIMEOUT", "inf"),
-    ],
-)
-def test_a_bad_numeric_env_var_is_an_error_naming_it(
-    monkeypatch: pytest.MonkeyPatch, name: str, value: str
-) -> None:
-    monkeypatch.setenv(name, value)
-
-    with pytest.raises(ValidationError) as info:
-        Settings()
-
-    assert [error["loc"] for error in info.value.errors()] == [(name,)]
 
 
 def test_cli_with_a_port_that_is_not_a_port_prints_one_line_naming_it(

@@ -3,11 +3,7 @@ var to fix, never show a password, and say whether a failed sync moved its water
 
 from __future__ import annotations
 
-import pytest
-from pydantic import ValidationError
-
-from loader.errors import classify, one_line, redact, watermark_outcome
-from loader.settings import Settings
+from loader.errors import one_line, redact, watermark_outcome
 from loader.watermark import Watermark
 
 BEFORE = Watermark(1_767_268_800_000, "65a000000000000000000001", 1_767_268_900_000)
@@ -31,24 +27,6 @@ def test_a_message_over_several_lines_becomes_one_line_without_its_password() ->
         one_line("refused\n  by redis://u:p@host:6379/0\n")
         == "refused by redis://u:***@host:6379/0"
     )
-
-
-@pytest.mark.parametrize(
-    ("variable", "value"),
-    [("LOADER_BATCH_SIZE", "0"), ("CLICKHOUSE_PORT", "abc"), ("CLICKHOUSE_PORT", "70000")],
-)
-def test_an_invalid_setting_is_reported_naming_its_env_var(
-    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
-) -> None:
-    monkeypatch.setenv(variable, value)
-    with pytest.raises(ValidationError) as caught:
-        Settings()
-
-    problem = classify(caught.value)
-
-    assert problem is not None
-    assert (problem.kind, problem.variables) == ("settings", variable)
-    assert problem.message.startswith(f"invalid setting {variable}: ")
 
 
 def test_a_failed_sync_that_stored_batches_says_where_its_watermark_moved() -> None:
