@@ -27,7 +27,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, ValidationError
 from pydantic_core import PydanticCustomError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GROUPS: tuple[str, ...] = (
@@ -96,7 +96,8 @@ def _none_if_empty(value: Any) -> Any:
     return None if value == "" else value
 
 
-Groups = Annotated[frozenset[str], BeforeValidator(_groups)]
+# NoDecode: a comma list, not JSON (pydantic-settings decodes set-typed env values as JSON).
+Groups = Annotated[frozenset[str], NoDecode, BeforeValidator(_groups)]
 
 
 class BenchConfig(BaseSettings):

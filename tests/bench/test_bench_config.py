@@ -37,3 +37,12 @@ def test_the_loader_memory_ratio_is_measured_by_the_bench_against_its_target() -
 
     assert (ratio.subject, ratio.baseline) == ("memory.loader_full", "memory.loader_small")
     assert (ratio.op, ratio.threshold) == ("<=", 1.3)
+
+
+def test_a_comma_list_of_groups_is_read_from_the_process_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # pydantic-settings decodes set-typed env vars as JSON unless told not to (NoDecode).
+    monkeypatch.setenv("BENCH_ONLY", "web, dbt")
+
+    assert BenchConfig.from_env().groups == frozenset({"web", "dbt"})
