@@ -26,7 +26,12 @@ members as (
 )
 
 select
-    file_id,
-    task_id
+    store.file_id,
+    store.task_id
 from store
-where (file_id, task_id) not in (select file_id, task_id from members)
+where (store.file_id, store.task_id) not in (
+    select
+        members.file_id,
+        members.task_id
+    from members
+)
