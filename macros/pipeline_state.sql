@@ -28,10 +28,37 @@
       The hooks of `task_events` settle every file a task loaded since the last build touched
       (`pipeline_state_record_changed_tasks`, `pipeline_state_sync`), so whatever loaded a
       change, a build leaves the store equal to the recomputation.
+
+    dbt knows these relations as the source `pipeline_state` (models/sources.yml: docs, and the
+    singular tests in tests/data), and the readers as exposures. The hooks address them as
+    derivatives of `this` (task_events), so that they carry its `can_on_cluster` and every DDL
+    goes through dbt-clickhouse's `on_cluster_clause`: a profile with `cluster:` makes all of
+    it ON CLUSTER. Every statement runs through dbt's `statement` (logged, named).
 -#}
 
-{% macro pipeline_state_relation(events_relation, suffix) -%}
-    {{ return(events_relation.incorporate(path={"identifier": "pipeline_state_" ~ suffix}, type="table")) }}
+{% macro pipeline_state_execute(name, sql, fetch=false) -%}
+    {#- run one statement of the hooks through dbt's `statement`; the rows when `fetch` -#}
+    {% call statement('pipeline_state: ' ~ name, fetch_result=fetch, auto_begin=false) -%}
+        {{ sql }}
+    {%- endcall %}
+    {% if fetch %}
+        {{ return(load_result('pipeline_state: ' ~ name).table.rows) }}
+    {% endif %}
+{%- endmacro %}
+
+{% macro pipeline_state_ddl(verb, relation, rest='') -%}
+    {#- `<verb> <relation> ON CLUSTER ... <rest>` (the clause is empty without a cluster) -#}
+    {% do pipeline_state_execute(
+        verb ~ " " ~ relation.identifier,
+        verb ~ " " ~ relation ~ " " ~ on_cluster_clause(relation) ~ " " ~ rest
+    ) %}
+{%- endmacro %}
+
+{% macro pipeline_state_relation(events_relation, suffix, type='table') -%}
+    {#- `pipeline_state_<suffix>` next to task_events (`events_relation`), as its derivative -#}
+    {{ return(events_relation.derivative(
+        "pipeline_state_" ~ suffix, type, interpret_suffix_as_full_identifier=true
+    )) }}
 {%- endmacro %}
 
 {% macro pipeline_state_rank(task_id='task_id', version='_version', assigned_at='assigned_at') -%}
@@ -98,15 +125,23 @@
         that ever had a version in those files (`members`, by primary key), their current
         versions (primary-key lookups in raw), the live ones in those files, top rank per file.
     -#}
+    {{ pipeline_state_best_rows(
+        "task_id in (select task_id from " ~ members ~ " where file_id in " ~ files_sql ~ ")",
+        "file_id in " ~ files_sql
+    ) }}
+{%- endmacro %}
+
+{% macro pipeline_state_best_rows(task_filter, file_filter='1') -%}
+    {#- the store columns of the top-ranked live current version per file (latest_per_key) -#}
     select {{ pipeline_state_store_columns() }}
     from (
-        {{ pipeline_state_current_versions(
-            "task_id in (select task_id from " ~ members ~ " where file_id in " ~ files_sql ~ ")"
+        {{ latest_per_key(
+            "(select * from (" ~ pipeline_state_current_versions(task_filter) ~ ")"
+            ~ " where is_deleted = 0 and " ~ file_filter ~ ")",
+            'file_id', 'rank',
+            ['rank', 'stage', 'employee_code', 'employee_name', 'status', 'assigned_at', 'task_id'],
         ) }}
     )
-    where is_deleted = 0 and file_id in {{ files_sql }}
-    order by file_id, rank desc
-    limit 1 by file_id
 {%- endmacro %}
 
 {% macro pipeline_state_create_views(events_relation) -%}
@@ -114,13 +149,15 @@
     {% set store = pipeline_state_relation(events_relation, "store") %}
     {% set members = pipeline_state_relation(events_relation, "members") %}
     {% set raw = source('mongo', 'tasks') %}
-    {% do run_query(
-        "create materialized view if not exists " ~ pipeline_state_relation(events_relation, "raw_mv")
-        ~ " to " ~ store ~ " as " ~ pipeline_state_raw_select(raw)
+    {% do pipeline_state_ddl(
+        "create materialized view if not exists",
+        pipeline_state_relation(events_relation, "raw_mv", "materialized_view"),
+        "to " ~ store ~ " as " ~ pipeline_state_raw_select(raw)
     ) %}
-    {% do run_query(
-        "create materialized view if not exists " ~ pipeline_state_relation(events_relation, "members_mv")
-        ~ " to " ~ members ~ " as " ~ pipeline_state_members_select(raw)
+    {% do pipeline_state_ddl(
+        "create materialized view if not exists",
+        pipeline_state_relation(events_relation, "members_mv", "materialized_view"),
+        "to " ~ members ~ " as " ~ pipeline_state_members_select(raw)
     ) %}
     {% set stale %}
         with
@@ -190,8 +227,8 @@
         where held.contradicted = 1 or (given.file_id != '' and held.best < given.top)
         settings join_use_nulls = 0
     {% endset %}
-    {% do run_query(
-        "create or replace view " ~ pipeline_state_relation(events_relation, "stale") ~ " as " ~ stale
+    {% do pipeline_state_ddl(
+        "create or replace view", pipeline_state_relation(events_relation, "stale", "view"), "as " ~ stale
     ) %}
     {% set recomputed %}
         select
@@ -215,15 +252,15 @@
         from {{ store }}
         where file_id in {file_ids:Array(String)}
     {% endset %}
-    {% do run_query(
-        "create or replace view " ~ pipeline_state_relation(events_relation, "recomputed")
-        ~ " as " ~ recomputed
+    {% do pipeline_state_ddl(
+        "create or replace view", pipeline_state_relation(events_relation, "recomputed", "view"),
+        "as " ~ recomputed
     ) %}
 {%- endmacro %}
 
 {% macro pipeline_state_create_store(relation) -%}
     {#- patch-part deletes (lightweight updates): a settle deletes a few rows cheaply -#}
-    create table {{ relation }}
+    create table {{ relation }} {{ on_cluster_clause(relation) }}
     engine = ReplacingMergeTree(rank)
     order by file_id
     settings
@@ -235,7 +272,7 @@
 {%- endmacro %}
 
 {% macro pipeline_state_create_members(relation) -%}
-    create table {{ relation }} (
+    create table {{ relation }} {{ on_cluster_clause(relation) }} (
         file_id String,
         task_id String,
         projection by_task (select * order by task_id)
@@ -246,7 +283,7 @@
 {%- endmacro %}
 
 {% macro pipeline_state_create_pending(pending) -%}
-    create table if not exists {{ pending }} (
+    create table if not exists {{ pending }} {{ on_cluster_clause(pending) }} (
         task_id String,
         file_id String,
         rebuild_all UInt8,
@@ -265,20 +302,34 @@
     -#}
     {% if not execute %}{{ return("") }}{% endif %}
     {% set pending = pipeline_state_relation(this, "pending") %}
-    {% do run_query(pipeline_state_create_pending(pending)) %}
+    {% do pipeline_state_execute("create pending", pipeline_state_create_pending(pending)) %}
     {% if not is_incremental() %}
         {#- task_events is (re)built from scratch: so is the store -#}
-        {% do run_query("insert into " ~ pending ~ " (task_id, file_id, rebuild_all) values ('', '', 1)") %}
+        {% set rebuild_all %}
+            insert into {{ pending }} (task_id, file_id, rebuild_all) values ('', '', 1)
+        {% endset %}
+        {% do pipeline_state_execute("record a rebuild", rebuild_all) %}
         {{ return("") }}
     {% endif %}
-    {% do run_query(
-        "insert into " ~ pending ~ " (task_id, file_id, rebuild_all) select _id, '', 0 from ("
-        ~ task_events_changed_task_ids() ~ ")"
-    ) %}
-    {% do run_query(
-        "insert into " ~ pending ~ " (task_id, file_id, rebuild_all) select '', file_id, 0 from "
-        ~ this ~ " where task_id in (select task_id from " ~ pending ~ " where task_id != '')"
-    ) %}
+    {% set changed_tasks %}
+        insert into {{ pending }} (task_id, file_id, rebuild_all)
+        select
+            _id,
+            '',
+            0
+        from ({{ task_events_changed_task_ids() }})
+    {% endset %}
+    {% do pipeline_state_execute("record changed tasks", changed_tasks) %}
+    {% set their_files %}
+        insert into {{ pending }} (task_id, file_id, rebuild_all)
+        select
+            '',
+            file_id,
+            0
+        from {{ this }}
+        where task_id in (select task_id from {{ pending }} where task_id != '')
+    {% endset %}
+    {% do pipeline_state_execute("record their files", their_files) %}
     {{ return("") }}
 {% endmacro %}
 
@@ -293,12 +344,12 @@
     -#}
     {% set best = pipeline_state_relation(store, "settle_best") %}
     {% set diff = pipeline_state_relation(store, "settle_diff") %}
-    {% do run_query("drop table if exists " ~ best) %}
-    {% do run_query("drop table if exists " ~ diff) %}
+    {% do pipeline_state_ddl("drop table if exists", best) %}
+    {% do pipeline_state_ddl("drop table if exists", diff) %}
     {% set files_sql = "(select file_id from " ~ files ~ ")" %}
-    {% do run_query(
-        "create table " ~ best ~ " engine = MergeTree order by file_id as "
-        ~ pipeline_state_best_of_files(members, files_sql)
+    {% do pipeline_state_ddl(
+        "create table", best,
+        "engine = MergeTree order by file_id as " ~ pipeline_state_best_of_files(members, files_sql)
     ) %}
     {% set differing %}
         select
@@ -316,8 +367,8 @@
         where s.rank != b.rank
         settings join_use_nulls = 0
     {% endset %}
-    {% do run_query("create table " ~ diff ~ " engine = MergeTree order by file_id as " ~ differing) %}
-    {% set n = run_query("select count() from " ~ diff).rows[0][0] %}
+    {% do pipeline_state_ddl("create table", diff, "engine = MergeTree order by file_id as " ~ differing) %}
+    {% set n = pipeline_state_execute("count differing files", "select count() from " ~ diff, fetch=true)[0][0] %}
     {% if n > 0 %}
         {{ log("pipeline_state: settling " ~ n ~ " file state(s)", info=True) }}
         {% set insert_best %}
@@ -326,13 +377,19 @@
             from {{ best }}
             where (file_id, rank) in (select file_id, best_rank from {{ diff }})
         {% endset %}
-        {% do run_query(insert_best) %}
-        {% do run_query(
-            "delete from " ~ store ~ " where (file_id, rank) in (select s.file_id, s.rank from "
-            ~ store ~ " as s inner join " ~ diff ~ " as d on s.file_id = d.file_id"
-            ~ " where s.file_id in (select file_id from " ~ diff ~ ") and s.rank > d.best_rank)"
-            ~ " settings lightweight_delete_mode = 'lightweight_update'"
-        ) %}
+        {% do pipeline_state_execute("insert best rows", insert_best) %}
+        {% set delete_outranking %}
+            where (file_id, rank) in (
+                select
+                    s.file_id,
+                    s.rank
+                from {{ store }} as s
+                inner join {{ diff }} as d on s.file_id = d.file_id
+                where s.file_id in (select file_id from {{ diff }}) and s.rank > d.best_rank
+            )
+            settings lightweight_delete_mode = 'lightweight_update'
+        {% endset %}
+        {% do pipeline_state_ddl("delete from", store, delete_outranking) %}
         {% set dropped %}
             select count()
             from {{ diff }} as d
@@ -347,13 +404,13 @@
             settings join_use_nulls = 0
         {% endset %}
         {% for attempt in range(3) %}
-            {% if run_query(dropped).rows[0][0] > 0 %}
-                {% do run_query(insert_best) %}
+            {% if pipeline_state_execute("count dropped best rows", dropped, fetch=true)[0][0] > 0 %}
+                {% do pipeline_state_execute("insert dropped best rows", insert_best) %}
             {% endif %}
         {% endfor %}
     {% endif %}
-    {% do run_query("drop table if exists " ~ best) %}
-    {% do run_query("drop table if exists " ~ diff) %}
+    {% do pipeline_state_ddl("drop table if exists", best) %}
+    {% do pipeline_state_ddl("drop table if exists", diff) %}
 {% endmacro %}
 
 {% macro pipeline_state_swap_in(target, create_macro, view, view_select, copy_select, aside) %}
@@ -367,22 +424,25 @@
         table), create the table and the view, then copy.
     -#}
     {% if aside %}
-        {% set next = target.incorporate(path={"identifier": target.identifier ~ "_next"}) %}
-        {% set next_view = target.incorporate(path={"identifier": target.identifier ~ "_next_mv"}) %}
-        {% do run_query("drop view if exists " ~ next_view) %}
-        {% do run_query("drop table if exists " ~ next) %}
-        {% do run_query(create_macro(next)) %}
-        {% do run_query("create materialized view " ~ next_view ~ " to " ~ next ~ " as " ~ view_select) %}
-        {% do run_query("insert into " ~ next ~ " " ~ copy_select) %}
-        {% do run_query("exchange tables " ~ next ~ " and " ~ target) %}
-        {% do run_query("drop view " ~ next_view) %}
-        {% do run_query("drop table " ~ next) %}
+        {% set next = target.derivative("_next") %}
+        {% set next_view = target.derivative("_next_mv", "materialized_view") %}
+        {% do pipeline_state_ddl("drop view if exists", next_view) %}
+        {% do pipeline_state_ddl("drop table if exists", next) %}
+        {% do pipeline_state_execute("create " ~ next.identifier, create_macro(next)) %}
+        {% do pipeline_state_ddl("create materialized view", next_view, "to " ~ next ~ " as " ~ view_select) %}
+        {% do pipeline_state_execute("fill " ~ next.identifier, "insert into " ~ next ~ " " ~ copy_select) %}
+        {% do pipeline_state_execute(
+            "exchange " ~ next.identifier,
+            "exchange tables " ~ next ~ " and " ~ target ~ " " ~ on_cluster_clause(target)
+        ) %}
+        {% do pipeline_state_ddl("drop view", next_view) %}
+        {% do pipeline_state_ddl("drop table", next) %}
     {% else %}
-        {% do run_query("drop view if exists " ~ view) %}
-        {% do run_query("drop table if exists " ~ target) %}
-        {% do run_query(create_macro(target)) %}
-        {% do run_query("create materialized view " ~ view ~ " to " ~ target ~ " as " ~ view_select) %}
-        {% do run_query("insert into " ~ target ~ " " ~ copy_select) %}
+        {% do pipeline_state_ddl("drop view if exists", view) %}
+        {% do pipeline_state_ddl("drop table if exists", target) %}
+        {% do pipeline_state_execute("create " ~ target.identifier, create_macro(target)) %}
+        {% do pipeline_state_ddl("create materialized view", view, "to " ~ target ~ " as " ~ view_select) %}
+        {% do pipeline_state_execute("fill " ~ target.identifier, "insert into " ~ target ~ " " ~ copy_select) %}
     {% endif %}
 {% endmacro %}
 
@@ -395,39 +455,35 @@
     {% if not execute %}{{ return("") }}{% endif %}
     {% set raw = source('mongo', 'tasks') %}
     {% set store = pipeline_state_relation(this, "store") %}
-    {% set raw_mv = pipeline_state_relation(this, "raw_mv") %}
+    {% set raw_mv = pipeline_state_relation(this, "raw_mv", "materialized_view") %}
     {% set members = pipeline_state_relation(this, "members") %}
-    {% set members_mv = pipeline_state_relation(this, "members_mv") %}
+    {% set members_mv = pipeline_state_relation(this, "members_mv", "materialized_view") %}
     {% set pending = pipeline_state_relation(this, "pending") %}
     {% set touched = pipeline_state_relation(this, "settle_files") %}
-    {% do run_query(pipeline_state_create_pending(pending)) %}
+    {% do pipeline_state_execute("create pending", pipeline_state_create_pending(pending)) %}
     {#- the objects of the earlier design (a view on task_events, pending files) -#}
-    {% set legacy = pipeline_state_exists(pipeline_state_relation(this, "store_mv")) %}
-    {% do run_query("drop view if exists " ~ pipeline_state_relation(this, "store_mv")) %}
-    {% do run_query("drop table if exists " ~ pipeline_state_relation(this, "pending_files")) %}
+    {% set legacy_view = pipeline_state_relation(this, "store_mv", "materialized_view") %}
+    {% set legacy = pipeline_state_exists(legacy_view) %}
+    {% do pipeline_state_ddl("drop view if exists", legacy_view) %}
+    {% do pipeline_state_ddl("drop table if exists", pipeline_state_relation(this, "pending_files")) %}
 
-    {% set flags_row = run_query(
-        "select countIf(rebuild_all = 1), countIf(rebuild_all = 0) from " ~ pending
-    ).rows[0] %}
+    {% set flags_row = pipeline_state_execute(
+        "read pending",
+        "select countIf(rebuild_all = 1), countIf(rebuild_all = 0) from " ~ pending,
+        fetch=true
+    )[0] %}
     {% set store_ok = pipeline_state_exists(store) and pipeline_state_exists(raw_mv) and not legacy %}
     {% set members_ok = pipeline_state_exists(members) and pipeline_state_exists(members_mv) %}
 
     {% if flags_row[0] > 0 or not store_ok or not members_ok %}
         {{ log("pipeline_state: rebuilding " ~ store ~ " from " ~ raw, info=True) }}
-        {% set copy_all %}
-            select {{ pipeline_state_store_columns() }}
-            from ({{ pipeline_state_current_versions("1") }})
-            where is_deleted = 0
-            order by file_id, rank desc
-            limit 1 by file_id
-        {% endset %}
         {% do pipeline_state_swap_in(
             members, pipeline_state_create_members, members_mv, pipeline_state_members_select(raw),
             "select distinct file_id, _id as task_id from " ~ raw, members_ok
         ) %}
         {% do pipeline_state_swap_in(
             store, pipeline_state_create_store, raw_mv, pipeline_state_raw_select(raw),
-            copy_all, store_ok
+            pipeline_state_best_rows("1"), store_ok
         ) %}
         {% do pipeline_state_create_views(this) %}
     {% else %}
@@ -439,8 +495,9 @@
                 files end equal to the recomputation.
             -#}
             {% set changed = "(select task_id from " ~ pending ~ " where task_id != '')" %}
-            {% do run_query("drop table if exists " ~ touched) %}
+            {% do pipeline_state_ddl("drop table if exists", touched) %}
             {% set touched_files %}
+                engine = MergeTree order by file_id as
                 select distinct file_id
                 from (
                     select file_id from {{ pending }} where file_id != ''
@@ -448,11 +505,11 @@
                     select file_id from {{ members }} where task_id in {{ changed }}
                 )
             {% endset %}
-            {% do run_query("create table " ~ touched ~ " engine = MergeTree order by file_id as " ~ touched_files) %}
+            {% do pipeline_state_ddl("create table", touched, touched_files) %}
             {% do pipeline_state_settle_files(store, members, touched) %}
-            {% do run_query("drop table if exists " ~ touched) %}
+            {% do pipeline_state_ddl("drop table if exists", touched) %}
         {% endif %}
     {% endif %}
-    {% do run_query("truncate table " ~ pending) %}
+    {% do pipeline_state_ddl("truncate table", pending) %}
     {{ return("") }}
 {% endmacro %}

@@ -27,27 +27,44 @@
     {{ column }} in {{ sql_string_list(var('open_statuses')) }}
 {%- endmacro %}
 
+{% macro age_bucket_labels() -%}
+    {#- the labels of the ageing buckets, youngest first: '0-1d', '1-3d', ..., '30d+', from the
+        thresholds var('age_bucket_days') (upper bounds in days; the last bucket has none) -#}
+    {%- set days = var('age_bucket_days') -%}
+    {%- set labels = [] -%}
+    {%- for upper in days -%}
+        {%- do labels.append((loop.previtem if not loop.first else 0) ~ "-" ~ upper ~ "d") -%}
+    {%- endfor -%}
+    {%- do labels.append(days | last ~ "d+") -%}
+    {{ return(labels) }}
+{%- endmacro %}
+
 {% macro age_bucket(seconds) -%}
-    {#- label of the ageing bucket for an age in seconds; see age_bucket_order -#}
+    {#- label of the ageing bucket (age_bucket_labels) for an age in seconds -#}
+    {%- set days = var('age_bucket_days') -%}
+    {%- set labels = age_bucket_labels() -%}
     multiIf(
-        {{ seconds }} < 86400, '0-1d',
-        {{ seconds }} < 3 * 86400, '1-3d',
-        {{ seconds }} < 7 * 86400, '3-7d',
-        {{ seconds }} < 14 * 86400, '7-14d',
-        {{ seconds }} < 30 * 86400, '14-30d',
-        '30d+'
+        {%- for upper in days %}
+        {{ seconds }} < {{ upper }} * 86400, '{{ labels[loop.index0] }}',
+        {%- endfor %}
+        '{{ labels | last }}'
     )
 {%- endmacro %}
 
 {% macro age_bucket_order(seconds) -%}
+    {#- 1-based position of the bucket age_bucket gives (the last one: no upper bound) -#}
+    {%- set days = var('age_bucket_days') -%}
     multiIf(
-        {{ seconds }} < 86400, 1,
-        {{ seconds }} < 3 * 86400, 2,
-        {{ seconds }} < 7 * 86400, 3,
-        {{ seconds }} < 14 * 86400, 4,
-        {{ seconds }} < 30 * 86400, 5,
-        6
+        {%- for upper in days %}
+        {{ seconds }} < {{ upper }} * 86400, {{ loop.index }},
+        {%- endfor %}
+        {{ days | length + 1 }}
     )
+{%- endmacro %}
+
+{% macro seconds_since(column) -%}
+    {#- age in seconds of the time `column` at read_time() (the clock, or the var `as_of`) -#}
+    dateDiff('second', {{ column }}, {{ read_time() }})
 {%- endmacro %}
 
 {% macro read_time() -%}

@@ -22,8 +22,7 @@
     id_column=none, n_examples=5
 ) %}
 
-{#- `model` is a relation, or with a `where` config the subquery dbt wraps around it -#}
-{%- set model_name = model.identifier if model.identifier is defined else collection or "model" -%}
+{%- set model_name = model_display_name(model, collection) -%}
 
 {%- if values is none and vocabulary is none -%}
     {{ exceptions.raise_compiler_error(
@@ -32,26 +31,20 @@
 {%- endif -%}
 {%- set values = values if values is not none else var(vocabulary) -%}
 {%- set accepted = sql_string_list(values) -%}
-{%- set failing -%}
-    select
-        {{ sql_string_literal(collection or model_name) }} as collection,
-        {{ sql_string_literal(field or column_name) }} as field,
-        toString({{ column_name }}) as value,
-        count() as n_records,
-        {{ example_ids(id_column, n_examples) }} as example_ids,
-        {{ sql_string_literal(vocabulary or '') }} as vocabulary
-    from {{ model }}
-    where
-        {{ column_name }} not in {{ accepted }}
-        {%- if raw is not none %}
-        and {{ raw.view_key }} in (
-            select {{ raw.key }}
-            from {{ raw.relation }}
-            where {{ raw.column }} not in {{ accepted }}
-        )
-        {%- endif %}
-    group by value
+{%- set condition -%}
+    {{ column_name }} not in {{ accepted }}
+    {%- if raw is not none %}
+    and {{ raw.view_key }} in (
+        select {{ raw.key }}
+        from {{ raw.relation }}
+        where {{ raw.column }} not in {{ accepted }}
+    )
+    {%- endif %}
 {%- endset -%}
+{%- set failing = failing_values(
+    model, column_name, collection or model_name, field or column_name, id_column, n_examples,
+    {'vocabulary': vocabulary or ''}, condition
+) -%}
 
 {{ log_failing_values(
     failing,

@@ -31,3 +31,28 @@
         {%- endif -%}
     {%- endif -%}
 {%- endmacro %}
+
+{% macro model_display_name(model, collection) -%}
+    {#- `model` is a relation, or with a `where` config the subquery dbt wraps around it -#}
+    {{ return(model.identifier if model.identifier is defined else collection or "model") }}
+{%- endmacro %}
+
+{% macro failing_values(model, column_name, collection, field, id_column, n_examples, about, condition) -%}
+    {#-
+        One row per offending value of `column_name` in `model` (rows matching `condition`):
+        `collection`, `field`, `value`, `n_records`, `example_ids`, and the column named by
+        the key of `about` ({column: text}, e.g. {'vocabulary': 'stages'}) saying what the
+        value was checked against.
+    -#}
+    {%- set about_column, about_text = (about.items() | list)[0] -%}
+    select
+        {{ sql_string_literal(collection) }} as collection,
+        {{ sql_string_literal(field) }} as field,
+        toString({{ column_name }}) as value,
+        count() as n_records,
+        {{ example_ids(id_column, n_examples) }} as example_ids,
+        {{ sql_string_literal(about_text) }} as {{ about_column }}
+    from {{ model }}
+    where {{ condition }}
+    group by value
+{%- endmacro %}

@@ -16,29 +16,21 @@
     id_column=none, n_examples=5
 ) %}
 
-{#- `model` is a relation, or with a `where` config the subquery dbt wraps around it -#}
-{%- set model_name = model.identifier if model.identifier is defined else collection or "model" -%}
-
+{%- set model_name = model_display_name(model, collection) -%}
 {%- set to_name = to_collection or (to.identifier if to.identifier is defined else to | string) -%}
 {%- set refers_to = to_name ~ "." ~ field -%}
-{%- set failing -%}
-    select
-        {{ sql_string_literal(collection or model_name) }} as collection,
-        {{ sql_string_literal(source_field or column_name) }} as field,
-        toString({{ column_name }}) as value,
-        count() as n_records,
-        {{ example_ids(id_column, n_examples) }} as example_ids,
-        {{ sql_string_literal(refers_to) }} as refers_to
-    from {{ model }}
-    where
-        {{ column_name }} is not null
-        and {{ column_name }} not in (
-            select {{ field }}
-            from {{ to }}
-            where {{ field }} is not null
-        )
-    group by value
+{%- set condition -%}
+    {{ column_name }} is not null
+    and {{ column_name }} not in (
+        select {{ field }}
+        from {{ to }}
+        where {{ field }} is not null
+    )
 {%- endset -%}
+{%- set failing = failing_values(
+    model, column_name, collection or model_name, source_field or column_name, id_column,
+    n_examples, {'refers_to': refers_to}, condition
+) -%}
 
 {{ log_failing_values(
     failing,

@@ -2,7 +2,7 @@
 
 {#-
     Open work per employee, aggregated at read time from int_pipeline_state_current (live) and
-    dim_employees (one row per employee): the files whose current task is assigned to the
+    mart_employees (one row per employee): the files whose current task is assigned to the
     employee with an open status (var('open_statuses')) and the oldest such assignment. Every
     employee of the dimension appears (zero when idle); a code missing from the dimension still
     appears, with is_known_employee = 0, instead of vanishing. The age of the oldest open task
@@ -19,7 +19,7 @@ files as (
 
 employees as (
 
-    select * from {{ ref('dim_employees') }}
+    select * from {{ ref('mart_employees') }}
 
 ),
 

@@ -2,8 +2,9 @@
 
 {#-
     The current task of every file with the assignee's name resolved, read live from
-    pipeline_state_store (kept as documents arrive, see macros/pipeline_state.sql): FINAL keeps
-    each file's highest-ranked row, and the join to dim_employees (a few thousand rows) resolves
+    pipeline_state_store (kept as documents arrive, see macros/pipeline_state.sql; the hooks of
+    task_events create it, hence the dependency on task_events): FINAL keeps
+    each file's highest-ranked row, and the join to mart_employees (a few thousand rows) resolves
     the name. A view, not a table rebuilt per build, so a write that reached the store is
     visible at once; at 1M tasks (389k files) this read costs about what a scan of the former
     table did (measured: a count 12 ms vs 23 ms, the longest-waiting panel 40 ms vs 48 ms).
@@ -12,6 +13,8 @@
     dimension lacks, is shown as it is and flagged (is_known_stage, is_known_status,
     is_known_employee = 0), so the state stays the argMax over MongoDB's documents.
 -#}
+
+-- depends_on: {{ ref('task_events') }}
 
 with
 
@@ -25,7 +28,7 @@ current_tasks as (
         status,
         assigned_at,
         task_id
-    from {{ pipeline_state_relation(ref('task_events'), 'store') }} final
+    from {{ source('pipeline_state', 'pipeline_state_store') }} final
 
 ),
 
@@ -34,7 +37,7 @@ employees as (
     select
         employee_code,
         employee_name
-    from {{ ref('dim_employees') }}
+    from {{ ref('mart_employees') }}
 
 ),
 

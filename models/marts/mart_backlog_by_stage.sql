@@ -23,7 +23,7 @@ aged as (
         is_open,
         files,
         oldest_assigned_at,
-        dateDiff('second', oldest_assigned_at, {{ read_time() }}) as max_time_in_stage_seconds,
+        {{ seconds_since('oldest_assigned_at') }} as max_time_in_stage_seconds,
         (toUnixTimestamp64Milli({{ read_time() }}) - avg_assigned_at_ms)
         / 1000 as avg_time_in_stage_seconds
     from backlog

@@ -27,7 +27,7 @@ aged as (
         oldest_open_assigned_at,
         if(
             open_tasks > 0,
-            dateDiff('second', oldest_open_assigned_at, {{ read_time() }}),
+            {{ seconds_since('oldest_open_assigned_at') }},
             null
         ) as oldest_open_task_age_seconds
     from workload

@@ -2,7 +2,7 @@
 
 {#-
     How long files have sat in their current stage, in buckets (0-1d, 1-3d, 3-7d, 7-14d,
-    14-30d, 30d+), per stage. Files that are finished (last stage, status done) are left out:
+    14-30d, 30d+; thresholds: var('age_bucket_days')), per stage. Files that are finished (last stage, status done) are left out:
     they no longer age.
 -#}
 

@@ -29,7 +29,7 @@ aged as (
         is_known_employee,
         assigned_at,
         task_id,
-        dateDiff('second', assigned_at, {{ read_time() }}) as time_in_stage_seconds
+        {{ seconds_since('assigned_at') }} as time_in_stage_seconds
     from current_files
 
 )

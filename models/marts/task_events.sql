@@ -38,21 +38,35 @@
     macros/pipeline_state.sql); the store itself is fed by a view on raw.tasks.
 #}
 
-select
-    task_id,
-    file_id,
-    stage,
-    employee_code,
-    employee_name,
-    status,
-    assigned_at,
-    updated_at,
-    is_deleted,
-    task_created_at,
-    _version,
-    _loaded_at,
-    _run_id
-from {{ ref('stg_mongo__tasks') }}
-{% if is_incremental() %}
-where task_id in ({{ task_events_changed_task_ids() }})
-{% endif %}
+with
+
+tasks as (
+
+    select * from {{ ref('stg_mongo__tasks') }}
+    {% if is_incremental() -%}
+    where task_id in ({{ task_events_changed_task_ids() }})
+    {%- endif %}
+
+),
+
+events as (
+
+    select
+        task_id,
+        file_id,
+        stage,
+        employee_code,
+        employee_name,
+        status,
+        assigned_at,
+        updated_at,
+        is_deleted,
+        task_created_at,
+        _version,
+        _loaded_at,
+        _run_id
+    from tasks
+
+)
+
+select * from events

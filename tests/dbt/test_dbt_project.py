@@ -120,7 +120,7 @@ def test_assignee_name_comes_from_the_employee_dimension(built, dbt) -> None:
         {"$set": {"employee_name": "Renamed Person", "updated_at": _now()}},
     )
     built.load()
-    dbt.ok("run", "--select", "dim_employees+")
+    dbt.ok("run", "--select", "mart_employees+")
 
     names = built.rows(
         "select distinct employee_name from analytics.pipeline_state"

@@ -250,10 +250,10 @@ def test_mart_daily_throughput_equals_mongodb_in_every_column(marts: Fixture) ->
     }
 
 
-def test_dim_employees_keeps_deleted_employees_and_prefers_a_live_document(
+def test_mart_employees_keeps_deleted_employees_and_prefers_a_live_document(
     marts: Fixture,
 ) -> None:
-    rows = marts.rows("SELECT * FROM analytics.dim_employees")
+    rows = marts.rows("SELECT * FROM analytics.mart_employees")
 
     expected = {k: normalized(r) for k, r in marts.employees().items()}
     assert by_key(rows, "employee_code") == expected

@@ -44,6 +44,16 @@ def dbt_env(front: Front, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     }
 
 
+# (model, unit test): every `unit_tests:` entry in models/*.yml.
+UNIT_TESTS = [
+    ("mart_employees", "mart_employees_keeps_one_document_per_code"),
+    ("int_file_state_recomputed", "int_file_state_recomputed_ranks_by_assigned_at_then_task_id"),
+    ("int_employee_workload", "int_employee_workload_counts_open_current_tasks_per_employee"),
+    ("mart_file_ageing", "mart_file_ageing_buckets_time_in_stage_at_the_thresholds"),
+]
+UNIT_TESTED_MODELS = sorted({model for model, _ in UNIT_TESTS})
+
+
 def dbt(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(DBT), *args, "--project-dir", str(REPO)],
@@ -63,13 +73,13 @@ def test_unit_tests_pass_in_two_dbt_runs_in_a_row(dbt_env: dict[str, str]) -> No
         dbt_env,
         "build",
         "--select",
-        "stg_mongo__employees",
-        "dim_employees",
+        *(f"+{model}" for model in UNIT_TESTED_MODELS),
         "test_type:unit",
         "--indirect-selection",
-        "empty",  # not the data tests of stg_mongo__employees
+        "empty",  # not the data tests of the models built on the way
     )
     second = dbt(dbt_env, "test", "--select", "test_type:unit")
     for run in (first, second):
         assert run.returncode == 0, run.stdout[-4000:]
-        assert "PASS dim_employees::dim_employees_keeps_one_document_per_code" in run.stdout
+        for model, test in UNIT_TESTS:
+            assert f"PASS {model}::{test}" in run.stdout, run.stdout[-4000:]

@@ -5,15 +5,9 @@
 
 with
 
-source as (
-
-    select * from {{ source('mongo', 'employee') }}
-
-),
-
 latest as (
 
-    {{ latest_version_per_id('source', [
+    {{ latest_version_per_id(source('mongo', 'employee'), [
         'employee_code', 'employee_name', 'team', 'active', 'updated_at',
     ]) }}
 
@@ -23,16 +17,13 @@ renamed as (
 
     select
         _id as employee_id,
-        latest_id_created_at as employee_created_at,
-        latest_employee_code as employee_code,
-        latest_employee_name as employee_name,
-        toString(latest_team) as team,
-        toUInt8(latest_active) as is_active,
-        latest_updated_at as updated_at,
-        toUInt8(latest_is_deleted) as is_deleted,
-        latest_version as _version,
-        last_loaded_at as _loaded_at,
-        latest_run_id as _run_id
+        _id_created_at as employee_created_at,
+        employee_code,
+        employee_name,
+        toString(team) as team,
+        toUInt8(active) as is_active,
+        updated_at,
+        {{ raw_bookkeeping_columns() }}
     from latest
 
 )
