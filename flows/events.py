@@ -119,7 +119,7 @@ def follow_and_signal(
 ) -> None:
     """Run the loader's change-stream follower on `collection`: the hot path.
 
-    The follower (`loader.deletes.follow_changes`, all changes) stores changed documents and
+    The follower (`loader.follower.follow_changes`, all changes) stores changed documents and
     tombstones in `raw` every `LOADER_FLUSH_INTERVAL_MS` (0.1 s) and, for `tasks`, settles them
     into `analytics.pipeline_state_store`, which the dashboard reads live: no dbt build and no
     Prefect run per change. After each stored batch this bumps the dashboard cache's data
@@ -131,7 +131,7 @@ def follow_and_signal(
     """
     from flows.cache import QueryCache
     from flows.redis_link import RedisLink
-    from loader.deletes import StoredBatch, follow_changes
+    from loader.follower import StoredBatch, follow_changes
     from loader.settings import Settings
 
     client = connect(settings)

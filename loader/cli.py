@@ -193,7 +193,7 @@ def watch(
 
     The resume token is stored in ops.change_stream_state after each processed batch of events,
     so a restart resumes where the previous run stopped."""
-    from loader.deletes import follow_changes, reset_resume_token
+    from loader.follower import follow_changes, reset_resume_token
 
     _setup_logging(verbose)
     settings = _settings()

@@ -32,8 +32,8 @@ from bson.datetime_ms import DatetimeMS
 
 from loader.build_pending import mark_build_pending
 from loader.clients import Clients, clickhouse_call, mongo_call, open_clients
-from loader.deletes import write_tombstones
 from loader.drift import rejected_only_sql
+from loader.follower import write_tombstones
 from loader.idset import IdSet, id_set
 from loader.mapping import BatchMapper, MappedBatch, to_arrow
 from loader.runs import PeakRss, RunRecord, new_run_id, write_run

@@ -14,7 +14,7 @@ from pymongo.database import Database
 
 from loader.build_pending import clear_build_pending, pending_builds
 from loader.clients import Clients
-from loader.deletes import (
+from loader.follower import (
     StoredBatch,
     follow_changes,
     load_resume_token,
