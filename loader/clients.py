@@ -24,6 +24,7 @@ from pymongo import MongoClient
 from pymongo.database import Database
 from pymongo.errors import ConnectionFailure, CursorNotFound
 from tenacity import (
+    RetryCallState,
     RetryError,
     Retrying,
     retry_if_exception_type,
@@ -98,14 +99,44 @@ def clickhouse_unavailable(
     )
 
 
-def retrying(settings: Settings, transient: tuple[type[BaseException], ...]) -> Retrying:
+class _Streak:
+    """Failed attempts in a row. With `progress` (a value that changes when the operation got
+    further, such as the number of batches a read has stored), an attempt that made progress
+    starts a new streak: a long read resumed at its last stored batch is not given up on for
+    failures spread over hours, only for `retry_attempts` failures without progress."""
+
+    def __init__(self, progress: Callable[[], object] | None) -> None:
+        self.progress = progress
+        self.seen = progress() if progress is not None else None
+        self.before = 0  # attempts made before the current streak
+
+    def failures(self, state: RetryCallState) -> int:
+        if self.progress is not None:
+            now = self.progress()
+            if now != self.seen:
+                self.seen = now
+                self.before = state.attempt_number - 1
+        return state.attempt_number - self.before
+
+
+def retrying(
+    settings: Settings,
+    transient: tuple[type[BaseException], ...],
+    *,
+    progress: Callable[[], object] | None = None,
+) -> Retrying:
+    """The loader's one retry policy: transient errors retried with exponential backoff
+    (LOADER_RETRY_INITIAL_WAIT doubling up to LOADER_RETRY_MAX_WAIT), given up after
+    LOADER_RETRY_ATTEMPTS failures in a row (see `_Streak` for `progress`)."""
+    streak = _Streak(progress)
+
+    def wait(state: RetryCallState) -> float:
+        step = settings.retry_initial_wait * 2 ** (streak.failures(state) - 1)
+        return max(settings.retry_initial_wait, min(settings.retry_max_wait, step))
+
     return Retrying(
-        stop=stop_after_attempt(settings.retry_attempts),
-        wait=wait_exponential(
-            multiplier=settings.retry_initial_wait,
-            min=settings.retry_initial_wait,
-            max=settings.retry_max_wait,
-        ),
+        stop=lambda state: streak.failures(state) >= settings.retry_attempts,
+        wait=wait,
         retry=retry_if_exception_type(transient),
         before_sleep=lambda rs: log.warning(
             "transient error (attempt %d): %s; retrying",
@@ -121,9 +152,10 @@ def _call(
     fn: Callable[[], T],
     transient: tuple[type[BaseException], ...],
     unavailable: Callable[[Settings, int, BaseException], ServerUnavailable],
+    progress: Callable[[], object] | None = None,
 ) -> T:
     try:
-        return retrying(settings, transient)(fn)
+        return retrying(settings, transient, progress=progress)(fn)
     except RetryError as err:
         cause = err.last_attempt.exception() or err
         raise unavailable(settings, err.last_attempt.attempt_number, cause) from cause
@@ -173,9 +205,12 @@ def connect_call(
         raise unavailable(settings, err.last_attempt.attempt_number, cause, elapsed) from cause
 
 
-def mongo_call(settings: Settings, fn: Callable[[], T]) -> T:
-    """Run `fn` (a Mongo operation), retrying transient errors with backoff."""
-    return _call(settings, fn, MONGO_TRANSIENT, mongo_unavailable)
+def mongo_call(
+    settings: Settings, fn: Callable[[], T], *, progress: Callable[[], object] | None = None
+) -> T:
+    """Run `fn` (a Mongo operation), retrying transient errors with backoff. `progress`: for
+    an `fn` that resumes where the last attempt got to (see `retrying`)."""
+    return _call(settings, fn, MONGO_TRANSIENT, mongo_unavailable, progress)
 
 
 def clickhouse_call(settings: Settings, fn: Callable[[], T]) -> T:

@@ -1,14 +1,13 @@
-"""Deletes: polling by watermark cannot see a document that is gone, so two ways find them.
+"""The change-stream follower: MongoDB's changes into `raw`, as they happen.
 
-- `follow_changes` follows the collection's change stream and turns delete events into
-  tombstones; it stores the resume token in `ops.change_stream_state` after each processed
-  batch of events, so a restart resumes where it stopped.
-- `loader.reconcile` compares both sides by id and tombstones ids that are in ClickHouse but
-  gone from Mongo (and repairs what else the watermark read missed).
-
-A tombstone is a copy of the last stored row with `is_deleted = 1` and a higher `_version`
-(`max(deleted_at_ms, last _version + 1)`), written by one `INSERT ... SELECT ... FINAL` with
-server-side parameters, so the last known values stay in the table as history.
+Polling by watermark cannot see a document that is gone, and runs only now and then. The
+follower reads the collection's change stream: delete events become tombstones, and with
+`all_changes` inserts, updates and replacements are loaded too (the hot path), in micro-batches
+every LOADER_FLUSH_INTERVAL_MS. It saves the stream's resume token in `ops.change_stream_state`
+only after the batch before it is stored (and, for `tasks`, settled into
+`analytics.pipeline_state_store`), so a restart resumes where it stopped and replays at most the
+batches that were not finished. `loader.reconcile` finds what the follower missed (deletes
+while it was not running) by comparing both sides by id. The writes are `loader.store`'s.
 """
 
 from __future__ import annotations
@@ -18,11 +17,11 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from typing import Any
 
-from bson import ObjectId, json_util
+from bson import ObjectId
+from pymongo.change_stream import ChangeStream
 from pymongo.errors import OperationFailure
 
 from loader.build_pending import mark_build_pending
@@ -33,115 +32,31 @@ from loader.clients import (
     mongo_call,
     open_clients,
 )
-from loader.idset import id_set
 from loader.mapping import BatchMapper
-from loader.runs import PeakRss, RunRecord, new_run_id
-from loader.schema import (
-    CHANGE_STREAM_STATE,
-    raw_columns,
-    raw_table,
-    require_collection,
-)
+from loader.runs import PeakRss, RunKind, RunRecord, RunStatus, new_run_id
+from loader.schema import require_collection
 from loader.settings import Settings
 from loader.state import Settled, TaskVersions, settle
-from loader.sync import prepare_clients, store_rejects, store_rows, write_run_or_log
+from loader.store import (
+    load_resume_token,
+    save_resume_token,
+    store_rejects,
+    store_rows,
+    write_run_or_log,
+    write_tombstones,
+)
+from loader.sync import prepare_clients
 from loader.watermark import now_ms
 
 log = logging.getLogger(__name__)
 
-TOMBSTONE_CHUNK = 50_000  # ids per INSERT ... SELECT: bounded server memory
-FEW_TOMBSTONES = 2_000  # up to this many ids: one lookup by primary key and one insert
 CHANGE_STREAM_HISTORY_LOST = 286  # the oplog starts after the stored position
 INVALID_RESUME_TOKEN = 260
 CHANGE_STREAM_FATAL = 280  # "the resume token was not found": its event is not in the oplog
 CANNOT_RESUME = (CHANGE_STREAM_HISTORY_LOST, INVALID_RESUME_TOKEN, CHANGE_STREAM_FATAL)
+INVALIDATED = "collection dropped or renamed: run reconcile"
 
 
-# -- tombstones --------------------------------------------------------------------------------
-def write_tombstones(
-    clients: Clients, collection: str, deleted: dict[str, int], run_id: str
-) -> int:
-    """Tombstone every id in `deleted` (hex id → deletion time in ms) that has a live row.
-
-    Ids without a live row (never loaded, or already tombstoned) are skipped, which makes
-    replaying the same delete events harmless. The ids travel as an id set (request body), so
-    any number works. Returns the number of tombstones written."""
-    if not deleted:
-        return 0
-    if len(deleted) <= FEW_TOMBSTONES:
-        return _write_few_tombstones(clients, collection, deleted, run_id)
-    table = raw_table(collection).qualified
-    names = [n for n, _ in raw_columns(collection)]
-    exprs = {
-        "is_deleted": "toUInt8(1)",
-        "_version": "greatest(live.prev_version + 1, deleted.value)",
-        "_loaded_at": "now64(3, 'UTC')",
-        "_run_id": "{run:String}",
-    }
-    select = ", ".join(f"{exprs[n]} AS `{n}`" if n in exprs else f"live.`{n}`" for n in names)
-    cols = ", ".join(f"`{n}`" for n in names)
-    written = 0
-    ch = clients.clickhouse
-    items = list(deleted.items())
-    for start in range(0, len(items), TOMBSTONE_CHUNK):
-        with id_set(clients, items[start : start + TOMBSTONE_CHUNK]) as ids:
-            # The filter sits in a subquery: in ClickHouse a SELECT alias (`1 AS is_deleted`)
-            # would shadow the column of the same name in a WHERE at the same level.
-            live = (
-                f"SELECT *, _version AS prev_version FROM {table} FINAL "
-                f"WHERE _id IN {ids.keys()} AND is_deleted = 0"
-            )
-            count = f"SELECT count() FROM ({live})"
-            insert = (
-                f"INSERT INTO {table} ({cols}) SELECT {select} FROM ({live}) AS live "
-                f"INNER JOIN {ids.pairs()} AS deleted ON live._id = deleted.key"
-            )
-
-            def go(count: str = count, insert: str = insert) -> int:
-                n = int(ch.command(count))
-                if n:
-                    ch.command(insert, parameters={"run": run_id})
-                return n
-
-            written += clickhouse_call(clients.settings, go)
-    return written
-
-
-def _write_few_tombstones(
-    clients: Clients, collection: str, deleted: dict[str, int], run_id: str
-) -> int:
-    """`write_tombstones` for a change-stream batch: the latest row of each id by primary key
-    (the ids as a query parameter; no FINAL, which merges every part of the table), then one
-    insert of the tombstones built from them. Same rows as the INSERT ... SELECT path."""
-    table = raw_table(collection).qualified
-    names = [n for n, _ in raw_columns(collection)]
-    cols = ", ".join(f"`{n}`" for n in names)
-    ch = clients.clickhouse
-    latest = (
-        f"SELECT {cols} FROM (SELECT {cols} FROM {table} WHERE _id IN {{ids:Array(String)}} "
-        "ORDER BY _id, _version DESC LIMIT 1 BY _id) WHERE is_deleted = 0"
-    )
-    live = clickhouse_call(
-        clients.settings,
-        lambda: ch.query(latest, parameters={"ids": list(deleted)}).result_rows,
-    )
-    if not live:
-        return 0
-    at = {n: i for i, n in enumerate(names)}
-    loaded_at = datetime.fromtimestamp(now_ms() / 1000, UTC)
-    rows = []
-    for row in live:
-        tomb = list(row)
-        tomb[at["is_deleted"]] = 1
-        tomb[at["_version"]] = max(int(row[at["_version"]]) + 1, deleted[row[at["_id"]]])
-        tomb[at["_loaded_at"]] = loaded_at
-        tomb[at["_run_id"]] = run_id
-        rows.append(tomb)
-    clickhouse_call(clients.settings, lambda: ch.insert(table, rows, column_names=names))
-    return len(rows)
-
-
-# -- change stream -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FollowResult:
     run_id: str
@@ -340,50 +255,6 @@ class _Settler:
                 )
 
 
-def load_resume_token(clients: Clients, collection: str) -> Any:
-    rows = clickhouse_call(
-        clients.settings,
-        lambda: (
-            clients.clickhouse.query(
-                f"SELECT resume_token FROM {CHANGE_STREAM_STATE.qualified} "
-                "WHERE collection = {c:String} ORDER BY saved_at DESC LIMIT 1",
-                parameters={"c": collection},
-            ).result_rows
-        ),
-    )
-    if not rows or not rows[0][0]:
-        return None
-    return json_util.loads(rows[0][0])
-
-
-def save_resume_token(
-    clients: Clients,
-    collection: str,
-    token: Any,
-    events: int,
-    *,
-    lag_seconds: float = 0.0,
-    last_event_ms: int | None = None,
-) -> None:
-    text = json_util.dumps(token, json_options=json_util.CANONICAL_JSON_OPTIONS) if token else ""
-    clickhouse_call(
-        clients.settings,
-        lambda: clients.clickhouse.command(
-            f"INSERT INTO {CHANGE_STREAM_STATE.qualified} "
-            "(collection, resume_token, events, saved_at, lag_seconds, last_event_at) "
-            "SELECT {c:String}, {t:String}, {n:UInt64}, now64(6), {lag:Float64}, "
-            "if({last:Int64} < 0, NULL, fromUnixTimestamp64Milli({last:Int64}, 'UTC'))",
-            parameters={
-                "c": collection,
-                "t": text,
-                "n": events,
-                "lag": max(0.0, lag_seconds),
-                "last": -1 if last_event_ms is None else last_event_ms,
-            },
-        ),
-    )
-
-
 def _deleted_at_ms(change: dict[str, Any]) -> int:
     wall = change.get("wallTime")
     if wall is not None:
@@ -392,25 +263,44 @@ def _deleted_at_ms(change: dict[str, Any]) -> int:
     return int(cluster.time) * 1000 if cluster is not None else now_ms()
 
 
-def follow_changes(
-    settings: Settings,
-    collection: str,
-    *,
-    clients: Clients | None = None,
-    max_events: int | None = None,
-    idle_timeout_s: float | None = None,
-    stop: threading.Event | None = None,
-    flush_every: int = 1_000,
-    flush_interval_s: float | None = None,
-    max_await_ms: int | None = None,
-    on_flush: Callable[[int, int], None] | None = None,
-    on_stored: Callable[[StoredBatch], None] | None = None,
-    all_changes: bool = False,
-    heartbeat_s: float = 1.0,
-    save_every_s: float = 0.5,
-    after_store: Callable[[], None] | None = None,
-) -> FollowResult:
-    """Follow `collection`'s change stream and tombstone deleted documents.
+@dataclass
+class _MicroBatch:
+    """The events buffered since the last flush: the last full document or delete per `_id`
+    (a later event of the same document replaces an earlier one)."""
+
+    docs: dict[Any, dict[str, Any]] = field(default_factory=dict)
+    deleted: dict[str, int] = field(default_factory=dict)  # hex id -> deletion time in ms
+    events: int = 0  # events buffered (before de-duplication by _id)
+    first_at: float | None = None  # monotonic time of the first of them
+
+    def add(self, change: dict[str, Any], at: float, event_ms: int) -> None:
+        self.events += 1
+        if self.first_at is None:
+            self.first_at = at
+        key = change.get("documentKey", {}).get("_id")
+        if change.get("operationType") == "delete":
+            if isinstance(key, ObjectId):
+                self.deleted[str(key)] = event_ms
+                self.docs.pop(key, None)
+        elif isinstance(change.get("fullDocument"), dict):
+            # None when the document is gone by lookup time: its delete follows.
+            self.docs[key] = change["fullDocument"]
+            if isinstance(key, ObjectId):
+                self.deleted.pop(str(key), None)
+
+    def __len__(self) -> int:
+        return len(self.docs) + len(self.deleted)
+
+    def clear(self) -> None:
+        self.docs.clear()
+        self.deleted.clear()
+        self.events = 0
+        self.first_at = None
+
+
+class ChangeFollower:
+    """Follows one collection's change stream over open `clients` and tombstones deleted
+    documents.
 
     With `all_changes`, inserts, updates and replacements are loaded too (the current document,
     mapped like `sync` maps it, rejects included), so the raw table follows Mongo within a
@@ -422,206 +312,268 @@ def follow_changes(
     while the next batch is stored (one batch settling at a time, one stored ahead of it). The
     resume token is saved in `ops.change_stream_state`, with the follower's lag, only after the
     batch is stored and settled, so a crash replays the batch (raw dedupes it, settling is
-    idempotent). Resumes from
-    the stored token (from "now" on the first run). Stops after `max_events` events, after
-    `idle_timeout_s` without any, when `stop` is set, or on Ctrl-C; runs forever otherwise.
-    `on_flush(events, deletes)` reports progress after every flush (idle ones included);
-    `on_stored(StoredBatch)` after each batch that stored something has been settled (from the
-    settling thread). `after_store` runs between storing a batch and handing it over for
-    settling (tests inject crashes there).
-    """
-    require_collection(collection)
-    interval = settings.flush_interval_ms / 1000 if flush_interval_s is None else flush_interval_s
-    await_ms = max(1, int(interval * 1000)) if max_await_ms is None else max_await_ms
-    with open_clients(settings, clients) as cl:
-        prepare_clients(cl)
-        run_id = new_run_id()
-        rec = RunRecord(run_id, collection, kind="watch")
-        rss = PeakRss()
-        ops = ("delete", "insert", "update", "replace") if all_changes else ("delete",)
-        token = load_resume_token(cl, collection)
-        resumed = token is not None
-        coll = cl.db[collection]
-        events = deletes = 0
-        # The batch being buffered: the last full document or delete per _id (a later event of
-        # the same document replaces an earlier one), and when its first event arrived.
-        docs: dict[Any, dict[str, Any]] = {}
-        pending: dict[str, int] = {}
-        buffered = 0
-        first_at: float | None = None
-        last_event_ms: int | None = None
-        mapper = BatchMapper(collection, settings.max_string_chars)
-        marked_pending = False
-        last_event = time.monotonic()
-        why = "stopped"
+    idempotent). Resumes from the stored token (from "now" on the first run). Stops after
+    `max_events` events, after `idle_timeout_s` without any, when `stop` is set, or on Ctrl-C;
+    runs forever otherwise. `on_flush(events, deletes)` reports progress after every flush
+    (idle ones included); `on_stored(StoredBatch)` after each batch that stored something has
+    been settled (from the settling thread). `after_store` runs between storing a batch and
+    handing it over for settling (tests inject crashes there).
 
+    The steps, one method each: open the stream at the stored resume token (`_open_stream`),
+    buffer events into a micro-batch (`_MicroBatch`), store it when due (`_store`), hand it to the
+    settling thread, which saves the token once the batch is settled (`_flush`); an `invalidate`
+    event ends the run and forgets the token (`_invalidated`); a token the oplog no longer holds
+    is reported with the way out (`_cannot_resume`).
+    """
+
+    def __init__(
+        self,
+        clients: Clients,
+        collection: str,
+        *,
+        max_events: int | None = None,
+        idle_timeout_s: float | None = None,
+        stop: threading.Event | None = None,
+        flush_every: int = 1_000,
+        flush_interval_s: float | None = None,
+        max_await_ms: int | None = None,
+        on_flush: Callable[[int, int], None] | None = None,
+        on_stored: Callable[[StoredBatch], None] | None = None,
+        all_changes: bool = False,
+        heartbeat_s: float = 1.0,
+        save_every_s: float = 0.5,
+        after_store: Callable[[], None] | None = None,
+    ) -> None:
+        require_collection(collection)
+        self.cl = clients
+        self.settings = clients.settings
+        self.collection = collection
+        self.interval = (
+            self.settings.flush_interval_ms / 1000 if flush_interval_s is None else flush_interval_s
+        )
+        self.await_ms = max(1, int(self.interval * 1000)) if max_await_ms is None else max_await_ms
+        self.max_events = max_events
+        self.idle_timeout_s = idle_timeout_s
+        self.stop = stop
+        self.flush_every = flush_every
+        self.on_flush = on_flush
+        self.all_changes = all_changes
+        self.after_store = after_store
+        self.rec = RunRecord(new_run_id(), collection, kind=RunKind.watch)
+        self.rss = PeakRss()
+        self.mapper = BatchMapper(collection, self.settings.max_string_chars)
+        self.token = load_resume_token(clients, collection)
+        self.events = 0  # events processed
+        self.deletes = 0  # tombstones written
+        self.batch = _MicroBatch()
+        self.last_event = time.monotonic()
+        self.last_event_ms: int | None = None  # commit time of the last event
+        self.marked_pending = False
         # Settling and saving the position run in a thread of their own (`_Settler`, with its
         # own ClickHouse connection), so the next batch is stored while the last one settles:
         # a new task, a status change or a reassignment shows in pipeline_state as soon as its
         # batch is stored, a retraction once its batch is settled.
-        settler = _Settler(
-            cl,
+        self.settler = _Settler(
+            clients,
             collection,
-            token,
+            self.token,
             on_stored=on_stored,
             save_every_s=save_every_s,
             heartbeat_s=heartbeat_s,
         )
 
-        def flush(stream: Any, final: bool = False) -> None:
-            nonlocal deletes, marked_pending, buffered, first_at
-            stored = bool(docs or pending)
-            if stored:
-                settler.wait_for_room()
-            settler.check()
-            if stored and (not marked_pending or pending):
-                # Before the first write: the downstream models need a build. Again before a
-                # batch with deletes: a build may have cleared the mark meanwhile, and a delete
-                # is invisible to the watermark, so no scheduled run would load it (a changed
-                # document is: the next run's sync reads it again and marks it).
-                clickhouse_call(
-                    settings, lambda: mark_build_pending(cl.clickhouse, collection, run_id)
-                )
-                marked_pending = True
-            versions = TaskVersions()
-            written = tombstoned = 0
-            if docs:
-                for doc in docs.values():
-                    mapper.add(doc)
-                batch = mapper.take()
-                store_rows(cl, batch, run_id)
-                store_rejects(cl, batch, run_id)
-                rec.docs_read += len(docs)
-                rec.rows_written += batch.rows
-                rec.rejects += len(batch.rejects)
-                written = batch.rows
-                if collection == "tasks":
-                    versions.add_batch(batch)
-                docs.clear()
-            if pending:
-                tombstoned = write_tombstones(cl, collection, pending, run_id)
-                deletes += tombstoned
-                versions.add_deleted(pending)
-                pending.clear()
-            if stored and after_store is not None:
-                after_store()
-            rss.sample()
-            settler.put(
-                _Pending(
-                    versions if stored and collection == "tasks" else None,
-                    stream.resume_token,
-                    events,
-                    stored,
-                    buffered,
-                    written,
-                    tombstoned,
-                    last_event_ms,
-                    final,
-                )
-            )
-            if final:
-                settler.drain()  # settled and the position saved before leaving
-            buffered = 0
-            first_at = None
-            if on_flush:
-                on_flush(events, deletes)
+    @property
+    def resumed(self) -> bool:
+        """Started from a stored resume token (else from now)."""
+        return self.token is not None
 
-        settler.start()
+    def run(self) -> FollowResult:
+        """Follow until a stop condition; the run is recorded in `ops.sync_runs` either way."""
+        self.settler.start()
         try:
-            stream = mongo_call(
-                settings,
-                lambda: coll.watch(
-                    # `invalidate` too: a $match that leaves it out hides the drop of the
-                    # collection, and the driver then fails resuming past it.
-                    [{"$match": {"operationType": {"$in": [*ops, "invalidate"]}}}],
-                    full_document="updateLookup" if all_changes else None,
-                    resume_after=token,
-                    max_await_time_ms=await_ms,
-                    batch_size=flush_every,
-                ),
-            )
-            with stream:
-                while True:
-                    change = mongo_call(settings, stream.try_next)
-                    if change is not None:
-                        last_event = time.monotonic()
-                        if change.get("operationType") == "invalidate":
-                            # The collection was dropped or renamed: this stream cannot resume.
-                            # Forget the token so the next run starts from now; deletes before
-                            # then are for `reconcile` (or a full refresh) to find.
-                            why = "collection dropped or renamed: run reconcile"
-                            flush(stream, final=True)
-                            save_resume_token(cl, collection, None, events)
-                            break
-                        events += 1
-                        buffered += 1
-                        if first_at is None:
-                            first_at = last_event
-                        last_event_ms = _deleted_at_ms(change)
-                        key = change.get("documentKey", {}).get("_id")
-                        if change.get("operationType") == "delete":
-                            if isinstance(key, ObjectId):
-                                pending[str(key)] = last_event_ms
-                                docs.pop(key, None)
-                        elif isinstance(change.get("fullDocument"), dict):
-                            # None when the document is gone by lookup time: its delete follows.
-                            docs[key] = change["fullDocument"]
-                            if isinstance(key, ObjectId):
-                                pending.pop(str(key), None)
-                        if (
-                            len(pending) + len(docs) < flush_every
-                            and last_event - first_at < interval
-                            and (max_events is None or events < max_events)
-                        ):
-                            continue
-                    leaving = ""
-                    if max_events is not None and events >= max_events:
-                        leaving = "max_events"
-                    elif stop is not None and stop.is_set():
-                        leaving = "stop requested"
-                    elif (
-                        idle_timeout_s is not None
-                        and time.monotonic() - last_event >= idle_timeout_s
-                    ):
-                        leaving = "idle"
-                    flush(stream, final=bool(leaving))  # leaving: save the position now
-                    if leaving:
-                        why = leaving
-                        break
+            why = self._follow()
         except OperationFailure as exc:
             if exc.code in CANNOT_RESUME:
-                rec.finish("failed", f"cannot resume change stream: {exc}")
-                _record(cl, rec, events, deletes, rss)
-                code = (exc.details or {}).get("codeName", exc.code)
-                raise RuntimeError(
-                    f"The change stream of {collection} cannot resume from the stored token "
-                    f"({code}: the oplog no longer holds that position, or "
-                    "the collection was dropped). Run `python -m loader reconcile` to catch up on "
-                    "deletes, then `python -m loader watch --reset` to start from now."
-                ) from exc
-            rec.finish("failed", f"{type(exc).__name__}: {exc}")
-            _record(cl, rec, events, deletes, rss)
+                self._record(RunStatus.failed, f"cannot resume change stream: {exc}")
+                raise self._cannot_resume(exc) from exc
+            self._record(RunStatus.failed, f"{type(exc).__name__}: {exc}")
             raise
         except KeyboardInterrupt:
             why = "interrupted"
         except BaseException as exc:
-            rec.finish("failed", f"{type(exc).__name__}: {exc}")
-            _record(cl, rec, events, deletes, rss)
+            self._record(RunStatus.failed, f"{type(exc).__name__}: {exc}")
             raise
         finally:
-            settler.stop()
-        rec.finish("ok", f"watch: {why}; resumed={resumed}; batches={settler.batches}")
-        _record(cl, rec, events, deletes, rss)
+            self.settler.stop()
+        batches = self.settler.batches
+        self._record(RunStatus.ok, f"watch: {why}; resumed={self.resumed}; batches={batches}")
         return FollowResult(
-            run_id,
-            collection,
-            events,
-            deletes,
-            resumed,
+            self.rec.run_id,
+            self.collection,
+            self.events,
+            self.deletes,
+            self.resumed,
             why,
-            settler.batches,
-            settler.settled_files,
+            batches,
+            self.settler.settled_files,
         )
+
+    # -- reading -------------------------------------------------------------------------------
+    def _open_stream(self) -> ChangeStream[Any]:
+        ops = ("delete", "insert", "update", "replace") if self.all_changes else ("delete",)
+        coll = self.cl.db[self.collection]
+        return mongo_call(
+            self.settings,
+            lambda: coll.watch(
+                # `invalidate` too: a $match that leaves it out hides the drop of the
+                # collection, and the driver then fails resuming past it.
+                [{"$match": {"operationType": {"$in": [*ops, "invalidate"]}}}],
+                full_document="updateLookup" if self.all_changes else None,
+                resume_after=self.token,
+                max_await_time_ms=self.await_ms,
+                batch_size=self.flush_every,
+            ),
+        )
+
+    def _follow(self) -> str:
+        """Read, buffer and flush until a stop condition; returns why it stopped."""
+        with self._open_stream() as stream:
+            while True:
+                change = mongo_call(self.settings, stream.try_next)
+                if change is not None:
+                    self.last_event = time.monotonic()
+                    if change.get("operationType") == "invalidate":
+                        self._invalidated(stream)
+                        return INVALIDATED
+                    self.events += 1
+                    self.last_event_ms = _deleted_at_ms(change)
+                    self.batch.add(change, self.last_event, self.last_event_ms)
+                    if not self._due():
+                        continue
+                leaving = self._leaving()
+                self._flush(stream, final=bool(leaving))  # leaving: save the position now
+                if leaving:
+                    return leaving
+
+    def _due(self) -> bool:
+        """The micro-batch is full, old enough, or holds the last event asked for."""
+        first_at = self.batch.first_at if self.batch.first_at is not None else self.last_event
+        return (
+            len(self.batch) >= self.flush_every
+            or self.last_event - first_at >= self.interval
+            or (self.max_events is not None and self.events >= self.max_events)
+        )
+
+    def _leaving(self) -> str:
+        """Why to stop after this flush ("" to go on)."""
+        if self.max_events is not None and self.events >= self.max_events:
+            return "max_events"
+        if self.stop is not None and self.stop.is_set():
+            return "stop requested"
+        idle = time.monotonic() - self.last_event
+        if self.idle_timeout_s is not None and idle >= self.idle_timeout_s:
+            return "idle"
+        return ""
+
+    def _invalidated(self, stream: ChangeStream[Any]) -> None:
+        """The collection was dropped or renamed: this stream cannot resume. Store what is
+        buffered, then forget the token so the next run starts from now; deletes before then
+        are for `reconcile` (or a full refresh) to find."""
+        self._flush(stream, final=True)
+        save_resume_token(self.cl, self.collection, None, self.events)
+
+    def _cannot_resume(self, exc: OperationFailure) -> RuntimeError:
+        code = (exc.details or {}).get("codeName", exc.code)
+        return RuntimeError(
+            f"The change stream of {self.collection} cannot resume from the stored token "
+            f"({code}: the oplog no longer holds that position, or "
+            "the collection was dropped). Run `python -m loader reconcile` to catch up on "
+            "deletes, then `python -m loader watch --reset` to start from now."
+        )
+
+    # -- storing -------------------------------------------------------------------------------
+    def _flush(self, stream: ChangeStream[Any], final: bool = False) -> None:
+        """Store the micro-batch (if any), then hand it and the stream position after it to
+        the settling thread, which saves the position once the batch is settled. An idle
+        flush hands over the position alone (the heartbeat)."""
+        stored = bool(self.batch)
+        if stored:
+            self.settler.wait_for_room()
+        self.settler.check()
+        events = self.batch.events
+        versions, written, tombstoned = self._store() if stored else (None, 0, 0)
+        if stored and self.after_store is not None:
+            self.after_store()
+        self.rss.sample()
+        self.settler.put(
+            _Pending(
+                versions,
+                stream.resume_token,
+                self.events,
+                stored,
+                events,
+                written,
+                tombstoned,
+                self.last_event_ms,
+                final,
+            )
+        )
+        if final:
+            self.settler.drain()  # settled and the position saved before leaving
+        self.batch.clear()
+        if self.on_flush:
+            self.on_flush(self.events, self.deletes)
+
+    def _store(self) -> tuple[TaskVersions | None, int, int]:
+        """Write the micro-batch: rows and rejects, then tombstones. Returns the task versions
+        to settle (None unless `tasks`), the rows written and the tombstones written."""
+        cl, collection, run_id = self.cl, self.collection, self.rec.run_id
+        if not self.marked_pending or self.batch.deleted:
+            # Before the first write: the downstream models need a build. Again before a
+            # batch with deletes: a build may have cleared the mark meanwhile, and a delete
+            # is invisible to the watermark, so no scheduled run would load it (a changed
+            # document is: the next run's sync reads it again and marks it).
+            clickhouse_call(
+                self.settings, lambda: mark_build_pending(cl.clickhouse, collection, run_id)
+            )
+            self.marked_pending = True
+        versions = TaskVersions()
+        written = tombstoned = 0
+        if self.batch.docs:
+            for doc in self.batch.docs.values():
+                self.mapper.add(doc)
+            mapped = self.mapper.take()
+            store_rows(cl, mapped, run_id)
+            store_rejects(cl, mapped, run_id)
+            self.rec.docs_read += len(self.batch.docs)
+            self.rec.rows_written += mapped.rows
+            self.rec.rejects += len(mapped.rejects)
+            written = mapped.rows
+            if collection == "tasks":
+                versions.add_batch(mapped)
+        if self.batch.deleted:
+            tombstoned = write_tombstones(cl, collection, self.batch.deleted, run_id)
+            self.deletes += tombstoned
+            versions.add_deleted(self.batch.deleted)
+        return (versions if collection == "tasks" else None), written, tombstoned
+
+    def _record(self, status: RunStatus, message: str) -> None:
+        rec = self.rec
+        rec.finish(status, f"{message}; events={self.events}")
+        rec.deletes = self.deletes
+        rec.peak_rss_bytes = self.rss.peak
+        write_run_or_log(self.cl, rec)
+
+
+def follow_changes(
+    settings: Settings, collection: str, *, clients: Clients | None = None, **options: Any
+) -> FollowResult:
+    """Follow `collection`'s change stream with a `ChangeFollower` (`options` are its keyword
+    arguments) over `clients`, or over connections opened and closed here."""
+    require_collection(collection)
+    with open_clients(settings, clients) as cl:
+        prepare_clients(cl)
+        return ChangeFollower(cl, collection, **options).run()
 
 
 def reset_resume_token(
@@ -631,10 +583,3 @@ def reset_resume_token(
     with open_clients(settings, clients) as cl:
         prepare_clients(cl)
         save_resume_token(cl, collection, None, 0)
-
-
-def _record(cl: Clients, rec: RunRecord, events: int, deletes: int, rss: PeakRss) -> None:
-    rec.deletes = deletes
-    rec.peak_rss_bytes = rss.peak
-    rec.message = f"{rec.message}; events={events}".lstrip("; ")
-    write_run_or_log(cl, rec)
