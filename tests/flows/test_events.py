@@ -81,6 +81,35 @@ def test_signal_of_a_failed_run_stays_pending_for_the_next_runner(settings: Flow
     assert client.xpending(stream_key(settings), GROUP)["pending"] == 0
 
 
+def test_a_failed_signalled_run_is_retried_with_its_signals_until_it_succeeds(
+    settings: FlowSettings,
+) -> None:
+    client = connect(settings)
+    signal_change(client, settings, "tasks")
+    quick = settings.model_copy(update={"task_retry_delay_seconds": 0.01})
+    calls: list[list[str]] = []
+    stop = threading.Event()
+
+    def fail_once(signals: list[dict[str, str]]) -> None:
+        calls.append([s["collection"] for s in signals])
+        if len(calls) == 1:
+            raise RuntimeError("the first run fails")
+        stop.set()
+
+    runner = threading.Thread(
+        target=run_on_signals,
+        args=(quick, fail_once, stop, logging.getLogger("test")),
+        kwargs={"block_ms": 200},
+    )
+    runner.start()
+    runner.join(timeout=60)
+    stop.set()
+    runner.join()
+
+    assert calls == [["tasks"], ["tasks"]]
+    assert client.xpending(stream_key(settings), GROUP)["pending"] == 0
+
+
 def test_the_change_follower_signals_a_change_and_marks_its_build_pending(
     settings: FlowSettings, stack: Any
 ) -> None:

@@ -69,39 +69,31 @@ def test_tombstone_through_watch_is_versioned_at_the_deletion_time(
     assert live_version < before_ms <= dead_version <= after_ms
 
 
-def _tombstone_version(
-    clients: Clients, clickhouse_client: Client, db: Database, deleted_at_ms: int
-) -> tuple[int, int]:
-    """(version of the live row, version of its tombstone written for `deleted_at_ms`)."""
+@pytest.mark.parametrize(
+    ("seed", "deleted_after_ms", "version_after_ms"),
+    [
+        pytest.param(209, 5_000, 5_000, id="deleted-after-the-last-version"),
+        # A deletion stamped earlier than the stored version (clock skew, updated_at ahead).
+        pytest.param(210, -5_000, 1, id="dated-before-the-last-version"),
+    ],
+)
+def test_tombstone_takes_the_deletion_time_or_else_the_last_version_plus_one(
+    loaded: Loaded,
+    clients: Clients,
+    db: Database,
+    clickhouse_client: Client,
+    seed: int,
+    deleted_after_ms: int,
+    version_after_ms: int,
+) -> None:
+    loaded(50, seed=seed)
     (gone,) = _first_ids(db, 1)
-    write_tombstones(clients, "tasks", {str(gone): deleted_at_ms}, "test")
+    last = int(db.tasks.find_one({"_id": gone})["updated_at"])
+
+    write_tombstones(clients, "tasks", {str(gone): last + deleted_after_ms}, "test")
+
     (_, _, live_version), (_, _, dead_version) = _versions(clickhouse_client, [gone])
-    return live_version, dead_version
-
-
-def test_tombstone_deleted_after_the_last_version_takes_the_deletion_time(
-    loaded: Loaded, settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
-) -> None:
-    loaded(50, seed=209)
-    (gone,) = _first_ids(db, 1)
-    last = int(db.tasks.find_one({"_id": gone})["updated_at"])
-
-    live, dead = _tombstone_version(clients, clickhouse_client, db, last + 5_000)
-
-    assert (live, dead) == (last, last + 5_000)
-
-
-def test_tombstone_dated_before_the_last_version_takes_the_last_version_plus_one(
-    loaded: Loaded, settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
-) -> None:
-    loaded(50, seed=210)
-    (gone,) = _first_ids(db, 1)
-    last = int(db.tasks.find_one({"_id": gone})["updated_at"])
-
-    # A deletion stamped earlier than the stored version (clock skew, updated_at ahead).
-    live, dead = _tombstone_version(clients, clickhouse_client, db, last - 5_000)
-
-    assert (live, dead) == (last, last + 1)
+    assert (live_version, dead_version) == (last, last + version_after_ms)
 
 
 def test_watch_resumes_after_the_last_processed_event(

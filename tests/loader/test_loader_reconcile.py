@@ -111,6 +111,14 @@ def test_reconcile_tombstones_100000_deleted_tasks_in_one_run(
     assert len(clickhouse_tasks(clickhouse_client, deleted=True)) == 100_000
 
 
+@pytest.mark.parametrize(
+    ("tasks", "seed", "gone", "late", "stale", "page_size"),
+    [
+        pytest.param(3_000, 306, 300, 100, 50, 64, id="pages-of-64"),
+        # Every id is the first and the last of its page: page boundaries cannot hide an id.
+        pytest.param(500, 308, 3, 2, 4, 1, id="pages-of-one-id"),
+    ],
+)
 def test_reconcile_repairs_every_kind_of_difference_page_by_page(
     loaded: Loaded,
     settings: Settings,
@@ -118,20 +126,29 @@ def test_reconcile_repairs_every_kind_of_difference_page_by_page(
     db: Database,
     plain_db: Database,
     clickhouse_client: Client,
+    tasks: int,
+    seed: int,
+    gone: int,
+    late: int,
+    stale: int,
+    page_size: int,
 ) -> None:
-    loaded(3_000, seed=306)
+    loaded(tasks, seed=seed)
     by_id = [d["_id"] for d in plain_db.tasks.find({}, {"_id": 1}).sort("_id", 1)]
-    plain_db.tasks.delete_many({"_id": {"$in": by_id[:300]}})  # gone
-    late = [dict(d, _id=ObjectId()) for d in plain_db.tasks.find({"_id": {"$in": by_id[300:400]}})]
-    plain_db.tasks.insert_many(late)  # dated long before the watermark: missing
-    for doc in plain_db.tasks.find({"_id": {"$in": by_id[400:450]}}):  # moved backwards: stale
+    plain_db.tasks.delete_many({"_id": {"$in": by_id[:gone]}})
+    copied = plain_db.tasks.find({"_id": {"$in": by_id[gone : gone + late]}})
+    plain_db.tasks.insert_many([dict(d, _id=ObjectId()) for d in copied])  # dated long ago
+    moved_back = plain_db.tasks.find({"_id": {"$in": by_id[gone + late : gone + late + stale]}})
+    for doc in moved_back:  # updated with updated_at moved backwards
         earlier = doc["updated_at"] - timedelta(days=2)
-        plain_db.tasks.update_one({"_id": doc["_id"]}, {"$set": {"updated_at": earlier}})
+        plain_db.tasks.update_one(
+            {"_id": doc["_id"]}, {"$set": {"status": "rejected", "updated_at": earlier}}
+        )
 
-    result = reconcile_collection(settings, "tasks", clients=clients, page_size=64)
+    result = reconcile_collection(settings, "tasks", clients=clients, page_size=page_size)
 
     counts = (result.deletes, result.missing_in_clickhouse, result.stale_in_clickhouse)
-    assert counts == (300, 100, 50)
+    assert (result.differing, counts) == (gone + late + stale, (gone, late, stale))
     assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
     assert reconcile_collection(settings, "tasks", clients=clients).differing == 0
 
@@ -154,33 +171,6 @@ def test_a_rejected_document_deleted_in_mongo_is_no_longer_counted(
     assert (first.differing, first.rejected_gone, first.deletes) == (3, 3, 0)
     assert again.differing == 0
     assert first.clickhouse_ids - again.clickhouse_ids == 3
-
-
-def test_reconcile_in_pages_of_one_id_repairs_every_kind_of_difference_exactly(
-    loaded: Loaded,
-    settings: Settings,
-    clients: Clients,
-    db: Database,
-    plain_db: Database,
-    clickhouse_client: Client,
-) -> None:
-    # Every id is the first and the last of its page: page boundaries cannot hide an id.
-    loaded(500, seed=308)
-    by_id = [d["_id"] for d in plain_db.tasks.find({}, {"_id": 1}).sort("_id", 1)]
-    plain_db.tasks.delete_many({"_id": {"$in": by_id[:3]}})  # gone
-    late = [dict(d, _id=ObjectId()) for d in plain_db.tasks.find({"_id": {"$in": by_id[3:5]}})]
-    plain_db.tasks.insert_many(late)  # dated long before the watermark: missing
-    for doc in plain_db.tasks.find({"_id": {"$in": by_id[5:9]}}):  # moved backwards: stale
-        earlier = doc["updated_at"] - timedelta(days=2)
-        plain_db.tasks.update_one(
-            {"_id": doc["_id"]}, {"$set": {"status": "rejected", "updated_at": earlier}}
-        )
-
-    result = reconcile_collection(settings, "tasks", clients=clients, page_size=1)
-
-    counts = (result.deletes, result.missing_in_clickhouse, result.stale_in_clickhouse)
-    assert (result.differing, counts) == (9, (3, 2, 4))
-    assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
 
 
 def test_reconcile_does_not_tombstone_a_document_written_after_it_read_mongodb(

@@ -308,6 +308,31 @@ def test_transient_mongo_error_mid_run_resumes_from_the_last_stored_batch(
     assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
 
 
+def test_transient_errors_after_every_batch_do_not_exhaust_the_retries(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    """Only failures in a row count towards LOADER_RETRY_ATTEMPTS (2 here): a read that stores
+    a batch between failures goes on, however many failures there are in all."""
+    seed(db, 3_500, seed=65)
+    failed_at: list[str] = []
+
+    def drop_connection_once_per_batch(stored: BatchStored) -> None:
+        if stored.watermark.describe() not in failed_at:
+            failed_at.append(stored.watermark.describe())
+            raise AutoReconnect("connection reset (injected)")
+
+    result = sync_collection(
+        settings,
+        "tasks",
+        clients=clients,
+        batch_size=1_000,
+        after_insert=drop_connection_once_per_batch,
+    )
+
+    assert result.status == "ok" and len(failed_at) == 4 > settings.retry_attempts
+    assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
+
+
 def test_cursor_killed_on_the_server_mid_run_is_reopened_at_the_last_stored_batch(
     settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
 ) -> None:
