@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
 from flows.redis_link import REDIS_ERRORS
 from flows.settings import FlowSettings
@@ -24,6 +25,7 @@ GROUP = "sync-runners"
 STREAM_MAXLEN = 10_000
 # Longest pause between retries of a failing signalled run (the schedule keeps running anyway).
 MAX_BACKOFF_SECONDS = 300.0
+REDIS_RETRY_SECONDS = 5.0  # pause before reconnecting to a Redis that failed
 
 
 def stream_key(settings: FlowSettings) -> str:
@@ -36,8 +38,12 @@ def connect(settings: FlowSettings) -> redis.Redis:
 
 def signal_change(client: redis.Redis, settings: FlowSettings, collection: str, **info: Any) -> str:
     """Record that `collection` changed; returns the stream entry id."""
-    fields = {"collection": collection, **{k: str(v) for k, v in info.items()}}
-    return client.xadd(stream_key(settings), fields, maxlen=STREAM_MAXLEN, approximate=True)
+    fields: dict[str | bytes | int | float, str | bytes | int | float] = {
+        "collection": collection,
+        **{k: str(v) for k, v in info.items()},
+    }
+    entry_id = client.xadd(stream_key(settings), fields, maxlen=STREAM_MAXLEN, approximate=True)
+    return str(entry_id)  # str already: the client decodes responses
 
 
 def _ensure_group(client: redis.Redis, key: str) -> None:
@@ -53,6 +59,61 @@ def _entries(reply: Iterable[Any]) -> list[tuple[str, dict[str, str]]]:
     return [entry for _stream, entries in reply or [] for entry in entries if entry[1]]
 
 
+class SignalledRunFailed(Exception):
+    """A run started by change signals failed; its signals stay pending."""
+
+
+class _SignalReader:
+    """Reads this consumer's signals: first those delivered before but never acknowledged (a
+    runner that died, or a run that failed), then new ones."""
+
+    def __init__(self, settings: FlowSettings, consumer: str, block_ms: int) -> None:
+        self.settings = settings
+        self.key = stream_key(settings)
+        self.consumer = consumer
+        self.block_ms = block_ms
+        self.client: redis.Redis | None = None
+        self.backlog = True
+
+    def read(self) -> list[tuple[str, dict[str, str]]]:
+        """What is waiting now (the backlog first); [] after `block_ms` without a signal."""
+        if self.client is None:
+            self.client = connect(self.settings)
+            _ensure_group(self.client, self.key)
+        client = self.client
+        reply = client.xreadgroup(
+            GROUP,
+            self.consumer,
+            {self.key: "0" if self.backlog else ">"},
+            count=1000,
+            block=None if self.backlog else self.block_ms,
+        )
+        entries = _entries(reply)
+        if self.backlog and not entries:
+            self.backlog = False
+            return self.read()
+        if entries:
+            # Drain everything already waiting: one run serves them all.
+            while more := _entries(
+                client.xreadgroup(GROUP, self.consumer, {self.key: ">"}, count=1000)
+            ):
+                entries += more
+        return entries
+
+    def ack(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        assert self.client is not None
+        self.client.xack(self.key, GROUP, *[entry_id for entry_id, _ in entries])
+
+    def reset(self) -> None:
+        """After an error: reconnect, and read the unacknowledged signals again first."""
+        self.client = None
+        self.backlog = True
+
+
+# What a round of the runner retries: a failed run (its signals stay pending) or Redis down.
+RETRIED: tuple[type[BaseException], ...] = (SignalledRunFailed, *REDIS_ERRORS)
+
+
 def run_on_signals(
     settings: FlowSettings,
     run: Callable[[list[dict[str, str]]], Any],
@@ -64,55 +125,71 @@ def run_on_signals(
     """Call `run(signals)` whenever signals arrive, until `stop` is set.
 
     Pending signals (read by an earlier runner that died before acknowledging them) are served
-    first. A failed run leaves its signals pending, so the next loop retries them. With Redis
-    down the loop waits and reconnects; the schedule still covers the gap.
+    first. A failed run leaves its signals pending; they are served again after a pause that
+    doubles with each failure in a row (tenacity, as every retry of the loader), so a broken
+    build is not retried in a loop. With Redis down the loop waits and reconnects; the schedule
+    still covers the gap.
     """
-    key = stream_key(settings)
-    client: redis.Redis | None = None
-    backlog = True  # first serve entries delivered to this consumer but never acknowledged
-    failures = 0  # consecutive failed runs: back off so a broken build is not retried in a loop
-    while not stop.is_set():
+    reader = _SignalReader(settings, consumer, block_ms)
+    backoff = wait_exponential(
+        multiplier=settings.task_retry_delay_seconds, max=MAX_BACKOFF_SECONDS
+    )
+
+    def serve() -> None:
+        if stop.is_set():
+            return
         try:
-            if client is None:
-                client = connect(settings)
-                _ensure_group(client, key)
-            reply = client.xreadgroup(
-                GROUP,
-                consumer,
-                {key: "0" if backlog else ">"},
-                count=1000,
-                block=None if backlog else block_ms,
-            )
-            entries = _entries(reply)
-            if backlog and not entries:
-                backlog = False
-                continue
+            entries = reader.read()
             if not entries:
-                continue
-            # Drain everything already waiting: one run serves them all.
-            while more := _entries(client.xreadgroup(GROUP, consumer, {key: ">"}, count=1000)):
-                entries += more
-            ids = [entry_id for entry_id, _ in entries]
+                return
             signals = [fields for _, fields in entries]
             logger.info("%d change signal(s) received; starting a sync run", len(signals))
             try:
                 run(signals)
             except Exception as exc:  # the signals stay pending and are retried
-                delay = min(settings.task_retry_delay_seconds * 2**failures, MAX_BACKOFF_SECONDS)
-                failures += 1
-                logger.error(
-                    "Run triggered by change signals failed (%s); retrying in %.0f s", exc, delay
-                )
-                backlog = True
-                stop.wait(delay)
-                continue
-            failures = 0
-            client.xack(key, GROUP, *ids)
-        except REDIS_ERRORS as exc:
-            logger.warning("Change-signal stream unavailable (%s); retrying in 5 s", exc)
-            client = None
-            backlog = True
-            stop.wait(5)
+                raise SignalledRunFailed(f"{type(exc).__name__}: {exc}") from exc
+            reader.ack(entries)
+        except RETRIED:
+            reader.reset()
+            raise
+
+    def wait(state: RetryCallState) -> float:
+        failed = state.outcome and state.outcome.exception()
+        return REDIS_RETRY_SECONDS if isinstance(failed, REDIS_ERRORS) else backoff(state)
+
+    def log_retry(state: RetryCallState) -> None:
+        failed = state.outcome and state.outcome.exception()
+        if isinstance(failed, REDIS_ERRORS):
+            logger.warning(
+                "Change-signal stream unavailable (%s); retrying in %.0f s",
+                failed,
+                state.upcoming_sleep,
+            )
+        else:
+            logger.error(
+                "Run triggered by change signals failed (%s); retrying in %.0f s",
+                failed,
+                state.upcoming_sleep,
+            )
+
+    def pause(seconds: float) -> None:
+        stop.wait(seconds)  # a stop request ends the pause at once
+
+    # Failures in a row share one count, so the pause after a failed run grows until a round
+    # goes through (a new `retry(serve)` starts the count again).
+    retry = Retrying(
+        retry=retry_if_exception_type(RETRIED),
+        wait=wait,
+        stop=lambda _state: stop.is_set(),  # no limit: the signals wait for a run that works
+        sleep=pause,
+        before_sleep=log_retry,
+        reraise=True,
+    )
+    while not stop.is_set():
+        try:
+            retry(serve)
+        except RETRIED:
+            return  # stopped; unacknowledged signals wait for the next runner
 
 
 def follow_and_signal(
@@ -120,7 +197,7 @@ def follow_and_signal(
 ) -> None:
     """Run the loader's change-stream follower on `collection`: the hot path.
 
-    The follower (`loader.deletes.follow_changes`, all changes) stores changed documents and
+    The follower (`loader.follower.follow_changes`, all changes) stores changed documents and
     tombstones in `raw` every `LOADER_FLUSH_INTERVAL_MS` (0.1 s) and, for `tasks`, settles them
     into `analytics.pipeline_state_store`, which the dashboard reads live: no dbt build and no
     Prefect run per change. After each stored batch this bumps the dashboard cache's data
@@ -132,7 +209,7 @@ def follow_and_signal(
     """
     from flows.cache import QueryCache
     from flows.redis_link import RedisLink
-    from loader.deletes import StoredBatch, follow_changes
+    from loader.follower import StoredBatch, follow_changes
     from loader.settings import Settings
 
     client = connect(settings)

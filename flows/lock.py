@@ -51,7 +51,8 @@ def run_guard(
             acquired = None  # Redis died between PING and SET: fall through to the fallback
         if acquired is not None:
             if not acquired:
-                holder = link.call(lambda c: c.get(key) or "", "")
+                # str: the link's client decodes responses (the stubs also allow bytes).
+                holder = link.call(lambda c: str(c.get(key) or ""), "")
                 yield Guard(False, "redis", holder)
                 return
             try:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
@@ -19,12 +20,22 @@ from clickhouse_connect.driver.client import Client
 from flows.ops import STEP_COLUMNS, insert_rows, now
 
 
+class StepStatus(StrEnum):
+    """Status of a flow step in `ops.step_timings` (the dashboard reads these strings)."""
+
+    running = "running"
+    ok = "ok"
+    failed = "failed"
+    skipped = "skipped"
+
+
 @dataclass
 class StepTiming:
     step: str
     started_at: datetime
     kind: str = "step"
-    status: str = "running"  # ok, failed, skipped (dbt: success, error, pass, fail, warn, skipped)
+    # A flow step's StepStatus; a dbt node keeps dbt's own (success, error, pass, fail, warn...).
+    status: StepStatus | str = StepStatus.running
     ended_at: datetime | None = None
     duration_s: float = 0.0
     rows: int = 0
@@ -66,13 +77,13 @@ class TimingRecorder:
         try:
             yield timing
         except BaseException as exc:
-            timing.status = "failed"
+            timing.status = StepStatus.failed
             error = f"{type(exc).__name__}: {exc}"
             timing.message = f"{timing.message} | {error}" if timing.message else error
             raise
         else:
-            if timing.status == "running":
-                timing.status = "ok"
+            if timing.status == StepStatus.running:
+                timing.status = StepStatus.ok
         finally:
             timing.duration_s = time.perf_counter() - t0
             timing.ended_at = timing.started_at + timedelta(seconds=timing.duration_s)

@@ -27,6 +27,7 @@ from rich.table import Table
 from loader import errors
 from loader.clients import ServerUnavailable, open_clients
 from loader.failed_runs import sync_clients
+from loader.runs import RunKind
 from loader.schema import COLLECTIONS
 from loader.settings import Settings
 
@@ -193,16 +194,16 @@ def watch(
 
     The resume token is stored in ops.change_stream_state after each processed batch of events,
     so a restart resumes where the previous run stopped."""
-    from loader.deletes import follow_changes, reset_resume_token
+    from loader.follower import FollowResult, follow_changes, reset_resume_token
 
     _setup_logging(verbose)
     settings = _settings()
     stop = threading.Event()
-    results: dict[str, object] = {}
+    results: dict[str, FollowResult] = {}
     errors: list[BaseException] = []
     names = _collections(collection)
     try:
-        with sync_clients(settings, names, "watch") as clients:
+        with sync_clients(settings, names, RunKind.watch) as clients:
             if reset:
                 for name in names:
                     reset_resume_token(settings, name, clients=clients)
@@ -245,10 +246,10 @@ def watch(
     for name, r in results.items():
         table.add_row(
             name,
-            str(r.events),  # type: ignore[attr-defined]
-            str(r.deletes),  # type: ignore[attr-defined]
-            str(r.resumed),  # type: ignore[attr-defined]
-            str(r.stopped_because),  # type: ignore[attr-defined]
+            str(r.events),
+            str(r.deletes),
+            str(r.resumed),
+            str(r.stopped_because),
         )
     console.print(table)
 
@@ -269,7 +270,7 @@ def reconcile(
     _setup_logging(verbose)
     settings = _settings()
     try:
-        with sync_clients(settings, _collections(collection), "reconcile") as clients:
+        with sync_clients(settings, _collections(collection), RunKind.reconcile) as clients:
             results = [
                 reconcile_collection(settings, n, clients=clients) for n in _collections(collection)
             ]

@@ -29,12 +29,12 @@ from pymongo import MongoClient
 from pymongo.database import Database
 from pymongo.errors import ConnectionFailure, CursorNotFound
 from tenacity import (
+    RetryCallState,
     RetryError,
     Retrying,
     retry_if_exception_type,
-    stop_after_attempt,
     stop_before_delay,
-    wait_exponential,
+    stop_never,
 )
 from tenacity.stop import stop_base
 from urllib3.util import Timeout
@@ -104,26 +104,52 @@ clickhouse_unavailable = _unavailable(
 )
 
 
+class _Streak:
+    """Failed attempts in a row. With `progress` (a value that changes when the operation got
+    further, such as the number of batches a read has stored), an attempt that made progress
+    starts a new streak: a long read resumed at its last stored batch is not given up on for
+    failures spread over hours, only for `retry_attempts` failures without progress."""
+
+    def __init__(self, progress: Callable[[], object] | None) -> None:
+        self.progress = progress
+        self.seen = progress() if progress is not None else None
+        self.before = 0  # attempts made before the current streak
+
+    def failures(self, state: RetryCallState) -> int:
+        if self.progress is not None:
+            now = self.progress()
+            if now != self.seen:
+                self.seen = now
+                self.before = state.attempt_number - 1
+        return state.attempt_number - self.before
+
+
 def retrying(
     settings: ConnectionSettings,
     transient: tuple[type[BaseException], ...],
     *,
+    progress: Callable[[], object] | None = None,
     deadline_s: float | None = None,
     note: str = "transient error",
     level: int = logging.WARNING,
 ) -> Retrying:
-    """Retries of `transient` errors with exponential backoff, LOADER_RETRY_ATTEMPTS at most
-    (and, with `deadline_s`, none that would start after that many seconds)."""
-    stop: stop_base = stop_after_attempt(settings.retry_attempts)
-    if deadline_s is not None:
-        stop = stop | stop_before_delay(deadline_s)
+    """The one retry policy: transient errors retried with exponential backoff
+    (LOADER_RETRY_INITIAL_WAIT doubling up to LOADER_RETRY_MAX_WAIT), given up after
+    LOADER_RETRY_ATTEMPTS failures in a row (see `_Streak` for `progress`) or, with
+    `deadline_s`, before an attempt that would start after that many seconds."""
+    streak = _Streak(progress)
+    stop: stop_base = stop_before_delay(deadline_s) if deadline_s is not None else stop_never
+
+    def give_up(state: RetryCallState) -> bool:
+        return streak.failures(state) >= settings.retry_attempts or stop(state)
+
+    def wait(state: RetryCallState) -> float:
+        step = settings.retry_initial_wait * 2 ** (streak.failures(state) - 1)
+        return max(settings.retry_initial_wait, min(settings.retry_max_wait, step))
+
     return Retrying(
-        stop=stop,
-        wait=wait_exponential(
-            multiplier=settings.retry_initial_wait,
-            min=settings.retry_initial_wait,
-            max=settings.retry_max_wait,
-        ),
+        stop=give_up,
+        wait=wait,
         retry=retry_if_exception_type(transient),
         before_sleep=lambda rs: log.log(
             level,
@@ -141,9 +167,10 @@ def _call(
     fn: Callable[[], T],
     transient: tuple[type[BaseException], ...],
     unavailable: Callable[[Settings, int, BaseException], ServerUnavailable],
+    progress: Callable[[], object] | None = None,
 ) -> T:
     try:
-        return retrying(settings, transient)(fn)
+        return retrying(settings, transient, progress=progress)(fn)
     except RetryError as err:
         cause = err.last_attempt.exception() or err
         raise unavailable(settings, err.last_attempt.attempt_number, cause) from cause
@@ -182,9 +209,12 @@ def connect_call(
         raise unavailable(settings, err.last_attempt.attempt_number, cause, elapsed) from cause
 
 
-def mongo_call(settings: Settings, fn: Callable[[], T]) -> T:
-    """Run `fn` (a Mongo operation), retrying transient errors with backoff."""
-    return _call(settings, fn, MONGO_TRANSIENT, mongo_unavailable)
+def mongo_call(
+    settings: Settings, fn: Callable[[], T], *, progress: Callable[[], object] | None = None
+) -> T:
+    """Run `fn` (a Mongo operation), retrying transient errors with backoff. `progress`: for
+    an `fn` that resumes where the last attempt got to (see `retrying`)."""
+    return _call(settings, fn, MONGO_TRANSIENT, mongo_unavailable, progress)
 
 
 def clickhouse_call(settings: Settings, fn: Callable[[], T]) -> T:

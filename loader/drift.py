@@ -17,6 +17,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import cast
 
 from bson import ObjectId
 from clickhouse_connect.driver.client import Client
@@ -106,17 +108,16 @@ class Counts:
             for c in collections
         }
 
+    def _clickhouse_count(self, ch: Client, collection: str) -> int:
+        sql = clickhouse_count_sql(collection)
+        return int(cast(int, ch.command(sql, parameters={"c": collection, "cut": str(self.cut)})))
+
     def result(self) -> list[Drift]:
         settings = self.clients.settings
         ch = self.clients.clickhouse
         try:
             in_clickhouse = {
-                c: clickhouse_call(
-                    settings,
-                    lambda c=c: ch.command(
-                        clickhouse_count_sql(c), parameters={"c": c, "cut": str(self.cut)}
-                    ),
-                )
+                c: clickhouse_call(settings, partial(self._clickhouse_count, ch, c))
                 for c in self.collections
             }
             in_mongo = {c: f.result() for c, f in self._mongo.items()}
@@ -124,7 +125,7 @@ class Counts:
             self.cancel()
         checked_at = datetime.now(UTC)
         return [
-            Drift(c, int(in_mongo[c]), int(in_clickhouse[c]), self.counted_before, checked_at)
+            Drift(c, int(in_mongo[c]), in_clickhouse[c], self.counted_before, checked_at)
             for c in self.collections
         ]
 

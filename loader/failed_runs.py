@@ -24,7 +24,7 @@ from loader.errors import (
     watermark_outcome,
     watermark_unmoved,
 )
-from loader.runs import RunRecord, new_run_id, write_run
+from loader.runs import RunKind, RunRecord, RunStatus, new_run_id, write_run
 from loader.schema import ensure_schema
 from loader.settings import Settings
 from loader.watermark import load_watermark
@@ -36,7 +36,7 @@ def record_failed_start(
     clickhouse: Client,
     collections: Sequence[str],
     exc: BaseException,
-    kind: str = "sync",
+    kind: RunKind = RunKind.sync,
     run_id: str | None = None,
 ) -> bool:
     """Record `exc` as the failure of a run on `collections` that read nothing, if MongoDB is
@@ -53,7 +53,7 @@ def record_failed_start(
             _, note = watermark_outcome(collection, before, None)
             rec = RunRecord(run_id or new_run_id(), collection, kind=kind)
             rec.watermark_before = rec.watermark_after = before.describe() if before else ""
-            rec.finish("failed", failure_message(exc, note))
+            rec.finish(RunStatus.failed, failure_message(exc, note))
             write_run(clickhouse, rec)
     except Exception as err:  # noqa: BLE001 - the original error matters more
         log.error("could not record the failed run in ops.sync_runs: %s", err)
@@ -63,7 +63,7 @@ def record_failed_start(
 
 @contextmanager
 def sync_clients(
-    settings: Settings, collections: Sequence[str], kind: str = "sync"
+    settings: Settings, collections: Sequence[str], kind: RunKind = RunKind.sync
 ) -> Iterator[Clients]:
     """`open_clients` for a run of `kind` (sync, reconcile, watch) on `collections`: a
     connection failure is recorded as the failed run of each (see `record_failed_start`) and

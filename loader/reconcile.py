@@ -21,33 +21,32 @@ size of the collection and the number of differences; the join runs in ClickHous
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from functools import partial
 from typing import Any, NamedTuple
 
 import pyarrow as pa
 from bson import ObjectId
 from bson.datetime_ms import DatetimeMS
+from pymongo.collection import Collection
 
 from loader.build_pending import mark_build_pending
 from loader.clients import Clients, clickhouse_call, mongo_call, open_clients
-from loader.deletes import write_tombstones
 from loader.drift import rejected_only_sql
 from loader.idset import IdSet, id_set
 from loader.mapping import BatchMapper, MappedBatch, to_arrow
-from loader.runs import PeakRss, RunRecord, new_run_id, write_run
-from loader.schema import ID_SETS, REJECTS, raw_table, require_collection
+from loader.runs import PeakRss, RunKind, RunRecord, RunStatus, new_run_id
+from loader.schema import ID_SETS, raw_table, require_collection
 from loader.settings import Settings
-from loader.sync import (
-    WATERMARK_INDEX,
-    prepare_clients,
-    prepare_collection,
-    projection,
+from loader.store import (
+    insert_rejects,
+    recorded_run,
     store_rejects,
     store_table,
-    write_run_or_log,
+    write_tombstones,
 )
+from loader.sync import WATERMARK_INDEX, prepare_clients, prepare_collection, projection
 from loader.watermark import now_ms
 
 FETCH_CHUNK = 5_000  # documents fetched by `_id $in` per query
@@ -140,18 +139,11 @@ def reconcile_collection(
     started = time.monotonic()
     with open_clients(settings, clients) as cl:
         prepare_clients(cl)
-        rec = RunRecord(new_run_id(), collection, kind="reconcile")
+        rec = RunRecord(new_run_id(), collection, kind=RunKind.reconcile)
         rss = PeakRss()
-        try:
+        with recorded_run(cl, rec, rss):
             prepare_collection(cl, collection)
-            run = _Reconcile(cl, collection, rec, rss, page_size)
-            result = run.go(started)
-        except BaseException as exc:
-            rec.peak_rss_bytes = rss.peak
-            rec.finish("failed", f"{type(exc).__name__}: {exc}")
-            write_run_or_log(cl, rec)
-            raise
-        clickhouse_call(settings, lambda: write_run(cl.clickhouse, rec))
+            result = _Reconcile(cl, collection, rec, rss, page_size).go(started)
         return result
 
 
@@ -176,7 +168,7 @@ class _Reconcile:
         params["c"] = self.collection
         clickhouse_call(self.settings, lambda: ch.command(sql, parameters=params))
 
-    def _query(self, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+    def _query(self, sql: str, **params: Any) -> Sequence[Sequence[Any]]:
         ch = self.cl.clickhouse
         params["c"] = self.collection
         return clickhouse_call(self.settings, lambda: ch.query(sql, parameters=params).result_rows)
@@ -202,9 +194,8 @@ class _Reconcile:
             self._repair_pages(differing)
         rec = self.rec
         rec.deletes = self.deletes
-        rec.peak_rss_bytes = self.rss.peak
         rec.finish(
-            "ok",
+            RunStatus.ok,
             f"reconcile: mongo ids={mongo_total}, clickhouse ids={ch_total}, {differ} differ: "
             f"missing={self.missing} stale={self.stale} loaded {rec.rows_written} rows, "
             f"{rec.rejects} rejects; {self.deletes} tombstones, "
@@ -287,10 +278,7 @@ class _Reconcile:
         still_there: set[str] = set()
         for start in range(0, len(keys), FETCH_CHUNK):
             ids = [ObjectId(i) for i in keys[start : start + FETCH_CHUNK]]
-            found = mongo_call(
-                self.settings,
-                lambda ids=ids: list(coll.find({"_id": {"$in": ids}}, {"_id": 1})),
-            )
+            found = mongo_call(self.settings, partial(_find, coll, ids, {"_id": 1}))
             still_there.update(str(d["_id"]) for d in found)
         return {i: s for i, s in candidates.items() if i not in still_there}
 
@@ -299,15 +287,8 @@ class _Reconcile:
         they no longer count as documents the warehouse accounts for."""
         if not hex_ids:
             return
-        now = datetime.now(UTC)
-        rows = [[self.collection, i, GONE_REASON, "", self.rec.run_id, now, 1] for i in hex_ids]
-        ch = self.cl.clickhouse
-        clickhouse_call(
-            self.settings,
-            lambda: ch.insert(
-                REJECTS.qualified, rows, column_names=[n for n, _ in REJECTS.columns]
-            ),
-        )
+        rows = [(i, GONE_REASON, "") for i in hex_ids]
+        insert_rejects(self.cl, self.collection, rows, self.rec.run_id, deleted=True)
         self.rejected_gone += len(hex_ids)
 
     def _load(self, hex_ids: list[str], stored: dict[str, Stored]) -> None:
@@ -315,9 +296,7 @@ class _Reconcile:
         fields = projection(self.collection)
         for start in range(0, len(hex_ids), FETCH_CHUNK):
             ids = [ObjectId(i) for i in hex_ids[start : start + FETCH_CHUNK]]
-            docs = mongo_call(
-                self.settings, lambda ids=ids: list(coll.find({"_id": {"$in": ids}}, fields))
-            )
+            docs = mongo_call(self.settings, partial(_find, coll, ids, fields))
             mapper = BatchMapper(self.collection, self.settings.max_string_chars)
             for doc in docs:
                 mapper.add(doc)
@@ -343,6 +322,10 @@ class _Reconcile:
                 self.cl, MappedBatch(self.collection, {"_id": []}, fresh), self.rec.run_id
             )
             self.rec.rejects += len(fresh)
+
+
+def _find(coll: Collection, ids: list[ObjectId], fields: dict[str, int]) -> list[dict[str, Any]]:
+    return list(coll.find({"_id": {"$in": ids}}, fields))
 
 
 def _replacing_version(updated_at_ms: int, stored: Stored | None) -> int:

@@ -5,11 +5,28 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 
 import psutil
 from clickhouse_connect.driver.client import Client
 
 from loader.schema import SYNC_RUNS
+
+
+class RunStatus(StrEnum):
+    """`ops.sync_runs.status`: the dashboard and the alerts read these strings."""
+
+    ok = "ok"
+    skipped = "skipped"
+    failed = "failed"
+
+
+class RunKind(StrEnum):
+    """`ops.sync_runs.kind`: what wrote the record."""
+
+    sync = "sync"
+    reconcile = "reconcile"
+    watch = "watch"  # the change-stream follower
 
 
 def new_run_id() -> str:
@@ -36,8 +53,8 @@ class PeakRss:
 class RunRecord:
     run_id: str
     collection: str
-    kind: str = "sync"  # sync, reconcile, watch
-    status: str = "ok"  # ok, skipped, failed
+    kind: RunKind = RunKind.sync
+    status: RunStatus = RunStatus.ok
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     ended_at: datetime | None = None
     docs_read: int = 0
@@ -54,7 +71,7 @@ class RunRecord:
         end = self.ended_at or datetime.now(UTC)
         return (end - self.started_at).total_seconds()
 
-    def finish(self, status: str, message: str = "") -> None:
+    def finish(self, status: RunStatus, message: str = "") -> None:
         self.status = status
         self.ended_at = datetime.now(UTC)
         if message:

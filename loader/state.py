@@ -23,10 +23,12 @@ are missing: `settle` then returns None and the next build brings the store up t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
+from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 
 from loader.clients import Clients, clickhouse_call
@@ -119,6 +121,19 @@ def _missing(exc: BaseException) -> bool:
     )
 
 
+def _stale_files(ch: Client, params: dict[str, list[Any]]) -> Sequence[Sequence[Any]]:
+    """The files whose store rows one chunk of task versions contradicts."""
+    return ch.query(
+        f"SELECT DISTINCT file_id FROM {STALE_VIEW}("
+        "task_ids = {task_ids:Array(String)}, "
+        "file_ids = {file_ids:Array(String)}, "
+        "assigned_ms = {assigned_ms:Array(Int64)}, "
+        "versions = {versions:Array(UInt64)}, "
+        "deleted = {deleted:Array(UInt8)})",
+        parameters=params,
+    ).result_rows
+
+
 def settle(clients: Clients, versions: TaskVersions) -> Settled | None:
     """Bring the store in line with `versions` (see the module docstring). None when the store
     or its views do not exist yet (no dbt build so far): nothing to settle."""
@@ -129,20 +144,7 @@ def settle(clients: Clients, versions: TaskVersions) -> Settled | None:
     flagged: set[str] = set()
     try:
         for params in versions.params():
-            rows = clickhouse_call(
-                clients.settings,
-                lambda params=params: (
-                    ch.query(
-                        f"SELECT DISTINCT file_id FROM {STALE_VIEW}("
-                        "task_ids = {task_ids:Array(String)}, "
-                        "file_ids = {file_ids:Array(String)}, "
-                        "assigned_ms = {assigned_ms:Array(Int64)}, "
-                        "versions = {versions:Array(UInt64)}, "
-                        "deleted = {deleted:Array(UInt8)})",
-                        parameters=params,
-                    ).result_rows
-                ),
-            )
+            rows = clickhouse_call(clients.settings, partial(_stale_files, ch, params))
             flagged.update(r[0] for r in rows)
     except DatabaseError as exc:
         if _missing(exc):
@@ -155,7 +157,7 @@ def settle(clients: Clients, versions: TaskVersions) -> Settled | None:
     return Settled(removed, len(files), time.perf_counter() - t0)
 
 
-def _query(clients: Clients, sql: str, **parameters: Any) -> list[tuple[Any, ...]]:
+def _query(clients: Clients, sql: str, **parameters: Any) -> Sequence[Sequence[Any]]:
     ch = clients.clickhouse
     return clickhouse_call(
         clients.settings, lambda: ch.query(sql, parameters=parameters).result_rows
@@ -190,8 +192,8 @@ def settle_files(
             rows.append((r[1], int(r[2])))
     rank = {f: int(row[1]) for f, row in best.items()}
     shown: dict[str, int] = {}  # what FINAL shows: the top row per file
-    for f, r in rows:
-        shown[f] = max(r, shown.get(f, 0))
+    for f, file_rank in rows:
+        shown[f] = max(file_rank, shown.get(f, 0))
     differing = [f for f in files if shown.get(f) != rank.get(f)]
     if not differing:
         return 0

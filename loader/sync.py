@@ -10,11 +10,9 @@ memory at a time, so memory does not grow with the collection.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import bson
 from bson import MinKey, ObjectId
@@ -23,14 +21,7 @@ from pymongo.collection import Collection
 from pymongo.cursor import Cursor
 
 from loader.build_pending import mark_build_pending
-from loader.clients import (
-    MONGO_TRANSIENT,
-    Clients,
-    clickhouse_call,
-    mongo_call,
-    mongo_unavailable,
-    open_clients,
-)
+from loader.clients import Clients, clickhouse_call, mongo_call, open_clients
 from loader.errors import add_note, failure_message, watermark_outcome
 from loader.identity import Identity, check_identity, collection_uuid, record_identity
 from loader.idset import id_set
@@ -39,14 +30,11 @@ from loader.mapping import (
     BatchMapper,
     MappedBatch,
     Reject,
-    dump_document,
     id_to_str,
-    to_arrow,
     with_bookkeeping,
 )
-from loader.runs import PeakRss, RunRecord, new_run_id, write_run
+from loader.runs import PeakRss, RunRecord, RunStatus, new_run_id
 from loader.schema import (
-    CHANGE_STREAM_STATE,
     REJECTS,
     ensure_schema,
     fields_of,
@@ -54,6 +42,13 @@ from loader.schema import (
     require_collection,
 )
 from loader.settings import Settings
+from loader.store import (
+    recorded_run,
+    save_resume_token,
+    store_rejects,
+    store_rows,
+    store_table,
+)
 from loader.watermark import (
     MIN_BSON_DATE,
     ReadBounds,
@@ -65,13 +60,11 @@ from loader.watermark import (
     save_watermark,
 )
 
-if TYPE_CHECKING:
-    import pyarrow as pa
-
 log = logging.getLogger(__name__)
 
 WATERMARK_INDEX = [("updated_at", 1), ("_id", 1)]
 WATERMARK_INDEX_NAME = "updated_at_1__id_1"
+IndexKey = list[tuple[str, Any]]  # a key of the watermark index, for `min` / `max` (exclusive)
 
 
 def undatable_cursors(
@@ -89,40 +82,29 @@ def undatable_cursors(
     elements (an empty one as undefined): one with a non-date element is found here, one of
     dates only by the main read, and either way it is rejected.
     """
-    below_dates = (
-        coll.find({}, projection)
-        .hint(WATERMARK_INDEX)
-        .min([("updated_at", MinKey()), ("_id", MinKey())])
-        .max([("updated_at", MIN_BSON_DATE), ("_id", MinKey())])  # exclusive
-    )
-    past_upper = (
-        coll.find({}, projection)
-        .hint(WATERMARK_INDEX)
-        .min([("updated_at", DatetimeMS(upper_ms + 1)), ("_id", MinKey())])
-    )
+    lowest: IndexKey = [("updated_at", MinKey()), ("_id", MinKey())]
+    first_date: IndexKey = [("updated_at", MIN_BSON_DATE), ("_id", MinKey())]
+    past: IndexKey = [("updated_at", DatetimeMS(upper_ms + 1)), ("_id", MinKey())]
+    below_dates = coll.find({}, projection).hint(WATERMARK_INDEX).min(lowest).max(first_date)
+    past_upper = coll.find({}, projection).hint(WATERMARK_INDEX).min(past)
     return [below_dates, past_upper]
 
 
-@dataclass(frozen=True)
-class SyncResult:
-    run_id: str
-    collection: str
-    status: str
-    docs_read: int
-    rows_written: int
-    rejects: int
-    deletes: int
-    watermark_before: str
-    watermark_after: str
-    duration_s: float
-    peak_rss_bytes: int
+@dataclass
+class SyncResult(RunRecord):
+    """A sync's run record (the row written to `ops.sync_runs`), and what only a sync says."""
+
     index_created: bool = False
-    message: str = ""
     # Why the collection was reloaded from scratch when it was not asked for ("" otherwise).
     source_replaced: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-ready: times as ISO text, the duration in seconds."""
+        d = asdict(self)
+        d["started_at"] = self.started_at.isoformat()
+        d["ended_at"] = self.ended_at.isoformat() if self.ended_at else None
+        d["duration_s"] = self.duration_s
+        return d
 
 
 @dataclass(frozen=True)
@@ -212,7 +194,7 @@ class _Run:
         self.before_insert = before_insert
         self.progress = progress
         self.run_id = new_run_id()
-        self.record = RunRecord(self.run_id, collection)
+        self.record = SyncResult(self.run_id, collection)
         self.rss = PeakRss()
         self.mapper = BatchMapper(collection, self.settings.max_string_chars)
         self.batch_no = 0
@@ -327,29 +309,20 @@ class _Run:
         self.flush(buf)
 
     def read_main(self, bounds: ReadBounds) -> None:
-        """Stream documents past `bounds` in batches, reopening the cursor after transient
-        errors at the last stored position (documents read but not stored are re-read)."""
-        failures = 0
-        stored_before = -1
-        while True:
-            try:
-                self._read_batches(bounds)
-                return
-            except MONGO_TRANSIENT as exc:
-                # Count consecutive failures only: a batch stored since the last one resets it.
-                failures = 1 if self.batch_no != stored_before else failures + 1
-                stored_before = self.batch_no
-                if failures >= self.settings.retry_attempts:
-                    raise mongo_unavailable(self.settings, failures, exc) from exc
-                wait = min(
-                    self.settings.retry_max_wait,
-                    self.settings.retry_initial_wait * 2 ** (failures - 1),
-                )
-                log.warning("MongoDB read failed (%s); resuming in %.1fs", exc, wait)
-                time.sleep(wait)
-                if self.watermark is not None:
-                    wm = self.watermark
-                    bounds = ReadBounds(wm.updated_at_ms, wm.id_value(), bounds.upper_ms)
+        """Stream documents past `bounds` in batches. After a transient error the cursor is
+        reopened at the last stored position (documents read but not stored are re-read);
+        only failures without a batch stored in between count towards giving up."""
+
+        def from_last_stored() -> None:
+            wm = self.watermark
+            start = (
+                bounds
+                if wm is None
+                else ReadBounds(wm.updated_at_ms, wm.id_value(), bounds.upper_ms)
+            )
+            self._read_batches(start)
+
+        mongo_call(self.settings, from_last_stored, progress=lambda: self.batch_no)
 
     def sweep_undatable(self, upper_ms: int) -> None:
         """Reject, once, documents the main read cannot reach: `updated_at` missing or not a
@@ -413,51 +386,6 @@ def _last_dated(docs: list[dict[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
-def store_rows(
-    clients: Clients, batch: MappedBatch, run_id: str, on_built: Callable[[], Any] | None = None
-) -> None:
-    """Insert the batch's rows into `raw.<collection>` as one Arrow batch."""
-    if not batch.rows:
-        return
-    table = to_arrow(batch, run_id, now_ms())
-    if on_built:
-        on_built()
-    store_table(clients, batch.collection, table)
-
-
-def store_table(clients: Clients, collection: str, table: pa.Table) -> None:
-    """Insert rows in `raw.<collection>` column order (see `mapping.with_bookkeeping`)."""
-    ch = clients.clickhouse
-    clickhouse_call(
-        clients.settings, lambda: ch.insert_arrow(raw_table(collection).qualified, table)
-    )
-
-
-def store_rejects(clients: Clients, batch: MappedBatch, run_id: str) -> None:
-    """Insert the batch's rejects into `raw.rejects`, each with its whole current document."""
-    if not batch.rejects:
-        return
-    # Documents were read with a projection: store the whole document as it is now (or as
-    # read, if it has gone since), so that the reject can be diagnosed.
-    coll = clients.db[batch.collection]
-    ids = [r.id for r in batch.rejects if r.id is not None]
-    full: dict[str, Any] = {}
-    if ids:
-        for doc in mongo_call(clients.settings, lambda: list(coll.find({"_id": {"$in": ids}}))):
-            full[id_to_str(doc.get("_id"))] = doc
-    now = datetime.now(UTC)
-    rows = []
-    for r in batch.rejects:
-        key = id_to_str(r.id)
-        doc = full.get(key, r.doc)
-        rows.append([batch.collection, key, r.reason, dump_document(doc), run_id, now, 0])
-    ch = clients.clickhouse
-    clickhouse_call(
-        clients.settings,
-        lambda: ch.insert(REJECTS.qualified, rows, column_names=[n for n, _ in REJECTS.columns]),
-    )
-
-
 def sync_collection(
     settings: Settings,
     collection: str,
@@ -488,17 +416,25 @@ def sync_collection(
         rec = run.record
         ch = cl.clickhouse
         before: Watermark | None = None
-        index_created = False
-        identity: Identity | None = None
-        try:
+
+        def failed(exc: BaseException) -> str:
+            # Say whether the watermark moved: batches stored before the failure moved it.
+            after, moved = watermark_outcome(collection, before, run.watermark)
+            rec.watermark_after = after.describe() if after else rec.watermark_before
+            message = failure_message(exc, moved)
+            add_note(exc, moved)
+            return message
+
+        with recorded_run(cl, rec, run.rss, on_failure=failed):
             before = clickhouse_call(settings, lambda: load_watermark(ch, collection))
             rec.watermark_before = before.describe() if before else ""
             # Before the index is ensured: creating it would create a missing collection.
             identity = _identity(cl, collection, full_refresh)
-            index_created = prepare_collection(cl, collection)
+            rec.index_created = prepare_collection(cl, collection)
             if full_refresh or identity.replaced:
                 if identity.replaced:
                     log.warning("%s", identity.describe_replacement())
+                    rec.source_replaced = identity.describe_replacement()
                 clickhouse_call(
                     settings,
                     lambda: mark_build_pending(ch, collection, run.run_id, full_refresh=True),
@@ -522,7 +458,6 @@ def sync_collection(
             run.sweep_undatable(bounds.upper_ms)
             after = run.watermark or before
             rec.watermark_after = after.describe() if after else ""
-            rec.peak_rss_bytes = run.rss.peak
             if rec.docs_read != rec.rows_written + rec.rejects:
                 raise AssertionError(
                     f"accounting error: read {rec.docs_read} != written {rec.rows_written} "
@@ -533,45 +468,12 @@ def sync_collection(
                 notes.append(identity.describe_replacement())
             if not identity.current:
                 notes.append(f"the collection {collection} does not exist in MongoDB")
-            if index_created:
+            if rec.index_created:
                 notes.append(f"created index {WATERMARK_INDEX_NAME}")
             if full_refresh:
                 notes.append("full refresh")
-            rec.finish("ok", "; ".join(notes))
-        except BaseException as exc:
-            # Say whether the watermark moved: batches stored before the failure moved it.
-            after, moved = watermark_outcome(collection, before, run.watermark)
-            rec.watermark_after = after.describe() if after else rec.watermark_before
-            rec.peak_rss_bytes = run.rss.peak
-            rec.finish("failed", failure_message(exc, moved))
-            add_note(exc, moved)
-            write_run_or_log(cl, rec)
-            raise
-        clickhouse_call(settings, lambda: write_run(ch, rec))
-        return SyncResult(
-            run_id=rec.run_id,
-            collection=collection,
-            status=rec.status,
-            docs_read=rec.docs_read,
-            rows_written=rec.rows_written,
-            rejects=rec.rejects,
-            deletes=rec.deletes,
-            watermark_before=rec.watermark_before,
-            watermark_after=rec.watermark_after,
-            duration_s=rec.duration_s,
-            peak_rss_bytes=rec.peak_rss_bytes,
-            index_created=index_created,
-            message=rec.message,
-            source_replaced=identity.describe_replacement() if identity.replaced else "",
-        )
-
-
-def write_run_or_log(clients: Clients, rec: RunRecord) -> None:
-    """Write a run record where an error is already on its way: log a failure, never raise."""
-    try:
-        write_run(clients.clickhouse, rec)
-    except Exception as exc:  # noqa: BLE001 - the original error matters more
-        log.error("could not record failed run %s in ops.sync_runs: %s", rec.run_id, exc)
+            rec.finish(RunStatus.ok, "; ".join(notes))
+        return rec
 
 
 def _identity(clients: Clients, collection: str, full_refresh: bool) -> Identity:
@@ -583,7 +485,6 @@ def _identity(clients: Clients, collection: str, full_refresh: bool) -> Identity
 
 def _truncate(clients: Clients, collection: str, *, reset_change_stream: bool) -> None:
     ch = clients.clickhouse
-    settings = clients.settings
 
     def go() -> None:
         ch.command(f"TRUNCATE TABLE IF EXISTS {raw_table(collection).qualified}")
@@ -592,16 +493,11 @@ def _truncate(clients: Clients, collection: str, *, reset_change_stream: bool) -
             parameters={"c": collection},
         )
         reset_watermark(ch, collection)
-        if reset_change_stream:
-            # The stored resume token belongs to the old collection's stream.
-            ch.command(
-                f"INSERT INTO {CHANGE_STREAM_STATE.qualified} "
-                "(collection, resume_token, events, saved_at) "
-                "SELECT {c:String}, '', 0, now64(6)",
-                parameters={"c": collection},
-            )
 
-    clickhouse_call(settings, go)
+    clickhouse_call(clients.settings, go)
+    if reset_change_stream:
+        # The stored resume token belongs to the old collection's stream.
+        save_resume_token(clients, collection, None, 0)
 
 
 def has_changes(settings: Settings, collection: str, *, clients: Clients | None = None) -> bool:

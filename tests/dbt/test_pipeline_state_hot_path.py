@@ -20,7 +20,7 @@ from bson import ObjectId
 from mongo_oracle import current_task_per_file, differences_from_mongo, warehouse_state
 from test_pipeline_state_scenario import STEPS
 
-from loader.deletes import StoredBatch, follow_changes
+from loader.follower import StoredBatch, follow_changes
 
 
 def _differing(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:

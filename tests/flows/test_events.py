@@ -20,10 +20,10 @@ def settings(stack: Any) -> FlowSettings:
     return FlowSettings(redis_prefix=f"test-events-{uuid.uuid4().hex[:8]}")
 
 
-def serve_until_first_run(
-    settings: FlowSettings, run: Callable[[list[dict[str, str]]], Any]
+def serve_until(
+    settings: FlowSettings, run: Callable[[list[dict[str, str]]], Any], runs: int = 1
 ) -> list[list[dict[str, str]]]:
-    """Run a runner until it has made one call to `run`; return the signals of that call."""
+    """Run a runner until it has made `runs` calls to `run`; return the signals of each."""
     stop = threading.Event()
     calls: list[list[dict[str, str]]] = []
 
@@ -32,7 +32,8 @@ def serve_until_first_run(
         try:
             return run(signals)
         finally:
-            stop.set()
+            if len(calls) == runs:
+                stop.set()
 
     thread = threading.Thread(
         target=run_on_signals,
@@ -49,7 +50,7 @@ def serve_until_first_run(
 def test_a_signalled_change_starts_a_run(settings: FlowSettings) -> None:
     signal_change(connect(settings), settings, "tasks", op="update")
 
-    calls = serve_until_first_run(settings, lambda signals: None)
+    calls = serve_until(settings, lambda signals: None)
 
     assert [[s["collection"] for s in signals] for signals in calls] == [["tasks"]]
 
@@ -59,7 +60,7 @@ def test_signals_waiting_before_a_run_are_served_by_one_run(settings: FlowSettin
     for collection in ("tasks", "tasks", "employee"):
         signal_change(client, settings, collection)
 
-    calls = serve_until_first_run(settings, lambda signals: None)
+    calls = serve_until(settings, lambda signals: None)
 
     assert len(calls) == 1
     assert sorted(s["collection"] for s in calls[0]) == ["employee", "tasks", "tasks"]
@@ -72,12 +73,31 @@ def test_signal_of_a_failed_run_stays_pending_for_the_next_runner(settings: Flow
     def fail(signals: list[dict[str, str]]) -> None:
         raise RuntimeError("run failed")
 
-    serve_until_first_run(settings, fail)
+    serve_until(settings, fail)
     assert client.xpending(stream_key(settings), GROUP)["pending"] == 1
 
-    calls = serve_until_first_run(settings, lambda signals: None)
+    calls = serve_until(settings, lambda signals: None)
 
     assert [s["collection"] for s in calls[0]] == ["employee"]
+    assert client.xpending(stream_key(settings), GROUP)["pending"] == 0
+
+
+def test_a_failed_signalled_run_is_retried_with_its_signals_until_it_succeeds(
+    settings: FlowSettings,
+) -> None:
+    client = connect(settings)
+    signal_change(client, settings, "tasks")
+    quick = settings.model_copy(update={"task_retry_delay_seconds": 0.01})
+    failed: list[bool] = []
+
+    def fail_once(signals: list[dict[str, str]]) -> None:
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("the first run fails")
+
+    calls = serve_until(quick, fail_once, runs=2)
+
+    assert [[s["collection"] for s in signals] for signals in calls] == [["tasks"], ["tasks"]]
     assert client.xpending(stream_key(settings), GROUP)["pending"] == 0
 
 

@@ -11,14 +11,18 @@ from typing import Any
 
 import pytest
 from clickhouse_connect.driver.client import Client
+from loader_testlib import Loaded
 from pymongo import MongoClient
 from pymongo.database import Database
 
+import synthetic
 from devstack.mongo import MARKER_COLLECTION, MARKER_DB, MARKER_ID
 from loader.clients import Clients, open_clients_now
+from loader.follower import follow_changes
 from loader.mapping import CODEC_OPTIONS
 from loader.schema import CHANGE_STREAM_STATE, COLLECTIONS, REJECTS, WATERMARKS, ensure_schema
 from loader.settings import Settings
+from loader.sync import SyncResult, sync_collection
 
 LOADER_TEST_DB = "loader_test"
 
@@ -75,3 +79,29 @@ def foreign_server(stack: Any) -> Iterator[None]:
             yield
         finally:
             markers.replace_one({"_id": MARKER_ID}, saved, upsert=True)
+
+
+@pytest.fixture
+def loaded(settings: Settings, clients: Clients, db: Database) -> Loaded:
+    """`loaded(n, seed=s)`: seed `tasks` with n synthetic documents and sync them, the start of
+    most loader tests; the sync's result. `follow`: then store the change stream's position
+    (an idle follower run), so the next follower run sees every later change. `into`: the
+    database handle to seed through (default `db`)."""
+
+    def load(
+        tasks: int,
+        *,
+        seed: int,
+        follow: bool = False,
+        into: Database | None = None,
+        malformed_ratio: float = 0.0,
+    ) -> SyncResult:
+        synthetic.seed(
+            into if into is not None else db, tasks, seed=seed, malformed_ratio=malformed_ratio
+        )
+        result = sync_collection(settings, "tasks", clients=clients)
+        if follow:
+            follow_changes(settings, "tasks", clients=clients, idle_timeout_s=0.2)
+        return result
+
+    return load

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from clickhouse_connect.driver.client import Client
 from pymongo.database import Database
+
+from loader.sync import SyncResult
 
 TASK_FIELDS = (
     "file_id",
@@ -48,3 +50,17 @@ def run_record(client: Client, run_id: str) -> dict[str, Any]:
     )
     assert len(result.result_rows) == 1, f"expected one run record for {run_id}"
     return dict(zip(result.column_names, result.result_rows[0], strict=True))
+
+
+class Loaded(Protocol):
+    """The `loaded` fixture: seed `tasks`, sync it, optionally start following it."""
+
+    def __call__(
+        self,
+        tasks: int,
+        *,
+        seed: int,
+        follow: bool = False,
+        into: Database | None = None,
+        malformed_ratio: float = 0.0,
+    ) -> SyncResult: ...

@@ -9,23 +9,17 @@ from datetime import UTC, datetime
 import pytest
 from bson import ObjectId
 from clickhouse_connect.driver.client import Client
-from loader_testlib import clickhouse_tasks, mongo_tasks
+from loader_testlib import Loaded, clickhouse_tasks, mongo_tasks
 from pymongo.database import Database
 
 from loader.build_pending import clear_build_pending, pending_builds
 from loader.clients import Clients
-from loader.deletes import (
-    StoredBatch,
-    follow_changes,
-    load_resume_token,
-    save_resume_token,
-    write_tombstones,
-)
+from loader.follower import StoredBatch, follow_changes
 from loader.reconcile import reconcile_collection
 from loader.settings import Settings
-from loader.sync import sync_collection
+from loader.store import load_resume_token, save_resume_token, write_tombstones
 from loader.watermark import now_ms
-from synthetic import mutate, seed
+from synthetic import mutate
 
 
 def _first_ids(db: Database, n: int) -> list[ObjectId]:
@@ -41,17 +35,10 @@ def _versions(client: Client, ids: list[ObjectId]) -> list[tuple[str, int, int]]
     ).result_rows
 
 
-def _start_following(settings: Settings, clients: Clients) -> None:
-    """A first, idle run stores the stream position from which later runs resume."""
-    follow_changes(settings, "tasks", clients=clients, idle_timeout_s=0.2)
-
-
 def test_delete_becomes_a_tombstone_through_watch(
-    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
 ) -> None:
-    seed(db, 500, seed=201)
-    sync_collection(settings, "tasks", clients=clients)
-    _start_following(settings, clients)
+    loaded(500, seed=201, follow=True)
     gone = _first_ids(db, 3)
     before = {k: v for k, v in clickhouse_tasks(clickhouse_client).items() if k in map(str, gone)}
     db.tasks.delete_many({"_id": {"$in": gone}})
@@ -65,11 +52,9 @@ def test_delete_becomes_a_tombstone_through_watch(
 
 
 def test_tombstone_through_watch_is_versioned_at_the_deletion_time(
-    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
 ) -> None:
-    seed(db, 100, seed=202)
-    sync_collection(settings, "tasks", clients=clients)
-    _start_following(settings, clients)
+    loaded(100, seed=202, follow=True)
     gone = _first_ids(db, 1)
     before_ms = now_ms()
     db.tasks.delete_many({"_id": {"$in": gone}})
@@ -84,49 +69,37 @@ def test_tombstone_through_watch_is_versioned_at_the_deletion_time(
     assert live_version < before_ms <= dead_version <= after_ms
 
 
-def _tombstone_version(
-    clients: Clients, clickhouse_client: Client, db: Database, deleted_at_ms: int
-) -> tuple[int, int]:
-    """(version of the live row, version of its tombstone written for `deleted_at_ms`)."""
+@pytest.mark.parametrize(
+    ("seed", "deleted_after_ms", "version_after_ms"),
+    [
+        pytest.param(209, 5_000, 5_000, id="deleted-after-the-last-version"),
+        # A deletion stamped earlier than the stored version (clock skew, updated_at ahead).
+        pytest.param(210, -5_000, 1, id="dated-before-the-last-version"),
+    ],
+)
+def test_tombstone_takes_the_deletion_time_or_else_the_last_version_plus_one(
+    loaded: Loaded,
+    clients: Clients,
+    db: Database,
+    clickhouse_client: Client,
+    seed: int,
+    deleted_after_ms: int,
+    version_after_ms: int,
+) -> None:
+    loaded(50, seed=seed)
     (gone,) = _first_ids(db, 1)
-    write_tombstones(clients, "tasks", {str(gone): deleted_at_ms}, "test")
+    last = int(db.tasks.find_one({"_id": gone})["updated_at"])
+
+    write_tombstones(clients, "tasks", {str(gone): last + deleted_after_ms}, "test")
+
     (_, _, live_version), (_, _, dead_version) = _versions(clickhouse_client, [gone])
-    return live_version, dead_version
-
-
-def test_tombstone_deleted_after_the_last_version_takes_the_deletion_time(
-    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
-) -> None:
-    seed(db, 50, seed=209)
-    sync_collection(settings, "tasks", clients=clients)
-    (gone,) = _first_ids(db, 1)
-    last = int(db.tasks.find_one({"_id": gone})["updated_at"])
-
-    live, dead = _tombstone_version(clients, clickhouse_client, db, last + 5_000)
-
-    assert (live, dead) == (last, last + 5_000)
-
-
-def test_tombstone_dated_before_the_last_version_takes_the_last_version_plus_one(
-    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
-) -> None:
-    seed(db, 50, seed=210)
-    sync_collection(settings, "tasks", clients=clients)
-    (gone,) = _first_ids(db, 1)
-    last = int(db.tasks.find_one({"_id": gone})["updated_at"])
-
-    # A deletion stamped earlier than the stored version (clock skew, updated_at ahead).
-    live, dead = _tombstone_version(clients, clickhouse_client, db, last - 5_000)
-
-    assert (live, dead) == (last, last + 1)
+    assert (live_version, dead_version) == (last, last + version_after_ms)
 
 
 def test_watch_resumes_after_the_last_processed_event(
-    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
 ) -> None:
-    seed(db, 200, seed=203)
-    sync_collection(settings, "tasks", clients=clients)
-    _start_following(settings, clients)
+    loaded(200, seed=203, follow=True)
     first, second = _first_ids(db, 2)
     db.tasks.delete_one({"_id": first})
     follow_changes(settings, "tasks", clients=clients, idle_timeout_s=0.5)
@@ -139,10 +112,9 @@ def test_watch_resumes_after_the_last_processed_event(
 
 
 def test_delete_becomes_a_tombstone_through_reconcile(
-    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
 ) -> None:
-    seed(db, 3_000, seed=204)
-    sync_collection(settings, "tasks", clients=clients)
+    loaded(3_000, seed=204)
     gone = _first_ids(db, 5)
     db.tasks.delete_many({"_id": {"$in": gone}})
 
@@ -154,10 +126,9 @@ def test_delete_becomes_a_tombstone_through_reconcile(
 
 
 def test_reconcile_counts_exactly_the_ids_that_differ(
-    settings: Settings, clients: Clients, db: Database
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database
 ) -> None:
-    seed(db, 3_000, seed=205)
-    sync_collection(settings, "tasks", clients=clients)
+    loaded(3_000, seed=205)
     gone = _first_ids(db, 2)
     db.tasks.delete_many({"_id": {"$in": gone}})
 
@@ -168,10 +139,9 @@ def test_reconcile_counts_exactly_the_ids_that_differ(
 
 
 def test_reconcile_of_an_unchanged_collection_finds_no_difference(
-    settings: Settings, clients: Clients, db: Database
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database
 ) -> None:
-    seed(db, 1_000, seed=206, malformed_ratio=0.05)  # rejected ids count as known
-    sync_collection(settings, "tasks", clients=clients)
+    loaded(1_000, seed=206, malformed_ratio=0.05)  # rejected ids count as known
 
     result = reconcile_collection(settings, "tasks", clients=clients)
 
@@ -179,11 +149,9 @@ def test_reconcile_of_an_unchanged_collection_finds_no_difference(
 
 
 def test_deletes_are_counted_in_run_records(
-    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
 ) -> None:
-    seed(db, 300, seed=207)
-    sync_collection(settings, "tasks", clients=clients)
-    _start_following(settings, clients)
+    loaded(300, seed=207, follow=True)
     a, b = _first_ids(db, 2)
     db.tasks.delete_one({"_id": a})
     watched = follow_changes(settings, "tasks", clients=clients, idle_timeout_s=0.5)
@@ -201,11 +169,9 @@ def test_deletes_are_counted_in_run_records(
 
 
 def test_watch_with_all_changes_loads_updates_and_inserts_without_a_sync(
-    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
 ) -> None:
-    seed(db, 300, seed=208)
-    sync_collection(settings, "tasks", clients=clients)
-    _start_following(settings, clients)
+    loaded(300, seed=208, follow=True)
     changed = mutate(db, 10, seed=208)
 
     result = follow_changes(
@@ -217,11 +183,9 @@ def test_watch_with_all_changes_loads_updates_and_inserts_without_a_sync(
 
 
 def test_watch_after_its_collection_was_dropped_stops_and_forgets_its_position(
-    settings: Settings, clients: Clients, db: Database
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database
 ) -> None:
-    seed(db, 100, seed=211)
-    sync_collection(settings, "tasks", clients=clients)
-    _start_following(settings, clients)
+    loaded(100, seed=211, follow=True)
     assert load_resume_token(clients, "tasks") is not None
     db.drop_collection("tasks")
 
@@ -241,10 +205,9 @@ def deleted_event_token(db: Database) -> dict:
 
 
 def test_watch_whose_resume_token_is_not_in_the_oplog_fails_saying_to_reconcile_and_reset(
-    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
 ) -> None:
-    seed(db, 100, seed=212)
-    sync_collection(settings, "tasks", clients=clients)
+    loaded(100, seed=212)
     data = deleted_event_token(db)["_data"]
     # The same event one second earlier: a position the oplog does not hold (`_data` is a
     # KeyString whose first value, type byte 0x82, is the cluster time: 4 bytes of seconds).
@@ -265,16 +228,14 @@ def test_watch_whose_resume_token_is_not_in_the_oplog_fails_saying_to_reconcile_
 
 
 def test_a_steady_trickle_of_writes_is_stored_while_it_lasts(
-    settings: Settings, clients: Clients, db: Database
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database
 ) -> None:
     """The follower stores what it buffered every LOADER_FLUSH_INTERVAL_MS (0.1 s), not only
     at `flush_every` events or when the stream falls idle: under writes that never pause, the
     first batch lands while the writer is still writing."""
     import time
 
-    seed(db, 50, seed=210)
-    sync_collection(settings, "tasks", clients=clients)
-    _start_following(settings, clients)
+    loaded(50, seed=210, follow=True)
     stored: list[StoredBatch] = []
     stop = threading.Event()
     follower = threading.Thread(
@@ -304,11 +265,9 @@ def test_a_steady_trickle_of_writes_is_stored_while_it_lasts(
 
 
 def test_the_last_version_of_a_document_in_a_batch_is_the_one_stored(
-    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
 ) -> None:
-    seed(db, 20, seed=211)
-    sync_collection(settings, "tasks", clients=clients)
-    _start_following(settings, clients)
+    loaded(20, seed=211, follow=True)
     target = _first_ids(db, 1)[0]
     for i in range(20):
         db.tasks.update_one({"_id": target}, {"$set": {"status": f"step-{i}"}})
@@ -334,13 +293,11 @@ def test_the_last_version_of_a_document_in_a_batch_is_the_one_stored(
 
 
 def test_a_delete_marks_the_build_pending_again_after_a_build_cleared_the_mark(
-    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
 ) -> None:
     """A delete is invisible to the watermark: no scheduled run would load it, so the follower
     marks the build pending again even when a build cleared its first mark meanwhile."""
-    seed(db, 200, seed=231)
-    sync_collection(settings, "tasks", clients=clients)
-    _start_following(settings, clients)
+    loaded(200, seed=231, follow=True)
     stored: queue.Queue[StoredBatch] = queue.Queue()
     stop = threading.Event()
     follower = threading.Thread(

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from bson import ObjectId
 from clickhouse_connect.driver.client import Client
-from loader_testlib import clickhouse_tasks, mongo_tasks
+from loader_testlib import Loaded, clickhouse_tasks, mongo_tasks
 from pymongo.database import Database
 
 from loader import reconcile as reconcile_module
@@ -17,7 +17,6 @@ from loader.clients import Clients
 from loader.reconcile import reconcile_collection
 from loader.settings import Settings
 from loader.sync import sync_collection
-from synthetic import seed
 
 
 def _rejects(client: Client) -> int:
@@ -25,14 +24,14 @@ def _rejects(client: Client) -> int:
 
 
 def test_update_moving_updated_at_backwards_is_loaded_by_reconcile(
+    loaded: Loaded,
     settings: Settings,
     clients: Clients,
     db: Database,
     plain_db: Database,
     clickhouse_client: Client,
 ) -> None:
-    seed(db, 2_000, seed=301)
-    sync_collection(settings, "tasks", clients=clients)
+    loaded(2_000, seed=301)
     doc = plain_db.tasks.find_one({}, sort=[("updated_at", -1)])
     earlier = doc["updated_at"] - timedelta(days=3)
     plain_db.tasks.update_one(
@@ -48,14 +47,14 @@ def test_update_moving_updated_at_backwards_is_loaded_by_reconcile(
 
 
 def test_insert_visible_later_than_the_overlap_window_is_loaded_by_reconcile(
+    loaded: Loaded,
     settings: Settings,
     clients: Clients,
     db: Database,
     plain_db: Database,
     clickhouse_client: Client,
 ) -> None:
-    seed(db, 2_000, seed=302)
-    sync_collection(settings, "tasks", clients=clients)
+    loaded(2_000, seed=302)
     late = plain_db.tasks.find_one({}, sort=[("updated_at", 1)])
     del late["_id"]
     plain_db.tasks.insert_one(late)  # dated long before the watermark, like a late commit
@@ -69,10 +68,9 @@ def test_insert_visible_later_than_the_overlap_window_is_loaded_by_reconcile(
 
 
 def test_a_second_reconcile_after_a_repair_finds_no_difference(
-    settings: Settings, clients: Clients, db: Database, plain_db: Database
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database, plain_db: Database
 ) -> None:
-    seed(db, 1_000, seed=303)
-    sync_collection(settings, "tasks", clients=clients)
+    loaded(1_000, seed=303)
     doc = plain_db.tasks.find_one({}, sort=[("updated_at", -1)])
     earlier = doc["updated_at"] - timedelta(days=1)
     plain_db.tasks.update_one({"_id": doc["_id"]}, {"$set": {"updated_at": earlier}})
@@ -84,10 +82,9 @@ def test_a_second_reconcile_after_a_repair_finds_no_difference(
 
 
 def test_rejected_documents_are_neither_reloaded_nor_rejected_again(
-    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
 ) -> None:
-    seed(db, 1_000, seed=304, malformed_ratio=0.1)
-    sync_collection(settings, "tasks", clients=clients)
+    loaded(1_000, seed=304, malformed_ratio=0.1)
     rejects_after_sync = _rejects(clickhouse_client)
 
     result = reconcile_collection(settings, "tasks", clients=clients)
@@ -98,12 +95,11 @@ def test_rejected_documents_are_neither_reloaded_nor_rejected_again(
 
 
 def test_reconcile_tombstones_100000_deleted_tasks_in_one_run(
-    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
 ) -> None:
     # Far more ids than fit in a URL (ClickHouse takes 128 KiB per parameter, ~4,000 ids):
     # they must travel in request bodies.
-    seed(db, 110_000, seed=305)
-    sync_collection(settings, "tasks", clients=clients)
+    loaded(110_000, seed=305)
     cut = db.tasks.find({}, {"_id": 1}).sort("_id", 1).skip(100_000).limit(1).next()["_id"]
     gone = db.tasks.delete_many({"_id": {"$lt": cut}}).deleted_count
 
@@ -115,36 +111,52 @@ def test_reconcile_tombstones_100000_deleted_tasks_in_one_run(
     assert len(clickhouse_tasks(clickhouse_client, deleted=True)) == 100_000
 
 
+@pytest.mark.parametrize(
+    ("tasks", "seed", "gone", "late", "stale", "page_size"),
+    [
+        pytest.param(3_000, 306, 300, 100, 50, 64, id="pages-of-64"),
+        # Every id is the first and the last of its page: page boundaries cannot hide an id.
+        pytest.param(500, 308, 3, 2, 4, 1, id="pages-of-one-id"),
+    ],
+)
 def test_reconcile_repairs_every_kind_of_difference_page_by_page(
+    loaded: Loaded,
     settings: Settings,
     clients: Clients,
     db: Database,
     plain_db: Database,
     clickhouse_client: Client,
+    tasks: int,
+    seed: int,
+    gone: int,
+    late: int,
+    stale: int,
+    page_size: int,
 ) -> None:
-    seed(db, 3_000, seed=306)
-    sync_collection(settings, "tasks", clients=clients)
+    loaded(tasks, seed=seed)
     by_id = [d["_id"] for d in plain_db.tasks.find({}, {"_id": 1}).sort("_id", 1)]
-    plain_db.tasks.delete_many({"_id": {"$in": by_id[:300]}})  # gone
-    late = [dict(d, _id=ObjectId()) for d in plain_db.tasks.find({"_id": {"$in": by_id[300:400]}})]
-    plain_db.tasks.insert_many(late)  # dated long before the watermark: missing
-    for doc in plain_db.tasks.find({"_id": {"$in": by_id[400:450]}}):  # moved backwards: stale
+    plain_db.tasks.delete_many({"_id": {"$in": by_id[:gone]}})
+    copied = plain_db.tasks.find({"_id": {"$in": by_id[gone : gone + late]}})
+    plain_db.tasks.insert_many([dict(d, _id=ObjectId()) for d in copied])  # dated long ago
+    moved_back = plain_db.tasks.find({"_id": {"$in": by_id[gone + late : gone + late + stale]}})
+    for doc in moved_back:  # updated with updated_at moved backwards
         earlier = doc["updated_at"] - timedelta(days=2)
-        plain_db.tasks.update_one({"_id": doc["_id"]}, {"$set": {"updated_at": earlier}})
+        plain_db.tasks.update_one(
+            {"_id": doc["_id"]}, {"$set": {"status": "rejected", "updated_at": earlier}}
+        )
 
-    result = reconcile_collection(settings, "tasks", clients=clients, page_size=64)
+    result = reconcile_collection(settings, "tasks", clients=clients, page_size=page_size)
 
     counts = (result.deletes, result.missing_in_clickhouse, result.stale_in_clickhouse)
-    assert counts == (300, 100, 50)
+    assert (result.differing, counts) == (gone + late + stale, (gone, late, stale))
     assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
     assert reconcile_collection(settings, "tasks", clients=clients).differing == 0
 
 
 def test_a_rejected_document_deleted_in_mongo_is_no_longer_counted(
-    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
 ) -> None:
-    seed(db, 1_000, seed=307, malformed_ratio=0.1)
-    sync_collection(settings, "tasks", clients=clients)
+    loaded(1_000, seed=307, malformed_ratio=0.1)
     rejected = clickhouse_client.query(
         "SELECT DISTINCT _id FROM raw.rejects WHERE collection = 'tasks' AND length(_id) = 24"
         " AND _id NOT IN (SELECT _id FROM raw.tasks) LIMIT 3"
@@ -161,34 +173,8 @@ def test_a_rejected_document_deleted_in_mongo_is_no_longer_counted(
     assert first.clickhouse_ids - again.clickhouse_ids == 3
 
 
-def test_reconcile_in_pages_of_one_id_repairs_every_kind_of_difference_exactly(
-    settings: Settings,
-    clients: Clients,
-    db: Database,
-    plain_db: Database,
-    clickhouse_client: Client,
-) -> None:
-    # Every id is the first and the last of its page: page boundaries cannot hide an id.
-    seed(db, 500, seed=308)
-    sync_collection(settings, "tasks", clients=clients)
-    by_id = [d["_id"] for d in plain_db.tasks.find({}, {"_id": 1}).sort("_id", 1)]
-    plain_db.tasks.delete_many({"_id": {"$in": by_id[:3]}})  # gone
-    late = [dict(d, _id=ObjectId()) for d in plain_db.tasks.find({"_id": {"$in": by_id[3:5]}})]
-    plain_db.tasks.insert_many(late)  # dated long before the watermark: missing
-    for doc in plain_db.tasks.find({"_id": {"$in": by_id[5:9]}}):  # moved backwards: stale
-        earlier = doc["updated_at"] - timedelta(days=2)
-        plain_db.tasks.update_one(
-            {"_id": doc["_id"]}, {"$set": {"status": "rejected", "updated_at": earlier}}
-        )
-
-    result = reconcile_collection(settings, "tasks", clients=clients, page_size=1)
-
-    counts = (result.deletes, result.missing_in_clickhouse, result.stale_in_clickhouse)
-    assert (result.differing, counts) == (9, (3, 2, 4))
-    assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
-
-
 def test_reconcile_does_not_tombstone_a_document_written_after_it_read_mongodb(
+    loaded: Loaded,
     settings: Settings,
     clients: Clients,
     db: Database,
@@ -198,8 +184,7 @@ def test_reconcile_does_not_tombstone_a_document_written_after_it_read_mongodb(
 ) -> None:
     """A document inserted (and synced) after reconcile read MongoDB's ids is in ClickHouse
     but not in the ids reconcile read: it looks deleted until reconcile asks MongoDB again."""
-    seed(db, 500, seed=309)
-    sync_collection(settings, "tasks", clients=clients)
+    loaded(500, seed=309)
     template = plain_db.tasks.find_one({}, {"_id": 0})
     read_mongo_ids = reconcile_module._mongo_versions
     written: list[ObjectId] = []

@@ -10,7 +10,7 @@ import pytest
 from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
 from clickhouse_connect.driver.client import Client
-from loader_testlib import clickhouse_tasks
+from loader_testlib import Loaded, clickhouse_tasks
 from mongo_oracle import AS_STORED, contract_problems, stored_id
 from pymongo.database import Database
 
@@ -140,10 +140,13 @@ def test_document_without_usable_updated_at_is_rejected_once(
 
 
 def test_undated_document_written_after_the_watermark_passed_is_still_rejected(
-    settings: Settings, clients: Clients, plain_db: Database, clickhouse_client: Client
+    loaded: Loaded,
+    settings: Settings,
+    clients: Clients,
+    plain_db: Database,
+    clickhouse_client: Client,
 ) -> None:
-    seed(plain_db, 100, seed=107)
-    sync_collection(settings, "tasks", clients=clients)
+    loaded(100, seed=107, into=plain_db)
     late_id = plain_db.tasks.insert_one({"file_id": "late", "updated_at": "yesterday"}).inserted_id
 
     result = sync_collection(settings, "tasks", clients=clients)

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from bson.datetime_ms import DatetimeMS
 from clickhouse_connect.driver.client import Client
-from loader_testlib import clickhouse_tasks, mongo_tasks, run_record
+from loader_testlib import Loaded, clickhouse_tasks, mongo_tasks, run_record
 from pymongo.database import Database
 from pymongo.errors import AutoReconnect
 
@@ -74,10 +74,9 @@ def test_employee_collection_loads(
 
 
 def test_second_sync_without_changes_reads_and_writes_nothing(
-    settings: Settings, clients: Clients, db: Database
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database
 ) -> None:
-    seed(db, 2_000, seed=21)
-    sync_collection(settings, "tasks", clients=clients)
+    loaded(2_000, seed=21)
 
     again = sync_collection(settings, "tasks", clients=clients)
 
@@ -85,10 +84,9 @@ def test_second_sync_without_changes_reads_and_writes_nothing(
 
 
 def test_sync_after_updating_one_percent_reads_only_those(
-    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
 ) -> None:
-    seed(db, 5_000, seed=31)
-    sync_collection(settings, "tasks", clients=clients)
+    loaded(5_000, seed=31)
     changed = mutate(db, fraction=0.01, seed=31, new_stages=False)
 
     result = sync_collection(settings, "tasks", clients=clients)
@@ -99,10 +97,9 @@ def test_sync_after_updating_one_percent_reads_only_those(
 
 
 def test_same_updated_at_across_a_batch_boundary_loses_nothing(
-    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
 ) -> None:
-    seed(db, 1_000, seed=41)
-    sync_collection(settings, "tasks", clients=clients)
+    loaded(1_000, seed=41)
     tied = [d["_id"] for d in db.tasks.find({}, {"_id": 1}).sort("_id", 1).limit(250)]
     same = datetime(2026, 6, 1, tzinfo=UTC)  # after the seeded data, well before now
     db.tasks.update_many({"_id": {"$in": tied}}, {"$set": {"updated_at": same}})
@@ -206,19 +203,17 @@ def test_run_record_accounts_for_every_document(
 
 
 def test_has_changes_is_false_after_a_sync(
-    settings: Settings, clients: Clients, db: Database
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database
 ) -> None:
-    seed(db, 1_000, seed=81)
-    sync_collection(settings, "tasks", clients=clients)
+    loaded(1_000, seed=81)
 
     assert has_changes(settings, "tasks", clients=clients) is False
 
 
 def test_has_changes_is_true_after_an_update(
-    settings: Settings, clients: Clients, db: Database
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database
 ) -> None:
-    seed(db, 1_000, seed=82)
-    sync_collection(settings, "tasks", clients=clients)
+    loaded(1_000, seed=82)
     mutate(db, 1, seed=82)
 
     assert has_changes(settings, "tasks", clients=clients) is True
@@ -313,6 +308,31 @@ def test_transient_mongo_error_mid_run_resumes_from_the_last_stored_batch(
     assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
 
 
+def test_transient_errors_after_every_batch_do_not_exhaust_the_retries(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    """Only failures in a row count towards LOADER_RETRY_ATTEMPTS (2 here): a read that stores
+    a batch between failures goes on, however many failures there are in all."""
+    seed(db, 3_500, seed=65)
+    failed_at: list[str] = []
+
+    def drop_connection_once_per_batch(stored: BatchStored) -> None:
+        if stored.watermark.describe() not in failed_at:
+            failed_at.append(stored.watermark.describe())
+            raise AutoReconnect("connection reset (injected)")
+
+    result = sync_collection(
+        settings,
+        "tasks",
+        clients=clients,
+        batch_size=1_000,
+        after_insert=drop_connection_once_per_batch,
+    )
+
+    assert result.status == "ok" and len(failed_at) == 4 > settings.retry_attempts
+    assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
+
+
 def test_cursor_killed_on_the_server_mid_run_is_reopened_at_the_last_stored_batch(
     settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
 ) -> None:
@@ -355,10 +375,9 @@ def test_saving_an_older_watermark_keeps_the_newer_one(
 
 
 def test_full_refresh_moves_the_watermark_back(
-    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
 ) -> None:
-    seed(db, 500, seed=92)
-    sync_collection(settings, "tasks", clients=clients)
+    loaded(500, seed=92)
     save_watermark(clickhouse_client, "tasks", Watermark.at(MAX_DATETIME64_MS, "", 0), "far")
 
     result = sync_collection(settings, "tasks", clients=clients, full_refresh=True)

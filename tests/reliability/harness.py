@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,31 @@ class Comparison:
     def note(self, text: str) -> None:
         if len(self.examples) < MAX_EXAMPLES:
             self.examples.append(text)
+
+    def match(
+        self,
+        expected: Mapping[str, tuple[Any, ...]],
+        got: Mapping[str, tuple[Any, ...]],
+        *,
+        sides: tuple[str, str] = ("mongo", "clickhouse"),
+        excused: Callable[[str], bool] = lambda key: False,
+        extra: Callable[[str], str],
+    ) -> None:
+        """Count each expected key as checked, and as lost (unless `excused`) or mismatched;
+        each key `got` has beyond `expected` as not deleted, noted as `extra(key)`."""
+        for key, want in expected.items():
+            self.checked += 1
+            have = got.get(key)
+            if have is None:
+                if not excused(key):
+                    self.lost += 1
+                    self.note(f"lost {key}")
+            elif have != want:
+                self.mismatched += 1
+                self.note(f"mismatch {key}: {sides[0]}={_short(want)} {sides[1]}={_short(have)}")
+        for key in got.keys() - expected.keys():
+            self.not_deleted += 1
+            self.note(extra(key))
 
     def describe(self) -> str:
         head = (
@@ -126,21 +151,19 @@ def compare_raw(
             parameters={"c": collection},
         ).result_rows
     }
-    for key, expected in truth.rows.items():
-        out.checked += 1
-        got = live.get(key)
-        if got is None:
-            if (
-                future_ok
-                and "ahead" in rejected.get(key, "")
-                and expected[updated_at] > held_back_after
-            ):
-                continue
-            out.lost += 1
-            out.note(f"lost {key}")
-        elif got != expected:
-            out.mismatched += 1
-            out.note(f"mismatch {key}: mongo={_short(expected)} clickhouse={_short(got)}")
+
+    def held_back(key: str) -> bool:
+        return (
+            future_ok
+            and "ahead" in rejected.get(key, "")
+            and truth.rows[key][updated_at] > held_back_after
+        )
+
+    def where(key: str) -> str:
+        why = "refused now" if key in truth.refused else "gone from MongoDB"
+        return f"live in ClickHouse, {why}: {key}"
+
+    out.match(truth.rows, live, excused=held_back, extra=where)
     for key, broken in truth.refused.items():
         out.checked += 1
         if key not in rejected:
@@ -151,10 +174,6 @@ def compare_raw(
         if unnamed:  # the reason must name every broken rule
             out.mismatched += 1
             out.note(f"reject {key[:60]}: reason {rejected[key][:120]!r} does not name {unnamed}")
-    for key in live.keys() - truth.rows.keys():
-        out.not_deleted += 1
-        where = "refused now" if key in truth.refused else "gone from MongoDB"
-        out.note(f"live in ClickHouse, {where}: {key}")
     return out
 
 
@@ -167,18 +186,11 @@ def compare_task_events(ch: Client, truth: Truth) -> Comparison:
         f"SELECT task_id, {_ch_select('tasks')} FROM analytics.task_events WHERE is_deleted = 0"
     )
     live = {r[0]: tuple(r[1:]) for r in result.result_rows}
-    for key, expected in truth.rows.items():
-        out.checked += 1
-        got = live.get(key)
-        if got is None:
-            out.lost += 1
-            out.note(f"lost {key}")
-        elif got != expected:
-            out.mismatched += 1
-            out.note(f"mismatch {key}: mongo={_short(expected)} clickhouse={_short(got)}")
-    for key in live.keys() - truth.rows.keys():
-        out.not_deleted += 1
-        out.note(f"live in task_events, not a loadable task in MongoDB: {key}")
+    out.match(
+        truth.rows,
+        live,
+        extra=lambda key: f"live in task_events, not a loadable task in MongoDB: {key}",
+    )
     return out
 
 
@@ -215,18 +227,12 @@ def compare_pipeline_state(ch: Client, truth: Truth) -> Comparison:
             out.duplicates += 1
             out.note(f"file twice: {r[0]}")
         got[r[0]] = tuple(r[1:])
-    for file_id, state in expected.items():
-        out.checked += 1
-        have = got.get(file_id)
-        if have is None:
-            out.lost += 1
-            out.note(f"file lost: {file_id}")
-        elif have != state:
-            out.mismatched += 1
-            out.note(f"file {file_id}: naive={state} pipeline_state={have}")
-    for file_id in got.keys() - expected.keys():
-        out.not_deleted += 1
-        out.note(f"file in pipeline_state without a live task in MongoDB: {file_id}")
+    out.match(
+        expected,
+        got,
+        sides=("naive", "pipeline_state"),
+        extra=lambda key: f"file in pipeline_state without a live task in MongoDB: {key}",
+    )
     return out
 
 

@@ -1,0 +1,266 @@
+"""The write layer that sync, the change-stream follower and reconcile share.
+
+Rows into `raw.<collection>` (one Arrow batch per call), rejects into `raw.rejects`, tombstones
+for deleted documents, the change stream's position in `ops.change_stream_state`, and the run
+records of `ops.sync_runs`. Every write goes through `clickhouse_call` (retried on transient
+errors); what to write and when is the caller's business.
+
+A tombstone is a copy of the last stored row with `is_deleted = 1` and a higher `_version`
+(`max(deleted_at_ms, last _version + 1)`), so the last known values stay in the table as history.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, cast
+
+from bson import json_util
+
+from loader.clients import Clients, clickhouse_call, mongo_call
+from loader.idset import id_set
+from loader.mapping import MappedBatch, dump_document, id_to_str, to_arrow
+from loader.runs import PeakRss, RunRecord, RunStatus, write_run
+from loader.schema import CHANGE_STREAM_STATE, REJECTS, raw_columns, raw_table
+from loader.watermark import now_ms
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+TOMBSTONE_CHUNK = 50_000  # ids per INSERT ... SELECT: bounded server memory
+FEW_TOMBSTONES = 2_000  # up to this many ids: one lookup by primary key and one insert
+
+
+# -- raw rows and rejects ----------------------------------------------------------------------
+def store_rows(
+    clients: Clients, batch: MappedBatch, run_id: str, on_built: Callable[[], Any] | None = None
+) -> None:
+    """Insert the batch's rows into `raw.<collection>` as one Arrow batch."""
+    if not batch.rows:
+        return
+    table = to_arrow(batch, run_id, now_ms())
+    if on_built:
+        on_built()
+    store_table(clients, batch.collection, table)
+
+
+def store_table(clients: Clients, collection: str, table: pa.Table) -> None:
+    """Insert rows in `raw.<collection>` column order (see `mapping.with_bookkeeping`)."""
+    ch = clients.clickhouse
+    clickhouse_call(
+        clients.settings, lambda: ch.insert_arrow(raw_table(collection).qualified, table)
+    )
+
+
+def store_rejects(clients: Clients, batch: MappedBatch, run_id: str) -> None:
+    """Insert the batch's rejects into `raw.rejects`, each with its whole current document."""
+    if not batch.rejects:
+        return
+    # Documents were read with a projection: store the whole document as it is now (or as
+    # read, if it has gone since), so that the reject can be diagnosed.
+    coll = clients.db[batch.collection]
+    ids = [r.id for r in batch.rejects if r.id is not None]
+    full: dict[str, Any] = {}
+    if ids:
+        for doc in mongo_call(clients.settings, lambda: list(coll.find({"_id": {"$in": ids}}))):
+            full[id_to_str(doc.get("_id"))] = doc
+    rows = []
+    for r in batch.rejects:
+        key = id_to_str(r.id)
+        rows.append((key, r.reason, dump_document(full.get(key, r.doc))))
+    insert_rejects(clients, batch.collection, rows, run_id)
+
+
+def insert_rejects(
+    clients: Clients,
+    collection: str,
+    rows: list[tuple[str, str, str]],
+    run_id: str,
+    *,
+    deleted: bool = False,
+) -> None:
+    """Append `(hex id, reason, document JSON)` rows to `raw.rejects`; `deleted` marks ids
+    whose document is gone from MongoDB (they no longer count as accounted for)."""
+    if not rows:
+        return
+    now = datetime.now(UTC)
+    flag = int(deleted)
+    values = [[collection, key, reason, doc, run_id, now, flag] for key, reason, doc in rows]
+    ch = clients.clickhouse
+    clickhouse_call(
+        clients.settings,
+        lambda: ch.insert(REJECTS.qualified, values, column_names=[n for n, _ in REJECTS.columns]),
+    )
+
+
+# -- tombstones --------------------------------------------------------------------------------
+def write_tombstones(
+    clients: Clients, collection: str, deleted: dict[str, int], run_id: str
+) -> int:
+    """Tombstone every id in `deleted` (hex id → deletion time in ms) that has a live row.
+
+    Ids without a live row (never loaded, or already tombstoned) are skipped, which makes
+    replaying the same delete events harmless. The ids travel as an id set (request body), so
+    any number works; many are written by one `INSERT ... SELECT ... FINAL` per chunk with
+    server-side parameters. Returns the number of tombstones written."""
+    if not deleted:
+        return 0
+    if len(deleted) <= FEW_TOMBSTONES:
+        return _write_few_tombstones(clients, collection, deleted, run_id)
+    table = raw_table(collection).qualified
+    names = [n for n, _ in raw_columns(collection)]
+    exprs = {
+        "is_deleted": "toUInt8(1)",
+        "_version": "greatest(live.prev_version + 1, deleted.value)",
+        "_loaded_at": "now64(3, 'UTC')",
+        "_run_id": "{run:String}",
+    }
+    select = ", ".join(f"{exprs[n]} AS `{n}`" if n in exprs else f"live.`{n}`" for n in names)
+    cols = ", ".join(f"`{n}`" for n in names)
+    written = 0
+    ch = clients.clickhouse
+    items = list(deleted.items())
+    for start in range(0, len(items), TOMBSTONE_CHUNK):
+        with id_set(clients, items[start : start + TOMBSTONE_CHUNK]) as ids:
+            # The filter sits in a subquery: in ClickHouse a SELECT alias (`1 AS is_deleted`)
+            # would shadow the column of the same name in a WHERE at the same level.
+            live = (
+                f"SELECT *, _version AS prev_version FROM {table} FINAL "
+                f"WHERE _id IN {ids.keys()} AND is_deleted = 0"
+            )
+            count = f"SELECT count() FROM ({live})"
+            insert = (
+                f"INSERT INTO {table} ({cols}) SELECT {select} FROM ({live}) AS live "
+                f"INNER JOIN {ids.pairs()} AS deleted ON live._id = deleted.key"
+            )
+
+            def go(count: str = count, insert: str = insert) -> int:
+                n = int(cast(int, ch.command(count)))
+                if n:
+                    ch.command(insert, parameters={"run": run_id})
+                return n
+
+            written += clickhouse_call(clients.settings, go)
+    return written
+
+
+def _write_few_tombstones(
+    clients: Clients, collection: str, deleted: dict[str, int], run_id: str
+) -> int:
+    """`write_tombstones` for a change-stream batch: the latest row of each id by primary key
+    (the ids as a query parameter; no FINAL, which merges every part of the table), then one
+    insert of the tombstones built from them. Same rows as the INSERT ... SELECT path."""
+    table = raw_table(collection).qualified
+    names = [n for n, _ in raw_columns(collection)]
+    cols = ", ".join(f"`{n}`" for n in names)
+    ch = clients.clickhouse
+    latest = (
+        f"SELECT {cols} FROM (SELECT {cols} FROM {table} WHERE _id IN {{ids:Array(String)}} "
+        "ORDER BY _id, _version DESC LIMIT 1 BY _id) WHERE is_deleted = 0"
+    )
+    live = clickhouse_call(
+        clients.settings,
+        lambda: ch.query(latest, parameters={"ids": list(deleted)}).result_rows,
+    )
+    if not live:
+        return 0
+    at = {n: i for i, n in enumerate(names)}
+    loaded_at = datetime.fromtimestamp(now_ms() / 1000, UTC)
+    rows = []
+    for row in live:
+        tomb = list(row)
+        tomb[at["is_deleted"]] = 1
+        tomb[at["_version"]] = max(int(row[at["_version"]]) + 1, deleted[row[at["_id"]]])
+        tomb[at["_loaded_at"]] = loaded_at
+        tomb[at["_run_id"]] = run_id
+        rows.append(tomb)
+    clickhouse_call(clients.settings, lambda: ch.insert(table, rows, column_names=names))
+    return len(rows)
+
+
+# -- change-stream position --------------------------------------------------------------------
+def load_resume_token(clients: Clients, collection: str) -> Any:
+    """The last saved resume token of `collection`'s change stream; None: start from now."""
+    rows = clickhouse_call(
+        clients.settings,
+        lambda: (
+            clients.clickhouse.query(
+                f"SELECT resume_token FROM {CHANGE_STREAM_STATE.qualified} "
+                "WHERE collection = {c:String} ORDER BY saved_at DESC LIMIT 1",
+                parameters={"c": collection},
+            ).result_rows
+        ),
+    )
+    if not rows or not rows[0][0]:
+        return None
+    return json_util.loads(rows[0][0])
+
+
+def save_resume_token(
+    clients: Clients,
+    collection: str,
+    token: Any,
+    events: int,
+    *,
+    lag_seconds: float = 0.0,
+    last_event_ms: int | None = None,
+) -> None:
+    """Append the stream position (None: forget it, the next follower starts from now)."""
+    text = json_util.dumps(token, json_options=json_util.CANONICAL_JSON_OPTIONS) if token else ""
+    clickhouse_call(
+        clients.settings,
+        lambda: clients.clickhouse.command(
+            f"INSERT INTO {CHANGE_STREAM_STATE.qualified} "
+            "(collection, resume_token, events, saved_at, lag_seconds, last_event_at) "
+            "SELECT {c:String}, {t:String}, {n:UInt64}, now64(6), {lag:Float64}, "
+            "if({last:Int64} < 0, NULL, fromUnixTimestamp64Milli({last:Int64}, 'UTC'))",
+            parameters={
+                "c": collection,
+                "t": text,
+                "n": events,
+                "lag": max(0.0, lag_seconds),
+                "last": -1 if last_event_ms is None else last_event_ms,
+            },
+        ),
+    )
+
+
+# -- run records -------------------------------------------------------------------------------
+def write_run_or_log(clients: Clients, rec: RunRecord) -> None:
+    """Write a run record where an error is already on its way: log a failure, never raise."""
+    try:
+        write_run(clients.clickhouse, rec)
+    except Exception as exc:  # noqa: BLE001 - the original error matters more
+        log.error("could not record failed run %s in ops.sync_runs: %s", rec.run_id, exc)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+@contextmanager
+def recorded_run(
+    clients: Clients,
+    rec: RunRecord,
+    rss: PeakRss,
+    *,
+    on_failure: Callable[[BaseException], str] = _describe,
+) -> Iterator[RunRecord]:
+    """Write `rec` to `ops.sync_runs` when the block ends, with the run's peak memory.
+
+    The block finishes `rec` when it succeeds. When it raises, `rec` is finished as failed with
+    `on_failure(exc)` as its message (the place to add notes to `exc` too), written without
+    masking the error, and the error goes on."""
+    try:
+        yield rec
+    except BaseException as exc:
+        rec.peak_rss_bytes = rss.peak
+        rec.finish(RunStatus.failed, on_failure(exc))
+        write_run_or_log(clients, rec)
+        raise
+    rec.peak_rss_bytes = rss.peak
+    clickhouse_call(clients.settings, lambda: write_run(clients.clickhouse, rec))
