@@ -202,7 +202,7 @@ def follow_and_signal(
     into `analytics.pipeline_state_store`, which the dashboard reads live: no dbt build and no
     Prefect run per change. After each stored batch this bumps the dashboard cache's data
     version, so the next page load reads the new state. A batch the hot path could not carry
-    to the dashboard on its own (an `employee` change: names come from `dim_employees`; or no
+    to the dashboard on its own (an `employee` change: names come from `mart_employees`; or no
     store yet, before the first build) XADDs a change signal instead, which starts a flow run
     when `--events` listens. Every write also marks its build pending in `ops.build_pending`
     (durable): the scheduled runs build the marts and run the tests.
