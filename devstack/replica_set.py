@@ -30,10 +30,24 @@ class ReplicaMember(MongoServer):
     answers, so a member's own start only waits for it to answer and writes the marker (into
     `local`, which a member that is not primary accepts too)."""
 
-    def __init__(self, data_dir: Path, port: int, index: int, mongod: Path | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int,
+        index: int,
+        mongod: Path | None = None,
+        test_commands: bool = False,
+    ) -> None:
         self.index = index
         self.name = f"mongo-{index}"  # before Service.__init__: it names the pid file
+        self.test_commands = test_commands
         super().__init__(data_dir, port, mongod)
+
+    def command(self) -> list[str]:
+        if not self.test_commands:
+            return super().command()
+        # Fail points (e.g. stop a secondary's replication), for fault-injection tests only.
+        return [*super().command(), "--setParameter", "enableTestCommands=1"]
 
     @property
     def address(self) -> str:
@@ -74,7 +88,10 @@ class ReplicaMember(MongoServer):
 
 
 class MongoReplicaSet:
-    """`len(ports)` members of `rs0`, member i on `ports[i]`, all under `data_dir`."""
+    """`len(ports)` members of `rs0`, member i on `ports[i]`, all under `data_dir`.
+
+    `test_commands` starts the members with MongoDB's test commands (fail points): for tests
+    that must stop replication on purpose, never for a set that holds real data."""
 
     def __init__(
         self,
@@ -84,6 +101,7 @@ class MongoReplicaSet:
         election_timeout_ms: int = DEFAULT_ELECTION_TIMEOUT_MS,
         mongod: Path | None = None,
         start_timeout: float = 120.0,
+        test_commands: bool = False,
     ) -> None:
         if len(ports) < 1 or len(set(ports)) != len(ports):
             raise ValueError(f"a replica set needs distinct ports, one per member; got {ports}")
@@ -91,7 +109,8 @@ class MongoReplicaSet:
         self.election_timeout_ms = election_timeout_ms
         self.start_timeout = start_timeout
         self.members = [
-            ReplicaMember(self.data_dir, port, i, mongod) for i, port in enumerate(ports)
+            ReplicaMember(self.data_dir, port, i, mongod, test_commands)
+            for i, port in enumerate(ports)
         ]
 
     @property
@@ -128,7 +147,7 @@ class MongoReplicaSet:
                     [m.address for m in self.members],
                     {"electionTimeoutMillis": self.election_timeout_ms},
                 )
-            self.wait_for_primary()
+            self.wait_until_settled()
         except BaseException:
             for outcome in reversed(outcomes):
                 if outcome.action == "started":
@@ -180,6 +199,44 @@ class MongoReplicaSet:
                     f"members that are down. See the logs: {logs}"
                 )
             time.sleep(0.1)
+
+    def states(self) -> dict[str, str]:
+        """address -> state (`PRIMARY`, `SECONDARY`, `RECOVERING`, ...), as the set sees it
+        from whichever member answers first; {} when none does."""
+        for m in self.members:
+            try:
+                with m.direct_client(timeout_ms=1000) as client:
+                    status = client.admin.command("replSetGetStatus")
+            except PyMongoError:
+                continue
+            return {x["name"]: x["stateStr"] for x in status["members"]}
+        return {}
+
+    def wait_until_settled(self, timeout: float | None = None) -> ReplicaMember:
+        """Wait until one member is primary and every other one a secondary (right after an
+        initiate, or after a member came back); return the primary. An election that follows
+        right after the first one (a member that turns out more up to date takes over) is
+        over by then, so a test that kills "the primary" kills the one that stays."""
+        limit = self.start_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while True:
+            states = self.states()
+            primary = self.primary()
+            settled = sorted(states.values()) == [
+                "PRIMARY",
+                *["SECONDARY"] * (len(self.members) - 1),
+            ]
+            if primary is not None and settled and states.get(primary.address) == "PRIMARY":
+                return primary
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"replica set {REPLICA_SET} did not settle into one primary and "
+                    f"{len(self.members) - 1} secondaries within {limit:.0f}s: "
+                    f"{states or 'no member answers'}. "
+                    "Start the members that are down; see their logs under "
+                    f"{self.data_dir / 'logs'}"
+                )
+            time.sleep(0.2)
 
     def _member_named(self, name: str) -> ReplicaMember:
         return next(m for m in self.members if m.name == name)
