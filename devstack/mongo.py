@@ -21,7 +21,7 @@ from typing import Any
 from pymongo import MongoClient
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
-from devstack.process import MissingBinaryError, NotReadyError, wait_ready
+from devstack.process import MissingBinaryError, NotReadyError, StackError, wait_ready
 from devstack.service import Outcome, Service
 
 REPLICA_SET = "rs0"
@@ -40,6 +40,38 @@ def embedded_marker(client: MongoClient) -> dict[str, Any] | None:
     """The marker the embedded stack wrote into this server at start, or None (a server the
     stack did not start). Raises what pymongo raises (unreachable, not authorized)."""
     return client[MARKER_DB][MARKER_COLLECTION].find_one({"_id": MARKER_ID})
+
+
+def ensure_replica_set(
+    client: MongoClient, hosts: list[str], settings: dict[str, Any] | None = None
+) -> None:
+    """Initiate `rs0` with `hosts` as its members (member i is `hosts[i]`), through `client`
+    (a direct connection to the first of them); or, when the set exists with other hosts (its
+    data dirs were last used on other ports), point it at these, keeping each member's other
+    fields."""
+    try:
+        config = client.admin.command("replSetGetConfig")["config"]
+    except OperationFailure as exc:
+        if exc.code != NOT_YET_INITIALIZED:
+            raise
+        members = [{"_id": i, "host": host} for i, host in enumerate(hosts)]
+        client.admin.command(
+            "replSetInitiate",
+            {"_id": REPLICA_SET, "members": members, "settings": settings or {}},
+        )
+        return
+    if len(config["members"]) != len(hosts):
+        raise StackError(
+            f"the MongoDB data dir holds a replica set of {len(config['members'])} members, "
+            f"not {len(hosts)}. Fix: start it with {len(config['members'])} members, or use "
+            "another data dir."
+        )
+    if [m["host"] for m in config["members"]] != hosts:
+        config["members"] = [
+            {**member, "host": host} for member, host in zip(config["members"], hosts, strict=True)
+        ]
+        config["version"] = int(config["version"]) + 1
+        client.admin.command("replSetReconfig", config, force=True)
 
 
 def find_mongod() -> Path:
@@ -158,24 +190,8 @@ class MongoServer(Service):
             )
 
     def _ensure_replica_set(self) -> None:
-        member = f"{self.host}:{self.port}"
         with self.direct_client() as client:
-            try:
-                config = client.admin.command("replSetGetConfig")["config"]
-            except OperationFailure as exc:
-                if exc.code != NOT_YET_INITIALIZED:
-                    raise
-                client.admin.command(
-                    "replSetInitiate",
-                    {"_id": REPLICA_SET, "members": [{"_id": 0, "host": member}]},
-                )
-                return
-            hosts = [m["host"] for m in config["members"]]
-            if hosts != [member]:
-                # The data dir was last used on another port: point the set at this node.
-                config["members"] = [{**config["members"][0], "host": member}]
-                config["version"] = int(config["version"]) + 1
-                client.admin.command("replSetReconfig", config, force=True)
+            ensure_replica_set(client, [f"{self.host}:{self.port}"])
 
     def _check_primary(self) -> None:
         try:

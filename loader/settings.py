@@ -100,6 +100,11 @@ class Settings(ConnectionSettings):
     decoder: Literal["pymongoarrow", "pymongo"] = Field(
         "pymongoarrow", validation_alias="LOADER_DECODER"
     )
+    # Where the snapshot (the batch reads of `sync`) reads from; change streams and reconcile
+    # always read the primary. A secondary lags by its replication delay (docs/scaling/).
+    read_preference: Literal[
+        "primary", "primaryPreferred", "secondary", "secondaryPreferred", "nearest"
+    ] = Field("primary", validation_alias="LOADER_READ_PREFERENCE")
     # The change-stream follower stores what it has buffered at least this often (and at
     # `flush_every` events), so a write reaches raw and pipeline_state within about this long.
     flush_interval_ms: int = Field(

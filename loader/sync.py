@@ -19,6 +19,7 @@ from bson import MinKey, ObjectId
 from bson.datetime_ms import DatetimeMS
 from pymongo.collection import Collection
 from pymongo.cursor import Cursor
+from pymongo.read_preferences import make_read_preference, read_pref_mode_from_name
 
 from loader.build_pending import mark_build_pending
 from loader.clients import Clients, clickhouse_call, mongo_call, open_clients
@@ -188,7 +189,12 @@ class _Run:
         self.clients = clients
         self.settings = clients.settings
         self.collection = collection
-        self.coll: Collection = clients.db[collection]
+        # The snapshot reads where LOADER_READ_PREFERENCE says (a name pymongo knows).
+        self.coll: Collection = clients.db[collection].with_options(
+            read_preference=make_read_preference(
+                read_pref_mode_from_name(self.settings.read_preference), None
+            )
+        )
         self.batch_size = batch_size
         self.after_insert = after_insert
         self.before_insert = before_insert
