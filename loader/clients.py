@@ -33,6 +33,7 @@ from tenacity import (
 )
 from urllib3.util import Timeout
 
+from loader.cluster import insert_settings
 from loader.errors import short_reason
 from loader.mapping import CODEC_OPTIONS
 from loader.settings import Settings
@@ -271,14 +272,19 @@ def open_clients(settings: Settings, clients: Clients | None = None) -> Iterator
 
 
 def insert_json_rows(
-    client: Client, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+    client: Client,
+    table: str,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    cluster: str | None = None,
 ) -> int:
     """Insert a few bookkeeping rows (str, int, finite float, datetime) as JSONEachRow.
 
     `Client.insert` imports pandas on first use (to test whether the data is a DataFrame),
     a third of a second that a short command (a flow run with nothing to do) should not pay.
     Datetimes are sent as UTC text (naive ones are taken as UTC); ClickHouse truncates the
-    fraction to the column's precision. Returns the rows inserted."""
+    fraction to the column's precision. Returns the rows inserted. `cluster`: see
+    `loader.cluster.insert_settings` (None: `CLICKHOUSE_CLUSTER` from the environment)."""
     lines = []
     for row in rows:
         values = {}
@@ -292,7 +298,12 @@ def insert_json_rows(
             values[name] = value
         lines.append(json.dumps(values))
     if lines:
+        body = "\n".join(lines).encode()
         client.raw_insert(
-            table, list(columns), insert_block="\n".join(lines).encode(), fmt="JSONEachRow"
+            table,
+            list(columns),
+            insert_block=body,
+            settings=insert_settings(cluster, table, [body]),
+            fmt="JSONEachRow",
         )
     return len(lines)

@@ -31,6 +31,7 @@ from loader.clients import (
     mongo_unavailable,
     open_clients,
 )
+from loader.cluster import arrow_payload, insert_settings, rows_payload
 from loader.errors import add_note, failure_message, watermark_outcome
 from loader.identity import Identity, check_identity, collection_uuid, record_identity
 from loader.idset import id_set
@@ -175,7 +176,10 @@ def projection(collection: str) -> dict[str, int]:
 def prepare_clients(clients: Clients) -> None:
     """Migrate the loader's tables once per `Clients` (cheap on later calls)."""
     if "loader" not in clients.schema_ready:
-        clickhouse_call(clients.settings, lambda: ensure_schema(clients.clickhouse))
+        clickhouse_call(
+            clients.settings,
+            lambda: ensure_schema(clients.clickhouse, clients.settings.clickhouse_cluster),
+        )
         clients.schema_ready.add("loader")
 
 
@@ -428,9 +432,9 @@ def store_rows(
 def store_table(clients: Clients, collection: str, table: pa.Table) -> None:
     """Insert rows in `raw.<collection>` column order (see `mapping.with_bookkeeping`)."""
     ch = clients.clickhouse
-    clickhouse_call(
-        clients.settings, lambda: ch.insert_arrow(raw_table(collection).qualified, table)
-    )
+    name = raw_table(collection).qualified
+    dedup = insert_settings(clients.settings.clickhouse_cluster, name, arrow_payload(table))
+    clickhouse_call(clients.settings, lambda: ch.insert_arrow(name, table, settings=dedup))
 
 
 def store_rejects(clients: Clients, batch: MappedBatch, run_id: str) -> None:
@@ -452,9 +456,13 @@ def store_rejects(clients: Clients, batch: MappedBatch, run_id: str) -> None:
         doc = full.get(key, r.doc)
         rows.append([batch.collection, key, r.reason, dump_document(doc), run_id, now, 0])
     ch = clients.clickhouse
+    names = [n for n, _ in REJECTS.columns]
+    dedup = insert_settings(
+        clients.settings.clickhouse_cluster, REJECTS.qualified, rows_payload(names, rows)
+    )
     clickhouse_call(
         clients.settings,
-        lambda: ch.insert(REJECTS.qualified, rows, column_names=[n for n, _ in REJECTS.columns]),
+        lambda: ch.insert(REJECTS.qualified, rows, column_names=names, settings=dedup),
     )
 
 
