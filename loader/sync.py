@@ -54,6 +54,7 @@ from loader.schema import (
     raw_table,
     require_collection,
 )
+from loader.server_version import read_version
 from loader.settings import Settings
 from loader.watermark import (
     MIN_BSON_DATE,
@@ -174,8 +175,10 @@ def projection(collection: str) -> dict[str, int]:
 
 
 def prepare_clients(clients: Clients) -> None:
-    """Migrate the loader's tables once per `Clients` (cheap on later calls)."""
+    """Check the server's version and migrate the loader's tables once per `Clients` (cheap
+    on later calls)."""
     if "loader" not in clients.schema_ready:
+        clickhouse_call(clients.settings, lambda: read_version(clients.clickhouse))
         clickhouse_call(
             clients.settings,
             lambda: ensure_schema(clients.clickhouse, clients.settings.clickhouse_cluster),

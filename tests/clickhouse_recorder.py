@@ -75,7 +75,11 @@ def _decoded(body: bytes, encoding: str) -> bytes:
 
 
 def _handler(
-    upstream: int, recording: Recording, rewrite: Rewrite | None, rewrite_param: Rewrite
+    upstream: int,
+    recording: Recording,
+    rewrite: Rewrite | None,
+    rewrite_param: Rewrite,
+    add_params: dict[str, str],
 ) -> type[BaseHTTPRequestHandler]:
     lock = threading.Lock()
 
@@ -99,6 +103,9 @@ def _handler(
                 request = Request(plain.decode(errors="replace"), params, b"")
             recording.requests.append(request)
             path, sent = self.path, body
+            if add_params:
+                pairs += list(add_params.items())
+                path = split._replace(query=urllib.parse.urlencode(pairs)).geturl()
             if rewrite is not None and not self.headers.get("Content-Encoding"):
                 change = {k: rewrite_param for k, _ in pairs if k.startswith("param_")}
                 change["query"] = rewrite
@@ -135,13 +142,16 @@ def _handler(
 
 @contextmanager
 def recording_proxy(
-    upstream_port: int, rewrite: Rewrite | None = None, rewrite_param: Rewrite = str
+    upstream_port: int,
+    rewrite: Rewrite | None = None,
+    rewrite_param: Rewrite = str,
+    add_params: dict[str, str] | None = None,
 ) -> Iterator[Recording]:
     """A proxy on a free port of 127.0.0.1 to the ClickHouse front on `upstream_port`;
     `rewrite` / `rewrite_param` (used only with `rewrite`) change the forwarded query and
-    `param_*` values."""
+    `param_*` values; `add_params` are added to every forwarded URL (e.g. `compatibility`)."""
     recording = Recording()
-    handler = _handler(upstream_port, recording, rewrite, rewrite_param)
+    handler = _handler(upstream_port, recording, rewrite, rewrite_param, add_params or {})
     proxy = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     recording.port = proxy.server_address[1]
     thread = threading.Thread(target=proxy.serve_forever, daemon=True)
