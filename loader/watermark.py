@@ -18,9 +18,9 @@ from bson import MinKey, ObjectId, json_util
 from bson.datetime_ms import DatetimeMS
 from clickhouse_connect.driver.client import Client
 
-from loader.cluster import insert_settings, statement_payload
+from loader.cluster import configured_cluster, insert_settings, statement_payload
 from loader.mapping import MAX_DATETIME64_MS, MIN_DATETIME64_MS, id_to_str
-from loader.schema import WATERMARKS
+from loader.schema import WATERMARKS, mutation_target
 
 # Lowest BSON date: with `$gte` it selects every date (and, by type bracketing, only dates).
 MIN_BSON_DATE = DatetimeMS(-(2**63))
@@ -154,6 +154,7 @@ def save_watermark(client: Client, collection: str, wm: Watermark, run_id: str) 
 
 def reset_watermark(client: Client, collection: str) -> None:
     client.command(
-        f"DELETE FROM {WATERMARKS.qualified} WHERE collection = {{c:String}}",
+        f"DELETE FROM {mutation_target(WATERMARKS, configured_cluster())} "
+        "WHERE collection = {c:String}",
         parameters={"c": collection},
     )
