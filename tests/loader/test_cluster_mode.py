@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import clickhouse_connect
+import pyarrow as pa
 import pytest
 from clickhouse_connect.driver.client import Client
 from clickhouse_recorder import Recording, Request, recording_proxy, single_node, single_node_param
@@ -24,6 +25,7 @@ from devstack.process import free_ports
 from devstack.stack import Stack
 from flows import ops
 from loader.clients import open_clients_now
+from loader.cluster import arrow_payload, dedup_token, rows_payload
 from loader.schema import all_tables, local_table
 from loader.settings import Settings
 from loader.sync import sync_collection
@@ -199,3 +201,22 @@ def test_without_the_setting_nothing_of_cluster_mode_is_sent(
     assert [t.create_sql() for t in all_tables()] == [
         s for s in (r.sql for r in sent) if s.startswith("CREATE TABLE")
     ]
+
+
+def test_a_token_is_a_function_of_the_batch_alone() -> None:
+    """A batch rebuilt from the same rows (not only the same request sent again) gets the same
+    token; another batch, or the same rows for another table, another one."""
+    rows = [("a", 1, 2.5), ("b", 2, None)]
+    batch = pa.table({"k": ["a", "b"], "v": [1, 2]})
+    same = pa.table({"k": ["a", "b"], "v": [1, 2]})
+    token = dedup_token("raw.tasks", arrow_payload(batch))
+    assert token == dedup_token("raw.tasks", arrow_payload(same))
+    assert token != dedup_token("raw.tasks", arrow_payload(pa.table({"k": ["a"], "v": [1]})))
+    assert token != dedup_token("raw.employee", arrow_payload(same))
+    names = ["k", "v", "w"]
+    assert dedup_token("t", rows_payload(names, rows)) == dedup_token(
+        "t", rows_payload(names, list(rows))
+    )
+    assert dedup_token("t", rows_payload(names, rows)) != dedup_token(
+        "t", rows_payload(names, rows[:1])
+    )
