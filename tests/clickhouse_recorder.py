@@ -164,8 +164,9 @@ def recording_proxy(
 
 
 # What the embedded engine cannot run, and its single-server equivalent (one shard, one replica).
-ON_CLUSTER = re.compile(r"\s+ON\s+CLUSTER\s+(?:'[^']*'|`[^`]*`|\w+)", re.IGNORECASE)
+ON_CLUSTER = re.compile(r"""\s+ON\s+CLUSTER\s+(?:'[^']*'|`[^`]*`|"[^"]*"|\w+)""", re.IGNORECASE)
 REPLICATED = re.compile(r"\bReplicated(\w*MergeTree)\(\s*'[^']*'\s*,\s*'[^']*'\s*(?:,\s*)?")
+CLUSTER_TABLE = re.compile(r"""\bcluster(?:AllReplicas)?\(\s*["'][^"']*["']\s*,\s*([\w.]+)\s*\)""")
 LOCAL = re.compile(r"\b(raw|ops|analytics)\.(\w+)_local\b")
 DISTRIBUTED_CREATE = re.compile(r"^\s*CREATE TABLE .*\sENGINE = Distributed\(", re.DOTALL)
 # Keeps the last 1,000 insert tokens of each table, as a replicated table does in Keeper.
@@ -173,14 +174,16 @@ DEDUP_WINDOW = "SETTINGS non_replicated_deduplication_window = 1000"
 
 
 def single_node(sql: str) -> str:
-    """A cluster statement as the one embedded server runs it: without `ON CLUSTER`, the
+    """A cluster statement as the one embedded server runs it: without `ON CLUSTER` (and
+    `cluster('<name>', t)` reads only `t`, from shard 1), the
     replicated local table becomes the table itself (plain engine, same name as its Distributed
     table, with a deduplication window so that tokens are honoured), the Distributed table a
     no-op (on one shard it would be the local table)."""
     if DISTRIBUTED_CREATE.match(sql):
         return "SELECT 1"
     local_create = sql.lstrip().upper().startswith("CREATE TABLE") and "_local" in sql
-    out = LOCAL.sub(r"\1.\2", REPLICATED.sub(r"\1(", ON_CLUSTER.sub("", sql)))
+    out = ON_CLUSTER.sub("", CLUSTER_TABLE.sub(r"\1", sql)).replace("_shard_num", "1")
+    out = LOCAL.sub(r"\1.\2", REPLICATED.sub(r"\1(", out))
     if local_create and "MergeTree" in out:
         out += "\n" + DEDUP_WINDOW
     return out.replace("MergeTree()", "MergeTree")

@@ -9,7 +9,11 @@ real cluster behaves (replication, sharding, distributed DDL): deploy/ is for th
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +41,18 @@ DDL = re.compile(r"^\s*(CREATE|ALTER|DROP|TRUNCATE|RENAME|EXCHANGE)\b", re.IGNOR
 INSERT = re.compile(r"^\s*INSERT\s+INTO\s+([\w.]+)", re.IGNORECASE)
 
 
+REPO = Path(__file__).resolve().parents[2]
+DBT_DDL = re.compile(
+    r"^\s*(?:/\*.*?\*/)?\s*(create|alter|drop|truncate|rename|exchange)\b", re.I | re.S
+)
+
+
 @dataclass
 class Run:
     recording: Recording
     client: Client  # straight to the private engine, for what it stored
+    loader: list[str]  # the statements the loader and the flow's bookkeeping sent
+    dbt: list[str]  # the statements `dbt build` sent, in cluster mode
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +90,11 @@ def is_raw_tasks_insert(request: Request) -> bool:
 
 
 @pytest.fixture(scope="module")
-def run(engine: Stack, stack: Stack) -> Iterator[Run]:
+def run(engine: Stack, stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     """Seed, then sync both collections in cluster mode, the first raw.tasks insert losing its
-    answer after the engine stored it (so the loader retries that batch); the flow's tables too."""
+    answer after the engine stored it (so the loader retries that batch); the flow's tables
+    too; then `dbt build` with the `prod` profile's `cluster:`."""
+    tmp = tmp_path_factory.mktemp("cluster_dbt")
     with MongoClient(stack.mongo_uri) as mongo:
         mongo.drop_database(DB)
         seed(mongo[DB], 300, seed=3, malformed_ratio=0.02)
@@ -104,15 +118,37 @@ def run(engine: Stack, stack: Stack) -> Iterator[Run]:
             )
         finally:
             clients.close()
+        loader_requests = len(recording.requests)
+        dbt_build(recording.port, tmp)
     client = direct(engine)
     try:
-        yield Run(recording, client)
+        sql = recording.sql
+        yield Run(recording, client, sql[:loader_requests], sql[loader_requests:])
     finally:
         client.close()
 
 
+def dbt_build(port: int, tmp: Path) -> None:
+    """`dbt build` of the repo's project, target `prod` (cluster from CLICKHOUSE_CLUSTER)."""
+    shutil.copy(REPO / "profiles.yml.example", tmp / "profiles.yml")
+    env = {
+        **os.environ,
+        "CLICKHOUSE_HOST": "127.0.0.1",
+        "CLICKHOUSE_PORT": str(port),
+        "CLICKHOUSE_USER": "default",
+        "CLICKHOUSE_PASSWORD": "",
+        "CLICKHOUSE_CLUSTER": CLUSTER,
+        "DBT_TARGET": "prod",
+    }
+    dbt = [str(Path(sys.executable).parent / "dbt")]
+    args = ["build", "--profiles-dir", str(tmp), "--project-dir", str(REPO)]
+    args += ["--target-path", str(tmp / "target"), "--log-path", str(tmp / "logs")]
+    done = subprocess.run(dbt + args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+
+
 def ddl_of(run: Run) -> list[str]:
-    return [sql for sql in run.recording.sql if DDL.match(sql)]
+    return [sql for sql in run.loader if DDL.match(sql)]
 
 
 def test_every_ddl_of_the_loader_and_the_flow_runs_on_the_cluster(run: Run) -> None:
@@ -149,7 +185,7 @@ def test_every_version_of_a_document_goes_to_one_shard(run: Run) -> None:
 
 
 def inserts(run: Run) -> list[Request]:
-    return [r for r in run.recording.requests if INSERT.match(r.sql)]
+    return [r for r in run.recording.requests[: len(run.loader)] if INSERT.match(r.sql)]
 
 
 def test_every_insert_of_the_loader_and_the_flow_carries_a_dedup_token(run: Run) -> None:
@@ -220,3 +256,34 @@ def test_a_token_is_a_function_of_the_batch_alone() -> None:
     assert dedup_token("t", rows_payload(names, rows)) != dedup_token(
         "t", rows_payload(names, rows[:1])
     )
+
+
+def dbt_ddl(run: Run) -> list[str]:
+    return [" ".join(sql.split()) for sql in run.dbt if DBT_DDL.match(sql)]
+
+
+def test_dbt_builds_its_models_on_the_cluster(run: Run) -> None:
+    """What dbt-clickhouse does from the profile's `cluster:` alone: every model's view or
+    table is created ON CLUSTER."""
+    names = "|".join(p.stem for p in (REPO / "models").rglob("*.sql"))
+    model = re.compile(rf"create (or replace view|table) `analytics`\.`({names})`")
+    models = [s for s in dbt_ddl(run) if model.search(s)]
+    assert len(models) >= 10
+    assert [s[:120] for s in models if 'ON CLUSTER "pipeline"' not in s] == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="dbt side of cluster mode not done yet (models/, macros/pipeline_state.sql): "
+    "docs/SCALING.md lists per model what is missing",
+)
+def test_every_dbt_ddl_runs_on_the_cluster_with_replicated_engines(run: Run) -> None:
+    statements = [s for s in dbt_ddl(run) if "__dbt_exchange_test" not in s]
+    off_cluster = [s[:100] for s in statements if "ON CLUSTER" not in s]
+    not_replicated = [
+        s[:100]
+        for s in statements
+        if re.search(r"engine\s*=?\s*(\w*)MergeTree", s, re.I)
+        and not re.search(r"engine\s*=?\s*Replicated", s, re.I)
+    ]
+    assert off_cluster == [] and not_replicated == []
