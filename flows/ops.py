@@ -15,36 +15,52 @@ from clickhouse_connect.driver.client import Client
 
 from flows.settings import FlowSettings
 from loader.clients import connect_clickhouse, insert_json_rows
+from loader.cluster import configured_cluster
+from loader.schema import Table, create_statements, on_cluster
 
-DDL = (
-    "CREATE DATABASE IF NOT EXISTS ops",
-    """
-    CREATE TABLE IF NOT EXISTS ops.step_timings (
-        run_id String,
-        step String,
-        kind LowCardinality(String),
-        status LowCardinality(String),
-        started_at DateTime64(3, 'UTC'),
-        ended_at DateTime64(3, 'UTC'),
-        duration_s Float64,
-        rows UInt64,
-        message String
-    ) ENGINE = MergeTree
-    ORDER BY (started_at, run_id, step)
-    """,
-    """
-    CREATE TABLE IF NOT EXISTS ops.alerts (
-        raised_at DateTime64(3, 'UTC'),
-        run_id String,
-        kind LowCardinality(String),
-        subject String,
-        value Float64,
-        threshold Float64,
-        message String
-    ) ENGINE = MergeTree
-    ORDER BY (raised_at, kind)
-    """,
+STEP_TIMINGS = Table(
+    "ops",
+    "step_timings",
+    (
+        ("run_id", "String"),
+        ("step", "String"),
+        ("kind", "LowCardinality(String)"),
+        ("status", "LowCardinality(String)"),
+        ("started_at", "DateTime64(3, 'UTC')"),
+        ("ended_at", "DateTime64(3, 'UTC')"),
+        ("duration_s", "Float64"),
+        ("rows", "UInt64"),
+        ("message", "String"),
+    ),
+    "MergeTree",
+    "(started_at, run_id, step)",
+    shard_key="cityHash64(run_id)",
 )
+ALERTS = Table(
+    "ops",
+    "alerts",
+    (
+        ("raised_at", "DateTime64(3, 'UTC')"),
+        ("run_id", "String"),
+        ("kind", "LowCardinality(String)"),
+        ("subject", "String"),
+        ("value", "Float64"),
+        ("threshold", "Float64"),
+        ("message", "String"),
+    ),
+    "MergeTree",
+    "(raised_at, kind)",
+    shard_key="cityHash64(run_id)",
+)
+
+
+def ddl(cluster: str = "") -> list[str]:
+    """The statements creating the flow's tables (`ON CLUSTER`, replicated, on a cluster)."""
+    statements = [f"CREATE DATABASE IF NOT EXISTS ops{on_cluster(cluster)}"]
+    for table in (STEP_TIMINGS, ALERTS):
+        statements += create_statements(table, cluster)
+    return statements
+
 
 STEP_COLUMNS = (
     "run_id",
@@ -112,8 +128,9 @@ def connect(settings: FlowSettings) -> Client:
     return connect_clickhouse(settings)
 
 
-def ensure_tables(client: Client) -> None:
-    for statement in DDL:
+def ensure_tables(client: Client, cluster: str | None = None) -> None:
+    """`cluster`: `CLICKHOUSE_CLUSTER` (None: read from the environment, see loader.schema)."""
+    for statement in ddl(configured_cluster() if cluster is None else cluster):
         client.command(statement)
 
 

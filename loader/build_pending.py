@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from clickhouse_connect.driver.client import Client
 
+from loader.cluster import insert_settings, rows_payload, statement_payload
 from loader.schema import BUILD_PENDING
 
 COLUMNS = [name for name, _ in BUILD_PENDING.columns]
@@ -30,7 +31,8 @@ class PendingBuild:
 
 def _write(client: Client, rows: list[list[object]]) -> None:
     if rows:
-        client.insert(BUILD_PENDING.qualified, rows, column_names=COLUMNS)
+        dedup = insert_settings(None, BUILD_PENDING.qualified, rows_payload(COLUMNS, rows))
+        client.insert(BUILD_PENDING.qualified, rows, column_names=COLUMNS, settings=dedup)
 
 
 def mark_build_pending(
@@ -43,18 +45,20 @@ def mark_build_pending(
     which the flow compares with its own when it clears marks."""
     table = BUILD_PENDING.qualified
     at = datetime.now(UTC)
-    client.command(
+    sql = (
         f"INSERT INTO {table} ({', '.join(COLUMNS)}) "
         "SELECT {c:String}, 1, greatest({full:UInt8}, (SELECT toUInt8(count() > 0) FROM "
         f"(SELECT * FROM {table} FINAL WHERE source = {{c:String}} AND pending = 1 "
-        "AND full_refresh = 1))), {run:String}, fromUnixTimestamp64Micro({at:Int64}, 'UTC')",
-        parameters={
-            "c": collection,
-            "full": int(full_refresh),
-            "run": run_id,
-            "at": int(at.timestamp() * 1_000_000),
-        },
+        "AND full_refresh = 1))), {run:String}, fromUnixTimestamp64Micro({at:Int64}, 'UTC')"
     )
+    parameters = {
+        "c": collection,
+        "full": int(full_refresh),
+        "run": run_id,
+        "at": int(at.timestamp() * 1_000_000),
+    }
+    dedup = insert_settings(None, table, statement_payload(sql, parameters))
+    client.command(sql, parameters=parameters, settings=dedup)
 
 
 def pending_builds(client: Client, sources: Iterable[str]) -> dict[str, PendingBuild]:

@@ -39,6 +39,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 from urllib3.util import Timeout
 
+from loader.cluster import insert_settings
 from loader.errors import short_reason
 from loader.mapping import CODEC_OPTIONS
 from loader.settings import ConnectionSettings, Settings
@@ -337,14 +338,19 @@ def open_clients(settings: Settings, clients: Clients | None = None) -> Iterator
 
 
 def insert_json_rows(
-    client: Client, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+    client: Client,
+    table: str,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    cluster: str | None = None,
 ) -> int:
     """Insert a few bookkeeping rows (str, int, finite float, datetime) as JSONEachRow.
 
     `Client.insert` imports pandas on first use (to test whether the data is a DataFrame),
     a third of a second that a short command (a flow run with nothing to do) should not pay.
     Datetimes are sent as UTC text (naive ones are taken as UTC); ClickHouse truncates the
-    fraction to the column's precision. Returns the rows inserted."""
+    fraction to the column's precision. Returns the rows inserted. `cluster`: see
+    `loader.cluster.insert_settings` (None: `CLICKHOUSE_CLUSTER` from the environment)."""
     lines = []
     for row in rows:
         values = {}
@@ -358,7 +364,12 @@ def insert_json_rows(
             values[name] = value
         lines.append(json.dumps(values))
     if lines:
+        body = "\n".join(lines).encode()
         client.raw_insert(
-            table, list(columns), insert_block="\n".join(lines).encode(), fmt="JSONEachRow"
+            table,
+            list(columns),
+            insert_block=body,
+            settings=insert_settings(cluster, table, [body]),
+            fmt="JSONEachRow",
         )
     return len(lines)

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import cast
 
 from loader.clients import Clients, clickhouse_call, mongo_call
+from loader.cluster import insert_settings, rows_payload
 from loader.errors import ActionableError
 from loader.schema import SOURCE_IDENTITY, raw_table
 
@@ -96,13 +97,12 @@ def check_identity(clients: Clients, collection: str) -> Identity:
 def record_identity(clients: Clients, collection: str, uuid: str, run_id: str) -> None:
     ch = clients.clickhouse
     row = [collection, clients.settings.mongo_db, uuid, run_id, datetime.now(UTC)]
+    names = [n for n, _ in SOURCE_IDENTITY.columns]
+    cluster = clients.settings.clickhouse_cluster
+    dedup = insert_settings(cluster, SOURCE_IDENTITY.qualified, rows_payload(names, [row]))
     clickhouse_call(
         clients.settings,
-        lambda: ch.insert(
-            SOURCE_IDENTITY.qualified,
-            [row],
-            column_names=[n for n, _ in SOURCE_IDENTITY.columns],
-        ),
+        lambda: ch.insert(SOURCE_IDENTITY.qualified, [row], column_names=names, settings=dedup),
     )
 
 

@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from loader.clients import Clients, clickhouse_call
-from loader.schema import ID_SETS
+from loader.cluster import insert_settings, rows_payload
+from loader.schema import ID_SETS, mutation_target
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,16 @@ def id_set(clients: Clients, items: Iterable[tuple[str, int]]) -> Iterator[IdSet
     """Store `(key, value)` pairs as a new set for the duration of the block."""
     ids = IdSet(uuid.uuid4().hex)
     ch = clients.clickhouse
+    cluster = clients.settings.clickhouse_cluster
     chunk: list[list[object]] = []
+    names = ["set_id", "key", "value"]
 
     def flush() -> None:
         rows = list(chunk)
+        dedup = insert_settings(cluster, ID_SETS.qualified, rows_payload(names, rows))
         clickhouse_call(
             clients.settings,
-            lambda: ch.insert(ID_SETS.qualified, rows, column_names=["set_id", "key", "value"]),
+            lambda: ch.insert(ID_SETS.qualified, rows, column_names=names, settings=dedup),
         )
         chunk.clear()
 
@@ -62,6 +66,7 @@ def id_set(clients: Clients, items: Iterable[tuple[str, int]]) -> Iterator[IdSet
         yield ids
     finally:
         try:
-            ch.command(f"ALTER TABLE {ID_SETS.qualified} DROP PARTITION '{ids.set_id}'")
+            target = mutation_target(ID_SETS, cluster)
+            ch.command(f"ALTER TABLE {target} DROP PARTITION '{ids.set_id}'")
         except Exception as exc:  # noqa: BLE001 - the TTL removes it; an error in flight matters more
             log.warning("could not drop id set %s (its TTL will): %s", ids.set_id, exc)

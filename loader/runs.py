@@ -10,6 +10,7 @@ from enum import StrEnum
 import psutil
 from clickhouse_connect.driver.client import Client
 
+from loader.cluster import insert_settings, rows_payload
 from loader.schema import SYNC_RUNS
 
 
@@ -98,4 +99,5 @@ def write_run(client: Client, rec: RunRecord) -> None:
         rec.peak_rss_bytes,
         rec.message[:10_000],
     ]
-    client.insert(SYNC_RUNS.qualified, [row], column_names=cols)
+    dedup = insert_settings(None, SYNC_RUNS.qualified, rows_payload(cols, [row]))
+    client.insert(SYNC_RUNS.qualified, [row], column_names=cols, settings=dedup)

@@ -4,20 +4,32 @@ The column lists here are the single source of truth: `mapping.py` builds rows i
 order and `docs/ARCHITECTURE.md` documents them. Migration is additive: a missing column is added
 with `ALTER TABLE ... ADD COLUMN`; a column whose type changed is reported, not rewritten (that
 needs `sync --full-refresh` after dropping the table, a decision for a human).
+
+Cluster mode (`CLICKHOUSE_CLUSTER` set, `cluster` below): every table becomes a replicated local
+table `<db>.<name>_local` on each shard plus a `Distributed` table under the public name, which
+every reader and writer keeps using; each statement carries `ON CLUSTER`. Without a cluster the
+statements are exactly the single-server ones. Why each sharding key: docs/SCALING.md.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
 from clickhouse_connect.driver.client import Client
+
+from loader.cluster import configured_cluster
 
 log = logging.getLogger(__name__)
 
 RAW_DB = "raw"
 OPS_DB = "ops"
+
+# Where a local table's replicas meet in Keeper; `{shard}` and `{replica}` are each server's macros
+# (deploy/clickhouse/macros-*.xml), `{database}` and `{table}` ClickHouse expands itself.
+REPLICA_PATH = "'/clickhouse/tables/{shard}/{database}/{table}', '{replica}'"
+LOCAL_SUFFIX = "_local"
 
 # Bookkeeping columns present on every raw table, after the document's own columns.
 BOOKKEEPING: tuple[tuple[str, str], ...] = (
@@ -93,20 +105,68 @@ class Table:
     # Data-skipping indexes as (name, definition); added to existing tables by the migrator.
     indexes: tuple[tuple[str, str], ...] = ()
     ttl: str | None = None
+    # Cluster mode: the Distributed table's sharding key. Rows that a FINAL, a ranking or a
+    # delete must see together hash alike, so those stay shard-local (docs/SCALING.md).
+    shard_key: str = "rand()"
 
     @property
     def qualified(self) -> str:
         return f"{self.database}.{self.name}"
 
-    def create_sql(self) -> str:
+    def create_sql(self, cluster: str = "") -> str:
         cols = ",\n  ".join(
             [f"`{n}` {t}" for n, t in self.columns] + [f"INDEX {n} {d}" for n, d in self.indexes]
         )
-        sql = f"CREATE TABLE IF NOT EXISTS {self.qualified} (\n  {cols}\n) ENGINE = {self.engine}"
+        sql = (
+            f"CREATE TABLE IF NOT EXISTS {self.qualified}{on_cluster(cluster)} (\n  {cols}\n) "
+            f"ENGINE = {self.engine}"
+        )
         if self.partition_by:
             sql += f"\nPARTITION BY {self.partition_by}"
         sql += f"\nORDER BY {self.order_by}"
         return sql + (f"\nTTL {self.ttl}" if self.ttl else "")
+
+
+def on_cluster(cluster: str) -> str:
+    """The `ON CLUSTER` clause of a DDL statement; empty on a single server."""
+    return f" ON CLUSTER '{cluster}'" if cluster else ""
+
+
+def replicated_engine(engine: str) -> str:
+    """`ReplacingMergeTree(v)` -> `ReplicatedReplacingMergeTree('<path>', '{replica}', v)`."""
+    name, _, args = engine.partition("(")
+    args = args.removesuffix(")")
+    return f"Replicated{name}({REPLICA_PATH}{', ' + args if args else ''})"
+
+
+def local_table(table: Table, cluster: str) -> Table:
+    """The table that holds the rows: `table` itself on one server, else its replicated local
+    table on each shard (mutations, partitions and skip indexes go there)."""
+    if not cluster:
+        return table
+    return replace(table, name=table.name + LOCAL_SUFFIX, engine=replicated_engine(table.engine))
+
+
+def distributed_sql(table: Table, cluster: str) -> str:
+    local = local_table(table, cluster)
+    return (
+        f"CREATE TABLE IF NOT EXISTS {table.qualified}{on_cluster(cluster)} AS {local.qualified}\n"
+        f"ENGINE = Distributed('{cluster}', '{table.database}', '{local.name}', {table.shard_key})"
+    )
+
+
+def create_statements(table: Table, cluster: str = "") -> list[str]:
+    """What creates `table`: one statement on a server; the local tables, then the
+    Distributed table over them, on a cluster."""
+    if not cluster:
+        return [table.create_sql()]
+    return [local_table(table, cluster).create_sql(cluster), distributed_sql(table, cluster)]
+
+
+def mutation_target(table: Table, cluster: str = "") -> str:
+    """What a `DELETE FROM`, `TRUNCATE TABLE` or `ALTER ... DROP PARTITION` names: a Distributed
+    table takes none of them, so on a cluster they go to every local table."""
+    return local_table(table, cluster).qualified + on_cluster(cluster)
 
 
 def raw_table(collection: str) -> Table:
@@ -123,6 +183,9 @@ def raw_table(collection: str) -> Table:
         # Parts and granules hold rows of one or a few loads, so the min/max of `_loaded_at`
         # lets dbt's incremental read ("loaded since the last build") skip all older data.
         indexes=(("idx_loaded_at", "_loaded_at TYPE minmax GRANULARITY 1"),),
+        # By `_id`, not `file_id`: a task can move to another file, and all versions of a
+        # document must meet on one shard for ReplacingMergeTree and FINAL to collapse them.
+        shard_key="cityHash64(_id)",
     )
 
 
@@ -142,6 +205,7 @@ REJECTS = Table(
     ),
     "MergeTree",
     "(collection, _id, rejected_at)",
+    shard_key="cityHash64(_id)",  # beside the raw rows of the same document
 )
 WATERMARKS = Table(
     OPS_DB,
@@ -156,6 +220,8 @@ WATERMARKS = Table(
     ),
     "ReplacingMergeTree(saved_at)",
     "collection",
+    # Every save of one collection on one shard, so FINAL collapses them there.
+    shard_key="cityHash64(collection)",
 )
 SYNC_RUNS = Table(
     OPS_DB,
@@ -179,6 +245,7 @@ SYNC_RUNS = Table(
     ),
     "MergeTree",
     "(started_at, run_id)",
+    shard_key="cityHash64(run_id)",
 )
 CHANGE_STREAM_STATE = Table(
     OPS_DB,
@@ -195,6 +262,7 @@ CHANGE_STREAM_STATE = Table(
     ),
     "ReplacingMergeTree(saved_at)",
     "collection",
+    shard_key="cityHash64(collection)",
 )
 # The MongoDB collection each raw table is a copy of (its UUID, which a drop, a re-create or a
 # restore changes): a different UUID on the next run means "reload from scratch".
@@ -210,6 +278,7 @@ SOURCE_IDENTITY = Table(
     ),
     "ReplacingMergeTree(recorded_at)",
     "collection",
+    shard_key="cityHash64(collection)",
 )
 # Document counts of both sides, compared by every flow run (`loader.drift`).
 DRIFT_CHECKS = Table(
@@ -226,6 +295,7 @@ DRIFT_CHECKS = Table(
     ),
     "MergeTree",
     "(checked_at, collection)",
+    shard_key="cityHash64(collection)",
 )
 # A source whose downstream dbt models need a build: set by every loader write (sync, reconcile,
 # watch, from the flow or the CLI) before it writes, cleared by the flow after a build that
@@ -242,6 +312,7 @@ BUILD_PENDING = Table(
     ),
     "ReplacingMergeTree(saved_at)",
     "source",
+    shard_key="cityHash64(source)",
 )
 # Lists of ids too long for a URL (`loader.idset`): one partition per list, dropped after use.
 ID_SETS = Table(
@@ -255,6 +326,7 @@ ID_SETS = Table(
     ),
     "MergeTree",
     "(set_id, key)",
+    shard_key="cityHash64(key)",  # as raw.<c>'s `_id`: a set joins the raw rows of its shard
     partition_by="set_id",
     ttl="created_at + INTERVAL 1 DAY",
 )
@@ -281,29 +353,41 @@ def _normalise(ch_type: str) -> str:
     return ch_type.replace(" ", "")
 
 
-def migrate_table(client: Client, table: Table) -> list[str]:
-    """Create `table` if missing, add missing columns; return the changes made (for logs)."""
+def migrate_table(client: Client, table: Table, cluster: str = "") -> list[str]:
+    """Create `table` if missing, add missing columns; return the changes made (for logs).
+
+    On a cluster the local table decides: a missing one is created with its Distributed table,
+    and a column is added to both (the Distributed table's columns are what readers see)."""
     changes: list[str] = []
+    local = local_table(table, cluster)
     exists = client.command(
         "SELECT count() FROM system.tables WHERE database = {db:String} AND name = {t:String}",
-        parameters={"db": table.database, "t": table.name},
+        parameters={"db": local.database, "t": local.name},
     )
     if not int(cast(int, exists)):
-        client.command(table.create_sql())
+        for statement in create_statements(table, cluster):
+            client.command(statement)
         return [f"created {table.qualified}"]
     present: dict[str, str] = {
         name: ch_type
         for name, ch_type in client.query(
             "SELECT name, type FROM system.columns "
             "WHERE database = {db:String} AND table = {t:String}",
-            parameters={"db": table.database, "t": table.name},
+            parameters={"db": local.database, "t": local.name},
         ).result_rows
     }
+    holders = [local, table] if cluster else [table]
     previous = None
     for name, ch_type in table.columns:
         if name not in present:
             after = f" AFTER `{previous}`" if previous else " FIRST"
-            client.command(f"ALTER TABLE {table.qualified} ADD COLUMN `{name}` {ch_type}{after}")
+            for holder in holders:
+                client.command(
+                    f"ALTER TABLE {holder.qualified}{on_cluster(cluster)} "
+                    f"ADD COLUMN IF NOT EXISTS `{name}` {ch_type}{after}"
+                    if cluster
+                    else f"ALTER TABLE {holder.qualified} ADD COLUMN `{name}` {ch_type}{after}"
+                )
             changes.append(f"added column {table.qualified}.{name} {ch_type}")
         elif _normalise(present[name]) != _normalise(_strip_default(ch_type)):
             log.warning(
@@ -317,14 +401,17 @@ def migrate_table(client: Client, table: Table) -> list[str]:
         previous = name
     for name, definition in table.indexes:
         # Covers only parts written from now on; older parts are read in full until merged.
-        client.command(f"ALTER TABLE {table.qualified} ADD INDEX IF NOT EXISTS {name} {definition}")
+        client.command(
+            f"ALTER TABLE {local.qualified}{on_cluster(cluster)} "
+            f"ADD INDEX IF NOT EXISTS {name} {definition}"
+        )
     return changes
 
 
-def _schema_is_current(client: Client) -> bool:
+def _schema_is_current(client: Client, cluster: str = "") -> bool:
     """True when every loader table has its columns (with their types) and skip indexes: two
     queries, so that a run with nothing to migrate (most runs, and every no-op sync) does not
-    pay a round trip per table."""
+    pay a round trip per table. On a cluster: the local and the Distributed tables."""
     dbs = sorted({RAW_DB, OPS_DB})
     present: dict[tuple[str, str], dict[str, str]] = {}
     for db, table, name, ch_type in client.query(
@@ -341,29 +428,36 @@ def _schema_is_current(client: Client) -> bool:
             parameters={"d": dbs},
         ).result_rows
     }
-    for table in all_tables():
-        columns = present.get((table.database, table.name))
-        if columns is None:
-            return False
-        for name, ch_type in table.columns:
-            if name not in columns or _normalise(columns[name]) != _normalise(
-                _strip_default(ch_type)
-            ):
+    for public in all_tables():
+        local = local_table(public, cluster)
+        for table in {public.name: public, local.name: local}.values():
+            columns = present.get((table.database, table.name))
+            if columns is None:
                 return False
-        if any((table.database, table.name, name) not in indexes for name, _ in table.indexes):
+            for name, ch_type in table.columns:
+                if name not in columns or _normalise(columns[name]) != _normalise(
+                    _strip_default(ch_type)
+                ):
+                    return False
+        if any((local.database, local.name, name) not in indexes for name, _ in local.indexes):
             return False
     return True
 
 
-def ensure_schema(client: Client) -> list[str]:
-    """Create or migrate every loader table. Idempotent; returns what changed."""
-    if _schema_is_current(client):
+def ensure_schema(client: Client, cluster: str | None = None) -> list[str]:
+    """Create or migrate every loader table. Idempotent; returns what changed.
+
+    `cluster`: `Settings.clickhouse_cluster` (empty: one server; None: read it from the
+    environment, so that no caller can create single-server tables on a cluster)."""
+    if cluster is None:
+        cluster = configured_cluster()
+    if _schema_is_current(client, cluster):
         return []
     for db in (RAW_DB, OPS_DB):
-        client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
+        client.command(f"CREATE DATABASE IF NOT EXISTS {db}{on_cluster(cluster)}")
     changes: list[str] = []
     for table in all_tables():
-        changes.extend(migrate_table(client, table))
+        changes.extend(migrate_table(client, table, cluster))
     for change in changes:
         log.info("schema: %s", change)
     return changes

@@ -50,6 +50,11 @@ class ConnectionSettings(BaseSettings):
     clickhouse_port: Port = Field(8123, validation_alias="CLICKHOUSE_PORT")
     clickhouse_user: str = Field("default", validation_alias="CLICKHOUSE_USER")
     clickhouse_password: SecretStr = Field(SecretStr(""), validation_alias="CLICKHOUSE_PASSWORD")
+    # A cluster name from the servers' remote_servers: every DDL goes ON CLUSTER with Replicated
+    # and Distributed tables (loader.schema); empty = one server. It is spliced into SQL: a name.
+    clickhouse_cluster: str = Field(
+        "", pattern=r"^[A-Za-z0-9_]*$", validation_alias="CLICKHOUSE_CLUSTER"
+    )
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")
     # Redis is optional to every part (cache, lock, signals): a call that waits longer than
     # this counts as Redis being down, and the caller goes on without it.

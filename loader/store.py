@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 from bson import json_util
 
 from loader.clients import Clients, clickhouse_call, mongo_call
+from loader.cluster import arrow_payload, insert_settings, rows_payload
 from loader.idset import id_set
 from loader.mapping import MappedBatch, dump_document, id_to_str, to_arrow
 from loader.runs import PeakRss, RunRecord, RunStatus, write_run
@@ -51,9 +52,10 @@ def store_rows(
 def store_table(clients: Clients, collection: str, table: pa.Table) -> None:
     """Insert rows in `raw.<collection>` column order (see `mapping.with_bookkeeping`)."""
     ch = clients.clickhouse
-    clickhouse_call(
-        clients.settings, lambda: ch.insert_arrow(raw_table(collection).qualified, table)
-    )
+    name = raw_table(collection).qualified
+    # In cluster mode a retried batch carries the same token and is stored once.
+    dedup = insert_settings(clients.settings.clickhouse_cluster, name, arrow_payload(table))
+    clickhouse_call(clients.settings, lambda: ch.insert_arrow(name, table, settings=dedup))
 
 
 def store_rejects(clients: Clients, batch: MappedBatch, run_id: str) -> None:
@@ -91,9 +93,13 @@ def insert_rejects(
     flag = int(deleted)
     values = [[collection, key, reason, doc, run_id, now, flag] for key, reason, doc in rows]
     ch = clients.clickhouse
+    names = [n for n, _ in REJECTS.columns]
+    dedup = insert_settings(
+        clients.settings.clickhouse_cluster, REJECTS.qualified, rows_payload(names, values)
+    )
     clickhouse_call(
         clients.settings,
-        lambda: ch.insert(REJECTS.qualified, values, column_names=[n for n, _ in REJECTS.columns]),
+        lambda: ch.insert(REJECTS.qualified, values, column_names=names, settings=dedup),
     )
 
 

@@ -22,7 +22,12 @@ from pymongo.cursor import Cursor
 from pymongo.read_preferences import make_read_preference, read_pref_mode_from_name
 
 from loader.build_pending import mark_build_pending
-from loader.clients import Clients, clickhouse_call, mongo_call, open_clients
+from loader.clients import (
+    Clients,
+    clickhouse_call,
+    mongo_call,
+    open_clients,
+)
 from loader.errors import add_note, failure_message, watermark_outcome
 from loader.identity import Identity, check_identity, collection_uuid, record_identity
 from loader.idset import id_set
@@ -42,6 +47,7 @@ from loader.schema import (
     raw_table,
     require_collection,
 )
+from loader.server_version import read_version
 from loader.settings import Settings
 from loader.store import (
     recorded_run,
@@ -156,9 +162,14 @@ def projection(collection: str) -> dict[str, int]:
 
 
 def prepare_clients(clients: Clients) -> None:
-    """Migrate the loader's tables once per `Clients` (cheap on later calls)."""
+    """Check the server's version and migrate the loader's tables once per `Clients` (cheap
+    on later calls)."""
     if "loader" not in clients.schema_ready:
-        clickhouse_call(clients.settings, lambda: ensure_schema(clients.clickhouse))
+        clickhouse_call(clients.settings, lambda: read_version(clients.clickhouse))
+        clickhouse_call(
+            clients.settings,
+            lambda: ensure_schema(clients.clickhouse, clients.settings.clickhouse_cluster),
+        )
         clients.schema_ready.add("loader")
 
 

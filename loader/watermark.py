@@ -18,8 +18,9 @@ from bson import MinKey, ObjectId, json_util
 from bson.datetime_ms import DatetimeMS
 from clickhouse_connect.driver.client import Client
 
+from loader.cluster import configured_cluster, insert_settings, statement_payload
 from loader.mapping import MAX_DATETIME64_MS, MIN_DATETIME64_MS, id_to_str
-from loader.schema import WATERMARKS
+from loader.schema import WATERMARKS, mutation_target
 
 # Lowest BSON date: with `$gte` it selects every date (and, by type bracketing, only dates).
 MIN_BSON_DATE = DatetimeMS(-(2**63))
@@ -127,7 +128,7 @@ def save_watermark(client: Client, collection: str, wm: Watermark, run_id: str) 
     still leave the older one (a re-read on the next run, never a loss).
     `reset_watermark` (`--full-refresh`) removes the rows, so the next save starts afresh.
     """
-    client.command(
+    sql = (
         f"INSERT INTO {WATERMARKS.qualified} "
         "(collection, updated_at, last_id, read_started_at, run_id, saved_at) "
         "SELECT {c:String}, u, id, r, run, now64(6) FROM ("
@@ -136,19 +137,24 @@ def save_watermark(client: Client, collection: str, wm: Watermark, run_id: str) 
         "UNION ALL SELECT updated_at, last_id, read_started_at, run_id "
         f"FROM {WATERMARKS.qualified} "
         "WHERE collection = {c:String}"
-        ") ORDER BY u DESC, id DESC LIMIT 1",
-        parameters={
-            "c": collection,
-            "u": wm.updated_at_ms,
-            "id": wm.last_id,
-            "r": wm.read_started_at_ms,
-            "run": run_id,
-        },
+        ") ORDER BY u DESC, id DESC LIMIT 1"
     )
+    parameters = {
+        "c": collection,
+        "u": wm.updated_at_ms,
+        "id": wm.last_id,
+        "r": wm.read_started_at_ms,
+        "run": run_id,
+    }
+    # A save repeated with the same values changes nothing, so dropping it as a duplicate is
+    # harmless.
+    dedup = insert_settings(None, WATERMARKS.qualified, statement_payload(sql, parameters))
+    client.command(sql, parameters=parameters, settings=dedup)
 
 
 def reset_watermark(client: Client, collection: str) -> None:
     client.command(
-        f"DELETE FROM {WATERMARKS.qualified} WHERE collection = {{c:String}}",
+        f"DELETE FROM {mutation_target(WATERMARKS, configured_cluster())} "
+        "WHERE collection = {c:String}",
         parameters={"c": collection},
     )

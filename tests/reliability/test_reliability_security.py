@@ -4,22 +4,19 @@ never carries document values; identifiers from config are validated."""
 
 from __future__ import annotations
 
-import http.client
 import re
 import secrets
 import subprocess
-import threading
 import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
 import pytest
 from bson import ObjectId
+from clickhouse_recorder import recording_proxy
 from harness import REPO, Report, assert_all_ok
 from pydantic import ValidationError
 from world import World
@@ -141,55 +138,6 @@ def test_no_credential_is_committed_in_the_repository() -> None:
     assert hits == []
 
 
-class Recorder(BaseHTTPRequestHandler):
-    """A pass-through HTTP proxy to the ClickHouse front that records the SQL of every request:
-    the `query` URL parameter, or the body when the URL carries no query."""
-
-    upstream: tuple[str, int] = ("127.0.0.1", 0)
-    sql: list[str] = []
-    bodies: list[bytes] = []
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib name
-        pass
-
-    def _body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().strip().split(b";")[0], 16)
-                if size == 0:
-                    self.rfile.readline()
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-    def _forward(self) -> None:
-        body = self._body()
-        params = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-        if "query" in params:
-            self.sql.extend(params["query"])
-            self.bodies.append(body)
-        elif not self.headers.get("Content-Encoding"):
-            self.sql.append(body.decode(errors="replace"))
-        skip = {"transfer-encoding", "content-length", "connection", "host"}
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
-        conn = http.client.HTTPConnection(*self.upstream, timeout=120)
-        conn.request(self.command, self.path, body=body, headers=headers)
-        resp = conn.getresponse()
-        data = resp.read()
-        self.send_response(resp.status)
-        for k, v in resp.getheaders():
-            if k.lower() not in {"transfer-encoding", "content-length", "connection"}:
-                self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-        conn.close()
-
-    do_GET = do_POST = _forward
-
-
 def test_sql_sent_by_the_loader_never_contains_document_values(
     world: World, report: Report
 ) -> None:
@@ -207,30 +155,20 @@ def test_sql_sent_by_the_loader_never_contains_document_values(
     world.db.tasks.insert_many(
         [{"_id": ObjectId(), **good}, {"_id": ObjectId(), **good, "status": None}]
     )
-    Recorder.upstream = ("127.0.0.1", world.stack.clickhouse_port)
-    Recorder.sql, Recorder.bodies = [], []
-    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
-    thread.start()
-    try:
-        settings = Settings(
-            **{**world.settings.model_dump(), "clickhouse_port": proxy.server_address[1]}
-        )
+    with recording_proxy(world.stack.clickhouse_port) as recording:
+        settings = Settings(**{**world.settings.model_dump(), "clickhouse_port": recording.port})
         result = sync_collection(settings, "tasks")
         world.db.tasks.delete_one({"status": "assigned"})
         from loader.reconcile import reconcile_collection
 
         reconcile_collection(settings, "tasks")
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
     assert result.rows_written == 1 and result.rejects == 1
     # The proxy saw the loader's traffic (its inserts carried the values as data) ...
-    assert any("INSERT INTO raw.tasks" in s for s in Recorder.sql)
-    assert any(marker.encode() in b for b in Recorder.bodies)
+    assert any("INSERT INTO raw.tasks" in s for s in recording.sql)
+    assert any(marker.encode() in b for b in recording.bodies)
     # ... and no statement text carried a document value.
-    carrying = [s[:200] for s in Recorder.sql if marker in s]
-    report.record_check("7 SQL never contains document values", not carrying, len(Recorder.sql))
+    carrying = [s[:200] for s in recording.sql if marker in s]
+    report.record_check("7 SQL never contains document values", not carrying, len(recording.sql))
     assert carrying == []
     assert world.ch.command("SELECT count() FROM raw.tasks FINAL WHERE is_deleted = 1") == 1
 

@@ -1,0 +1,289 @@
+"""Cluster mode (`CLICKHOUSE_CLUSTER`): what the loader sends, statement by statement.
+
+The embedded engine has no cluster and no Keeper, so the loader runs end to end through a
+recording proxy that records each statement as sent and forwards its single-server equivalent
+(`clickhouse_recorder.single_node`: no `ON CLUSTER`, plain engines with a deduplication window,
+the Distributed table a no-op). This proves what the loader *sends*; it does not prove that a
+real cluster behaves (replication, sharding, distributed DDL): deploy/ is for that.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import clickhouse_connect
+import pyarrow as pa
+import pytest
+from clickhouse_connect.driver.client import Client
+from clickhouse_recorder import Recording, Request, recording_proxy, single_node, single_node_param
+from pymongo import MongoClient
+
+from devstack.process import free_ports
+from devstack.stack import Stack
+from flows import ops
+from loader.clients import open_clients_now
+from loader.cluster import arrow_payload, dedup_token, rows_payload
+from loader.schema import all_tables, local_table
+from loader.settings import Settings
+from loader.sync import sync_collection
+from synthetic import seed
+
+CLUSTER = "pipeline"
+DB = "cluster_test"
+DDL = re.compile(r"^\s*(CREATE|ALTER|DROP|TRUNCATE|RENAME|EXCHANGE)\b", re.IGNORECASE)
+INSERT = re.compile(r"^\s*INSERT\s+INTO\s+([\w.]+)", re.IGNORECASE)
+
+
+REPO = Path(__file__).resolve().parents[2]
+DBT_DDL = re.compile(
+    r"^\s*(?:/\*.*?\*/)?\s*(create|alter|drop|truncate|rename|exchange)\b", re.I | re.S
+)
+
+
+@dataclass
+class Run:
+    recording: Recording
+    client: Client  # straight to the private engine, for what it stored
+    loader: list[str]  # the statements the loader and the flow's bookkeeping sent
+    dbt: list[str]  # the statements `dbt build` sent, in cluster mode
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory, stack: Stack) -> Iterator[Stack]:
+    """A ClickHouse front of its own (the session's has single-server loader tables already);
+    MongoDB stays the session's."""
+    mongo_port, clickhouse_port, redis_port = free_ports(3)
+    private = Stack(tmp_path_factory.mktemp("cluster"), mongo_port, clickhouse_port, redis_port)
+    private.up(["clickhouse"])
+    try:
+        yield private
+    finally:
+        private.down(["clickhouse"])
+
+
+def direct(engine: Stack) -> Client:
+    return clickhouse_connect.get_client(host="127.0.0.1", port=engine.clickhouse_port)
+
+
+def settings_for(stack: Stack, port: int, cluster: str) -> Settings:
+    return Settings(
+        mongo_uri=stack.mongo_uri,
+        mongo_db=DB,
+        clickhouse_port=port,
+        clickhouse_cluster=cluster,
+        retry_attempts=3,
+        retry_initial_wait=0.05,
+        retry_max_wait=0.2,
+    )
+
+
+def is_raw_tasks_insert(request: Request) -> bool:
+    match = INSERT.match(request.sql)
+    return bool(match) and match.group(1) == "raw.tasks"
+
+
+@pytest.fixture(scope="module")
+def run(engine: Stack, stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    """Seed, then sync both collections in cluster mode, the first raw.tasks insert losing its
+    answer after the engine stored it (so the loader retries that batch); the flow's tables
+    too; then `dbt build` with the `prod` profile's `cluster:`."""
+    tmp = tmp_path_factory.mktemp("cluster_dbt")
+    with MongoClient(stack.mongo_uri) as mongo:
+        mongo.drop_database(DB)
+        seed(mongo[DB], 300, seed=3, malformed_ratio=0.02)
+    with (
+        pytest.MonkeyPatch.context() as env,
+        recording_proxy(engine.clickhouse_port, single_node, single_node_param) as recording,
+    ):
+        env.setenv("CLICKHOUSE_CLUSTER", CLUSTER)  # what the writes holding only a client read
+        recording.fail_once = is_raw_tasks_insert
+        settings = settings_for(stack, recording.port, CLUSTER)
+        for collection in ("tasks", "employee"):
+            sync_collection(settings, collection, batch_size=100)
+        clients = open_clients_now(settings)
+        try:
+            ops.ensure_tables(clients.clickhouse, CLUSTER)
+            ops.insert_rows(
+                clients.clickhouse,
+                "ops.alerts",
+                ops.ALERT_COLUMNS,
+                [(ops.now(), "r1", "drift", "tasks", 1.0, 0.0, "a test alert")],
+            )
+        finally:
+            clients.close()
+        loader_requests = len(recording.requests)
+        dbt_build(recording.port, tmp)
+    client = direct(engine)
+    try:
+        sql = recording.sql
+        yield Run(recording, client, sql[:loader_requests], sql[loader_requests:])
+    finally:
+        client.close()
+
+
+def dbt_build(port: int, tmp: Path) -> None:
+    """`dbt build` of the repo's project, target `prod` (cluster from CLICKHOUSE_CLUSTER)."""
+    shutil.copy(REPO / "profiles.yml.example", tmp / "profiles.yml")
+    env = {
+        **os.environ,
+        "CLICKHOUSE_HOST": "127.0.0.1",
+        "CLICKHOUSE_PORT": str(port),
+        "CLICKHOUSE_USER": "default",
+        "CLICKHOUSE_PASSWORD": "",
+        "CLICKHOUSE_CLUSTER": CLUSTER,
+        "DBT_TARGET": "prod",
+    }
+    dbt = [str(Path(sys.executable).parent / "dbt")]
+    args = ["build", "--profiles-dir", str(tmp), "--project-dir", str(REPO)]
+    args += ["--target-path", str(tmp / "target"), "--log-path", str(tmp / "logs")]
+    done = subprocess.run(dbt + args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+
+
+def ddl_of(run: Run) -> list[str]:
+    return [sql for sql in run.loader if DDL.match(sql)]
+
+
+def test_every_ddl_of_the_loader_and_the_flow_runs_on_the_cluster(run: Run) -> None:
+    statements = ddl_of(run)
+    assert len(statements) > 20
+    assert [s[:80] for s in statements if f" ON CLUSTER '{CLUSTER}'" not in s] == []
+
+
+def test_every_table_is_a_replicated_local_table_under_a_distributed_one(run: Run) -> None:
+    creates = [s for s in ddl_of(run) if s.startswith("CREATE TABLE")]
+    tables = all_tables() + (ops.STEP_TIMINGS, ops.ALERTS)
+    for table in tables:
+        local = local_table(table, CLUSTER)
+        [create_local] = [s for s in creates if s.split()[5] == local.qualified]
+        assert re.search(
+            r"ENGINE = Replicated\w*MergeTree\('/clickhouse/tables/\{shard\}/\{database\}/"
+            r"\{table\}', '\{replica\}'",
+            create_local,
+        ), create_local
+        [create_distributed] = [s for s in creates if s.split()[5] == table.qualified]
+        assert create_distributed.endswith(
+            f"ENGINE = Distributed('{CLUSTER}', '{table.database}', '{local.name}', "
+            f"{table.shard_key})"
+        )
+    assert len(creates) == 2 * len(tables)
+
+
+def test_every_version_of_a_document_goes_to_one_shard(run: Run) -> None:
+    """The sharding key of raw tables is the document id: versions of a task meet on one shard
+    (FINAL collapses them there) even when the task moves to another file."""
+    for create in (s for s in ddl_of(run) if "ENGINE = Distributed('" in s):
+        if " raw." in create:
+            assert create.endswith("cityHash64(_id))"), create
+
+
+def inserts(run: Run) -> list[Request]:
+    return [r for r in run.recording.requests[: len(run.loader)] if INSERT.match(r.sql)]
+
+
+def test_every_insert_of_the_loader_and_the_flow_carries_a_dedup_token(run: Run) -> None:
+    sent = inserts(run)
+    tables = {INSERT.match(r.sql).group(1) for r in sent}  # type: ignore[union-attr]
+    assert {"raw.tasks", "raw.employee", "raw.rejects", "ops.alerts"} <= tables
+    without = sorted(
+        {
+            INSERT.match(r.sql).group(1)  # type: ignore[union-attr]
+            for r in sent
+            if not r.params.get("insert_deduplication_token")
+            or r.params.get("deduplicate_blocks_in_dependent_materialized_views") != "1"
+            or r.params.get("distributed_foreground_insert") != "1"
+        }
+    )
+    assert without == []
+
+
+def test_a_retried_batch_carries_the_same_token_and_is_stored_once(run: Run) -> None:
+    tasks = [r for r in inserts(run) if is_raw_tasks_insert(r)]
+    tokens = [r.params["insert_deduplication_token"] for r in tasks]
+    assert tokens[0] == tokens[1], "the first batch lost its answer and was sent again"
+    assert len(set(tokens)) == len(tokens) - 1  # every other batch has a token of its own
+    stored = run.client.command("SELECT count() FROM raw.tasks")
+    distinct = run.client.command("SELECT uniqExact(_id) FROM raw.tasks")
+    assert stored == distinct  # the retried batch is there once
+
+
+def test_without_the_setting_nothing_of_cluster_mode_is_sent(
+    engine: Stack, stack: Stack, tmp_path: Path
+) -> None:
+    """Same code, no `CLICKHOUSE_CLUSTER`: the single-server statements of today, no tokens."""
+    with MongoClient(stack.mongo_uri) as mongo:
+        seed(mongo[DB], 50, seed=4)
+    with recording_proxy(engine.clickhouse_port) as recording:
+        settings = settings_for(stack, recording.port, "")
+        engine_client = direct(engine)
+        try:
+            for db in ("raw", "ops"):
+                engine_client.command(f"DROP DATABASE IF EXISTS {db} SYNC")
+        finally:
+            engine_client.close()
+        sync_collection(settings, "tasks", batch_size=20)
+    sent = recording.requests
+    assert any(r.sql.startswith("CREATE TABLE IF NOT EXISTS raw.tasks (") for r in sent)
+    text = "\n".join(r.sql for r in sent)
+    assert "ON CLUSTER" not in text and "Replicated" not in text and "Distributed" not in text
+    assert not [r for r in sent if "insert_deduplication_token" in r.params]
+    assert [t.create_sql() for t in all_tables()] == [
+        s for s in (r.sql for r in sent) if s.startswith("CREATE TABLE")
+    ]
+
+
+def test_a_token_is_a_function_of_the_batch_alone() -> None:
+    """A batch rebuilt from the same rows (not only the same request sent again) gets the same
+    token; another batch, or the same rows for another table, another one."""
+    rows = [("a", 1, 2.5), ("b", 2, None)]
+    batch = pa.table({"k": ["a", "b"], "v": [1, 2]})
+    same = pa.table({"k": ["a", "b"], "v": [1, 2]})
+    token = dedup_token("raw.tasks", arrow_payload(batch))
+    assert token == dedup_token("raw.tasks", arrow_payload(same))
+    assert token != dedup_token("raw.tasks", arrow_payload(pa.table({"k": ["a"], "v": [1]})))
+    assert token != dedup_token("raw.employee", arrow_payload(same))
+    names = ["k", "v", "w"]
+    assert dedup_token("t", rows_payload(names, rows)) == dedup_token(
+        "t", rows_payload(names, list(rows))
+    )
+    assert dedup_token("t", rows_payload(names, rows)) != dedup_token(
+        "t", rows_payload(names, rows[:1])
+    )
+
+
+def dbt_ddl(run: Run) -> list[str]:
+    return [" ".join(sql.split()) for sql in run.dbt if DBT_DDL.match(sql)]
+
+
+def test_dbt_builds_its_models_on_the_cluster(run: Run) -> None:
+    """What dbt-clickhouse does from the profile's `cluster:` alone: every model's view or
+    table is created ON CLUSTER."""
+    names = "|".join(p.stem for p in (REPO / "models").rglob("*.sql"))
+    model = re.compile(rf"create (or replace view|table) `analytics`\.`({names})`")
+    models = [s for s in dbt_ddl(run) if model.search(s)]
+    assert len(models) >= 10
+    assert [s[:120] for s in models if 'ON CLUSTER "pipeline"' not in s] == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="dbt side of cluster mode not done yet (models/, macros/pipeline_state.sql): "
+    "docs/SCALING.md lists per model what is missing",
+)
+def test_every_dbt_ddl_runs_on_the_cluster_with_replicated_engines(run: Run) -> None:
+    statements = [s for s in dbt_ddl(run) if "__dbt_exchange_test" not in s]
+    off_cluster = [s[:100] for s in statements if "ON CLUSTER" not in s]
+    not_replicated = [
+        s[:100]
+        for s in statements
+        if re.search(r"engine\s*=?\s*(\w*)MergeTree", s, re.I)
+        and not re.search(r"engine\s*=?\s*Replicated", s, re.I)
+    ]
+    assert off_cluster == [] and not_replicated == []
