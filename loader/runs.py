@@ -48,6 +48,7 @@ class RunRecord:
     watermark_after: str = ""
     peak_rss_bytes: int = 0
     message: str = ""
+    shard: str = ""  # "I/N" for a shard worker (`loader.shards`), "" unsharded
 
     @property
     def duration_s(self) -> float:
@@ -80,5 +81,6 @@ def write_run(client: Client, rec: RunRecord) -> None:
         rec.watermark_after,
         rec.peak_rss_bytes,
         rec.message[:10_000],
+        rec.shard,
     ]
     client.insert(SYNC_RUNS.qualified, [row], column_names=cols)
