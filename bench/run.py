@@ -424,11 +424,13 @@ class Harness:
 
     def _shards_once(self, n: int) -> dict[str, float]:
         from loader.clients import connect_clickhouse
+        from loader.schema import ensure_schema
         from loader.watermark import reset_watermark
 
         ch = connect_clickhouse(self.settings())
-        try:  # not measured: every run loads everything
-            ch.command("TRUNCATE TABLE IF EXISTS raw.tasks")
+        try:  # not measured: the tables exist, and every run loads everything
+            ensure_schema(ch)
+            ch.command("TRUNCATE TABLE raw.tasks")
             reset_watermark(ch, "tasks")
         finally:
             ch.close()
