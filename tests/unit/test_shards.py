@@ -65,7 +65,7 @@ def test_keys_of_other_collections_or_malformed_ones_belong_to_no_shard(key: str
 
 def test_the_shard_filter_compares_the_id_hash_modulo_n_with_i() -> None:
     expr = Shard(1, 3).mongo_filter()["$expr"]["$eq"]
-    assert expr[0]["$mod"][1] == 3
+    assert expr[0]["$abs"]["$mod"] == [{"$toHashedIndexKey": "$_id"}, 3]
     assert expr[1] == 1
 
 
