@@ -9,6 +9,7 @@ fails is reported as "unavailable: <reason>", and the run goes on.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -418,11 +419,11 @@ class Harness:
         the last end, interpreter start-up left out), per worker, and each worker's peak RSS."""
         for n in SHARD_WORKERS:
             keys = (f"shards.{n}w", f"shards.{n}w_per_worker", f"shards.{n}w_rss")
-            self.measure(keys, lambda i, n=n: self._shards_once(n), f"shards x{n}")
+            self.measure(keys, functools.partial(self._shards_once, n), f"shards x{n}")
         self.loaded = self.measurements[f"shards.{SHARD_WORKERS[-1]}w"].ok
         self.built = False
 
-    def _shards_once(self, n: int) -> dict[str, float]:
+    def _shards_once(self, n: int, run: int) -> dict[str, float]:
         from loader.clients import connect_clickhouse
         from loader.schema import ensure_schema
         from loader.watermark import reset_watermark
