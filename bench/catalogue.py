@@ -10,6 +10,8 @@ WEB_PAGES = (
     ("employee", "/employees/<code>"),
     ("search", "/search"),
 )
+# Loader shard workers the `shards` group runs side by side (issue 15).
+SHARD_WORKERS = (1, 2, 4)
 # The issue's target for every page, cached, at 1M tasks.
 WEB_P95_TARGET_MS = 50.0
 
@@ -45,6 +47,15 @@ def new_measurements(scale: int, small: int) -> dict[str, Measurement]:
         m("decode.pymongoarrow", "batch conversion: pymongoarrow", "docs/s", True),
         m("freshness.50_per_s", "write → pipeline_state, 50 writes/s", "ms", False, True),
         m("freshness.500_per_s", "write → pipeline_state, 500 writes/s", "ms", False, True),
+        *(
+            m(f"shards.{n}w{suffix}", f"initial load, {n} shard worker(s) at once: {what}", u, h)
+            for n in SHARD_WORKERS
+            for suffix, what, u, h in (
+                ("", "all workers", "docs/s", True),
+                ("_per_worker", "per worker", "docs/s", True),
+                ("_rss", "peak RSS per worker", "MiB", False),
+            )
+        ),
     ]
     return {x.key: x for x in items}
 

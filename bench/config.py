@@ -43,6 +43,7 @@ GROUPS: tuple[str, ...] = (
     "dashboard",
     "web",
     "freshness",
+    "shards",
 )
 
 

@@ -9,6 +9,7 @@ fails is reported as "unavailable: <reason>", and the run goes on.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -24,7 +25,13 @@ from typing import Any
 
 from rich.console import Console
 
-from bench.catalogue import WEB_P95_TARGET_MS, WEB_PAGES, new_comparisons, new_measurements
+from bench.catalogue import (
+    SHARD_WORKERS,
+    WEB_P95_TARGET_MS,
+    WEB_PAGES,
+    new_comparisons,
+    new_measurements,
+)
 from bench.config import GROUPS, REPO_ROOT, BenchConfig, ConfigError
 from bench.report import OK, Comparison, Measurement, percentile, render, write_json
 from bench.worker import MARKER
@@ -46,6 +53,9 @@ GROUP_MEASUREMENTS: dict[str, tuple[str, ...]] = {
     "dashboard": ("dashboard.pipeline_state", "dashboard.naive", "dashboard.cached"),
     "web": tuple(f"web.{page}{suffix}" for page, _ in WEB_PAGES for suffix in ("", "_uncached")),
     "freshness": ("freshness.50_per_s", "freshness.500_per_s"),
+    "shards": tuple(
+        f"shards.{n}w{suffix}" for n in SHARD_WORKERS for suffix in ("", "_per_worker", "_rss")
+    ),
 }
 # Latency targets of the freshness group (issue 12), in ms, and the figure the issue measured
 # before the hot path (event-driven flow run + dbt build per change, 100k tasks, 6 probes).
@@ -144,16 +154,41 @@ class Harness:
                 timeout=self.cfg.worker_timeout,
             )
         except subprocess.TimeoutExpired:
-            raise StepFailed(
-                f"{job['kind']} took longer than BENCH_WORKER_TIMEOUT={self.cfg.worker_timeout:g}s"
-            ) from None
-        for line in reversed(proc.stdout.splitlines()):
-            if line.startswith(MARKER) and proc.returncode == 0:
-                return json.loads(line[len(MARKER) :])
-        # The last line of a traceback names the exception; that is the reason to report.
-        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
-        last = lines[-1] if lines else "no output"
-        raise StepFailed(f"{job['kind']} failed (exit {proc.returncode}): {last}")
+            raise self._timed_out(job) from None
+        return _worker_result(job, proc.returncode, proc.stdout, proc.stderr)
+
+    def workers_at_once(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Like `worker`, for several jobs running at the same time (one process each)."""
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "bench.worker", json.dumps(job)],
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for job in jobs
+        ]
+        outputs = []
+        try:
+            for proc in procs:
+                outputs.append(proc.communicate(timeout=self.cfg.worker_timeout))
+        except subprocess.TimeoutExpired:
+            raise self._timed_out(jobs[0]) from None
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        return [
+            _worker_result(job, proc.returncode, out, err)
+            for job, proc, (out, err) in zip(jobs, procs, outputs, strict=True)
+        ]
+
+    def _timed_out(self, job: dict[str, Any]) -> StepFailed:
+        limit = self.cfg.worker_timeout
+        return StepFailed(f"{job['kind']} took longer than BENCH_WORKER_TIMEOUT={limit:g}s")
 
     def log(self, text: str) -> None:
         self.console.log(text)
@@ -377,6 +412,42 @@ class Harness:
         self.measure(("load.loader", "sync.full", "memory.loader_full"), once, "loader full")
         self.loaded = self.measurements["load.loader"].ok
         self.built = False
+
+    def run_shards(self) -> None:
+        """1, 2 and 4 shard workers load the whole collection at once, from an empty table:
+        throughput of all of them together (documents over the span from the first start to
+        the last end, interpreter start-up left out), per worker, and each worker's peak RSS."""
+        for n in SHARD_WORKERS:
+            keys = (f"shards.{n}w", f"shards.{n}w_per_worker", f"shards.{n}w_rss")
+            self.measure(keys, functools.partial(self._shards_once, n), f"shards x{n}")
+        self.loaded = self.measurements[f"shards.{SHARD_WORKERS[-1]}w"].ok
+        self.built = False
+
+    def _shards_once(self, n: int, run: int) -> dict[str, float]:
+        from loader.clients import connect_clickhouse
+        from loader.schema import ensure_schema
+        from loader.watermark import reset_watermark
+
+        ch = connect_clickhouse(self.settings())
+        try:  # not measured: the tables exist, and every run loads everything
+            ensure_schema(ch)
+            ch.command("TRUNCATE TABLE raw.tasks")
+            reset_watermark(ch, "tasks")
+        finally:
+            ch.close()
+        jobs = [{"kind": "loader_shard", "shard": f"{i}/{n}"} for i in range(n)]
+        results = self.workers_at_once(jobs)
+        docs = sum(r["items"] for r in results)
+        if docs != self.dataset.get("tasks", docs):
+            raise StepFailed(f"{n} shard workers read {docs:,} tasks, not all of them")
+        span = max(r["extra"]["ended_at"] for r in results) - min(
+            r["extra"]["started_at"] for r in results
+        )
+        return {
+            f"shards.{n}w": docs / span,
+            f"shards.{n}w_per_worker": sum(r["items"] / r["seconds"] for r in results) / n,
+            f"shards.{n}w_rss": max(r["peak_rss_bytes"] for r in results) / MIB,
+        }
 
     def run_noop(self) -> None:
         self.ensure_loaded()
@@ -603,6 +674,8 @@ class Harness:
             self._guarded("web", self.run_web)
         if self.cfg.wants("freshness"):
             self._guarded("freshness", self.run_freshness)
+        if self.cfg.wants("shards"):
+            self._guarded("shards", self.run_shards)
 
     def _guarded(self, group: str, step: Callable[[], None]) -> None:
         try:
@@ -616,6 +689,17 @@ class Harness:
             for key in keys:
                 if not self.measurements[key].ok:
                     self.measurements[key].unavailable(reason)
+
+
+def _worker_result(job: dict[str, Any], code: int, stdout: str, stderr: str) -> dict[str, Any]:
+    """The `BENCH_RESULT` line a worker printed, or why it failed."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(MARKER) and code == 0:
+            return dict(json.loads(line[len(MARKER) :]))
+    # The last line of a traceback names the exception; that is the reason to report.
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    last = lines[-1] if lines else "no output"
+    raise StepFailed(f"{job['kind']} failed (exit {code}): {last}")
 
 
 def _base_env() -> dict[str, str]:

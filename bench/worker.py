@@ -54,6 +54,20 @@ def loader_sync(params: dict[str, Any]) -> tuple[Any, float]:
     return (result.docs_read, extra), seconds
 
 
+def loader_shard(params: dict[str, Any]) -> tuple[Any, float]:
+    """One shard worker (`sync --shard I/N`); its wall-clock start and end let the harness
+    time N of them running at once without their interpreter start-up."""
+    from loader.shards import parse_shard
+    from loader.sync import sync_collection
+
+    settings = _settings()
+    shard = parse_shard(params["shard"])
+    started_at = time.time()
+    result, seconds = _timed(lambda: sync_collection(settings, "tasks", shard=shard))
+    extra = {"started_at": started_at, "ended_at": time.time(), "docs_read": result.docs_read}
+    return (result.docs_read, extra), seconds
+
+
 def has_changes(params: dict[str, Any]) -> tuple[Any, float]:
     from loader.sync import has_changes as probe
 
@@ -166,6 +180,7 @@ def freshness(params: dict[str, Any]) -> tuple[Any, float]:
 
 JOBS: dict[str, Callable[[dict[str, Any]], tuple[Any, float]]] = {
     "loader_sync": loader_sync,
+    "loader_shard": loader_shard,
     "has_changes": has_changes,
     "drain": drain,
     "seed_v1": seed_v1,

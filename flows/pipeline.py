@@ -31,7 +31,7 @@ from typing import Any
 from uuid import uuid4
 
 from clickhouse_connect.driver.client import Client
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
@@ -56,8 +56,10 @@ from loader.build_pending import PendingBuild, clear_build_pending, pending_buil
 from loader.clients import Clients, open_clients
 from loader.drift import Drift, measure_drift, record_drift
 from loader.failed_runs import record_failed_start
+from loader.identity import check_identity
 from loader.reconcile import ReconcileResult, reconcile_collection
 from loader.settings import Settings as LoaderSettings
+from loader.shards import Shard
 from loader.sync import SyncResult, has_changes, sync_collection
 
 
@@ -109,6 +111,24 @@ def detect_changes(clients: Clients, collections: list[str]) -> list[str]:
 @task(name="load-collection", task_run_name="load-{collection}", cache_policy=NO_CACHE)
 def load_collection(clients: Clients, collection: str, full_refresh: bool = False) -> SyncResult:
     return sync_collection(clients.settings, collection, full_refresh=full_refresh, clients=clients)
+
+
+@task(name="load-shard", task_run_name="load-{collection}-{shard}", cache_policy=NO_CACHE)
+def load_shard(clients: Clients, collection: str, shard: Shard) -> SyncResult:
+    return sync_collection(clients.settings, collection, clients=clients, shard=shard)
+
+
+def _load(
+    clients: Clients, collection: str, full_refresh: bool, shards: int, options: dict[str, Any]
+) -> list[SyncResult]:
+    """One load task, or `shards` mapped ones running at once. A full refresh or a replaced
+    collection empties the table for every shard, so it stays one unsharded task."""
+    if shards == 1 or full_refresh or check_identity(clients, collection).replaced:
+        return [load_collection.with_options(**options)(clients, collection, full_refresh)]
+    futures = load_shard.with_options(**options).map(
+        unmapped(clients), collection, [Shard(i, shards) for i in range(shards)]
+    )
+    return list(futures.result())
 
 
 @task(name="reconcile", task_run_name="reconcile-{collection}", cache_policy=NO_CACHE)
@@ -230,23 +250,29 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool, reconcile: bool) 
     loads: dict[str, dict[str, Any]] = {}
     for collection in changed:
         with recorder.step(f"load:{collection}") as step:
-            result = load_collection.with_options(**options)(clients, collection, full_refresh)
-            step.rows = int(result.rows_written)
-            step.message = (
-                f"docs_read={result.docs_read} rejects={result.rejects} deletes={result.deletes}"
-            )
+            results = _load(clients, collection, full_refresh, settings.loader_shards, options)
+            docs_read = sum(r.docs_read for r in results)
+            rows_written = sum(r.rows_written for r in results)
+            rejects = sum(r.rejects for r in results)
+            deletes = sum(r.deletes for r in results)
+            step.rows = rows_written
+            step.message = f"docs_read={docs_read} rejects={rejects} deletes={deletes}"
+            if len(results) > 1:
+                step.message += f" shards={len(results)}"
+        peak_rss = max(r.peak_rss_bytes for r in results)
+        replaced = next((r.source_replaced for r in results if r.source_replaced), "")
         loads[collection] = {
-            "status": result.status,
-            "docs_read": result.docs_read,
-            "rows_written": result.rows_written,
-            "rejects": result.rejects,
-            "deletes": result.deletes,
-            "peak_rss_bytes": result.peak_rss_bytes,
-            "loader_run_id": result.run_id,
-            "source_replaced": result.source_replaced,
+            "status": results[0].status,
+            "docs_read": docs_read,
+            "rows_written": rows_written,
+            "rejects": rejects,
+            "deletes": deletes,
+            "peak_rss_bytes": peak_rss,
+            "loader_run_id": ",".join(r.run_id for r in results),
+            "source_replaced": replaced,
         }
-        alerts.append(check_loader_memory(settings, run_id, collection, result.peak_rss_bytes))
-        alerts.append(check_source_replaced(run_id, collection, result.source_replaced))
+        alerts.append(check_loader_memory(settings, run_id, collection, peak_rss))
+        alerts.append(check_source_replaced(run_id, collection, replaced))
 
     drifts = _check_drift(run, clients, options, reconcile_all=reconcile)
     alerts.extend(check_drift(run_id, d) for d in drifts.values())

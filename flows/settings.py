@@ -67,6 +67,10 @@ class FlowSettings(ConnectionSettings):
     # Name of a Prefect notification block (e.g. "slack-webhook/ops"); empty = no notification.
     alert_notification_block: str = ""
 
+    # Loader workers per collection: the load step runs as this many mapped tasks, each
+    # loading the documents whose `_id` hashes to its shard (`loader.shards`).
+    loader_shards: int = Field(1, ge=1)
+
     # Retries of transient failures (connection errors) per task.
     task_retries: int = Field(3, ge=0)
     task_retry_delay_seconds: float = Field(2.0, ge=0)

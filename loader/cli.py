@@ -30,6 +30,7 @@ from loader.failed_runs import sync_clients
 from loader.runs import RunKind
 from loader.schema import COLLECTIONS
 from loader.settings import Settings
+from loader.shards import UNSHARDED, Shard, ShardSpecError, parse_shard
 
 app = typer.Typer(
     help="Stream changed MongoDB documents into ClickHouse `raw` tables (see docs/ARCHITECTURE.md)."
@@ -95,6 +96,13 @@ def _fail(exc: BaseException) -> typer.Exit:
     return typer.Exit(code=errors.report(exc, verbose=_verbose))
 
 
+def _shard_option(value: str) -> Shard:
+    try:
+        return parse_shard(value)
+    except ShardSpecError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 @app.command()
 def sync(
     collection: Annotated[Which, typer.Option(help="Collection to load.")] = Which.all,
@@ -113,6 +121,15 @@ def sync(
         typer.Option("--progress/--no-progress", help="Progress bars (default: when a TTY)."),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
+    shard: Annotated[
+        Shard | None,
+        typer.Option(
+            parser=_shard_option,
+            metavar="I/N",
+            help="Load only the documents whose _id hashes to shard I of N, from that shard's "
+            "own watermark; run N of them at once (I = 0 .. N-1).",
+        ),
+    ] = None,
 ) -> None:
     """Load what changed since the watermark into raw.<collection>, then print a summary.
 
@@ -121,6 +138,11 @@ def sync(
     from loader.sync import sync_collection
 
     _setup_logging(verbose)
+    if shard is not None and shard.sharded and full_refresh:
+        raise typer.BadParameter(
+            "--full-refresh empties the table for every shard: run it once without --shard",
+            param_hint="--shard",
+        )
     settings = _settings()
     show = sys.stdout.isatty() if progress is None else progress
     results = []
@@ -146,11 +168,12 @@ def sync(
                             batch_size=batch_size,
                             clients=clients,
                             progress=sink,
+                            shard=shard or UNSHARDED,
                         )
                     )
     except ServerUnavailable as exc:
         raise _fail(exc) from exc
-    table = Table(title="sync")
+    table = Table(title=f"sync, shard {shard}" if shard and shard.sharded else "sync")
     for col in ("collection", "read", "written", "rejects", "seconds", "docs/s", "peak RSS MiB"):
         table.add_column(col, justify="left" if col == "collection" else "right")
     table.add_column("watermark")

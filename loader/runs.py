@@ -66,6 +66,7 @@ class RunRecord:
     watermark_after: str = ""
     peak_rss_bytes: int = 0
     message: str = ""
+    shard: str = ""  # "I/N" for a shard worker (`loader.shards`), "" unsharded
 
     @property
     def duration_s(self) -> float:
@@ -98,6 +99,7 @@ def write_run(client: Client, rec: RunRecord) -> None:
         rec.watermark_after,
         rec.peak_rss_bytes,
         rec.message[:10_000],
+        rec.shard,
     ]
     dedup = insert_settings(None, SYNC_RUNS.qualified, rows_payload(cols, [row]))
     client.insert(SYNC_RUNS.qualified, [row], column_names=cols, settings=dedup)

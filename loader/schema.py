@@ -242,6 +242,7 @@ SYNC_RUNS = Table(
         ("watermark_after", "String"),
         ("peak_rss_bytes", "UInt64"),
         ("message", "String"),
+        ("shard", "LowCardinality(String) DEFAULT ''"),
     ),
     "MergeTree",
     "(started_at, run_id)",

@@ -49,6 +49,7 @@ from loader.schema import (
 )
 from loader.server_version import read_version
 from loader.settings import Settings
+from loader.shards import UNSHARDED, Shard, start_watermark
 from loader.store import (
     recorded_run,
     save_resume_token,
@@ -75,7 +76,10 @@ IndexKey = list[tuple[str, Any]]  # a key of the watermark index, for `min` / `m
 
 
 def undatable_cursors(
-    coll: Collection, projection: dict[str, int] | None, upper_ms: int
+    coll: Collection,
+    projection: dict[str, int] | None,
+    upper_ms: int,
+    shard_filter: dict[str, Any] | None = None,
 ) -> list[Cursor]:
     """Cursors over the documents the main read cannot reach: `updated_at` missing or not a
     date, or a date past `upper_ms`.
@@ -92,8 +96,10 @@ def undatable_cursors(
     lowest: IndexKey = [("updated_at", MinKey()), ("_id", MinKey())]
     first_date: IndexKey = [("updated_at", MIN_BSON_DATE), ("_id", MinKey())]
     past: IndexKey = [("updated_at", DatetimeMS(upper_ms + 1)), ("_id", MinKey())]
-    below_dates = coll.find({}, projection).hint(WATERMARK_INDEX).min(lowest).max(first_date)
-    past_upper = coll.find({}, projection).hint(WATERMARK_INDEX).min(past)
+    below_dates = (
+        coll.find(shard_filter or {}, projection).hint(WATERMARK_INDEX).min(lowest).max(first_date)
+    )
+    past_upper = coll.find(shard_filter or {}, projection).hint(WATERMARK_INDEX).min(past)
     return [below_dates, past_upper]
 
 
@@ -148,12 +154,19 @@ def ensure_watermark_index(coll: Collection, settings: Settings) -> bool:
 
 
 def watermark_range(
-    coll: Collection, bounds: ReadBounds, fields: dict[str, int], *, raw: bool = False
+    coll: Collection,
+    bounds: ReadBounds,
+    fields: dict[str, int],
+    *,
+    raw: bool = False,
+    shard: Shard = UNSHARDED,
 ) -> Cursor:
-    """Documents past `bounds`, scanning the watermark index from the watermark's key."""
+    """Documents past `bounds` (of `shard`), scanning the watermark index from the
+    watermark's key."""
     start, end = bounds.index_range()
     find = coll.find_raw_batches if raw else coll.find
-    return find(bounds.mongo_filter(), fields).hint(WATERMARK_INDEX).min(start).max(end)
+    flt = bounds.mongo_filter() | shard.mongo_filter()
+    return find(flt, fields).hint(WATERMARK_INDEX).min(start).max(end)
 
 
 def projection(collection: str) -> dict[str, int]:
@@ -196,8 +209,11 @@ class _Run:
         after_insert: Callable[[BatchStored], None] | None,
         progress: ProgressSink | None,
         before_insert: Callable[[int], None] | None = None,
+        shard: Shard = UNSHARDED,
     ) -> None:
         self.clients = clients
+        self.shard = shard
+        self.watermark_key = shard.key(collection)
         self.settings = clients.settings
         self.collection = collection
         # The snapshot reads where LOADER_READ_PREFERENCE says (a name pymongo knows).
@@ -211,7 +227,7 @@ class _Run:
         self.before_insert = before_insert
         self.progress = progress
         self.run_id = new_run_id()
-        self.record = SyncResult(self.run_id, collection)
+        self.record = SyncResult(self.run_id, collection, shard=str(shard) if shard.sharded else "")
         self.rss = PeakRss()
         self.mapper = BatchMapper(collection, self.settings.max_string_chars)
         self.batch_no = 0
@@ -293,7 +309,7 @@ class _Run:
             self.after_insert(BatchStored(self.batch_no, rows, rejects, wm))
         clickhouse_call(
             self.settings,
-            lambda: save_watermark(self.clients.clickhouse, self.collection, wm, self.run_id),
+            lambda: save_watermark(self.clients.clickhouse, self.watermark_key, wm, self.run_id),
         )
         self.watermark = wm
         self.rss.sample()
@@ -303,7 +319,9 @@ class _Run:
     # -- reading -------------------------------------------------------------------------------
     def _cursor(self, bounds: ReadBounds, raw: bool) -> Cursor:
         return (
-            watermark_range(self.coll, bounds, projection(self.collection), raw=raw)
+            watermark_range(
+                self.coll, bounds, projection(self.collection), raw=raw, shard=self.shard
+            )
             .sort(WATERMARK_INDEX)
             .batch_size(self.batch_size)
             # The index provides the order; should it ever not (an array stored in `updated_at`
@@ -346,7 +364,7 @@ class _Run:
         date, or further in the future than `max_future_seconds`. Ids already in
         `raw.rejects` are skipped, so a quiet collection costs two empty index probes."""
         proj = projection(self.collection)
-        for cursor in undatable_cursors(self.coll, proj, upper_ms):
+        for cursor in undatable_cursors(self.coll, proj, upper_ms, self.shard.mongo_filter()):
             buf: list[dict[str, Any]] = []
             for doc in cursor:
                 buf.append(doc)
@@ -413,6 +431,7 @@ def sync_collection(
     after_insert: Callable[[BatchStored], None] | None = None,
     progress: ProgressSink | None = None,
     before_insert: Callable[[int], None] | None = None,
+    shard: Shard = UNSHARDED,
 ) -> SyncResult:
     """Load what changed in `collection` since its watermark into `raw.<collection>`.
 
@@ -423,13 +442,19 @@ def sync_collection(
     n's first write to ClickHouse, `after_insert` after each batch is stored and before its
     watermark is saved, `progress.advance` after the watermark is saved (tests inject crashes
     and server faults at these points, on whichever decoder path the batch takes).
+    `shard`: load only its share of the documents, from its own watermark (`loader.shards`).
     Raises `ServerUnavailable` when a server stays unreachable.
     """
     require_collection(collection)
+    if full_refresh and shard.sharded:
+        raise ValueError(
+            f"--full-refresh empties raw.{collection} for every shard: run it without --shard "
+            f"(one unsharded run), then start the {shard.count} shard workers"
+        )
     size = batch_size or settings.batch_size
     with open_clients(settings, clients) as cl:
         prepare_clients(cl)
-        run = _Run(cl, collection, size, after_insert, progress, before_insert)
+        run = _Run(cl, collection, size, after_insert, progress, before_insert, shard)
         rec = run.record
         ch = cl.clickhouse
         before: Watermark | None = None
@@ -443,11 +468,20 @@ def sync_collection(
             return message
 
         with recorded_run(cl, rec, run.rss, on_failure=failed):
-            before = clickhouse_call(settings, lambda: load_watermark(ch, collection))
+            overlap_ms = int(settings.overlap_seconds * 1000)
+            before = clickhouse_call(
+                settings, lambda: start_watermark(ch, collection, shard, overlap_ms)
+            )
             rec.watermark_before = before.describe() if before else ""
             # Before the index is ensured: creating it would create a missing collection.
             identity = _identity(cl, collection, full_refresh)
             rec.index_created = prepare_collection(cl, collection)
+            if identity.replaced and shard.sharded:
+                # Each shard would empty the table again under the others' feet.
+                raise ValueError(
+                    f"{identity.describe_replacement()}; shard {shard} does not reload it: "
+                    f"run one sync without --shard, then start the shard workers again"
+                )
             if full_refresh or identity.replaced:
                 if identity.replaced:
                     log.warning("%s", identity.describe_replacement())
@@ -468,7 +502,9 @@ def sync_collection(
             if progress:
                 total = mongo_call(
                     settings,
-                    lambda: run.coll.count_documents(bounds.mongo_filter(), hint=WATERMARK_INDEX),
+                    lambda: run.coll.count_documents(
+                        bounds.mongo_filter() | shard.mongo_filter(), hint=WATERMARK_INDEX
+                    ),
                 )
                 progress.start(collection, total)
             run.read_main(bounds)

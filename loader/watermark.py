@@ -152,9 +152,26 @@ def save_watermark(client: Client, collection: str, wm: Watermark, run_id: str) 
     client.command(sql, parameters=parameters, settings=dedup)
 
 
+def load_watermarks(client: Client, collection: str) -> dict[str, Watermark]:
+    """The furthest watermark of each key of `collection`: its own and its shards'
+    (`collection@I/N`, see `loader.shards`)."""
+    rows = client.query(
+        "SELECT collection, toUnixTimestamp64Milli(argMax(updated_at, (updated_at, last_id, "
+        "saved_at))), argMax(last_id, (updated_at, last_id, saved_at)), "
+        "toUnixTimestamp64Milli(argMax(read_started_at, (updated_at, last_id, saved_at))) "
+        f"FROM {WATERMARKS.qualified} "
+        "WHERE collection = {c:String} OR startsWith(collection, {p:String}) "
+        "GROUP BY collection",
+        parameters={"c": collection, "p": collection + "@"},
+    ).result_rows
+    return {str(key): Watermark(int(u), str(i), int(r)) for key, u, i, r in rows}
+
+
 def reset_watermark(client: Client, collection: str) -> None:
+    """Forget the watermark of `collection` and of its shards: a reload must not leave a
+    shard's mark behind, which would skip everything below it."""
     client.command(
         f"DELETE FROM {mutation_target(WATERMARKS, configured_cluster())} "
-        "WHERE collection = {c:String}",
-        parameters={"c": collection},
+        "WHERE collection = {c:String} OR startsWith(collection, {p:String})",
+        parameters={"c": collection, "p": collection + "@"},
     )

@@ -267,3 +267,34 @@ def test_dashboard_shows_every_panel_after_a_sync(pipeline: Pipeline) -> None:
     for panel in panels:
         assert panel.rows, panel.query.name
         assert "error" not in panel.rows[0], panel.rows[0]
+
+
+def test_loader_shards_load_as_mapped_tasks_and_match_mongo(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bson import ObjectId
+
+    monkeypatch.setenv("PIPELINE_LOADER_SHARDS", "2")
+    first = sync_pipeline()
+    task_id = pipeline.scalar("SELECT min(task_id) FROM analytics.pipeline_state")
+    pipeline.db.tasks.update_one(
+        {"_id": ObjectId(task_id)}, {"$set": {"status": "done", "updated_at": datetime.now(UTC)}}
+    )
+
+    second = sync_pipeline()
+
+    assert first["status"] == second["status"] == "ok"
+    runs = pipeline.rows(
+        "SELECT shard, docs_read FROM ops.sync_runs WHERE collection = 'tasks' AND kind = 'sync'"
+        " AND status = 'ok' ORDER BY started_at"
+    )
+    assert sorted(r["shard"] for r in runs) == ["0/2", "0/2", "1/2", "1/2"]
+    assert all(r["docs_read"] > 0 for r in runs[:2])  # both shards loaded a share
+    assert second["loads"]["tasks"]["docs_read"] == 1  # the changed task, once
+    assert pipeline.scalar("SELECT count() FROM raw.tasks FINAL") == (
+        pipeline.db.tasks.count_documents({})
+    )
+    status = pipeline.scalar(
+        "SELECT status FROM analytics.pipeline_state WHERE task_id = {t:String}", t=task_id
+    )
+    assert status == "done"
