@@ -42,6 +42,7 @@ from urllib3.util import Timeout
 from loader.cluster import insert_settings
 from loader.errors import short_reason
 from loader.mapping import CODEC_OPTIONS
+from loader.server_version import ServerVersion, read_version
 from loader.settings import ConnectionSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -231,10 +232,20 @@ class Clients:
     mongo: MongoClient
     clickhouse: Client
     schema_ready: set[str] = field(default_factory=set)  # what is migrated or built already
+    server_version: ServerVersion | None = None  # read once, by `version()`
 
     @property
     def db(self) -> Database:
         return self.mongo.get_database(self.settings.mongo_db, codec_options=CODEC_OPTIONS)
+
+    def version(self) -> ServerVersion:
+        """The ClickHouse server's version, read (and checked, with its one notice line) on
+        first use: what it lacks is switched off, never found missing mid-run."""
+        if self.server_version is None:
+            self.server_version = clickhouse_call(
+                self.settings, lambda: read_version(self.clickhouse)
+            )
+        return self.server_version
 
     def close(self) -> None:
         self.mongo.close()

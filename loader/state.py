@@ -217,7 +217,7 @@ def settle_files(
                 f"DELETE FROM {STORE} WHERE (file_id, rank) IN "
                 "{rows:Array(Tuple(String, UInt256))}",
                 parameters={"rows": doomed},
-                settings={"lightweight_delete_mode": "lightweight_update"},
+                settings=clients.version().delete_settings(),
             ),
         )
     for _ in range(3):

@@ -47,7 +47,6 @@ from loader.schema import (
     raw_table,
     require_collection,
 )
-from loader.server_version import read_version
 from loader.settings import Settings
 from loader.shards import UNSHARDED, Shard, start_watermark
 from loader.store import (
@@ -178,7 +177,7 @@ def prepare_clients(clients: Clients) -> None:
     """Check the server's version and migrate the loader's tables once per `Clients` (cheap
     on later calls)."""
     if "loader" not in clients.schema_ready:
-        clickhouse_call(clients.settings, lambda: read_version(clients.clickhouse))
+        clients.version()
         clickhouse_call(
             clients.settings,
             lambda: ensure_schema(clients.clickhouse, clients.settings.clickhouse_cluster),

@@ -387,7 +387,9 @@
                 inner join {{ diff }} as d on s.file_id = d.file_id
                 where s.file_id in (select file_id from {{ diff }}) and s.rank > d.best_rank
             )
-            settings lightweight_delete_mode = 'lightweight_update'
+            {% if var('task_events_patch_deletes', true) -%}
+                settings lightweight_delete_mode = 'lightweight_update'
+            {%- endif %}
         {% endset %}
         {% do pipeline_state_ddl("delete from", store, delete_outranking) %}
         {% set dropped %}

@@ -32,7 +32,7 @@ EXPECTED = {
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[chs.Session]:
     session = chs.Session(str(tmp_path_factory.mktemp("run-history")))
-    for statement in ops.DDL:
+    for statement in ops.ddl():
         session.query(statement)
     rows = []
     for n, (run_id, steps) in enumerate(RUNS_SEEN.items()):
