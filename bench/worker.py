@@ -55,11 +55,23 @@ def loader_sync(params: dict[str, Any]) -> tuple[Any, float]:
 
 
 def has_changes(params: dict[str, Any]) -> tuple[Any, float]:
-    from loader.sync import has_changes as probe
+    from loader.changes import has_changes as probe
 
     settings = _settings()
     changed, seconds = _timed(lambda: probe(settings, "tasks"))
     return (0, {"changed": changed}), seconds
+
+
+def dbt_build(params: dict[str, Any]) -> tuple[Any, float]:
+    from flows.dbt_build import run_build, selectors
+    from flows.settings import FlowSettings
+
+    settings = FlowSettings()
+    select = selectors(settings, params["sources"])
+    build, seconds = _timed(lambda: run_build(settings, select, bool(params["full_refresh"])))
+    slowest = sorted(build.nodes, key=lambda n: -n.duration_s)[:8]
+    nodes = {"nodes": len(build.nodes), "slowest": [(n.step, n.duration_s) for n in slowest]}
+    return (len(build.nodes), nodes), seconds
 
 
 def drain(params: dict[str, Any]) -> tuple[Any, float]:
@@ -167,6 +179,7 @@ def freshness(params: dict[str, Any]) -> tuple[Any, float]:
 JOBS: dict[str, Callable[[dict[str, Any]], tuple[Any, float]]] = {
     "loader_sync": loader_sync,
     "has_changes": has_changes,
+    "dbt_build": dbt_build,
     "drain": drain,
     "seed_v1": seed_v1,
     "dlt_try_load": dlt_try_load,

@@ -53,12 +53,13 @@ from flows.redis_link import RedisLink
 from flows.settings import FlowSettings
 from flows.timings import TimingRecorder
 from loader.build_pending import PendingBuild, clear_build_pending, pending_builds
+from loader.changes import has_changes
 from loader.clients import Clients, open_clients
 from loader.drift import Drift, measure_drift, record_drift
 from loader.failed_runs import record_failed_start
 from loader.reconcile import ReconcileResult, reconcile_collection
 from loader.settings import Settings as LoaderSettings
-from loader.sync import SyncResult, has_changes, sync_collection
+from loader.sync import SyncResult, sync_collection
 
 
 def is_transient(exc: BaseException | None) -> bool:

@@ -231,7 +231,7 @@ def test_failing_dbt_model_fails_the_flow_naming_it(
 
     assert "no_such_column" in str(failure.value)  # ClickHouse's own message
     # The load landed and its watermark advanced: nothing is left to load.
-    from loader.sync import has_changes
+    from loader.changes import has_changes
 
     assert not has_changes(pipeline.loader_settings, "tasks")
 
