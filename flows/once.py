@@ -79,7 +79,9 @@ def skip_if_idle(settings: FlowSettings, clients: Clients) -> dict[str, Any] | N
                 # MongoDB's counts run meanwhile: from the collection's document count, since
                 # an exact count takes half a second at a million documents; a disagreement is
                 # confirmed by an exact count below before the flow is started.
-                counts = start_counts(clients, collections, estimate=True)
+                # ClickHouse's side is remembered in Redis while the raw table is unchanged.
+                memo = _RedisMemo(client, settings)
+                counts = start_counts(clients, collections, estimate=True, memo=memo)
             _ensure_schema(clients)
             if not acquired:
                 message = guard.skip_message
@@ -126,6 +128,21 @@ def skip_if_idle(settings: FlowSettings, clients: Clients) -> dict[str, Any] | N
         return None
     finally:
         link.close()
+
+
+class _RedisMemo:
+    """`loader.raw_count.CountMemo` in Redis: the last count of each raw table, for a day."""
+
+    def __init__(self, client: Any, settings: FlowSettings) -> None:
+        self.client = client
+        self.settings = settings
+
+    def get(self, collection: str) -> str | None:
+        value = self.client.get(self.settings.key("drift", "raw_count", collection))
+        return value.decode() if isinstance(value, bytes) else value
+
+    def set(self, collection: str, value: str) -> None:
+        self.client.set(self.settings.key("drift", "raw_count", collection), value, ex=86_400)
 
 
 def _ensure_schema(clients: Clients) -> None:
