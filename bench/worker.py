@@ -67,8 +67,10 @@ def dbt_build(params: dict[str, Any]) -> tuple[Any, float]:
     from flows.settings import FlowSettings
 
     settings = FlowSettings()
-    select = selectors(settings, params["sources"])
-    build, seconds = _timed(lambda: run_build(settings, select, bool(params["full_refresh"])))
+    # The flow's selection: every test with --full-refresh, else the incremental one.
+    full = bool(params["full_refresh"])
+    select = selectors(settings, params["sources"], every_test=full)
+    build, seconds = _timed(lambda: run_build(settings, select, full))
     slowest = sorted(build.nodes, key=lambda n: -n.duration_s)[:8]
     nodes = {"nodes": len(build.nodes), "slowest": [(n.step, n.duration_s) for n in slowest]}
     return (len(build.nodes), nodes), seconds

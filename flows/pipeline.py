@@ -271,7 +271,11 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool, reconcile: bool) 
 
     to_build = sorted(pending)
     rebuild = any(p.full_refresh for p in pending.values())
-    select = selectors(settings, to_build)
+    # Every data test when the models are rebuilt or the run asked for everything; otherwise
+    # the models and the tests that raise data-quality alerts (see `selectors`). The summary
+    # names what was built downstream of; the step's message the exact selection.
+    built = selectors(settings, to_build)
+    select = selectors(settings, to_build, every_test=rebuild or build_all or reconcile)
     build_started_at = ops.now()
     with recorder.step("dbt_build") as step:
         step.message = " ".join(select) + (" --full-refresh" if rebuild else "")
@@ -302,7 +306,7 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool, reconcile: bool) 
 
     alerts.extend(stored_failure_alerts(ch, build.stored_failures, run_id))
     raised = raise_alerts(settings, ch, alerts, logger)
-    message = f"loaded {', '.join(changed) or 'nothing'}; built {' '.join(select)}; {in_step}"
+    message = f"loaded {', '.join(changed) or 'nothing'}; built {' '.join(built)}; {in_step}"
     logger.info("Run %s: %s in %.2f s", run_id, message, elapsed)
     return _summary(
         run_id,
@@ -311,7 +315,7 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool, reconcile: bool) 
         recorder,
         run.t0,
         changed=changed,
-        built=select,
+        built=built,
         full_refresh=rebuild,
         loads=loads,
         data_version=version,
