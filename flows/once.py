@@ -10,8 +10,10 @@ failed sync):
    flow skips it);
 2. detect_changes: does any collection have documents past its watermark, or a replaced source?
 3. is a dbt build pending for any source (`ops.build_pending`, marked by every loader write)?
-4. check_drift: do both sides count the same documents? (MongoDB's side from the collection's
-   document count, which needs no scan; an exact count confirms any disagreement.)
+4. check_drift: do both sides count the same documents? MongoDB's side from the collection's
+   document count, which needs no scan; ClickHouse's from the last count, kept in Redis, while
+   the raw table's parts are unchanged (`loader.raw_count`); an exact count of both confirms
+   any disagreement before the flow is started.
 
 When every answer is "nothing to do", the run is recorded exactly as the flow records a skipped
 run (`ops.sync_runs`: a `skipped` row per collection, whose message ends with `in step with

@@ -13,7 +13,9 @@ change: a document not loaded yet (a late commit), one updated in place without 
 `updated_at` (or moving it within the window), one gone from the window (deleted, or moved
 back before it). A document that fails to map counts as seen when `raw.rejects` holds a live
 reject of its id (re-rejecting it changes no model). Past the window, the probe is the exact
-one: any document after the watermark is a change.
+one: any document after the watermark is a change. A window found equal moves the watermark's
+read start to the probe's (as a sync re-reading it would), so that the window closes after
+`LOADER_OVERLAP_SECONDS` even when no sync runs, and later probes are the exact one again.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ from loader.mapping import BatchMapper, id_to_str
 from loader.schema import REJECTS, fields_of, raw_table
 from loader.settings import Settings
 from loader.sync import prepare_clients, prepare_collection, projection, watermark_range
-from loader.watermark import ReadBounds, load_watermark, now_ms, read_bounds
+from loader.watermark import (
+    ReadBounds,
+    Watermark,
+    load_watermark,
+    now_ms,
+    read_bounds,
+    save_watermark,
+)
 
 Row = tuple[Any, ...]
 
@@ -53,7 +62,16 @@ def has_changes(settings: Settings, collection: str, *, clients: Clients | None 
         past = ReadBounds(wm.updated_at_ms, wm.id_value(), bounds.upper_ms)
         if wm.last_id and _any_document(cl, collection, past):
             return True  # never loaded: no need to compare the window
-        return window_differs(cl, collection, bounds)
+        if window_differs(cl, collection, bounds):
+            return True
+        # The window holds what raw holds, as a sync reading it now would have found: move the
+        # watermark's read start to now, as that sync would, so the next probe looks only
+        # past the watermark once this window has passed.
+        verified = Watermark(wm.updated_at_ms, wm.last_id, now)
+        clickhouse_call(
+            settings, lambda: save_watermark(cl.clickhouse, collection, verified, "has_changes")
+        )
+        return False
 
 
 def _any_document(clients: Clients, collection: str, bounds: ReadBounds) -> bool:

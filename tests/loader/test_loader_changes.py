@@ -6,6 +6,7 @@ the overlap window (`LOADER_OVERLAP_SECONDS`, 60 s) and the next sync would re-r
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,6 +17,7 @@ from loader.changes import has_changes
 from loader.clients import Clients
 from loader.settings import Settings
 from loader.sync import sync_collection
+from loader.watermark import load_watermark, now_ms, read_bounds
 
 
 def task(i: int, updated_at: datetime) -> dict[str, Any]:
@@ -89,3 +91,22 @@ def test_a_rejected_document_already_recorded_is_no_change(
     sync_collection(settings, "tasks", clients=clients)
 
     assert has_changes(settings, "tasks", clients=clients) is False
+
+
+def test_a_window_found_unchanged_closes_without_a_sync(
+    settings: Settings, clients: Clients, plain_db: Database
+) -> None:
+    quick = settings.model_copy(update={"overlap_seconds": 1.0})
+    # Stamped a little ahead: the watermark stays inside the window of the sync that read it.
+    ahead = datetime.now(UTC) + timedelta(seconds=10)  # more than a sync takes, even under load
+    plain_db.tasks.insert_many([task(i, ahead) for i in range(20)])
+    sync_collection(quick, "tasks", clients=clients)
+    # Once a read start lies an overlap past the watermark, the window has passed; only this
+    # probe can have moved the read start there.
+    time.sleep(max(0.0, (ahead - datetime.now(UTC)).total_seconds()) + 1.3)
+    assert has_changes(quick, "tasks", clients=clients) is False  # compared the window
+
+    wm = load_watermark(clients.clickhouse, "tasks")
+    assert wm is not None
+    bounds = read_bounds(wm, quick.overlap_seconds, quick.max_future_seconds, now_ms())
+    assert bounds.lower_id is not None  # past the window: the exact probe from the watermark
