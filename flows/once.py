@@ -8,7 +8,8 @@ failed sync):
 
 1. guard: the Redis lock, taken without waiting (held by another run: the run is skipped, as the
    flow skips it);
-2. detect_changes: does any collection have documents past its watermark, or a replaced source?
+2. detect_changes: does any collection have documents past its watermark, a replaced source,
+   or, inside the overlap window, documents that differ from raw (`loader.changes`)?
 3. is a dbt build pending for any source (`ops.build_pending`, marked by every loader write)?
 4. check_drift: do both sides count the same documents? MongoDB's side from the collection's
    document count, which needs no scan; ClickHouse's from the last count, kept in Redis, while
