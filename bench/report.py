@@ -22,6 +22,7 @@ figure.
 Measurement keys (listed in `bench.catalogue.MEASUREMENT_KEYS`):
 - load.loader, load.cursor_drain, load.seed_v1, load.dlt: docs/s of an initial load;
 - sync.full, sync.noop, sync.has_changes, sync.incremental_1pct: seconds;
+- noop.scheduled_run: seconds of `python -m flows.pipeline` finding nothing to do (wall);
 - dashboard.pipeline_state, dashboard.naive, dashboard.cached: ms per page load;
 - web.overview, web.file, web.employee, web.search (each also `_uncached`): the web
   dashboard's server time per request, ms (`bench.web`);

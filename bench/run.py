@@ -47,7 +47,7 @@ GROUP_MEASUREMENTS: dict[str, tuple[str, ...]] = {
     "dlt": ("load.dlt",),
     "seed_v1": ("load.seed_v1", "memory.seed_v1_full"),
     "loader": ("load.loader", "sync.full", "memory.loader_full"),
-    "noop": ("sync.noop", "sync.has_changes"),
+    "noop": ("sync.noop", "sync.has_changes", "noop.scheduled_run"),
     "incremental": ("sync.incremental_1pct",),
     "dbt": ("dbt.full_refresh", "dbt.incremental_1pct"),
     "dashboard": ("dashboard.pipeline_state", "dashboard.naive", "dashboard.cached"),
@@ -116,7 +116,13 @@ class Harness:
             "RUNTIME__DLTHUB_TELEMETRY": "false",
             "DLT_DATA_DIR": str(workdir / "dlt-home"),
             "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+            # The flow's dbt builds (the `dbt` group, `python -m flows.pipeline` in `noop`).
+            "PIPELINE_DBT_PROFILES_DIR": str(workdir / "dbt-profiles"),
+            "PIPELINE_DBT_TARGET_PATH": str(workdir / "dbt-target"),
+            "PREFECT_HOME": str(workdir / "prefect-home"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         }
+        self.env.pop("PREFECT_API_URL", None)  # the flow's one run uses a temporary API
         self.measurements = new_measurements(cfg.scale, cfg.small_scale)
         self.dataset: dict[str, Any] = {}
         self.decoder_default: str | None = None
@@ -258,11 +264,55 @@ class Harness:
             self.sync("tasks", True)
             self.loaded = True
 
-    def dbt(self, *args: str) -> float:
+    def dbt_profiles(self) -> Path:
         profiles = self.workdir / "dbt-profiles"
         if not (profiles / "profiles.yml").exists():
             profiles.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO_ROOT / "profiles.yml.example", profiles / "profiles.yml")
+        return profiles
+
+    def flow_build(self, sources: list[str], full_refresh: bool) -> float:
+        """Seconds of the flow's own dbt build (`flows.dbt_build.run_build`: same runner, same
+        selection) of the models downstream of `sources`."""
+        self.dbt_profiles()
+        job = {"kind": "dbt_build", "sources": sources, "full_refresh": full_refresh}
+        return float(self.worker(job)["seconds"])
+
+    def build_as_the_flow(self) -> None:
+        """Build downstream of every source as a flow run does, and clear the build marks."""
+        from datetime import UTC, datetime
+
+        from loader.build_pending import clear_build_pending
+        from loader.clients import connect_clickhouse
+
+        collections = list(_collections())
+        started = datetime.now(UTC)
+        self.flow_build(collections, False)
+        ch = connect_clickhouse(self.settings())
+        try:
+            clear_build_pending(ch, collections, "bench", build_started_at=started)
+        finally:
+            ch.close()
+        self.built = True
+
+    def scheduled_run(self) -> dict[str, Any]:
+        """`python -m flows.pipeline --json`, timed from the outside (imports included)."""
+        self.dbt_profiles()
+        cmd = [sys.executable, "-m", "flows.pipeline", "--json"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            cmd, cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, check=False
+        )
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+            raise StepFailed(f"python -m flows.pipeline failed: {(lines or ['?'])[-1][:400]}")
+        out = proc.stdout.splitlines()
+        start = max(i for i, line in enumerate(out) if line == "{")
+        return {"seconds": seconds, **json.loads("\n".join(out[start:]))}
+
+    def dbt(self, *args: str) -> float:
+        profiles = self.dbt_profiles()
         cmd = [
             str(Path(sys.executable).parent / "dbt"),
             *args,
@@ -468,14 +518,42 @@ class Harness:
         self.measurements["sync.noop"].detail["docs_read"] = docs
         self.measure(("sync.has_changes",), probe, "has_changes")
 
+        # A scheduled run with nothing to do: the models built as the flow builds them, the
+        # build marks cleared and one run (untimed), then the timed runs, which must skip
+        # without Prefect.
+        def scheduled(i: int) -> dict[str, float]:
+            r = self.scheduled_run()
+            if r.get("status") != "skipped" or r.get("prefect") is not False:
+                raise StepFailed(f"the no-op run did not skip without Prefect: {r.get('message')}")
+            return {"noop.scheduled_run": r["seconds"]}
+
+        try:
+            self.log("setup: the flow's dbt build of every source (not measured)")
+            self.build_as_the_flow()
+            # A scheduled run follows other runs: the first one counts the raw tables in full
+            # (nothing remembered yet), the steady state does not.
+            self.scheduled_run()
+        except Exception as exc:  # noqa: BLE001 - reported as the measurement's reason
+            self.measurements["noop.scheduled_run"].unavailable(_reason(exc))
+            return
+        self.measure(("noop.scheduled_run",), scheduled, "no-op scheduled run")
+        self.measurements["noop.scheduled_run"].note = "`python -m flows.pipeline`, wall"
+
     def run_changes(self) -> None:
         """1% of tasks change, then the loader syncs and dbt builds (each timed if selected)."""
         want_sync, want_dbt = self.cfg.wants("incremental"), self.cfg.wants("dbt")
         self.ensure_loaded()
         if want_dbt:
+            # The flow's runner and selections on both sides: every source with
+            # --full-refresh, and downstream of tasks after the 1% change.
+            every = list(_collections())
+            # Both sides start from a parsed project (dbt's partial parsing), as the flow's
+            # builds after the first do; otherwise the first measured build pays the parse.
+            self.dbt_profiles()
+            self.dbt("parse")
             self.measure(
                 ("dbt.full_refresh",),
-                lambda i: {"dbt.full_refresh": self.dbt("build", "--full-refresh")},
+                lambda i: {"dbt.full_refresh": self.flow_build(every, True)},
                 "dbt full refresh",
             )
             self.built = self.measurements["dbt.full_refresh"].ok
@@ -501,7 +579,7 @@ class Harness:
             if want_dbt:
                 if not self.built:
                     raise StepFailed("dbt full refresh did not succeed")
-                figures["dbt.incremental_1pct"] = self.dbt("build")
+                figures["dbt.incremental_1pct"] = self.flow_build(["tasks"], False)
             return {k: v for k, v in figures.items() if k in keys}
 
         if keys:
@@ -700,6 +778,12 @@ def _worker_result(job: dict[str, Any], code: int, stdout: str, stderr: str) -> 
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     last = lines[-1] if lines else "no output"
     raise StepFailed(f"{job['kind']} failed (exit {code}): {last}")
+
+
+def _collections() -> tuple[str, ...]:
+    from loader.schema import COLLECTIONS
+
+    return COLLECTIONS
 
 
 def _base_env() -> dict[str, str]:

@@ -69,11 +69,25 @@ def loader_shard(params: dict[str, Any]) -> tuple[Any, float]:
 
 
 def has_changes(params: dict[str, Any]) -> tuple[Any, float]:
-    from loader.sync import has_changes as probe
+    from loader.changes import has_changes as probe
 
     settings = _settings()
     changed, seconds = _timed(lambda: probe(settings, "tasks"))
     return (0, {"changed": changed}), seconds
+
+
+def dbt_build(params: dict[str, Any]) -> tuple[Any, float]:
+    from flows.dbt_build import run_build, selectors
+    from flows.settings import FlowSettings
+
+    settings = FlowSettings()
+    # The flow's selection: every test with --full-refresh, else the incremental one.
+    full = bool(params["full_refresh"])
+    select = selectors(settings, params["sources"], every_test=full)
+    build, seconds = _timed(lambda: run_build(settings, select, full))
+    slowest = sorted(build.nodes, key=lambda n: -n.duration_s)[:8]
+    nodes = {"nodes": len(build.nodes), "slowest": [(n.step, n.duration_s) for n in slowest]}
+    return (len(build.nodes), nodes), seconds
 
 
 def drain(params: dict[str, Any]) -> tuple[Any, float]:
@@ -182,6 +196,7 @@ JOBS: dict[str, Callable[[dict[str, Any]], tuple[Any, float]]] = {
     "loader_sync": loader_sync,
     "loader_shard": loader_shard,
     "has_changes": has_changes,
+    "dbt_build": dbt_build,
     "drain": drain,
     "seed_v1": seed_v1,
     "dlt_try_load": dlt_try_load,

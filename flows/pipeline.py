@@ -53,6 +53,7 @@ from flows.redis_link import RedisLink
 from flows.settings import FlowSettings
 from flows.timings import TimingRecorder
 from loader.build_pending import PendingBuild, clear_build_pending, pending_builds
+from loader.changes import has_changes
 from loader.clients import Clients, open_clients
 from loader.drift import Drift, measure_drift, record_drift
 from loader.failed_runs import record_failed_start
@@ -60,7 +61,7 @@ from loader.identity import check_identity
 from loader.reconcile import ReconcileResult, reconcile_collection
 from loader.settings import Settings as LoaderSettings
 from loader.shards import Shard
-from loader.sync import SyncResult, has_changes, sync_collection
+from loader.sync import SyncResult, sync_collection
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -296,7 +297,11 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool, reconcile: bool) 
 
     to_build = sorted(pending)
     rebuild = any(p.full_refresh for p in pending.values())
-    select = selectors(settings, to_build)
+    # Every data test when the models are rebuilt or the run asked for everything; otherwise
+    # the models and the tests that raise data-quality alerts (see `selectors`). The summary
+    # names what was built downstream of; the step's message the exact selection.
+    built = selectors(settings, to_build)
+    select = selectors(settings, to_build, every_test=rebuild or build_all or reconcile)
     build_started_at = ops.now()
     with recorder.step("dbt_build") as step:
         step.message = " ".join(select) + (" --full-refresh" if rebuild else "")
@@ -327,7 +332,7 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool, reconcile: bool) 
 
     alerts.extend(stored_failure_alerts(ch, build.stored_failures, run_id))
     raised = raise_alerts(settings, ch, alerts, logger)
-    message = f"loaded {', '.join(changed) or 'nothing'}; built {' '.join(select)}; {in_step}"
+    message = f"loaded {', '.join(changed) or 'nothing'}; built {' '.join(built)}; {in_step}"
     logger.info("Run %s: %s in %.2f s", run_id, message, elapsed)
     return _summary(
         run_id,
@@ -336,7 +341,7 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool, reconcile: bool) 
         recorder,
         run.t0,
         changed=changed,
-        built=select,
+        built=built,
         full_refresh=rebuild,
         loads=loads,
         data_version=version,

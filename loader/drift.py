@@ -18,13 +18,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from bson import ObjectId
 from clickhouse_connect.driver.client import Client
+from pymongo.collection import Collection
 
 from loader.clients import Clients, clickhouse_call, insert_json_rows, mongo_call
 from loader.schema import DRIFT_CHECKS, REJECTS, raw_table
+
+if TYPE_CHECKING:
+    from loader.raw_count import CountMemo
 
 
 @dataclass(frozen=True)
@@ -91,26 +95,28 @@ class Counts:
     its own from the start, ClickHouse counts in `result()`, so the caller can do other work
     meanwhile (a flow run with nothing to do is mostly waiting for MongoDB's count)."""
 
-    def __init__(self, clients: Clients, collections: list[str]) -> None:
+    def __init__(
+        self,
+        clients: Clients,
+        collections: list[str],
+        *,
+        estimate: bool = False,
+        memo: CountMemo | None = None,
+    ) -> None:
         self.clients = clients
+        self.memo = memo
         self.collections = collections
         settings = clients.settings
         self.counted_before = datetime.now(UTC) - timedelta(seconds=settings.overlap_seconds)
         self.cut = ObjectId.from_datetime(self.counted_before)
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(collections)))
-        # `$lt` an ObjectId selects ObjectIds only (BSON types compare within their type).
+        count = estimated_count if estimate else exact_count
         self._mongo = {
             c: self._pool.submit(
-                mongo_call,
-                settings,
-                lambda coll=clients.db[c]: coll.count_documents({"_id": {"$lt": self.cut}}),
+                mongo_call, settings, lambda coll=clients.db[c]: count(coll, self.cut)
             )
             for c in collections
         }
-
-    def _clickhouse_count(self, ch: Client, collection: str) -> int:
-        sql = clickhouse_count_sql(collection)
-        return int(cast(int, ch.command(sql, parameters={"c": collection, "cut": str(self.cut)})))
 
     def result(self) -> list[Drift]:
         settings = self.clients.settings
@@ -129,13 +135,56 @@ class Counts:
             for c in self.collections
         ]
 
+    def _clickhouse_count(self, ch: Client, collection: str) -> int:
+        if self.memo is not None:
+            from loader.raw_count import remembered_count
+
+            return remembered_count(ch, collection, self.cut, self.memo)
+        sql = clickhouse_count_sql(collection)
+        return int(cast(int, ch.command(sql, parameters={"c": collection, "cut": str(self.cut)})))
+
     def cancel(self) -> None:
         """Stop waiting (a count already running finishes in its thread)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def start_counts(clients: Clients, collections: list[str]) -> Counts:
-    return Counts(clients, collections)
+def start_counts(
+    clients: Clients,
+    collections: list[str],
+    *,
+    estimate: bool = False,
+    memo: CountMemo | None = None,
+) -> Counts:
+    """Count both sides; `estimate`: MongoDB's side from the collection's document count
+    (`estimated_count`), for a quick first look whose disagreement the caller then checks
+    with an exact count; `memo`: the warehouse's side from the last count while its raw
+    table has not changed (`loader.raw_count`)."""
+    return Counts(clients, collections, estimate=estimate, memo=memo)
+
+
+def exact_count(coll: Collection, cut: ObjectId) -> int:
+    """ObjectIds below `cut`, counted on the `_id` index (half a second at a million)."""
+    # `$lt` an ObjectId selects ObjectIds only (BSON types compare within their type).
+    return int(coll.count_documents({"_id": {"$lt": cut}}))
+
+
+# Every BSON type an `_id` may have besides ObjectId (arrays are not allowed).
+OTHER_ID_TYPES = [
+    "double", "string", "object", "binData", "bool", "date", "null", "regex",
+    "javascript", "int", "timestamp", "long", "decimal", "minKey", "maxKey", "symbol",
+]  # fmt: skip
+
+
+def estimated_count(coll: Collection, cut: ObjectId) -> int:
+    """`exact_count` from the collection's document count (metadata, no scan) minus the
+    documents it must not include: ObjectIds from `cut` on (the last overlap window's
+    inserts, a short index range) and ids of other types (each type a range of the `_id`
+    index). The metadata count can be off after an unclean shutdown, so a disagreement with
+    the warehouse is only a hint: check it with `exact_count`."""
+    total = coll.estimated_document_count()
+    recent = coll.count_documents({"_id": {"$gte": cut}})
+    other = coll.count_documents({"_id": {"$type": OTHER_ID_TYPES}})
+    return int(total - recent - other)
 
 
 def record_drift(clients: Clients, drift: Drift, run_id: str, note: str = "") -> None:

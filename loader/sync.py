@@ -60,7 +60,6 @@ from loader.watermark import (
     MIN_BSON_DATE,
     ReadBounds,
     Watermark,
-    load_watermark,
     now_ms,
     read_bounds,
     reset_watermark,
@@ -550,22 +549,3 @@ def _truncate(clients: Clients, collection: str, *, reset_change_stream: bool) -
     if reset_change_stream:
         # The stored resume token belongs to the old collection's stream.
         save_resume_token(clients, collection, None, 0)
-
-
-def has_changes(settings: Settings, collection: str, *, clients: Clients | None = None) -> bool:
-    """True when a sync would read something: one indexed probe past the read bounds, or
-    when the collection was replaced (the sync reloads it). Raises `SourceMissing` when the
-    collection is gone while the warehouse holds documents of it.
-
-    Documents whose `updated_at` is not a usable date are not considered (the next sync that
-    runs for another reason rejects them)."""
-    with open_clients(settings, clients) as cl:
-        prepare_clients(cl)
-        if check_identity(cl, collection).replaced:
-            return True
-        prepare_collection(cl, collection)
-        coll = cl.db[collection]
-        wm = clickhouse_call(settings, lambda: load_watermark(cl.clickhouse, collection))
-        bounds = read_bounds(wm, settings.overlap_seconds, settings.max_future_seconds, now_ms())
-        probe = watermark_range(coll, bounds, {"_id": 1}).limit(1)
-        return mongo_call(settings, lambda: next(probe.clone(), None)) is not None

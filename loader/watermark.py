@@ -137,7 +137,8 @@ def save_watermark(client: Client, collection: str, wm: Watermark, run_id: str) 
         "UNION ALL SELECT updated_at, last_id, read_started_at, run_id "
         f"FROM {WATERMARKS.qualified} "
         "WHERE collection = {c:String}"
-        ") ORDER BY u DESC, id DESC LIMIT 1"
+        # On a tie the later read start wins: that read protects more (`loader.changes`).
+        ") ORDER BY u DESC, id DESC, r DESC LIMIT 1"
     )
     parameters = {
         "c": collection,

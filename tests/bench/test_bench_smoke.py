@@ -37,6 +37,7 @@ MEASUREMENT_KEYS = {
     "sync.full",
     "sync.noop",
     "sync.has_changes",
+    "noop.scheduled_run",
     "sync.incremental_1pct",
     "dashboard.pipeline_state",
     "dashboard.naive",

@@ -25,8 +25,8 @@ if TYPE_CHECKING:  # fixtures' types, from this suite's conftest.py
 pytestmark = pytest.mark.timeout(900)
 
 
-def run_cli(*args: str, prefect_api: str | None = None) -> tuple[dict[str, Any], bool]:
-    """`python -m flows.pipeline`: its summary, and whether it imported Prefect at all (from
+def run_cli(*args: str, prefect_api: str | None = None) -> tuple[dict[str, Any], set[str]]:
+    """`python -m flows.pipeline`: its summary, and the modules it imported (from
     `-X importtime`, which lists every module a process imports)."""
     if prefect_api is None:  # nowhere: a run that starts Prefect fails
         prefect_api = f"http://127.0.0.1:{free_ports(1)[0]}/api"
@@ -45,7 +45,7 @@ def run_cli(*args: str, prefect_api: str | None = None) -> tuple[dict[str, Any],
     }
     lines = out.stdout.splitlines()  # Prefect's log lines, if it ran, then the summary
     start = max(i for i, line in enumerate(lines) if line == "{")
-    return json.loads("\n".join(lines[start:])), "prefect" in imported
+    return json.loads("\n".join(lines[start:])), imported
 
 
 def skipped_rows(pipeline: Pipeline, run_id: str) -> list[dict[str, Any]]:
@@ -59,9 +59,9 @@ def skipped_rows(pipeline: Pipeline, run_id: str) -> list[dict[str, Any]]:
 def test_a_run_with_nothing_to_do_records_its_skip_without_prefect(pipeline: Pipeline) -> None:
     assert sync_pipeline()["status"] == "ok"
 
-    summary, prefect_imported = run_cli()
+    summary, imported = run_cli()
 
-    assert not prefect_imported
+    assert "prefect" not in imported
     assert summary["status"] == "skipped"
     assert summary["prefect"] is False
     assert summary["message"].startswith("skipped: no changes since the last sync; in step")
@@ -98,12 +98,12 @@ def test_a_run_finding_the_lock_taken_is_skipped_without_prefect(pipeline: Pipel
     key = pipeline.settings.key("lock", "sync")
     client.set(key, "another-run", ex=60)
     try:
-        summary, prefect_imported = run_cli()
+        summary, imported = run_cli()
     finally:
         client.delete(key)
         client.close()
 
-    assert not prefect_imported
+    assert "prefect" not in imported
     assert summary["status"] == "skipped"
     assert "another run holds the lock (another-run)" in summary["message"]
     assert {r["status"] for r in skipped_rows(pipeline, summary["run_id"])} == {"skipped"}
@@ -115,9 +115,42 @@ def test_a_run_with_something_to_do_goes_through_the_flow(pipeline: Pipeline) ->
     assert sync_pipeline()["status"] == "ok"
     mutate(pipeline.db, 5, seed=3, now=datetime.now(UTC))
 
-    summary, prefect_imported = run_cli(prefect_api=PREFECT_API_URL.value())
+    summary, imported = run_cli(prefect_api=PREFECT_API_URL.value())
 
-    assert prefect_imported
+    assert "prefect" in imported
     assert summary["status"] == "ok"
     assert "tasks" in summary["changed"]
     assert "prefect" not in summary
+
+
+def test_a_run_right_after_a_write_is_a_no_op(pipeline: Pipeline) -> None:
+    assert sync_pipeline()["status"] == "ok"
+    mutate(pipeline.db, 5, seed=4, now=datetime.now(UTC))
+    assert sync_pipeline()["status"] == "ok"  # loads and builds the write
+
+    # The write lies inside the overlap window, which the next sync would re-read.
+    summary, imported = run_cli()
+
+    assert summary["status"] == "skipped"
+    assert "prefect" not in imported and "dbt" not in imported
+
+
+def test_a_delete_is_seen_by_a_run_without_writes(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    # No overlap window: the seeded documents' ids count on both sides at once.
+    monkeypatch.setenv("LOADER_OVERLAP_SECONDS", "0")
+    assert sync_pipeline()["status"] == "ok"
+    gone = pipeline.db.tasks.find_one_and_delete({})
+    assert gone is not None
+
+    summary, imported = run_cli(prefect_api=PREFECT_API_URL.value())
+
+    assert "prefect" in imported  # handed to the flow, which reconciles it
+    assert summary["status"] == "ok"
+    deleted = pipeline.scalar(
+        "SELECT is_deleted FROM raw.tasks FINAL WHERE _id = {i:String}", i=str(gone["_id"])
+    )
+    assert deleted == 1

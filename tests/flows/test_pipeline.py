@@ -103,6 +103,25 @@ def test_run_after_an_update_processes_just_that_change(pipeline: Pipeline) -> N
     assert status == "in_progress"
 
 
+def test_an_incremental_build_runs_only_the_alerting_tests_and_a_reconcile_run_every_test(
+    pipeline: Pipeline,
+) -> None:
+    def tests_run(run_id: str) -> set[str]:
+        return {s for s in steps_of(pipeline, run_id) if s.startswith("dbt:test:")}
+
+    sync_pipeline()
+    mutate(pipeline.db, 5, seed=11, now=datetime.now(UTC))
+    incremental = sync_pipeline()
+    mutate(pipeline.db, 5, seed=12, now=datetime.now(UTC))
+    reconciling = sync_pipeline(reconcile=True)
+
+    few, every = tests_run(incremental["run_id"]), tests_run(reconciling["run_id"])
+    assert "dbt:model:task_events" in steps_of(pipeline, incremental["run_id"])
+    # The tests that store their failures (data-quality alerts) are the named ones.
+    assert few and all("_named_" in t for t in few)
+    assert few < every
+
+
 def test_reconcile_run_repairs_an_update_that_moved_updated_at_backwards(
     pipeline: Pipeline,
 ) -> None:
@@ -231,7 +250,7 @@ def test_failing_dbt_model_fails_the_flow_naming_it(
 
     assert "no_such_column" in str(failure.value)  # ClickHouse's own message
     # The load landed and its watermark advanced: nothing is left to load.
-    from loader.sync import has_changes
+    from loader.changes import has_changes
 
     assert not has_changes(pipeline.loader_settings, "tasks")
 

@@ -7,9 +7,10 @@ from clickhouse_connect.driver.client import Client
 from pymongo.database import Database
 
 from devstack.process import free_ports
+from loader.changes import has_changes
 from loader.clients import ServerUnavailable
 from loader.settings import Settings
-from loader.sync import has_changes, sync_collection
+from loader.sync import sync_collection
 from loader.watermark import Watermark, load_watermark
 from synthetic import mutate, seed
 

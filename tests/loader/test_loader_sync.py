@@ -13,6 +13,7 @@ from loader_testlib import Loaded, clickhouse_tasks, mongo_tasks, run_record
 from pymongo.database import Database
 from pymongo.errors import AutoReconnect
 
+from loader.changes import has_changes
 from loader.clients import Clients
 from loader.mapping import CODEC_OPTIONS, MAX_DATETIME64_MS
 from loader.settings import Settings
@@ -21,7 +22,6 @@ from loader.sync import (
     WATERMARK_INDEX_NAME,
     BatchStored,
     ensure_watermark_index,
-    has_changes,
     sync_collection,
 )
 from loader.watermark import Watermark, load_watermark, save_watermark
