@@ -9,6 +9,7 @@ bench.runner_bench`; figures in docs/ARCHITECTURE.md, "Measurements behind desig
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -91,8 +92,16 @@ def selectors(
     ]
 
 
-def dbt_args(settings: FlowSettings, command: str, select: list[str]) -> list[str]:
+def dbt_args(
+    settings: FlowSettings,
+    command: str,
+    select: list[str],
+    dbt_vars: dict[str, Any] | None = None,
+) -> list[str]:
     args = [command, "--project-dir", str(settings.dbt_project_dir)]
+    if dbt_vars:
+        # What the server lacks, switched off (`loader.server_version.ServerVersion.dbt_vars`).
+        args += ["--vars", json.dumps(dbt_vars)]
     if select:
         args += ["--select", *select]
         if any("," in s for s in select):
@@ -157,14 +166,20 @@ def _forget_ensured_databases() -> None:
         ensured.clear()
 
 
-def run_build(settings: FlowSettings, select: list[str], full_refresh: bool = False) -> BuildResult:
+def run_build(
+    settings: FlowSettings,
+    select: list[str],
+    full_refresh: bool = False,
+    dbt_vars: dict[str, Any] | None = None,
+) -> BuildResult:
     """Run `dbt build --select <select>` (`--full-refresh`: incremental models rebuilt from
-    scratch); raise DbtBuildError naming the failed nodes."""
+    scratch; `dbt_vars`: passed as `--vars`); raise DbtBuildError naming the failed nodes."""
     from dbt.cli.main import dbtRunner
 
     _forget_ensured_databases()
     # A fresh runner per build: dbtRunner instances are not meant to be reused concurrently.
-    args = dbt_args(settings, "build", select) + (["--full-refresh"] if full_refresh else [])
+    args = dbt_args(settings, "build", select, dbt_vars)
+    args += ["--full-refresh"] if full_refresh else []
     res = dbtRunner().invoke(args)
     build = BuildResult(select=select)
     results = getattr(res.result, "results", None) or []

@@ -143,8 +143,11 @@ def check_drift_task(clients: Clients, collection: str) -> Drift:
 
 
 @task(name="dbt-build", cache_policy=NO_CACHE)
-def dbt_build(settings: FlowSettings, select: list[str], full_refresh: bool = False) -> BuildResult:
-    return run_build(settings, select, full_refresh)
+def dbt_build(
+    settings: FlowSettings, clients: Clients, select: list[str], full_refresh: bool = False
+) -> BuildResult:
+    # The models switch off what this ClickHouse lacks (patch-part deletes before 25.7).
+    return run_build(settings, select, full_refresh, clients.version().dbt_vars())
 
 
 def _summary(
@@ -306,7 +309,7 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool, reconcile: bool) 
     with recorder.step("dbt_build") as step:
         step.message = " ".join(select) + (" --full-refresh" if rebuild else "")
         try:
-            build = dbt_build.with_options(**options)(settings, select, rebuild)
+            build = dbt_build.with_options(**options)(settings, clients, select, rebuild)
         except DbtBuildError as exc:
             for node in exc.nodes:
                 recorder.add(node)
