@@ -278,7 +278,7 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool, reconcile: bool) 
         alerts.append(check_loader_memory(settings, run_id, collection, peak_rss))
         alerts.append(check_source_replaced(run_id, collection, replaced))
 
-    drifts = _check_drift(run, clients, options, reconcile_all=reconcile)
+    drifts, repairs = _check_drift(run, clients, options, reconcile_all=reconcile)
     alerts.extend(check_drift(run_id, d) for d in drifts.values())
     in_step = _describe_drift(drifts)
 
@@ -350,16 +350,19 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool, reconcile: bool) 
         data_version=version,
         in_step=in_step,
         drift={c: _drift_summary(d) for c, d in drifts.items()},
+        repairs=repairs,
         alerts=[a.message for a in raised],
     )
 
 
 def _check_drift(
     run: RunContext, clients: Clients, options: dict[str, Any], *, reconcile_all: bool
-) -> dict[str, Drift]:
+) -> tuple[dict[str, Drift], dict[str, dict[str, int]]]:
     """Count both sides of every collection; reconcile the ones that differ (every one with
-    `reconcile_all`) in this run, then count again. Each final count is recorded."""
+    `reconcile_all`) in this run, then count again. Each final count is recorded. Returns the
+    final counts and what each reconcile repaired."""
     drifts: dict[str, Drift] = {}
+    repairs: dict[str, dict[str, int]] = {}
     with run.recorder.step("check_drift") as step:
         notes = []
         for collection in run.settings.collections:
@@ -369,13 +372,18 @@ def _check_drift(
                 before = "" if drift is None else f"{drift.differ} differed; "
                 result = reconcile_collection_task.with_options(**options)(clients, collection)
                 note = f"{before}reconciled: {_describe_repair(result)}"
+                repairs[collection] = {
+                    "tombstones": result.deletes,
+                    "rows_loaded": result.rows_written,
+                    "rejects": result.rejects,
+                }
                 notes.append(f"{collection}: {note}")
                 drift = check_drift_task(clients, collection)
             record_drift(clients, drift, run.run_id, note)
             drifts[collection] = drift
         step.rows = sum(d.differ for d in drifts.values())
         step.message = "; ".join([d.describe() for d in drifts.values()] + notes)
-    return drifts
+    return drifts, repairs
 
 
 def _describe_repair(result: ReconcileResult) -> str:

@@ -16,6 +16,15 @@ def short_summary(summary: dict[str, Any]) -> str:
             for name, info in loads.items()
         ]
         lines.append("loaded: " + "; ".join(parts))
+    # Deletes and late writes the watermark cannot see, found by the count check or the
+    # scheduled reconcile: without this line a bulk delete would read as "0 deleted".
+    repairs = {name: r for name, r in (summary.get("repairs") or {}).items() if any(r.values())}
+    if repairs:
+        parts = [
+            f"{name} {r['tombstones']:,} deleted in MongoDB, {r['rows_loaded']:,} rows reloaded"
+            for name, r in repairs.items()
+        ]
+        lines.append("repaired by reconcile: " + "; ".join(parts))
     if summary.get("built"):
         refresh = " (full refresh)" if summary.get("full_refresh") else ""
         lines.append(f"built: {' '.join(summary['built'])}{refresh}")

@@ -317,3 +317,18 @@ def test_loader_shards_load_as_mapped_tasks_and_match_mongo(
         "SELECT status FROM analytics.pipeline_state WHERE task_id = {t:String}", t=task_id
     )
     assert status == "done"
+
+
+def test_a_bulk_delete_is_repaired_and_said_in_the_summary(pipeline: Pipeline) -> None:
+    from flows.summary import short_summary
+
+    sync_pipeline()
+    deleted = pipeline.db.tasks.delete_many({"stage": "review"}).deleted_count
+    assert deleted > 0
+
+    summary = sync_pipeline()
+
+    assert summary["repairs"]["tasks"]["tombstones"] == deleted
+    assert f"tasks {deleted:,} deleted in MongoDB" in short_summary(summary)
+    live = pipeline.scalar("SELECT count() FROM analytics.task_events WHERE is_deleted = 0")
+    assert live == pipeline.db.tasks.count_documents({})
