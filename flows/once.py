@@ -257,3 +257,13 @@ def _quiet_console() -> None:
         for handler in getattr(logger, "handlers", []):
             if isinstance(handler, PrefectConsoleHandler):
                 handler.setLevel(logging.WARNING)
+                handler.addFilter(_without_run_failures)
+
+
+def _without_run_failures(record: logging.LogRecord) -> bool:
+    """Prefect's own report of a failed flow or task run (the exception's repr, on one long
+    line) is left to its API: the command's one error line names the cause and the fix."""
+    failed_run = record.levelno >= logging.ERROR and record.name.startswith(
+        ("prefect.flow_runs", "prefect.task_runs")
+    )
+    return not failed_run

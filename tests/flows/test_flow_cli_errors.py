@@ -37,6 +37,8 @@ def _error_line(out: subprocess.CompletedProcess[str], *names: str) -> str:
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     assert len(lines) == 1, out.stderr[-3000:]
+    # Prefect's own report of the failed run (the exception's repr) would say it twice.
+    assert "| ERROR" not in out.stderr, out.stderr[-3000:]
     for name in names:
         assert name in lines[0], lines[0]
     return lines[0]
