@@ -74,7 +74,7 @@ def skip_if_idle(settings: FlowSettings, clients: Clients) -> dict[str, Any] | N
             except REDIS_ERRORS:
                 return None
             if not acquired:
-                guard = Guard(False, "redis", link.call(lambda c: c.get(key) or "", ""))
+                guard = Guard(False, "redis", link.call(lambda c: str(c.get(key) or ""), ""))
                 step.status, step.message = "skipped", guard.skip_message
         counts = None
         try:
