@@ -39,9 +39,10 @@ class Sides:
             self.settings, "tasks", clients=self.clients, page_size=page_size
         )
 
-    def in_step(self) -> bool:
-        """ClickHouse's live tasks are MongoDB's, field for field."""
-        return clickhouse_tasks(self.clickhouse) == mongo_tasks(self.db)
+    def assert_in_step(self) -> None:
+        """ClickHouse's live tasks are MongoDB's, field for field (pytest shows the difference:
+        this module's asserts are rewritten)."""
+        assert clickhouse_tasks(self.clickhouse) == mongo_tasks(self.db)
 
     def rejects(self) -> int:
         return int(
@@ -112,7 +113,7 @@ def test_a_write_the_watermark_sync_cannot_see_is_loaded_by_reconcile(
 
     assert unseen.rows_written == 0  # below the watermark: the sync cannot see it
     assert (getattr(result, repaired_as), result.rows_written) == (1, 1)
-    assert sides.in_step()
+    sides.assert_in_step()
 
 
 def test_a_second_reconcile_after_a_repair_finds_no_difference(
@@ -153,7 +154,7 @@ def test_reconcile_tombstones_100000_deleted_tasks_in_one_run(loaded: Loaded, si
 
     assert gone == 100_000
     assert (result.differing, result.deletes) == (100_000, 100_000)
-    assert sides.in_step()
+    sides.assert_in_step()
     assert len(clickhouse_tasks(sides.clickhouse, deleted=True)) == 100_000
 
 
@@ -188,7 +189,7 @@ def test_reconcile_repairs_every_kind_of_difference_page_by_page(
 
     counts = (result.deletes, result.missing_in_clickhouse, result.stale_in_clickhouse)
     assert (result.differing, counts) == (gone + late + stale, (gone, late, stale))
-    assert sides.in_step()
+    sides.assert_in_step()
     assert sides.reconcile().differing == 0
 
 
