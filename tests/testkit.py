@@ -1,14 +1,20 @@
-"""Helpers shared by several suites: capturing Prefect's run logs, and starting calls at once."""
+"""Helpers shared by several suites: capturing Prefect's run logs, starting calls at once, and
+running the project's modules as commands."""
 
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parents[1]
 
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 
@@ -73,3 +79,18 @@ def run_at_once(call: Callable[[], T], times: int = 2, timeout_s: float | None =
     if errors:
         raise errors[0]
     return results
+
+
+def run_module(*args: str, env: Mapping[str, str], timeout: float) -> str:
+    """`python -m <args>` run from the repository with `env`, as a command line runs it; its
+    standard output. A non-zero exit fails the test with the end of its standard error."""
+    proc = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=REPO,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

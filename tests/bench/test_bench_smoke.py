@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
+from testkit import run_module
 
-REPO = Path(__file__).resolve().parents[2]
 TOP_LEVEL = {
     "schema",
     "generated_at",
@@ -88,15 +85,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         # The incremental round waits the overlap window out; keep that short here.
         "LOADER_OVERLAP_SECONDS": "1",
     }
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_module("bench", env=env, timeout=300)
     return json.loads(out.read_text())
 
 

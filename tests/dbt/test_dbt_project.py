@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from testkit import run_module
 
-REPO = Path(__file__).resolve().parents[2]
 STAGES = ["intake", "review", "processing", "quality_check", "approval", "delivered"]
 
 
@@ -162,26 +159,8 @@ def test_docs_generate_documents_every_model_and_column(built, dbt) -> None:
 
 def test_sqlfluff_lint_is_clean(built, dbt) -> None:
     env = {**os.environ, **dbt.env}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sqlfluff",
-            "lint",
-            "models",
-            "tests/data",
-            "--nofail",
-            "--format",
-            "json",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+    lint = ("lint", "models", "tests/data", "--nofail", "--format", "json")
+    report = json.loads(run_module("sqlfluff", *lint, env=env, timeout=600))
     assert report, "sqlfluff linted no files"
     problems = [
         f"{f['filepath']}:{v['start_line_no']} {v['code']} {v['description']}"

@@ -7,10 +7,13 @@ The fixtures are in conftest.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import clickhouse_connect
+import psutil
 from clickhouse_connect.driver.client import Client
 
 from devstack.clickhouse import ClickHouseServer
@@ -51,3 +54,37 @@ class Front:
 
 
 StartFront = Callable[..., Front]
+
+
+@dataclass
+class Growth:
+    """How far a process's resident memory rose above where it stood when sampling began."""
+
+    baseline: int
+    peak: int
+
+    @property
+    def bytes(self) -> int:
+        return self.peak - self.baseline
+
+
+@contextmanager
+def rss_growth(pid: int) -> Iterator[Growth]:
+    """Sample the resident memory of `pid` every 10 ms while the block runs; the peak stays
+    in the yielded `Growth` after it (a buffered body shows as growth, a streamed one not)."""
+    server = psutil.Process(pid)
+    growth = Growth(baseline=server.memory_info().rss, peak=0)
+    growth.peak = growth.baseline
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.01):
+            growth.peak = max(growth.peak, server.memory_info().rss)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield growth
+    finally:
+        done.set()
+        sampler.join()

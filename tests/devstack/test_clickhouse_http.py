@@ -22,13 +22,12 @@ from pathlib import Path
 import httpx
 import lz4.frame
 import pandas as pd
-import psutil
 import pyarrow as pa
 import pytest
 import zstandard
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
-from clickhouse_fronts import HOST, Front, StartFront
+from clickhouse_fronts import HOST, Front, StartFront, rss_growth
 
 
 @pytest.fixture
@@ -102,26 +101,25 @@ def test_server_side_parameters_are_bound(client: Client) -> None:
 
 def test_result_over_100_mb_streams_without_the_server_holding_it(front: Front) -> None:
     client = front.client()
-    server = psutil.Process(front.pid)
     query = "SELECT number, repeat('x', 100) FROM numbers({n:UInt64})"
     with client.query_row_block_stream(query, parameters={"n": 200_000}) as warm_up:
         for _ in warm_up:  # let the engine and allocator reach their steady size first
             pass
-    baseline = server.memory_info().rss
-    peak, rows, result_bytes = baseline, 0, 0
-    with client.query_row_block_stream(query, parameters={"n": 1_500_000}) as stream:
+    rows, result_bytes = 0, 0
+    with (
+        rss_growth(front.pid) as growth,
+        client.query_row_block_stream(query, parameters={"n": 1_500_000}) as stream,
+    ):
         for block in stream:
             rows += len(block)
             result_bytes += sum(8 + len(row[1]) for row in block)
-            peak = max(peak, server.memory_info().rss)
     assert rows == 1_500_000
     assert result_bytes > 100_000_000
-    assert peak - baseline < result_bytes / 2
+    assert growth.bytes < result_bytes / 2
 
 
 def test_large_insert_body_streams_into_the_engine_unbuffered(front: Front) -> None:
     httpx.post(front.url, content=b"CREATE TABLE big_in (a UInt64, s String) ENGINE = Null")
-    server = psutil.Process(front.pid)
     row_tail = b"\t" + b"x" * 200 + b"\n"
     batches = 500  # 500 x 1000 rows x ~206 bytes: ~100 MB of TSV
 
@@ -129,31 +127,20 @@ def test_large_insert_body_streams_into_the_engine_unbuffered(front: Front) -> N
         for i in range(batches):
             yield b"".join(b"%d%s" % (n, row_tail) for n in range(i * 1000, (i + 1) * 1000))
 
-    peak = baseline = server.memory_info().rss
-    sampling = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not sampling.wait(0.01):
-            peak = max(peak, server.memory_info().rss)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
     # Small squashing thresholds: by default ClickHouse itself gathers up to 256 MB per block.
     settings = {"min_insert_block_size_rows": "65536", "min_insert_block_size_bytes": "8000000"}
-    response = httpx.post(
-        front.url,
-        params={"query": "INSERT INTO big_in FORMAT TSV", **settings},
-        content=body(),
-        timeout=300,
-    )
-    sampling.set()
-    sampler.join()
+    with rss_growth(front.pid) as growth:
+        response = httpx.post(
+            front.url,
+            params={"query": "INSERT INTO big_in FORMAT TSV", **settings},
+            content=body(),
+            timeout=300,
+        )
     assert response.status_code == 200, response.text
     assert json.loads(response.headers["X-ClickHouse-Summary"])["written_rows"] == "500000"
     # Buffering the 100 MB body would grow the server by at least that much; engine blocks add
     # some tens of MB, more on a loaded machine.
-    assert peak - baseline < 100_000_000
+    assert growth.bytes < 100_000_000
 
 
 def test_sql_error_surfaces_with_clickhouse_code_and_message(client: Client) -> None:
@@ -509,31 +496,18 @@ def test_header_over_the_field_limit_gets_clickhouse_bare_400(
 
 
 def test_request_line_far_over_the_limits_is_cut_off_unbuffered(front: Front) -> None:
-    server = psutil.Process(front.pid)
-    peak = baseline = server.memory_info().rss
-    sampling = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not sampling.wait(0.01):
-            peak = max(peak, server.memory_info().rss)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
     reply = b""
-    try:
-        with socket.create_connection((HOST, front.port), timeout=30) as sock:
-            sock.sendall(b"GET /?query=SELECT+1&param_x=")
-            for _ in range(64):  # 64 MiB, never finished by a newline
-                sock.sendall(b"a" * (1 << 20))
-            reply = sock.recv(1024)
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the server hung up while we were still sending: what we want
-    finally:
-        sampling.set()
-        sampler.join()
+    with rss_growth(front.pid) as growth:
+        try:
+            with socket.create_connection((HOST, front.port), timeout=30) as sock:
+                sock.sendall(b"GET /?query=SELECT+1&param_x=")
+                for _ in range(64):  # 64 MiB, never finished by a newline
+                    sock.sendall(b"a" * (1 << 20))
+                reply = sock.recv(1024)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server hung up while we were still sending: what we want
     assert reply == b"" or reply.startswith(b"HTTP/1.1 400")
-    assert peak - baseline < 32 << 20
+    assert growth.bytes < 32 << 20
     assert httpx.get(f"{front.url}ping").text == "Ok.\n"
 
 

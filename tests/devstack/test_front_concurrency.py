@@ -106,7 +106,10 @@ def running_queries(front: Front, tag: str) -> int:
     return int(httpx.post(front.url, content=sql.encode(), timeout=60).text)
 
 
-def test_query_whose_client_disconnects_is_cancelled(front: Front) -> None:
+@contextmanager
+def an_hour_long_query_running(front: Front) -> Iterator[str]:
+    """A client waiting for a query that would run for an hour, started and running in the
+    engine while the block runs (its tag is yielded); the client hangs up when the block ends."""
     # JSON is written in one piece, so the query runs to its end before the answer starts; it
     # would run for an hour (1000 blocks of one row, 3 s of sleep each).
     tag = f"tag_{uuid.uuid4().hex[:8]}"
@@ -118,6 +121,12 @@ def test_query_whose_client_disconnects_is_cancelled(front: Front) -> None:
     with socket.create_connection((HOST, front.port), timeout=30) as sock:
         sock.sendall(request.encode())
         wait_until(lambda: running_queries(front, tag) == 1, "the query to start")
+        yield tag
+
+
+def test_query_whose_client_disconnects_is_cancelled(front: Front) -> None:
+    with an_hour_long_query_running(front) as tag:
+        pass
     # The client hung up: the front cancels the query in the engine.
     wait_until(lambda: running_queries(front, tag) == 0, "the query to be cancelled")
     assert "client went away, cancelling it" in front.log
@@ -161,15 +170,7 @@ def test_shutdown_cancels_running_statements_and_closes_the_engine_cleanly(
     start_front: StartFront,
 ) -> None:
     front = start_front()
-    tag = f"tag_{uuid.uuid4().hex[:8]}"
-    query = f"SELECT sleepEachRow(3) AS {tag} FROM numbers(1000) SETTINGS max_block_size = 1"
-    request = (
-        f"POST /?default_format=JSON HTTP/1.1\r\nHost: {HOST}\r\n"
-        f"Content-Length: {len(query)}\r\n\r\n{query}"
-    )
-    with socket.create_connection((HOST, front.port), timeout=30) as sock:
-        sock.sendall(request.encode())
-        wait_until(lambda: running_queries(front, tag) == 1, "the query to start")
+    with an_hour_long_query_running(front):
         # The client is still waiting for its answer: uvicorn alone would wait for it for an
         # hour, and the stack would SIGKILL the server after its stop timeout.
         front.stop()

@@ -14,7 +14,7 @@ from pymongo.database import Database
 
 from loader.build_pending import clear_build_pending, pending_builds
 from loader.clients import Clients
-from loader.follower import StoredBatch, follow_changes
+from loader.follower import FollowResult, StoredBatch, follow_changes
 from loader.reconcile import reconcile_collection
 from loader.settings import Settings
 from loader.store import load_resume_token, save_resume_token, write_tombstones
@@ -96,14 +96,22 @@ def test_tombstone_takes_the_deletion_time_or_else_the_last_version_plus_one(
     assert (live_version, dead_version) == (last, last + version_after_ms)
 
 
-def test_watch_resumes_after_the_last_processed_event(
-    loaded: Loaded, settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
-) -> None:
-    loaded(200, seed=203, follow=True)
+def _one_delete_watched_and_one_not_yet(
+    settings: Settings, clients: Clients, db: Database
+) -> FollowResult:
+    """Delete the first task and watch it, then delete the second: the result of that watch."""
     first, second = _first_ids(db, 2)
     db.tasks.delete_one({"_id": first})
-    follow_changes(settings, "tasks", clients=clients, idle_timeout_s=0.5)
+    watched = follow_changes(settings, "tasks", clients=clients, idle_timeout_s=0.5)
     db.tasks.delete_one({"_id": second})
+    return watched
+
+
+def test_watch_resumes_after_the_last_processed_event(
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database
+) -> None:
+    loaded(200, seed=203, follow=True)
+    _one_delete_watched_and_one_not_yet(settings, clients, db)
 
     resumed = follow_changes(settings, "tasks", clients=clients, idle_timeout_s=0.5)
 
@@ -152,10 +160,7 @@ def test_deletes_are_counted_in_run_records(
     loaded: Loaded, settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
 ) -> None:
     loaded(300, seed=207, follow=True)
-    a, b = _first_ids(db, 2)
-    db.tasks.delete_one({"_id": a})
-    watched = follow_changes(settings, "tasks", clients=clients, idle_timeout_s=0.5)
-    db.tasks.delete_one({"_id": b})
+    watched = _one_delete_watched_and_one_not_yet(settings, clients, db)
     reconciled = reconcile_collection(settings, "tasks", clients=clients)
 
     recorded = dict(

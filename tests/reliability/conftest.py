@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from harness import REPO, Report
-from world import RELIABILITY_DB, World
+from world import RELIABILITY_DB, World, emptied_world
 
 from devstack.stack import Stack, start_on_free_ports
 
@@ -45,12 +45,8 @@ def report(pytestconfig: pytest.Config) -> Report:
 def world(stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     """The session stack, emptied; MONGO_DB points at this suite's database."""
     monkeypatch.setenv("MONGO_DB", RELIABILITY_DB)
-    w = World(stack, Path(os.environ.get("PIPELINE_DATA_DIR", tmp_path)))
-    w.reset()
-    try:
+    with emptied_world(stack, Path(os.environ.get("PIPELINE_DATA_DIR", tmp_path))) as w:
         yield w
-    finally:
-        w.close()
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +65,5 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture
 def fault_world(fault_stack: Stack, tmp_path: Path) -> Iterator[World]:
-    w = World(fault_stack, tmp_path)
-    w.reset()
-    try:
+    with emptied_world(fault_stack, tmp_path) as w:
         yield w
-    finally:
-        w.close()

@@ -39,7 +39,7 @@ from harness import (
 )
 from pymongo import MongoClient, WriteConcern
 from pymongo.errors import PyMongoError
-from world import World
+from world import World, emptied_world
 
 from devstack.process import free_ports, is_alive
 from devstack.replica_set import MongoReplicaSet, ReplicaMember
@@ -107,12 +107,8 @@ def heal(replica_set: MongoReplicaSet) -> None:
 @pytest.fixture
 def rs_world(replica_stack: ReplicaSetStack, tmp_path: Path) -> Iterator[World]:
     heal(replica_stack.replica_set)
-    world = World(replica_stack, tmp_path)
-    world.reset()
-    try:
+    with emptied_world(replica_stack, tmp_path) as world:
         yield world
-    finally:
-        world.close()
 
 
 @dataclass(frozen=True)

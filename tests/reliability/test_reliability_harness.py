@@ -1,5 +1,6 @@
-"""The harness itself: each kind of divergence between MongoDB and ClickHouse is counted, and
-the loader announces every fault point the scenarios inject their faults at."""
+"""The harness itself: each scenario starts from empty databases, each kind of divergence
+between MongoDB and ClickHouse is counted, and the loader announces every fault point the
+scenarios inject their faults at."""
 
 from __future__ import annotations
 
@@ -9,13 +10,25 @@ from pathlib import Path
 import pytest
 from bson import ObjectId
 from harness import compare_raw, compare_task_events, dbt_build
-from world import PHASES, LoaderProcess, World
+from world import PHASES, LoaderProcess, World, emptied_world
 
 
 def loaded(world: World) -> World:
     world.seed(200)
     world.sync("tasks")
     return world
+
+
+def test_a_scenario_world_starts_with_both_sides_empty(world: World, tmp_path: Path) -> None:
+    loaded(world)
+
+    with emptied_world(world.stack, tmp_path) as next_scenario:
+        left_in_clickhouse = next_scenario.ch.command(
+            "SELECT count() FROM system.databases WHERE name IN ('raw', 'ops', 'analytics')"
+        )
+        left_in_mongo = next_scenario.db.list_collection_names()
+
+    assert (left_in_clickhouse, left_in_mongo) == (0, [])
 
 
 def test_in_step_collection_compares_clean(world: World) -> None:

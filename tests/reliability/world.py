@@ -11,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -142,6 +144,17 @@ class World:
     def close(self) -> None:
         self.mongo.close()
         self.ch.close()
+
+
+@contextmanager
+def emptied_world(stack: Stack, data_dir: Path) -> Iterator[World]:
+    """A `World` on `stack` with both databases emptied first, its clients closed after."""
+    world = World(stack, data_dir)
+    world.reset()
+    try:
+        yield world
+    finally:
+        world.close()
 
 
 class LoaderProcess:
