@@ -12,14 +12,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import bson
 from bson import MinKey, ObjectId
 from bson.datetime_ms import DatetimeMS
 from pymongo.collection import Collection
 from pymongo.cursor import Cursor
-from pymongo.read_preferences import make_read_preference, read_pref_mode_from_name
+from pymongo.errors import OperationFailure
+from pymongo.read_preferences import (
+    ReadPreference,
+    make_read_preference,
+    read_pref_mode_from_name,
+)
 
 from loader.build_pending import mark_build_pending
 from loader.clients import (
@@ -67,6 +72,7 @@ from loader.watermark import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 WATERMARK_INDEX = [("updated_at", 1), ("_id", 1)]
 WATERMARK_INDEX_NAME = "updated_at_1__id_1"
@@ -341,6 +347,23 @@ class _Run:
                 buf = []
         self.flush(buf)
 
+    def hinted(self, read: Callable[[], T]) -> T:
+        """Run a read that hints the watermark index. A secondary (LOADER_READ_PREFERENCE) may
+        not have an index the primary has just built, its commit replicating a moment later:
+        the read is then done again on the primary, where this run stays."""
+        try:
+            return read()
+        except OperationFailure as exc:
+            on_primary = self.coll.read_preference == ReadPreference.PRIMARY
+            if on_primary or "hint provided does not correspond" not in str(exc):
+                raise
+            log.warning(
+                "a secondary does not have %s's watermark index yet; this run reads the primary",
+                self.collection,
+            )
+            self.coll = self.coll.with_options(read_preference=ReadPreference.PRIMARY)
+            return read()
+
     def read_main(self, bounds: ReadBounds) -> None:
         """Stream documents past `bounds` in batches. After a transient error the cursor is
         reopened at the last stored position (documents read but not stored are re-read);
@@ -498,15 +521,17 @@ def sync_collection(
                 before, settings.overlap_seconds, settings.max_future_seconds, run.read_started_ms
             )
             if progress:
-                total = mongo_call(
-                    settings,
-                    lambda: run.coll.count_documents(
-                        bounds.mongo_filter() | shard.mongo_filter(), hint=WATERMARK_INDEX
-                    ),
+                total = run.hinted(
+                    lambda: mongo_call(
+                        settings,
+                        lambda: run.coll.count_documents(
+                            bounds.mongo_filter() | shard.mongo_filter(), hint=WATERMARK_INDEX
+                        ),
+                    )
                 )
                 progress.start(collection, total)
-            run.read_main(bounds)
-            run.sweep_undatable(bounds.upper_ms)
+            run.hinted(lambda: run.read_main(bounds))
+            run.hinted(lambda: run.sweep_undatable(bounds.upper_ms))
             after = run.watermark or before
             rec.watermark_after = after.describe() if after else ""
             if rec.docs_read != rec.rows_written + rec.rejects:

@@ -50,6 +50,7 @@ MEASUREMENT_KEYS = {
     *(f"web.{page}{suffix}" for page in PAGES for suffix in ("", "_uncached")),
     "freshness.50_per_s",
     "freshness.500_per_s",
+    *(f"shards.{n}w{suffix}" for n in (1, 2, 4) for suffix in ("", "_per_worker", "_rss")),
 }
 COMPARISON_KEYS = {
     "loader_vs_cursor_drain",
