@@ -115,3 +115,13 @@ def test_the_banner_warns_when_live_updates_fall_behind(page: Any, site: Site) -
     page.goto(site.url + "/")
     expect(lag).to_have_attribute("data-level", "off")
     expect(lag).to_have_text(OFF_TEXT)
+
+
+def test_make_dashboard_prints_the_same_state_first(site: Site) -> None:
+    from flows.dashboard import live_panel
+
+    saved_state(site, lag_seconds=42, saved_ago_s=1)
+    panel = live_panel(site.ch, site.settings.web_lag_warn_seconds)
+    assert panel.rows[0]["state"] == live_state(site).live.text
+    assert [r["collection"] for r in panel.rows] == ["(all)", "tasks"]
+    assert panel.rows[1]["lag_s"] == 42
