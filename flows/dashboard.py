@@ -1,6 +1,7 @@
 """`python -m flows.dashboard` (`make dashboard`): the current pipeline, through the query cache.
 
-Panels: whether the warehouse is in step with MongoDB, files per stage and status, the
+Panels: how far behind MongoDB the live updates are (never cached: `flows.live_lag`), whether
+the warehouse is in step with MongoDB, files per stage and status, the
 longest-waiting open files, employee workload, and the last runs' timings. Every query goes
 through `QueryCache` (keyed by the data version each landed sync bumps); a query slower than
 `PIPELINE_ALERT_QUERY_SECONDS` raises an alert.
@@ -18,12 +19,13 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 from rich.console import Console
 from rich.table import Table
 
-from flows import ops
+from flows import live_lag, ops
 from flows.alerts import check_query_duration, raise_alerts
 from flows.cache import QueryCache, Rows
 from flows.redis_link import RedisLink
 from flows.settings import FlowSettings
 from loader import errors
+from web.settings import WebSettings  # PIPELINE_WEB_LAG_WARN_SECONDS, one threshold for both
 
 # Open = still needs work from the assignee (dbt var `open_statuses`).
 OPEN = "status IN ('assigned', 'in_progress')"
@@ -165,6 +167,31 @@ def collect(
     return out
 
 
+LIVE_PANEL = PanelQuery("live_updates", "Live updates (change-stream followers)", live_lag.LAG_SQL)
+
+
+def live_panel(ch: Client, warn_seconds: float) -> Panel:
+    """The live updates' state, straight from ClickHouse (it moves every fraction of a
+    second): one line with the verdict, then one per follower."""
+    t0 = time.perf_counter()
+    try:
+        rows = _query(ch, LIVE_PANEL.sql)
+    except DatabaseError as exc:
+        return Panel(LIVE_PANEL, [{"error": " ".join(str(exc).split())[:300]}], False, 0.0)
+    state = live_lag.live_lag(rows, warn_seconds)
+    shown: Rows = [{"collection": "(all)", "state": state.text, "lag_s": "", "saved_ago_s": ""}]
+    shown += [
+        {
+            "collection": r["collection"],
+            "state": "",
+            "lag_s": round(float(r["lag_seconds"]), 1),
+            "saved_ago_s": round(float(r["saved_age_s"]), 1),
+        }
+        for r in rows
+    ]
+    return Panel(LIVE_PANEL, shown, False, time.perf_counter() - t0)
+
+
 def render(panels: list[Panel], console: Console, cache_line: str = "") -> None:
     for panel in panels:
         source = "cache" if panel.hit else f"ClickHouse {panel.seconds * 1000:.0f} ms"
@@ -194,7 +221,8 @@ def _show() -> None:
     ch = ops.connect(settings)
     try:
         ops.ensure_tables(ch)
-        panels = collect(settings, link, ch, logger)
+        warn = WebSettings().web_lag_warn_seconds
+        panels = [live_panel(ch, warn), *collect(settings, link, ch, logger)]
         stats = QueryCache(settings, link).stats()
         line = ""
         if stats is not None and stats.hit_rate is not None:

@@ -55,6 +55,8 @@ INVALID_RESUME_TOKEN = 260
 CHANGE_STREAM_FATAL = 280  # "the resume token was not found": its event is not in the oplog
 CANNOT_RESUME = (CHANGE_STREAM_HISTORY_LOST, INVALID_RESUME_TOKEN, CHANGE_STREAM_FATAL)
 INVALIDATED = "collection dropped or renamed: run reconcile"
+# An idle follower re-saves its position this often (its `saved_at` is its heartbeat).
+ALIVE_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -118,12 +120,14 @@ class _Settler:
         on_stored: Callable[[StoredBatch], None] | None,
         save_every_s: float,
         heartbeat_s: float,
+        alive_every_s: float,
     ) -> None:
         self.clients = clients
         self.collection = collection
         self.on_stored = on_stored
         self.save_every_s = save_every_s
         self.heartbeat_s = heartbeat_s
+        self.alive_every_s = alive_every_s
         self.saved_token = token
         self.saved_at = 0.0
         self.unsaved_lag: float | None = None  # lag of a settled batch whose position is unsaved
@@ -223,10 +227,12 @@ class _Settler:
         final = any(i.final for i in items)
         mono = time.monotonic()
         wait = self.save_every_s if stored else self.heartbeat_s
-        if (
-            last.token is not None
-            and last.token != self.saved_token
-            and (final or mono - self.saved_at >= wait)
+        moved = last.token != self.saved_token
+        # An idle follower saves its unchanged position now and then too: a recent `saved_at`
+        # tells the dashboard "running, nothing to do" apart from "stopped".
+        alive = not stored and mono - self.saved_at >= self.alive_every_s
+        if last.token is not None and (
+            (moved and (final or mono - self.saved_at >= wait)) or alive
         ):
             save_resume_token(
                 self._clients(),
@@ -342,6 +348,7 @@ class ChangeFollower:
         all_changes: bool = False,
         heartbeat_s: float = 1.0,
         save_every_s: float = 0.5,
+        alive_every_s: float = ALIVE_EVERY_S,
         after_store: Callable[[], None] | None = None,
     ) -> None:
         require_collection(collection)
@@ -380,6 +387,7 @@ class ChangeFollower:
             on_stored=on_stored,
             save_every_s=save_every_s,
             heartbeat_s=heartbeat_s,
+            alive_every_s=alive_every_s,
         )
 
     @property

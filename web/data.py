@@ -20,7 +20,7 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from flows import ops
+from flows import live_lag, ops
 from flows.cache import QueryCache, Rows
 from flows.redis_link import REDIS_ERRORS, RedisLink
 from web.settings import WebSettings
@@ -43,6 +43,7 @@ class Query:
     sql: str
     scope: str = "data"  # "runs": also keyed by the runs version (reads ops.*)
     clock: bool = False  # the SQL reads now(): cached for the clock TTL at most
+    fresh: bool = False  # never cached: changes every fraction of a second (a tiny read)
 
 
 def ms(column: str) -> str:
@@ -242,6 +243,8 @@ DRIFT = Query(
     """,
     scope="runs",
 )
+# How far behind the live updates are: read on every page, never cached.
+LIVE_LAG = Query("web_live_lag", live_lag.LAG_SQL, scope="runs", fresh=True)
 
 # -- one file, one employee, search ------------------------------------------------------------
 FILE_STATE = Query(
@@ -410,6 +413,7 @@ class Reader:
         them from there and computes only the misses."""
         if stats.versions is None:
             return
+        wanted = [(q, params) for q, params in wanted if not q.fresh]
         entries = [(q.name, {"sql": q.sql, **params}, q.scope) for q, params in wanted]
         for (query, params), rows in zip(
             wanted, self.cache.lookup_many(entries, stats.versions), strict=True
@@ -424,6 +428,9 @@ class Reader:
             return Result(ahead)
         ttl = self.settings.web_clock_ttl_seconds if query.clock else None
         try:
+            if query.fresh:
+                stats.misses += 1
+                return Result(self._compute(query, params, stats))
             lookup = self.cache.get_or_compute(
                 query.name,
                 lambda: self._compute(query, params, stats),

@@ -9,7 +9,9 @@ successful sync is older than this (default: twice `PIPELINE_SYNC_INTERVAL_MINUT
 `PIPELINE_WEB_REFRESH_SECONDS`: open pages also refresh this often, so times in stage keep
 moving between builds (from the Redis cache; ClickHouse is not asked again).
 `PIPELINE_WEB_LIVE_MIN_INTERVAL_SECONDS`: open pages are told of new data at most this often
-(0.5 s by default), however often the data version moves.
+(0.5 s by default), however often the data version moves. `PIPELINE_WEB_LAG_WARN_SECONDS`: the
+banner warns when the live updates (the change-stream follower) are further behind MongoDB than
+this (default 10 s).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class WebSettings(FlowSettings):
     web_stale_minutes: float | None = Field(None, gt=0)
     web_refresh_seconds: float = Field(60.0, gt=0)
     web_live_min_interval_seconds: float = Field(0.5, ge=0)
+    web_lag_warn_seconds: float = Field(10.0, gt=0)
     web_page_size: int = Field(25, ge=1, le=500)
     # Ageing buckets depend on the clock: recomputed at most this often, whatever the viewers.
     web_clock_ttl_seconds: int = Field(60, ge=1)

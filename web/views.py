@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from flows.live_lag import LiveLag, LiveLevel, live_lag
 from web import charts
 from web import data as q
 from web.data import Reader, ReadStats, Result
@@ -76,12 +77,32 @@ class Trust:
     headline: str
     details: list[str] = field(default_factory=list)
     error: str = ""
+    live: LiveLag | None = None  # the live updates' state; None: could not be read
 
 
 BANNER: list[tuple[q.Query, dict[str, Any]]] = [(q.TRUST, {}), (q.DRIFT, {})]
 
 
+def live(reader: Reader, settings: WebSettings, stats: ReadStats) -> LiveLag | None:
+    """How far behind the live updates are (None when `ops` cannot be read: the run history
+    line says why)."""
+    result = reader.read(q.LIVE_LAG, stats)
+    return live_lag(result.rows, settings.web_lag_warn_seconds) if result.ok else None
+
+
 def trust(reader: Reader, settings: WebSettings, stats: ReadStats, now: int) -> Trust:
+    banner = _trust(reader, settings, stats, now)
+    banner.live = live(reader, settings, stats)
+    if (
+        banner.live is not None
+        and banner.live.level == LiveLevel.behind
+        and banner.level in ("ok", "none")
+    ):
+        banner.level, banner.label = "warn", "Warning"
+    return banner
+
+
+def _trust(reader: Reader, settings: WebSettings, stats: ReadStats, now: int) -> Trust:
     t = reader.read(q.TRUST, stats)
     d = reader.read(q.DRIFT, stats)
     if not t.ok:

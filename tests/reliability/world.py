@@ -117,11 +117,12 @@ class World:
         extra_env: dict[str, str] | None = None,
         stdin: int | None = None,
         stderr: int | IO[Any] = subprocess.PIPE,
+        script: Path = WORKER,
     ) -> subprocess.Popen[str]:
         # The repo first on the path: the worker runs this checkout's code, as the tests do.
         path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
         return subprocess.Popen(
-            [sys.executable, str(WORKER), *args],
+            [sys.executable, str(script), *args],
             env={**os.environ, **self.env, "PYTHONPATH": path, **(extra_env or {})},
             cwd=REPO,
             stdin=stdin,
