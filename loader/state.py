@@ -32,12 +32,16 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 
 from loader.clients import Clients, clickhouse_call
+from loader.cluster import insert_settings, rows_payload
 from loader.mapping import MappedBatch
+from loader.schema import Table, mutation_target
 
 ANALYTICS_DB = "analytics"  # the dbt profile's schema (docs/ARCHITECTURE.md)
 STORE = f"{ANALYTICS_DB}.pipeline_state_store"
 STALE_VIEW = f"{ANALYTICS_DB}.pipeline_state_stale"
 RECOMPUTED_VIEW = f"{ANALYTICS_DB}.pipeline_state_recomputed"
+# The store's names only (dbt creates it): on a cluster its deletes go to the local tables.
+STORE_TABLE = Table(ANALYTICS_DB, "pipeline_state_store", (), "", "file_id")
 STORE_COLUMNS = [
     "file_id",
     "rank",
@@ -178,6 +182,7 @@ def settle_files(
     if not files:
         return 0
     ch = clients.clickhouse
+    cluster = clients.settings.clickhouse_cluster
     cols = ", ".join(STORE_COLUMNS)
     best: dict[str, list[Any]] = {}
     rows: list[tuple[str, int]] = []  # every live candidate row of the files
@@ -201,8 +206,10 @@ def settle_files(
     def insert(which: list[str]) -> None:
         new = [best[f] for f in which if f in best]
         if new:
+            token = insert_settings(cluster, STORE, rows_payload(STORE_COLUMNS, new))
             clickhouse_call(
-                clients.settings, lambda: ch.insert(STORE, new, column_names=STORE_COLUMNS)
+                clients.settings,
+                lambda: ch.insert(STORE, new, column_names=STORE_COLUMNS, settings=token),
             )
 
     insert(differing)
@@ -214,7 +221,7 @@ def settle_files(
         clickhouse_call(
             clients.settings,
             lambda: ch.command(
-                f"DELETE FROM {STORE} WHERE (file_id, rank) IN "
+                f"DELETE FROM {mutation_target(STORE_TABLE, cluster)} WHERE (file_id, rank) IN "
                 "{rows:Array(Tuple(String, UInt256))}",
                 parameters={"rows": doomed},
                 settings=clients.version().delete_settings(),
