@@ -46,3 +46,18 @@
     {%- set cluster = adapter.get_clickhouse_cluster_name()[1:-1] -%}
     Distributed('{{ cluster }}', '{{ local.schema }}', '{{ local.identifier }}', {{ sharding_key }})
 {%- endmacro %}
+
+{% macro clickhouse__get_create_sql(relation, sql) -%}
+    {#-
+        dbt's `get_create_sql` for this adapter; here only the test materialization calls it, to
+        store a warned test's failing rows. On a cluster that table is created ON CLUSTER (its
+        engine, from the tests' `+engine` in dbt_project.yml, replicated on every server), so the
+        flow finds it whichever server it reads; dbt drops the previous one on its own server
+        only, so it is dropped ON CLUSTER first. Without a cluster: dbt's own, unchanged.
+    -#}
+    {%- if is_clustered() and relation.is_table -%}
+        {%- set relation = relation.incorporate(can_on_cluster=true) -%}
+        {%- do run_query("drop table if exists " ~ relation ~ " " ~ on_cluster() ~ " sync") -%}
+    {%- endif -%}
+    {{ default__get_create_sql(relation, sql) }}
+{%- endmacro %}

@@ -467,10 +467,12 @@
 {%- endmacro %}
 
 {% macro pipeline_state_drop_sharded(verb, relation) -%}
-    {#- drop `relation`; on a cluster, its local table too -#}
-    {% do pipeline_state_ddl(verb, relation) %}
+    {#- drop `relation`; on a cluster, its local table first, then the Distributed one -#}
     {% if is_clustered() %}
         {% do pipeline_state_ddl(verb, local_relation(relation)) %}
+        {% do pipeline_state_ddl("drop table if exists", relation) %}
+    {% else %}
+        {% do pipeline_state_ddl(verb, relation) %}
     {% endif %}
 {%- endmacro %}
 
