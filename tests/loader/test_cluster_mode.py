@@ -131,8 +131,8 @@ def run(engine: Stack, stack: Stack, tmp_path_factory: pytest.TempPathFactory) -
         client.close()
 
 
-def dbt_build(port: int, tmp: Path, *extra: str) -> None:
-    """`dbt build` of the repo's project, target `prod` (cluster from CLICKHOUSE_CLUSTER)."""
+def dbt_build(port: int, tmp: Path, *extra: str, cluster: str = CLUSTER) -> None:
+    """`dbt build` of the repo's project, target `prod` (`cluster:` from CLICKHOUSE_CLUSTER)."""
     shutil.copy(REPO / "profiles.yml.example", tmp / "profiles.yml")
     env = {
         **os.environ,
@@ -140,7 +140,7 @@ def dbt_build(port: int, tmp: Path, *extra: str) -> None:
         "CLICKHOUSE_PORT": str(port),
         "CLICKHOUSE_USER": "default",
         "CLICKHOUSE_PASSWORD": "",
-        "CLICKHOUSE_CLUSTER": CLUSTER,
+        "CLICKHOUSE_CLUSTER": cluster,
         "DBT_TARGET": "prod",
     }
     dbt = [str(Path(sys.executable).parent / "dbt")]
@@ -479,3 +479,24 @@ def test_id_set_queries_join_shard_locally(repairs: list[Request]) -> None:
         repairs, r"FROM ops\.id_sets WHERE set_id = '[0-9a-f]+'\).*raw\.|raw\.tasks.*ops\.id_sets"
     )
     assert [r.sql[:80] for r in using if r.params.get("distributed_product_mode") != "local"] == []
+
+
+def test_without_a_cluster_dbt_sends_nothing_of_cluster_mode(
+    repairs: list[Request], engine: Stack, tmp_path: Path
+) -> None:
+    """The same project, `cluster:` empty, on the tables the cluster builds left (so task_events
+    takes its incremental path): no ON CLUSTER, no Replicated or Distributed engine, no local
+    table, and the single-server engines and index statement of today."""
+    with recording_proxy(engine.clickhouse_port) as recording:
+        dbt_build(recording.port, tmp_path, "--full-refresh", cluster="")
+    text = "\n".join(recording.sql)
+    for cluster_only in ("ON CLUSTER", "Replicated", "Distributed", "_local", "{uuid}"):
+        assert cluster_only not in text
+    ddl = [" ".join(DBT_HEADER.sub("", sql).split()) for sql in recording.sql]
+    alters = [s for s in ddl if s.upper().startswith("ALTER TABLE `ANALYTICS`.`TASK_EVENTS")]
+    assert any("ADD INDEX idx_task_id" in s for s in alters), alters
+    store = re.compile(
+        r"create table `analytics`\.`pipeline_state_store(_next)?` "
+        r"engine = ReplacingMergeTree\(rank\)"
+    )
+    assert any(store.match(s) for s in ddl), [s[:100] for s in ddl if "pipeline_state_store" in s]
