@@ -125,7 +125,16 @@ def _missing(exc: BaseException) -> bool:
     )
 
 
-def _stale_files(ch: Client, params: dict[str, list[Any]]) -> Sequence[Sequence[Any]]:
+def view_settings(clients: Clients) -> dict[str, Any]:
+    """On a cluster the views filter the Distributed store and raw rows by a subquery on the
+    Distributed members, which is sharded otherwise (by file, raw by task): run it once and
+    ship its result to every shard (GLOBAL IN) rather than per shard against its own part."""
+    return {"distributed_product_mode": "global"} if clients.settings.clickhouse_cluster else {}
+
+
+def _stale_files(
+    ch: Client, params: dict[str, list[Any]], settings: dict[str, Any]
+) -> Sequence[Sequence[Any]]:
     """The files whose store rows one chunk of task versions contradicts."""
     return ch.query(
         f"SELECT DISTINCT file_id FROM {STALE_VIEW}("
@@ -135,6 +144,7 @@ def _stale_files(ch: Client, params: dict[str, list[Any]]) -> Sequence[Sequence[
         "versions = {versions:Array(UInt64)}, "
         "deleted = {deleted:Array(UInt8)})",
         parameters=params,
+        settings=settings,
     ).result_rows
 
 
@@ -148,7 +158,9 @@ def settle(clients: Clients, versions: TaskVersions) -> Settled | None:
     flagged: set[str] = set()
     try:
         for params in versions.params():
-            rows = clickhouse_call(clients.settings, partial(_stale_files, ch, params))
+            rows = clickhouse_call(
+                clients.settings, partial(_stale_files, ch, params, view_settings(clients))
+            )
             flagged.update(r[0] for r in rows)
     except DatabaseError as exc:
         if _missing(exc):
@@ -164,7 +176,8 @@ def settle(clients: Clients, versions: TaskVersions) -> Settled | None:
 def _query(clients: Clients, sql: str, **parameters: Any) -> Sequence[Sequence[Any]]:
     ch = clients.clickhouse
     return clickhouse_call(
-        clients.settings, lambda: ch.query(sql, parameters=parameters).result_rows
+        clients.settings,
+        lambda: ch.query(sql, parameters=parameters, settings=view_settings(clients)).result_rows,
     )
 
 
