@@ -31,9 +31,9 @@
 
     dbt knows these relations as the source `pipeline_state` (models/sources.yml: docs, and the
     singular tests in tests/data), and the readers as exposures. The hooks address them as
-    derivatives of `this` (task_events), so that they carry its `can_on_cluster` and every DDL
-    goes through dbt-clickhouse's `on_cluster_clause`: a profile with `cluster:` makes all of
-    it ON CLUSTER. Every statement runs through dbt's `statement` (logged, named).
+    derivatives of `this` (task_events), and every DDL carries `on_cluster()` (macros/
+    cluster.sql): a profile with `cluster:` makes all of it ON CLUSTER. Every statement runs
+    through dbt's `statement` (logged, named).
 
     On a cluster (macros/cluster.sql, docs/SCALING.md "The dbt side"): the store and members are
     Replicated local tables `<name>_local` under Distributed tables sharded by cityHash64(file_id)

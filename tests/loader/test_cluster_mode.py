@@ -1,9 +1,10 @@
-"""Cluster mode (`CLICKHOUSE_CLUSTER`): what the loader sends, statement by statement.
+"""Cluster mode (`CLICKHOUSE_CLUSTER`): what the loader, its repairs and `dbt build` send,
+statement by statement.
 
-The embedded engine has no cluster and no Keeper, so the loader runs end to end through a
+The embedded engine has no cluster and no Keeper, so the loader and dbt run end to end through a
 recording proxy that records each statement as sent and forwards its single-server equivalent
 (`clickhouse_recorder.single_node`: no `ON CLUSTER`, plain engines with a deduplication window,
-the Distributed table a no-op). This proves what the loader *sends*; it does not prove that a
+the Distributed table a no-op). This proves what they *send*; it does not prove that a
 real cluster behaves (replication, sharding, distributed DDL): deploy/ is for that.
 """
 
