@@ -6,6 +6,10 @@ Reconcile after a mass delete and the reject sweep need far more, so they insert
 `ops.id_sets` (an INSERT sends its rows in the body), filter with `IdSet.keys()` /
 `IdSet.pairs()` subqueries, and drop the set's partition when done. A TTL removes what a
 crashed run left behind.
+
+On a cluster the sets are sharded by key, like the raw rows they select (both by the document
+id): a query filtering raw rows by a set runs with `IdSet.settings` (`distributed_product_mode =
+'local'`), so each shard matches its raw rows against its own part of the set.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from loader.clients import Clients, clickhouse_call
 from loader.cluster import insert_settings, rows_payload
@@ -28,6 +33,12 @@ INSERT_CHUNK = 100_000  # rows per INSERT: bounded request bodies and client mem
 @dataclass(frozen=True)
 class IdSet:
     set_id: str  # hex, generated here: safe to inline in SQL
+    cluster: str = ""
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The settings of a query using `keys()` / `pairs()` on a Distributed table."""
+        return {"distributed_product_mode": "local"} if self.cluster else {}
 
     def keys(self) -> str:
         """A subquery of the set's keys, for `... IN {keys()}`."""
@@ -41,9 +52,9 @@ class IdSet:
 @contextmanager
 def id_set(clients: Clients, items: Iterable[tuple[str, int]]) -> Iterator[IdSet]:
     """Store `(key, value)` pairs as a new set for the duration of the block."""
-    ids = IdSet(uuid.uuid4().hex)
     ch = clients.clickhouse
     cluster = clients.settings.clickhouse_cluster
+    ids = IdSet(uuid.uuid4().hex, cluster)
     chunk: list[list[object]] = []
     names = ["set_id", "key", "value"]
 

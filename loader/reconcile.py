@@ -20,6 +20,7 @@ size of the collection and the number of differences; the join runs in ClickHous
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from pymongo.collection import Collection
 
 from loader.build_pending import mark_build_pending
 from loader.clients import Clients, clickhouse_call, mongo_call, open_clients
+from loader.cluster import insert_settings, statement_payload
 from loader.drift import rejected_only_sql
 from loader.idset import IdSet, id_set
 from loader.mapping import BatchMapper, MappedBatch, to_arrow
@@ -53,6 +55,7 @@ FETCH_CHUNK = 5_000  # documents fetched by `_id $in` per query
 REPAIR_CHUNK = 10_000  # differences repaired per round of writes
 # `value` of an id that differs because MongoDB no longer has it (else MongoDB's updated_at ms).
 GONE = -(2**63)
+INSERT_TARGET = re.compile(r"INSERT INTO ([\w.]+)")
 GONE_REASON = "deleted in MongoDB"
 
 
@@ -163,15 +166,32 @@ class _Reconcile:
         self.deletes = self.missing = self.stale = self.rejected_gone = 0
         self.marked_pending = False
 
+    def _cluster_settings(self, sql: str, params: dict[str, Any]) -> dict[str, Any]:
+        """On a cluster: id sets and raw rows are both sharded by the id, so each shard matches
+        its own (`distributed_product_mode = 'local'`); an insert carries a token of its
+        statement and values (a retry of it is stored once)."""
+        cluster = self.settings.clickhouse_cluster
+        if not cluster:
+            return {}
+        out: dict[str, Any] = {"distributed_product_mode": "local"}
+        insert = INSERT_TARGET.match(sql)
+        if insert:
+            out |= insert_settings(cluster, insert.group(1), statement_payload(sql, params))
+        return out
+
     def _command(self, sql: str, **params: Any) -> None:
         ch = self.cl.clickhouse
         params["c"] = self.collection
-        clickhouse_call(self.settings, lambda: ch.command(sql, parameters=params))
+        extra = self._cluster_settings(sql, params)
+        clickhouse_call(self.settings, lambda: ch.command(sql, parameters=params, settings=extra))
 
     def _query(self, sql: str, **params: Any) -> Sequence[Sequence[Any]]:
         ch = self.cl.clickhouse
         params["c"] = self.collection
-        return clickhouse_call(self.settings, lambda: ch.query(sql, parameters=params).result_rows)
+        extra = self._cluster_settings(sql, params)
+        return clickhouse_call(
+            self.settings, lambda: ch.query(sql, parameters=params, settings=extra).result_rows
+        )
 
     def go(self, started: float) -> ReconcileResult:
         mongo = _mongo_versions(self.cl, self.collection)

@@ -32,12 +32,16 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 
 from loader.clients import Clients, clickhouse_call
+from loader.cluster import insert_settings, rows_payload
 from loader.mapping import MappedBatch
+from loader.schema import Table, mutation_target
 
 ANALYTICS_DB = "analytics"  # the dbt profile's schema (docs/ARCHITECTURE.md)
 STORE = f"{ANALYTICS_DB}.pipeline_state_store"
 STALE_VIEW = f"{ANALYTICS_DB}.pipeline_state_stale"
 RECOMPUTED_VIEW = f"{ANALYTICS_DB}.pipeline_state_recomputed"
+# The store's names only (dbt creates it): on a cluster its deletes go to the local tables.
+STORE_TABLE = Table(ANALYTICS_DB, "pipeline_state_store", (), "", "file_id")
 STORE_COLUMNS = [
     "file_id",
     "rank",
@@ -121,7 +125,16 @@ def _missing(exc: BaseException) -> bool:
     )
 
 
-def _stale_files(ch: Client, params: dict[str, list[Any]]) -> Sequence[Sequence[Any]]:
+def view_settings(clients: Clients) -> dict[str, Any]:
+    """On a cluster the views filter the Distributed store and raw rows by a subquery on the
+    Distributed members, which is sharded otherwise (by file, raw by task): run it once and
+    ship its result to every shard (GLOBAL IN) rather than per shard against its own part."""
+    return {"distributed_product_mode": "global"} if clients.settings.clickhouse_cluster else {}
+
+
+def _stale_files(
+    ch: Client, params: dict[str, list[Any]], settings: dict[str, Any]
+) -> Sequence[Sequence[Any]]:
     """The files whose store rows one chunk of task versions contradicts."""
     return ch.query(
         f"SELECT DISTINCT file_id FROM {STALE_VIEW}("
@@ -131,6 +144,7 @@ def _stale_files(ch: Client, params: dict[str, list[Any]]) -> Sequence[Sequence[
         "versions = {versions:Array(UInt64)}, "
         "deleted = {deleted:Array(UInt8)})",
         parameters=params,
+        settings=settings,
     ).result_rows
 
 
@@ -144,7 +158,9 @@ def settle(clients: Clients, versions: TaskVersions) -> Settled | None:
     flagged: set[str] = set()
     try:
         for params in versions.params():
-            rows = clickhouse_call(clients.settings, partial(_stale_files, ch, params))
+            rows = clickhouse_call(
+                clients.settings, partial(_stale_files, ch, params, view_settings(clients))
+            )
             flagged.update(r[0] for r in rows)
     except DatabaseError as exc:
         if _missing(exc):
@@ -160,7 +176,8 @@ def settle(clients: Clients, versions: TaskVersions) -> Settled | None:
 def _query(clients: Clients, sql: str, **parameters: Any) -> Sequence[Sequence[Any]]:
     ch = clients.clickhouse
     return clickhouse_call(
-        clients.settings, lambda: ch.query(sql, parameters=parameters).result_rows
+        clients.settings,
+        lambda: ch.query(sql, parameters=parameters, settings=view_settings(clients)).result_rows,
     )
 
 
@@ -178,6 +195,7 @@ def settle_files(
     if not files:
         return 0
     ch = clients.clickhouse
+    cluster = clients.settings.clickhouse_cluster
     cols = ", ".join(STORE_COLUMNS)
     best: dict[str, list[Any]] = {}
     rows: list[tuple[str, int]] = []  # every live candidate row of the files
@@ -201,8 +219,10 @@ def settle_files(
     def insert(which: list[str]) -> None:
         new = [best[f] for f in which if f in best]
         if new:
+            token = insert_settings(cluster, STORE, rows_payload(STORE_COLUMNS, new))
             clickhouse_call(
-                clients.settings, lambda: ch.insert(STORE, new, column_names=STORE_COLUMNS)
+                clients.settings,
+                lambda: ch.insert(STORE, new, column_names=STORE_COLUMNS, settings=token),
             )
 
     insert(differing)
@@ -214,7 +234,7 @@ def settle_files(
         clickhouse_call(
             clients.settings,
             lambda: ch.command(
-                f"DELETE FROM {STORE} WHERE (file_id, rank) IN "
+                f"DELETE FROM {mutation_target(STORE_TABLE, cluster)} WHERE (file_id, rank) IN "
                 "{rows:Array(Tuple(String, UInt256))}",
                 parameters={"rows": doomed},
                 settings=clients.version().delete_settings(),

@@ -12,6 +12,7 @@ A tombstone is a copy of the last stored row with `is_deleted = 1` and a higher 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 from bson import json_util
 
 from loader.clients import Clients, clickhouse_call, mongo_call
-from loader.cluster import arrow_payload, insert_settings, rows_payload
+from loader.cluster import arrow_payload, insert_settings, rows_payload, statement_payload
 from loader.idset import id_set
 from loader.mapping import MappedBatch, dump_document, id_to_str, to_arrow
 from loader.runs import PeakRss, RunRecord, RunStatus, write_run
@@ -129,6 +130,8 @@ def write_tombstones(
     cols = ", ".join(f"`{n}`" for n in names)
     written = 0
     ch = clients.clickhouse
+    cluster = clients.settings.clickhouse_cluster
+    params = {"run": run_id}
     items = list(deleted.items())
     for start in range(0, len(items), TOMBSTONE_CHUNK):
         with id_set(clients, items[start : start + TOMBSTONE_CHUNK]) as ids:
@@ -143,11 +146,12 @@ def write_tombstones(
                 f"INSERT INTO {table} ({cols}) SELECT {select} FROM ({live}) AS live "
                 f"INNER JOIN {ids.pairs()} AS deleted ON live._id = deleted.key"
             )
+            dedup = insert_settings(cluster, table, statement_payload(insert, params))
 
-            def go(count: str = count, insert: str = insert) -> int:
-                n = int(cast(int, ch.command(count)))
+            def go(count: str = count, insert: str = insert, dedup: dict[str, Any] = dedup) -> int:
+                n = int(cast(int, ch.command(count, settings=ids.settings)))
                 if n:
-                    ch.command(insert, parameters={"run": run_id})
+                    ch.command(insert, parameters=params, settings={**dedup, **ids.settings})
                 return n
 
             written += clickhouse_call(clients.settings, go)
@@ -184,7 +188,10 @@ def _write_few_tombstones(
         tomb[at["_loaded_at"]] = loaded_at
         tomb[at["_run_id"]] = run_id
         rows.append(tomb)
-    clickhouse_call(clients.settings, lambda: ch.insert(table, rows, column_names=names))
+    dedup = insert_settings(clients.settings.clickhouse_cluster, table, rows_payload(names, rows))
+    clickhouse_call(
+        clients.settings, lambda: ch.insert(table, rows, column_names=names, settings=dedup)
+    )
     return len(rows)
 
 
@@ -217,21 +224,28 @@ def save_resume_token(
 ) -> None:
     """Append the stream position (None: forget it, the next follower starts from now)."""
     text = json_util.dumps(token, json_options=json_util.CANONICAL_JSON_OPTIONS) if token else ""
+    sql = (
+        f"INSERT INTO {CHANGE_STREAM_STATE.qualified} "
+        "(collection, resume_token, events, saved_at, lag_seconds, last_event_at) "
+        "SELECT {c:String}, {t:String}, {n:UInt64}, now64(6), {lag:Float64}, "
+        "if({last:Int64} < 0, NULL, fromUnixTimestamp64Milli({last:Int64}, 'UTC'))"
+    )
+    params = {
+        "c": collection,
+        "t": text,
+        "n": events,
+        "lag": max(0.0, lag_seconds),
+        "last": -1 if last_event_ms is None else last_event_ms,
+    }
+    # The token binds the call's time too: saving the same position again later (a reload
+    # forgetting the stream twice) is a new row, only a retry of this call is the same one.
+    payload = statement_payload(sql, {**params, "called_at": time.time_ns()})
+    dedup = insert_settings(
+        clients.settings.clickhouse_cluster, CHANGE_STREAM_STATE.qualified, payload
+    )
     clickhouse_call(
         clients.settings,
-        lambda: clients.clickhouse.command(
-            f"INSERT INTO {CHANGE_STREAM_STATE.qualified} "
-            "(collection, resume_token, events, saved_at, lag_seconds, last_event_at) "
-            "SELECT {c:String}, {t:String}, {n:UInt64}, now64(6), {lag:Float64}, "
-            "if({last:Int64} < 0, NULL, fromUnixTimestamp64Milli({last:Int64}, 'UTC'))",
-            parameters={
-                "c": collection,
-                "t": text,
-                "n": events,
-                "lag": max(0.0, lag_seconds),
-                "last": -1 if last_event_ms is None else last_event_ms,
-            },
-        ),
+        lambda: clients.clickhouse.command(sql, parameters=params, settings=dedup),
     )
 
 

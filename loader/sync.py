@@ -49,6 +49,7 @@ from loader.schema import (
     REJECTS,
     ensure_schema,
     fields_of,
+    mutation_target,
     raw_table,
     require_collection,
 )
@@ -561,11 +562,12 @@ def _identity(clients: Clients, collection: str, full_refresh: bool) -> Identity
 
 def _truncate(clients: Clients, collection: str, *, reset_change_stream: bool) -> None:
     ch = clients.clickhouse
+    cluster = clients.settings.clickhouse_cluster  # on a cluster: the local tables, every shard
 
     def go() -> None:
-        ch.command(f"TRUNCATE TABLE IF EXISTS {raw_table(collection).qualified}")
+        ch.command(f"TRUNCATE TABLE IF EXISTS {mutation_target(raw_table(collection), cluster)}")
         ch.command(
-            f"DELETE FROM {REJECTS.qualified} WHERE collection = {{c:String}}",
+            f"DELETE FROM {mutation_target(REJECTS, cluster)} WHERE collection = {{c:String}}",
             parameters={"c": collection},
         )
         reset_watermark(ch, collection)

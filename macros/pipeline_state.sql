@@ -31,9 +31,17 @@
 
     dbt knows these relations as the source `pipeline_state` (models/sources.yml: docs, and the
     singular tests in tests/data), and the readers as exposures. The hooks address them as
-    derivatives of `this` (task_events), so that they carry its `can_on_cluster` and every DDL
-    goes through dbt-clickhouse's `on_cluster_clause`: a profile with `cluster:` makes all of
-    it ON CLUSTER. Every statement runs through dbt's `statement` (logged, named).
+    derivatives of `this` (task_events), and every DDL carries `on_cluster()` (macros/
+    cluster.sql): a profile with `cluster:` makes all of it ON CLUSTER. Every statement runs
+    through dbt's `statement` (logged, named).
+
+    On a cluster (macros/cluster.sql, docs/SCALING.md "The dbt side"): the store and members are
+    Replicated local tables `<name>_local` under Distributed tables sharded by cityHash64(file_id)
+    (a file's candidates on one shard, so FINAL and the settle are shard-local); the materialized
+    views trigger on each server's `raw.tasks_local` (the table rows land in) and write TO the
+    Distributed tables, which route each row to its file's shard; deletes and the EXCHANGE of a
+    rebuilt store go to the local tables ON CLUSTER. The pending and scratch tables (a few ids)
+    are replicated whole to every server, so every shard joins them locally.
 -#}
 
 {% macro pipeline_state_execute(name, sql, fetch=false) -%}
@@ -50,7 +58,7 @@
     {#- `<verb> <relation> ON CLUSTER ... <rest>` (the clause is empty without a cluster) -#}
     {% do pipeline_state_execute(
         verb ~ " " ~ relation.identifier,
-        verb ~ " " ~ relation ~ " " ~ on_cluster_clause(relation) ~ " " ~ rest
+        verb ~ " " ~ relation ~ " " ~ on_cluster() ~ " " ~ rest
     ) %}
 {%- endmacro %}
 
@@ -148,7 +156,7 @@
     {#- The materialized views and the two parameterized views (idempotent). -#}
     {% set store = pipeline_state_relation(events_relation, "store") %}
     {% set members = pipeline_state_relation(events_relation, "members") %}
-    {% set raw = source('mongo', 'tasks') %}
+    {% set raw = local_relation(source('mongo', 'tasks')) %}
     {% do pipeline_state_ddl(
         "create materialized view if not exists",
         pipeline_state_relation(events_relation, "raw_mv", "materialized_view"),
@@ -260,36 +268,38 @@
 
 {% macro pipeline_state_create_store(relation) -%}
     {#- patch-part deletes (lightweight updates): a settle deletes a few rows cheaply -#}
-    create table {{ relation }} {{ on_cluster_clause(relation) }}
-    engine = ReplacingMergeTree(rank)
+    create table {{ relation }} {{ on_cluster() }}
+    engine = {{ cluster_engine('ReplacingMergeTree(rank)') }}
     order by file_id
     settings
+        {% if var('task_events_patch_deletes', true) -%}
         enable_block_number_column = 1,
         enable_block_offset_column = 1,
+        {% endif -%}
         {#- small granules: the follower looks up a few files at random keys per batch -#}
         index_granularity = 1024
     empty as {{ pipeline_state_raw_select(source('mongo', 'tasks')) }}
 {%- endmacro %}
 
 {% macro pipeline_state_create_members(relation) -%}
-    create table {{ relation }} {{ on_cluster_clause(relation) }} (
+    create table {{ relation }} {{ on_cluster() }} (
         file_id String,
         task_id String,
         projection by_task (select * order by task_id)
     )
-    engine = ReplacingMergeTree
+    engine = {{ cluster_engine('ReplacingMergeTree') }}
     order by (file_id, task_id)
     settings deduplicate_merge_projection_mode = 'rebuild', index_granularity = 1024
 {%- endmacro %}
 
 {% macro pipeline_state_create_pending(pending) -%}
-    create table if not exists {{ pending }} {{ on_cluster_clause(pending) }} (
+    create table if not exists {{ pending }} {{ on_cluster() }} (
         task_id String,
         file_id String,
         rebuild_all UInt8,
         recorded_at DateTime64(3, 'UTC') default now64(3)
     )
-    engine = MergeTree
+    engine = {{ cluster_engine('MergeTree', shard='all') }}
     order by (task_id, file_id)
 {%- endmacro %}
 
@@ -347,10 +357,7 @@
     {% do pipeline_state_ddl("drop table if exists", best) %}
     {% do pipeline_state_ddl("drop table if exists", diff) %}
     {% set files_sql = "(select file_id from " ~ files ~ ")" %}
-    {% do pipeline_state_ddl(
-        "create table", best,
-        "engine = MergeTree order by file_id as " ~ pipeline_state_best_of_files(members, files_sql)
-    ) %}
+    {% do pipeline_state_scratch(best, pipeline_state_best_of_files(members, files_sql)) %}
     {% set differing %}
         select
             f.file_id as file_id,
@@ -367,7 +374,7 @@
         where s.rank != b.rank
         settings join_use_nulls = 0
     {% endset %}
-    {% do pipeline_state_ddl("create table", diff, "engine = MergeTree order by file_id as " ~ differing) %}
+    {% do pipeline_state_scratch(diff, differing) %}
     {% set n = pipeline_state_execute("count differing files", "select count() from " ~ diff, fetch=true)[0][0] %}
     {% if n > 0 %}
         {{ log("pipeline_state: settling " ~ n ~ " file state(s)", info=True) }}
@@ -383,7 +390,7 @@
                 select
                     s.file_id,
                     s.rank
-                from {{ store }} as s
+                from {{ local_relation(store) }} as s
                 inner join {{ diff }} as d on s.file_id = d.file_id
                 where s.file_id in (select file_id from {{ diff }}) and s.rank > d.best_rank
             )
@@ -391,7 +398,7 @@
                 settings lightweight_delete_mode = 'lightweight_update'
             {%- endif %}
         {% endset %}
-        {% do pipeline_state_ddl("delete from", store, delete_outranking) %}
+        {% do pipeline_state_ddl("delete from", local_relation(store), delete_outranking) %}
         {% set dropped %}
             select count()
             from {{ diff }} as d
@@ -429,24 +436,63 @@
         {% set next = target.derivative("_next") %}
         {% set next_view = target.derivative("_next_mv", "materialized_view") %}
         {% do pipeline_state_ddl("drop view if exists", next_view) %}
-        {% do pipeline_state_ddl("drop table if exists", next) %}
-        {% do pipeline_state_execute("create " ~ next.identifier, create_macro(next)) %}
+        {% do pipeline_state_drop_sharded("drop table if exists", next) %}
+        {% do pipeline_state_create_sharded(next, create_macro) %}
         {% do pipeline_state_ddl("create materialized view", next_view, "to " ~ next ~ " as " ~ view_select) %}
         {% do pipeline_state_execute("fill " ~ next.identifier, "insert into " ~ next ~ " " ~ copy_select) %}
         {% do pipeline_state_execute(
             "exchange " ~ next.identifier,
-            "exchange tables " ~ next ~ " and " ~ target ~ " " ~ on_cluster_clause(target)
+            "exchange tables " ~ local_relation(next) ~ " and " ~ local_relation(target) ~ " " ~ on_cluster()
         ) %}
         {% do pipeline_state_ddl("drop view", next_view) %}
-        {% do pipeline_state_ddl("drop table", next) %}
+        {% do pipeline_state_drop_sharded("drop table", next) %}
     {% else %}
         {% do pipeline_state_ddl("drop view if exists", view) %}
-        {% do pipeline_state_ddl("drop table if exists", target) %}
-        {% do pipeline_state_execute("create " ~ target.identifier, create_macro(target)) %}
+        {% do pipeline_state_drop_sharded("drop table if exists", target) %}
+        {% do pipeline_state_create_sharded(target, create_macro) %}
         {% do pipeline_state_ddl("create materialized view", view, "to " ~ target ~ " as " ~ view_select) %}
         {% do pipeline_state_execute("fill " ~ target.identifier, "insert into " ~ target ~ " " ~ copy_select) %}
     {% endif %}
 {% endmacro %}
+
+{% macro pipeline_state_create_sharded(relation, create_macro) -%}
+    {#- `relation` by `create_macro`; on a cluster, its local table and a Distributed `relation` -#}
+    {% set local = local_relation(relation) %}
+    {% do pipeline_state_execute("create " ~ local.identifier, create_macro(local)) %}
+    {% if is_clustered() %}
+        {% do pipeline_state_ddl(
+            "create table", relation, "as " ~ local ~ " ENGINE = " ~ distributed_engine(local, 'cityHash64(file_id)')
+        ) %}
+    {% endif %}
+{%- endmacro %}
+
+{% macro pipeline_state_drop_sharded(verb, relation) -%}
+    {#- drop `relation`; on a cluster, its local table first, then the Distributed one -#}
+    {% if is_clustered() %}
+        {% do pipeline_state_ddl(verb, local_relation(relation)) %}
+        {% do pipeline_state_ddl("drop table if exists", relation) %}
+    {% else %}
+        {% do pipeline_state_ddl(verb, relation) %}
+    {% endif %}
+{%- endmacro %}
+
+{% macro pipeline_state_scratch(relation, select_sql) -%}
+    {#-
+        A scratch table of the settle (a few file ids or rows) filled by `select_sql`. On a
+        cluster: replicated whole to every server (so every shard joins it locally), created
+        empty ON CLUSTER, then filled once (a CREATE ... AS SELECT ON CLUSTER would fill it on
+        every server).
+    -#}
+    {% if not is_clustered() %}
+        {% do pipeline_state_ddl("create table", relation, "engine = MergeTree order by file_id as " ~ select_sql) %}
+    {% else %}
+        {% do pipeline_state_ddl(
+            "create table", relation,
+            "engine = " ~ cluster_engine('MergeTree', shard='all') ~ " order by file_id empty as " ~ select_sql
+        ) %}
+        {% do pipeline_state_execute("fill " ~ relation.identifier, "insert into " ~ relation ~ " " ~ select_sql) %}
+    {% endif %}
+{%- endmacro %}
 
 {% macro pipeline_state_exists(relation) -%}
     {{ return(adapter.get_relation(database=relation.database, schema=relation.schema, identifier=relation.identifier) is not none) }}
@@ -480,11 +526,11 @@
     {% if flags_row[0] > 0 or not store_ok or not members_ok %}
         {{ log("pipeline_state: rebuilding " ~ store ~ " from " ~ raw, info=True) }}
         {% do pipeline_state_swap_in(
-            members, pipeline_state_create_members, members_mv, pipeline_state_members_select(raw),
+            members, pipeline_state_create_members, members_mv, pipeline_state_members_select(local_relation(raw)),
             "select distinct file_id, _id as task_id from " ~ raw, members_ok
         ) %}
         {% do pipeline_state_swap_in(
-            store, pipeline_state_create_store, raw_mv, pipeline_state_raw_select(raw),
+            store, pipeline_state_create_store, raw_mv, pipeline_state_raw_select(local_relation(raw)),
             pipeline_state_best_rows("1"), store_ok
         ) %}
         {% do pipeline_state_create_views(this) %}
@@ -499,7 +545,6 @@
             {% set changed = "(select task_id from " ~ pending ~ " where task_id != '')" %}
             {% do pipeline_state_ddl("drop table if exists", touched) %}
             {% set touched_files %}
-                engine = MergeTree order by file_id as
                 select distinct file_id
                 from (
                     select file_id from {{ pending }} where file_id != ''
@@ -507,7 +552,7 @@
                     select file_id from {{ members }} where task_id in {{ changed }}
                 )
             {% endset %}
-            {% do pipeline_state_ddl("create table", touched, touched_files) %}
+            {% do pipeline_state_scratch(touched, touched_files) %}
             {% do pipeline_state_settle_files(store, members, touched) %}
             {% do pipeline_state_ddl("drop table if exists", touched) %}
         {% endif %}

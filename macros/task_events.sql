@@ -22,3 +22,28 @@
             )
         )
 {%- endmacro %}
+
+{% macro task_events_indexes() -%}
+    {{ return([
+        {'name': 'idx_task_id', 'definition': 'task_id TYPE bloom_filter GRANULARITY 1'},
+        {'name': 'idx_loaded_at', 'definition': '_loaded_at TYPE minmax GRANULARITY 1'},
+    ]) }}
+{%- endmacro %}
+
+{% macro task_events_cluster_indexes() %}
+    {#-
+        post-hook of task_events on a cluster: dbt-clickhouse adds a model's `indexes` only to a
+        single-server table (no ON CLUSTER, and not to a distributed model's local table), so
+        here they go to the local table on every server. Idempotent; nothing without a cluster.
+    -#}
+    {% if not execute or not is_clustered() %}{{ return("") }}{% endif %}
+    {% set local = local_relation(this) %}
+    {% set adds = [] %}
+    {% for index in task_events_indexes() %}
+        {% do adds.append("add index if not exists " ~ index.name ~ " " ~ index.definition) %}
+    {% endfor %}
+    {% call statement('task_events: indexes', auto_begin=false) -%}
+        alter table {{ local }} {{ on_cluster_clause(this) }} {{ adds | join(', ') }}
+    {%- endcall %}
+    {{ return("") }}
+{% endmacro %}

@@ -167,8 +167,15 @@ def recording_proxy(
 ON_CLUSTER = re.compile(r"""\s+ON\s+CLUSTER\s+(?:'[^']*'|`[^`]*`|"[^"]*"|\w+)""", re.IGNORECASE)
 REPLICATED = re.compile(r"\bReplicated(\w*MergeTree)\(\s*'[^']*'\s*,\s*'[^']*'\s*(?:,\s*)?")
 CLUSTER_TABLE = re.compile(r"""\bcluster(?:AllReplicas)?\(\s*["'][^"']*["']\s*,\s*([\w.]+)\s*\)""")
-LOCAL = re.compile(r"\b(raw|ops|analytics)\.(\w+)_local\b")
-DISTRIBUTED_CREATE = re.compile(r"^\s*CREATE TABLE .*\sENGINE = Distributed\(", re.DOTALL)
+# `raw.tasks_local`, or as dbt quotes it, `analytics`.`task_events_local`
+LOCAL = re.compile(r"\b(raw|ops|analytics)(`?\.`?)(\w+)_local\b")
+# the loader's, and dbt's (after its `/* {...} */` header, lower case, `or replace`)
+DISTRIBUTED_CREATE = re.compile(
+    r"^\s*(?:/\*.*?\*/\s*)?CREATE (?:OR REPLACE )?TABLE .*\sENGINE = Distributed\(",
+    re.DOTALL | re.IGNORECASE,
+)
+# a create that already has settings, or is filled from a query: no window appended
+HAS_TAIL = re.compile(r"\bSETTINGS\b|\bAS\s+SELECT\b|\bEMPTY\s+AS\b", re.IGNORECASE)
 # Keeps the last 1,000 insert tokens of each table, as a replicated table does in Keeper.
 DEDUP_WINDOW = "SETTINGS non_replicated_deduplication_window = 1000"
 
@@ -178,13 +185,20 @@ def single_node(sql: str) -> str:
     `cluster('<name>', t)` reads only `t`, from shard 1), the
     replicated local table becomes the table itself (plain engine, same name as its Distributed
     table, with a deduplication window so that tokens are honoured), the Distributed table a
-    no-op (on one shard it would be the local table)."""
+    no-op (on one shard it would be the local table).
+
+    What it cannot prove: that the cluster statements run on a cluster (Keeper paths, `{uuid}`,
+    distributed DDL, routing by the sharding key); and a Distributed table whose local table has
+    another name (dbt's `__dbt_distributed_new_data` of an incremental `distributed_incremental`
+    run) has nothing behind it here, so only the first build of a distributed model runs."""
     if DISTRIBUTED_CREATE.match(sql):
         return "SELECT 1"
-    local_create = sql.lstrip().upper().startswith("CREATE TABLE") and "_local" in sql
+    local_create = bool(re.match(r"^\s*(?:/\*.*?\*/\s*)?CREATE TABLE", sql, re.I | re.S)) and (
+        "_local" in sql
+    )
     out = ON_CLUSTER.sub("", CLUSTER_TABLE.sub(r"\1", sql)).replace("_shard_num", "1")
-    out = LOCAL.sub(r"\1.\2", REPLICATED.sub(r"\1(", out))
-    if local_create and "MergeTree" in out:
+    out = LOCAL.sub(r"\1\2\3", REPLICATED.sub(r"\1(", out))
+    if local_create and "MergeTree" in out and not HAS_TAIL.search(out):
         out += "\n" + DEDUP_WINDOW
     return out.replace("MergeTree()", "MergeTree")
 

@@ -1,7 +1,8 @@
 {{
     config(
-        materialized='table',
-        engine='MergeTree()',
+        materialized=when_clustered('distributed_table', 'table'),
+        engine=cluster_engine('MergeTree()'),
+        sharding_key='cityHash64(stage)',
         order_by='(day, stage)',
     )
 }}

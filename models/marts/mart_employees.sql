@@ -1,7 +1,8 @@
+{#- on a cluster: a full copy on every server (every shard joins it), not sharded -#}
 {{
     config(
         materialized='table',
-        engine='MergeTree()',
+        engine=cluster_engine('MergeTree()', shard='all'),
         order_by='employee_code',
     )
 }}

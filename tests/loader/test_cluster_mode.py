@@ -1,9 +1,10 @@
-"""Cluster mode (`CLICKHOUSE_CLUSTER`): what the loader sends, statement by statement.
+"""Cluster mode (`CLICKHOUSE_CLUSTER`): what the loader, its repairs and `dbt build` send,
+statement by statement.
 
-The embedded engine has no cluster and no Keeper, so the loader runs end to end through a
+The embedded engine has no cluster and no Keeper, so the loader and dbt run end to end through a
 recording proxy that records each statement as sent and forwards its single-server equivalent
 (`clickhouse_recorder.single_node`: no `ON CLUSTER`, plain engines with a deduplication window,
-the Distributed table a no-op). This proves what the loader *sends*; it does not prove that a
+the Distributed table a no-op). This proves what they *send*; it does not prove that a
 real cluster behaves (replication, sharding, distributed DDL): deploy/ is for that.
 """
 
@@ -28,10 +29,13 @@ from pymongo import MongoClient
 from devstack.process import free_ports
 from devstack.stack import Stack
 from flows import ops
+from loader import store
 from loader.clients import open_clients_now
 from loader.cluster import arrow_payload, dedup_token, rows_payload
+from loader.reconcile import reconcile_collection
 from loader.schema import all_tables, local_table
 from loader.settings import Settings
+from loader.state import settle_files
 from loader.sync import sync_collection
 from synthetic import seed
 
@@ -128,8 +132,8 @@ def run(engine: Stack, stack: Stack, tmp_path_factory: pytest.TempPathFactory) -
         client.close()
 
 
-def dbt_build(port: int, tmp: Path) -> None:
-    """`dbt build` of the repo's project, target `prod` (cluster from CLICKHOUSE_CLUSTER)."""
+def dbt_build(port: int, tmp: Path, *extra: str, cluster: str = CLUSTER) -> None:
+    """`dbt build` of the repo's project, target `prod` (`cluster:` from CLICKHOUSE_CLUSTER)."""
     shutil.copy(REPO / "profiles.yml.example", tmp / "profiles.yml")
     env = {
         **os.environ,
@@ -137,12 +141,12 @@ def dbt_build(port: int, tmp: Path) -> None:
         "CLICKHOUSE_PORT": str(port),
         "CLICKHOUSE_USER": "default",
         "CLICKHOUSE_PASSWORD": "",
-        "CLICKHOUSE_CLUSTER": CLUSTER,
+        "CLICKHOUSE_CLUSTER": cluster,
         "DBT_TARGET": "prod",
     }
     dbt = [str(Path(sys.executable).parent / "dbt")]
     args = ["build", "--profiles-dir", str(tmp), "--project-dir", str(REPO)]
-    args += ["--target-path", str(tmp / "target"), "--log-path", str(tmp / "logs")]
+    args += ["--target-path", str(tmp / "target"), "--log-path", str(tmp / "logs"), *extra]
     done = subprocess.run(dbt + args, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
 
@@ -258,8 +262,12 @@ def test_a_token_is_a_function_of_the_batch_alone() -> None:
     )
 
 
+DBT_HEADER = re.compile(r"^\s*/\*.*?\*/\s*", re.S)
+
+
 def dbt_ddl(run: Run) -> list[str]:
-    return [" ".join(sql.split()) for sql in run.dbt if DBT_DDL.match(sql)]
+    """dbt's DDL statements, whitespace collapsed, without dbt's `/* {...} */` header."""
+    return [" ".join(DBT_HEADER.sub("", sql).split()) for sql in run.dbt if DBT_DDL.match(sql)]
 
 
 def test_dbt_builds_its_models_on_the_cluster(run: Run) -> None:
@@ -272,18 +280,231 @@ def test_dbt_builds_its_models_on_the_cluster(run: Run) -> None:
     assert [s[:120] for s in models if 'ON CLUSTER "pipeline"' not in s] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dbt side of cluster mode not done yet (models/, macros/pipeline_state.sql): "
-    "docs/SCALING.md lists per model what is missing",
-)
 def test_every_dbt_ddl_runs_on_the_cluster_with_replicated_engines(run: Run) -> None:
-    statements = [s for s in dbt_ddl(run) if "__dbt_exchange_test" not in s]
-    off_cluster = [s[:100] for s in statements if "ON CLUSTER" not in s]
+    """Every DDL of `dbt build` in cluster mode: ON CLUSTER, and every MergeTree replicated.
+    Left out: dbt-clickhouse's `__dbt_exchange_test` probe, and the `create temporary table`s
+    of unit tests (session-scoped, engine Memory: nothing of them outlives the request)."""
+    statements = [
+        s
+        for s in dbt_ddl(run)
+        if "__dbt_exchange_test" not in s and not s.startswith("create temporary table")
+    ]
+    off_cluster = [s[:200] for s in statements if "ON CLUSTER" not in s]
     not_replicated = [
-        s[:100]
+        s[:200]
         for s in statements
         if re.search(r"engine\s*=?\s*(\w*)MergeTree", s, re.I)
         and not re.search(r"engine\s*=?\s*Replicated", s, re.I)
     ]
     assert off_cluster == [] and not_replicated == []
+
+
+@pytest.fixture(scope="module")
+def repairs(
+    run: Run, engine: Stack, stack: Stack, tmp_path_factory: pytest.TempPathFactory
+) -> list[Request]:
+    """After `run`, in cluster mode, the paths that write outside a sync's batches: five tasks
+    deleted in MongoDB and a reconcile (id sets, its INSERT ... SELECT, tombstones by
+    INSERT ... SELECT), the follower's settle of their files and a resume-token save, a full
+    refresh of employee (truncate), and `dbt build --full-refresh -s task_events` (the store
+    rebuilt next to the old one and exchanged)."""
+    tmp = tmp_path_factory.mktemp("cluster_repairs")
+    with MongoClient(stack.mongo_uri) as mongo:
+        tasks = mongo[DB]["tasks"]
+        # the current task of files that have another one: the settle replaces their row
+        tops = tasks.aggregate(
+            [
+                {"$match": {"assigned_at": {"$type": "date"}, "file_id": {"$type": "string"}}},
+                {"$sort": {"assigned_at": -1, "_id": -1}},
+                {"$group": {"_id": "$file_id", "top": {"$first": "$_id"}, "n": {"$sum": 1}}},
+                {"$match": {"n": {"$gte": 2}}},
+                {"$sort": {"_id": 1}},
+                {"$limit": 5},
+            ]
+        )
+        gone = [d["top"] for d in tops]
+        tasks.delete_many({"_id": {"$in": gone}})
+    with (
+        pytest.MonkeyPatch.context() as env,
+        recording_proxy(engine.clickhouse_port, single_node, single_node_param) as recording,
+    ):
+        env.setenv("CLICKHOUSE_CLUSTER", CLUSTER)
+        env.setattr(store, "FEW_TOMBSTONES", 0)  # the INSERT ... SELECT path, as for many ids
+        settings = settings_for(stack, recording.port, CLUSTER)
+        assert reconcile_collection(settings, "tasks").deletes == len(gone)
+        clients = open_clients_now(settings)
+        try:
+            files = clients.clickhouse.query(
+                "SELECT DISTINCT file_id FROM raw.tasks WHERE is_deleted = 1"
+            ).result_rows
+            assert settle_files(clients, [f for (f,) in files]) > 0
+            store.save_resume_token(clients, "tasks", {"_data": "8263"}, 1)
+        finally:
+            clients.close()
+        sync_collection(settings, "employee", full_refresh=True, batch_size=100)
+        dbt_build(recording.port, tmp, "--full-refresh", "--select", "task_events")
+    return recording.requests
+
+
+def statements_like(requests: list[Request], pattern: str) -> list[Request]:
+    found = [r for r in requests if re.search(pattern, r.sql, re.I | re.S)]
+    assert found, f"nothing sent like {pattern}"
+    return found
+
+
+def test_dbt_models_are_replicated_local_tables_under_distributed_ones(run: Run) -> None:
+    """task_events and mart_daily_throughput: a Replicated local table on every shard and a
+    Distributed table by the doc's key; mart_employees: one replica set over every server."""
+    ddl = dbt_ddl(run)
+    for model, key in (
+        ("task_events", "cityHash64(file_id)"),
+        ("mart_daily_throughput", "cityHash64(stage)"),
+    ):
+        local = [s for s in ddl if s.startswith(f"create table `analytics`.`{model}_local`")]
+        assert local and all(
+            "engine = ReplicatedMergeTree('/clickhouse/tables/{uuid}/{shard}', '{replica}')" in s
+            for s in local
+        ), local
+        dist = [s for s in ddl if re.match(rf"create or replace table `analytics`\.`{model}` ", s)]
+        engine = f"ENGINE = Distributed('{CLUSTER}', 'analytics', '{model}_local', {key})"
+        assert dist and all(s.endswith(engine) for s in dist), dist
+    employees = [s for s in ddl if re.match(r"create table `analytics`\.`mart_employees", s)]
+    assert employees and all(
+        "ReplicatedMergeTree('/clickhouse/tables/{uuid}/all', '{replica}')" in s for s in employees
+    )
+
+
+def test_task_events_indexes_go_to_its_local_table_on_the_cluster(run: Run) -> None:
+    [alter] = [s for s in dbt_ddl(run) if s.startswith("alter table")]
+    local = f'alter table `analytics`.`task_events_local` ON CLUSTER "{CLUSTER}" '
+    assert alter.startswith(local + "add index if not exists idx_task_id")
+    assert "add index if not exists idx_loaded_at" in alter
+
+
+def test_pipeline_state_store_and_members_are_sharded_by_file(run: Run) -> None:
+    ddl = dbt_ddl(run)
+    for name, engine in (
+        (
+            "store",
+            "ReplicatedReplacingMergeTree('/clickhouse/tables/{uuid}/{shard}', '{replica}', rank)",
+        ),
+        (
+            "members",
+            "ReplicatedReplacingMergeTree('/clickhouse/tables/{uuid}/{shard}', '{replica}')",
+        ),
+    ):
+        [local] = [
+            s
+            for s in ddl
+            if s.startswith(f"create table `analytics`.`pipeline_state_{name}_local` ON CLUSTER")
+        ]
+        assert f"engine = {engine}" in local, local
+        [dist] = [
+            s
+            for s in ddl
+            if s.startswith(f"create table `analytics`.`pipeline_state_{name}` ON CLUSTER")
+        ]
+        local_name = f"pipeline_state_{name}_local"
+        assert dist.endswith(
+            f"ENGINE = Distributed('{CLUSTER}', 'analytics', '{local_name}', cityHash64(file_id))"
+        ), dist
+
+
+def test_pipeline_state_views_trigger_on_local_raw_and_write_to_the_distributed_store(
+    run: Run,
+) -> None:
+    views = [s for s in dbt_ddl(run) if s.startswith("create materialized view")]
+    assert len(views) == 2 * 2  # built by the swap, then `if not exists` by create_views
+    for s in views:
+        assert re.search(r"to `analytics`\.`pipeline_state_(store|members)` as ", s), s
+        assert "from `raw`.`tasks_local`" in s, s
+
+
+def test_pipeline_state_scratch_and_pending_tables_are_replicated_on_every_server(run: Run) -> None:
+    pending = [
+        s
+        for s in dbt_ddl(run)
+        if "`pipeline_state_pending` ON CLUSTER" in s and s.startswith("create")
+    ]
+    assert pending and all(
+        "ReplicatedMergeTree('/clickhouse/tables/{uuid}/all', '{replica}')" in s for s in pending
+    )
+
+
+def test_a_full_refresh_exchanges_the_local_stores_on_the_cluster(repairs: list[Request]) -> None:
+    [exchange] = statements_like(
+        repairs, r"exchange tables `analytics`\.`pipeline_state_store_next_local`"
+    )
+    assert exchange.sql.rstrip().endswith(
+        f'and `analytics`.`pipeline_state_store_local` ON CLUSTER "{CLUSTER}"'
+    )
+
+
+def test_settle_deletes_from_the_local_store_and_inserts_with_a_token(
+    repairs: list[Request],
+) -> None:
+    [delete] = statements_like(repairs, r"^DELETE FROM analytics\.pipeline_state_store")
+    assert delete.sql.startswith(
+        f"DELETE FROM analytics.pipeline_state_store_local ON CLUSTER '{CLUSTER}' "
+    )
+    for insert in statements_like(repairs, r"^INSERT INTO analytics\.pipeline_state_store "):
+        assert insert.params.get("insert_deduplication_token"), insert.sql
+
+
+def test_a_full_refresh_truncates_the_local_tables_on_the_cluster(repairs: list[Request]) -> None:
+    [truncate] = statements_like(repairs, r"^TRUNCATE TABLE")
+    assert truncate.sql == f"TRUNCATE TABLE IF EXISTS raw.employee_local ON CLUSTER '{CLUSTER}'"
+    [rejects] = statements_like(repairs, r"^DELETE FROM raw\.rejects")
+    assert rejects.sql.startswith(f"DELETE FROM raw.rejects_local ON CLUSTER '{CLUSTER}' ")
+
+
+def test_every_insert_of_the_repairs_carries_a_dedup_token(repairs: list[Request]) -> None:
+    """Reconcile's INSERT ... SELECT, the tombstones', the settle's, the resume token's."""
+    sent = [r for r in repairs if INSERT.match(r.sql)]
+    tables = {INSERT.match(r.sql).group(1) for r in sent}  # type: ignore[union-attr]
+    assert {
+        "ops.id_sets",
+        "raw.tasks",
+        "ops.change_stream_state",
+        "analytics.pipeline_state_store",
+    } <= tables
+    assert (
+        sorted({r.sql[:60] for r in sent if not r.params.get("insert_deduplication_token")}) == []
+    )
+
+
+def test_id_set_queries_join_shard_locally(repairs: list[Request]) -> None:
+    """A query reading an id set next to raw rows: both sharded by the id, each shard matches
+    its own (distributed_product_mode = 'local')."""
+    using = statements_like(
+        repairs, r"FROM ops\.id_sets WHERE set_id = '[0-9a-f]+'\).*raw\.|raw\.tasks.*ops\.id_sets"
+    )
+    assert [r.sql[:80] for r in using if r.params.get("distributed_product_mode") != "local"] == []
+
+
+def test_without_a_cluster_dbt_sends_nothing_of_cluster_mode(
+    repairs: list[Request], engine: Stack, tmp_path: Path
+) -> None:
+    """The same project, `cluster:` empty, on the tables the cluster builds left (so task_events
+    takes its incremental path): no ON CLUSTER, no Replicated or Distributed engine, no local
+    table, and the single-server engines and index statement of today."""
+    with recording_proxy(engine.clickhouse_port) as recording:
+        dbt_build(recording.port, tmp_path, "--full-refresh", cluster="")
+    text = "\n".join(recording.sql)
+    for cluster_only in ("ON CLUSTER", "Replicated", "Distributed", "_local", "{uuid}"):
+        assert cluster_only not in text
+    ddl = [" ".join(DBT_HEADER.sub("", sql).split()) for sql in recording.sql]
+    alters = [s for s in ddl if s.upper().startswith("ALTER TABLE `ANALYTICS`.`TASK_EVENTS")]
+    assert any("ADD INDEX idx_task_id" in s for s in alters), alters
+    store = re.compile(
+        r"create table `analytics`\.`pipeline_state_store(_next)?` "
+        r"engine = ReplacingMergeTree\(rank\)"
+    )
+    assert any(store.match(s) for s in ddl), [s[:100] for s in ddl if "pipeline_state_store" in s]
+
+
+def test_the_settle_reads_the_views_with_global_subqueries(repairs: list[Request]) -> None:
+    """The views filter by a subquery on the members, sharded by file while raw is sharded by
+    task: it runs once and goes to every shard (distributed_product_mode = 'global')."""
+    reads = statements_like(repairs, r"FROM analytics\.pipeline_state_(stale|recomputed)\(")
+    assert [r.sql[:80] for r in reads if r.params.get("distributed_product_mode") != "global"] == []
