@@ -223,16 +223,29 @@
             from latest
             where is_deleted = 0
             group by file_id
+        ),
+
+        {#- every file the given tasks ever had a version in, or have now #}
+        touched as (
+            select file_id from {{ members }} where task_id in {task_ids:Array(String)}
+            union distinct
+            select arrayJoin({file_ids:Array(String)}) as file_id
         )
 
         {#-
-            a file holding a contradicted row of a given task, or whose best row ranks below a
-            live given version (a candidate never delivered; no row at all counts as rank 0)
+            a file holding a contradicted row of a given task, a file whose best row ranks
+            below a live given version (a candidate never delivered), or a touched file with no
+            row at all: a settle interrupted between deleting a file's outranking rows and
+            inserting its best row again (after a merge dropped it) leaves it so, and its
+            replay may hold no live version of that file to notice it by
         #}
-        select if(held.file_id != '', held.file_id, given.file_id) as file_id
-        from held
-        full join given on held.file_id = given.file_id
-        where held.contradicted = 1 or (given.file_id != '' and held.best < given.top)
+        select t.file_id as file_id
+        from touched as t
+        left join held on t.file_id = held.file_id
+        left join given on t.file_id = given.file_id
+        where
+            t.file_id != ''
+            and (held.file_id = '' or held.contradicted = 1 or held.best < given.top)
         settings join_use_nulls = 0
     {% endset %}
     {% do pipeline_state_ddl(

@@ -88,6 +88,40 @@ def test_a_batch_replayed_after_the_follower_died_before_settling_it_settles_the
     assert not _differing(current_task_per_file(db), warehouse_state(ch))
 
 
+def test_a_replay_restores_a_file_that_an_interrupted_settle_left_without_any_row(
+    following: Any,
+) -> None:
+    """A settle killed after a merge dropped the file's new best row and after the delete of
+    the outranking (deleted) task's row, before inserting the best row again, leaves the file
+    with no row. The replayed batch holds only the deleted task, no live version of the file:
+    the file must still be found and recomputed."""
+    db, ch = following.db, following.ch
+    per_file: dict[str, int] = {}
+    for doc in db.tasks.find({}, {"file_id": 1}):
+        per_file[doc["file_id"]] = per_file.get(doc["file_id"], 0) + 1
+    file_id = next(f for f, s in sorted(current_task_per_file(db).items()) if per_file[f] > 1)
+    current = ObjectId(current_task_per_file(db)[file_id][4])
+    db.tasks.delete_one({"_id": current})
+
+    def die() -> None:
+        raise RuntimeError("follower killed after storing its batch")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        _follow(following, after_store=die)
+    # What the interrupted settle left: no row of the file at all.
+    ch.command(
+        "DELETE FROM analytics.pipeline_state_store WHERE file_id = {f:String}",
+        parameters={"f": file_id},
+    )
+    assert file_id not in warehouse_state(ch)
+
+    replayed = _follow(following)
+
+    assert replayed.resumed and replayed.events >= 1
+    assert warehouse_state(ch).get(file_id) == current_task_per_file(db)[file_id]
+    assert not _differing(current_task_per_file(db), warehouse_state(ch))
+
+
 def test_a_build_settles_a_stale_candidate_that_a_late_load_left_in_the_store(
     built: Any, dbt: Any
 ) -> None:
