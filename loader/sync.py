@@ -47,6 +47,7 @@ from loader.mapping import (
 from loader.runs import PeakRss, RunRecord, RunStatus, new_run_id
 from loader.schema import (
     REJECTS,
+    SNAPSHOT_RANGES,
     ensure_schema,
     fields_of,
     mutation_target,
@@ -266,6 +267,15 @@ class _Run:
         """Map documents one by one, store them, then move the watermark past the last one."""
         if not docs:
             return
+        batch = self.store_docs(docs)
+        last = _last_dated(docs)
+        # None when only arrays of dates were read (all rejected): nothing to move the mark to.
+        mark = None if last is None else (int(last["updated_at"]), last["_id"])
+        self._stored(len(docs), batch.rows, len(batch.rejects), mark)
+
+    def store_docs(self, docs: list[dict[str, Any]]) -> MappedBatch:
+        """Map documents one by one and store the rows and the rejects (with their reasons);
+        the caller saves its own progress after (a watermark, or a snapshot range's)."""
         for doc in docs:
             self.mapper.add(doc)
         batch = self.mapper.take()
@@ -273,10 +283,7 @@ class _Run:
         self._about_to_write()
         self._insert_rows(batch)
         self._insert_rejects(batch)
-        last = _last_dated(docs)
-        # None when only arrays of dates were read (all rejected): nothing to move the mark to.
-        mark = None if last is None else (int(last["updated_at"]), last["_id"])
-        self._stored(len(docs), batch.rows, len(batch.rejects), mark)
+        return batch
 
     def flush_raw(self, raw: bytes) -> None:
         """Store a raw server batch through Arrow when every document maps; otherwise map it
@@ -513,7 +520,7 @@ def sync_collection(
                     lambda: mark_build_pending(ch, collection, run.run_id, full_refresh=True),
                 )
                 run.marked_pending = True
-                _truncate(cl, collection, reset_change_stream=identity.replaced)
+                truncate_collection(cl, collection, reset_change_stream=identity.replaced)
                 before = None  # the rebuilt table is read from the beginning
             if identity.current and identity.current != identity.recorded:
                 record_identity(cl, collection, identity.current, run.run_id)
@@ -560,7 +567,8 @@ def _identity(clients: Clients, collection: str, full_refresh: bool) -> Identity
     return check_identity(clients, collection)
 
 
-def _truncate(clients: Clients, collection: str, *, reset_change_stream: bool) -> None:
+def truncate_collection(clients: Clients, collection: str, *, reset_change_stream: bool) -> None:
+    """Empty `raw.<collection>`, its rejects and its watermarks (a full refresh, a reload)."""
     ch = clients.clickhouse
     cluster = clients.settings.clickhouse_cluster  # on a cluster: the local tables, every shard
 
@@ -571,6 +579,13 @@ def _truncate(clients: Clients, collection: str, *, reset_change_stream: bool) -
             parameters={"c": collection},
         )
         reset_watermark(ch, collection)
+        # An unfinished snapshot plan would resume over the emptied table and skip what its
+        # ranges had stored (`loader.snapshot`).
+        ch.command(
+            f"DELETE FROM {mutation_target(SNAPSHOT_RANGES, cluster)} "
+            "WHERE collection = {c:String}",
+            parameters={"c": collection},
+        )
 
     clickhouse_call(clients.settings, go)
     if reset_change_stream:
