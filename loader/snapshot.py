@@ -269,10 +269,12 @@ def load_range(
     batch_size: int | None = None,
     clients: Clients | None = None,
     after_batch: Callable[[RangeBatch], None] | None = None,
+    before_insert: Callable[[RangeSpec, int], None] | None = None,
 ) -> SyncResult:
     """Load range `spec` of the collection's current plan, from its saved progress; when it
     is the last range to finish, `finish_snapshot`. Recorded in `ops.sync_runs` (shard
-    `snapshot k/N`)."""
+    `snapshot k/N`). `before_insert(spec, n)` runs before batch n's first write, `after_batch`
+    once a batch is stored and its progress saved (tests inject crashes there)."""
     require_collection(collection)
     size = batch_size or settings.batch_size
     with open_clients(settings, clients) as cl:
@@ -286,7 +288,8 @@ def load_range(
                 "--plan` once first, then the N range workers"
             )
         st = plan[spec.index]
-        run = _Run(cl, collection, size, None, None)
+        hook = (lambda n: before_insert(spec, n)) if before_insert else None
+        run = _Run(cl, collection, size, None, None, before_insert=hook)
         rec = run.record
         rec.shard = spec.label
         rec.watermark_before = st.last_id
@@ -417,10 +420,11 @@ def run_snapshot(
     batch_size: int | None = None,
     clients: Clients | None = None,
     after_batch: Callable[[RangeBatch], None] | None = None,
+    before_insert: Callable[[RangeSpec, int], None] | None = None,
 ) -> list[SyncResult]:
     """Plan (or resume the unfinished plan), then load the `workers` ranges at once: in
     processes of their own (the default: mapping is CPU-bound and a process has its own GIL)
-    or in threads sharing `clients` (`after_batch` reaches threads only)."""
+    or in threads sharing `clients` (the hooks of `load_range` reach threads only)."""
     size = batch_size or settings.batch_size
     with open_clients(settings, clients) as cl:
         plan_snapshot(settings, collection, workers, reload=reload, clients=cl)
@@ -445,6 +449,7 @@ def run_snapshot(
                     batch_size=size,
                     clients=cl,
                     after_batch=after_batch,
+                    before_insert=before_insert,
                 )
                 for s in specs
             ]
