@@ -140,6 +140,15 @@ def load_plan(clients: Clients, collection: str) -> list[RangeState]:
     ]
 
 
+def never_loaded(clients: Clients, collection: str) -> bool:
+    """No watermark of any key (unsharded or shard): the first load, or an unfinished
+    snapshot (which writes the watermark only once every range is done)."""
+    marks = clickhouse_call(
+        clients.settings, lambda: load_watermarks(clients.clickhouse, collection)
+    )
+    return not marks
+
+
 # -- step 1: the plan --------------------------------------------------------------------------
 def take_resume_point(clients: Clients, collection: str) -> Any:
     """Open the collection's change stream and store its position (the resume token of the
@@ -202,8 +211,8 @@ def plan_snapshot(
                 f"run `python -m loader snapshot --collection {collection} "
                 f"--workers {current[0].workers}` to finish it, or add --reload to start over"
             )
-        marks = clickhouse_call(settings, lambda: load_watermarks(cl.clickhouse, collection))
-        if marks and not reload:
+        if not reload and not never_loaded(cl, collection):
+            marks = load_watermarks(cl.clickhouse, collection)
             raise SnapshotRefused(
                 f"{collection} is already loaded (ops.watermarks holds "
                 f"{', '.join(sorted(marks))}): run `python -m loader sync --collection "
