@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -32,6 +33,11 @@ from loader.schema import COLLECTIONS
 from loader.settings import Settings
 from loader.shards import UNSHARDED, Shard, ShardSpecError, parse_shard
 from loader.snapshot_ranges import RangeSpec, RangeSpecError, parse_range
+
+if TYPE_CHECKING:
+    from loader.sync import SyncResult
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="Stream changed MongoDB documents into ClickHouse `raw` tables (see docs/ARCHITECTURE.md)."
@@ -97,11 +103,29 @@ def _fail(exc: BaseException) -> typer.Exit:
     return typer.Exit(code=errors.report(exc, verbose=_verbose))
 
 
-def _shard_option(value: str) -> Shard:
-    try:
-        return parse_shard(value)
-    except ShardSpecError as exc:
-        raise typer.BadParameter(str(exc)) from None
+def _option(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """A typer parser from a spec parser: its error (naming the right form) as a bad value."""
+
+    def parser(value: str) -> T:
+        try:
+            return parse(value)
+        except (ShardSpecError, RangeSpecError) as exc:
+            raise typer.BadParameter(str(exc)) from None
+
+    return parser
+
+
+def _load_cells(r: SyncResult) -> list[str]:
+    """The summary cells of a load run: read, written, rejects, seconds, docs/s, peak RSS."""
+    rate = r.docs_read / r.duration_s if r.duration_s > 0 else 0.0
+    return [
+        f"{r.docs_read:,}",
+        f"{r.rows_written:,}",
+        f"{r.rejects:,}",
+        f"{r.duration_s:.2f}",
+        f"{rate:,.0f}",
+        f"{r.peak_rss_bytes / 2**20:.0f}",
+    ]
 
 
 @app.command()
@@ -125,7 +149,7 @@ def sync(
     shard: Annotated[
         Shard | None,
         typer.Option(
-            parser=_shard_option,
+            parser=_option(parse_shard),
             metavar="I/N",
             help="Load only the documents whose _id hashes to shard I of N, from that shard's "
             "own watermark; run N of them at once (I = 0 .. N-1).",
@@ -179,17 +203,7 @@ def sync(
         table.add_column(col, justify="left" if col == "collection" else "right")
     table.add_column("watermark")
     for r in results:
-        rate = r.docs_read / r.duration_s if r.duration_s > 0 else 0.0
-        table.add_row(
-            r.collection,
-            f"{r.docs_read:,}",
-            f"{r.rows_written:,}",
-            f"{r.rejects:,}",
-            f"{r.duration_s:.2f}",
-            f"{rate:,.0f}",
-            f"{r.peak_rss_bytes / 2**20:.0f}",
-            r.watermark_after or "-",
-        )
+        table.add_row(r.collection, *_load_cells(r), r.watermark_after or "-")
         if r.index_created:
             console.print(f"created the (updated_at, _id) index on {r.collection}")
         if r.source_replaced:
@@ -197,13 +211,6 @@ def sync(
     console.print(table)
     if any(r.rows_written or r.rejects for r in results):
         console.print("the next flow run (`make sync`) builds the models downstream of this load")
-
-
-def _range_option(value: str) -> RangeSpec:
-    try:
-        return parse_range(value)
-    except RangeSpecError as exc:
-        raise typer.BadParameter(str(exc)) from None
 
 
 @app.command()
@@ -216,7 +223,7 @@ def snapshot(
         RangeSpec | None,
         typer.Option(
             "--range",
-            parser=_range_option,
+            parser=_option(parse_range),
             metavar="k/N",
             help="Load only range k of the stored plan of N ranges (one worker; run the N "
             "of them anywhere, after --plan). The last one to finish writes the watermark.",
@@ -296,17 +303,7 @@ def snapshot(
         table.add_column(col, justify="left" if col in ("collection", "range") else "right")
     table.add_column("peak RSS MiB", justify="right")
     for r in results:
-        rate = r.docs_read / r.duration_s if r.duration_s > 0 else 0.0
-        table.add_row(
-            r.collection,
-            r.shard,
-            f"{r.docs_read:,}",
-            f"{r.rows_written:,}",
-            f"{r.rejects:,}",
-            f"{r.duration_s:.2f}",
-            f"{rate:,.0f}",
-            f"{r.peak_rss_bytes / 2**20:.0f}",
-        )
+        table.add_row(r.collection, r.shard, *_load_cells(r))
     console.print(table)
     for r in results:
         if "watermark written" in r.message:
