@@ -11,7 +11,7 @@ reads each document once. The steps:
 2. Each range (`load_range`) reads `_id` in `[lower, upper)` in index order with
    `hint({_id: 1}).min(...).max(...)`: index bounds have no type bracketing, so ranges cover
    ids of every BSON type (a `{$gte: ObjectId}` filter would match ObjectIds only). Documents
-   are mapped and stored as the sync stores them (`sync._Run.store_docs`); after each batch is
+   are mapped and stored as the sync stores them (`sync.LoadRun.store_docs`); after each batch is
    in ClickHouse the range saves the last `_id` stored, so a killed worker resumes there.
 3. When every range is done (`finish_snapshot`, run by whichever worker ends last), the
    unsharded watermark is written at the start time minus the overlap window, so the next
@@ -52,8 +52,8 @@ from loader.snapshot_ranges import (
 )
 from loader.store import recorded_run, save_resume_token
 from loader.sync import (
+    LoadRun,
     SyncResult,
-    _Run,
     prepare_clients,
     prepare_collection,
     projection,
@@ -76,10 +76,13 @@ class SnapshotRefused(ValueError):
 # -- state in ops.snapshot_ranges --------------------------------------------------------------
 @dataclass(frozen=True)
 class RangeState:
+    """A range of a plan as last saved. Bounds are `encode_id` text; "" is open (from the
+    lowest, to the highest key) and "-" on both marks an empty range."""
+
     plan_id: str
     workers: int
     index: int
-    lower: str  # encoded bound, "" = open
+    lower: str
     upper: str
     last_id: str  # encoded last `_id` stored, "" = none yet
     docs: int
@@ -258,7 +261,7 @@ class RangeBatch:
     last_id: Any
 
 
-def range_cursor(run: _Run, st: RangeState, batch_size: int) -> Cursor:
+def range_cursor(run: LoadRun, st: RangeState, batch_size: int) -> Cursor:
     """The range's documents in `_id` order, from its saved progress on. Index bounds
     (`min`/`max` on the hinted `_id` index) compare across BSON types; a query filter would
     bracket by type."""
@@ -298,7 +301,7 @@ def load_range(
             )
         st = plan[spec.index]
         hook = (lambda n: before_insert(spec, n)) if before_insert else None
-        run = _Run(cl, collection, size, None, None, before_insert=hook)
+        run = LoadRun(cl, collection, size, None, None, before_insert=hook)
         rec = run.record
         rec.shard = spec.label
         rec.watermark_before = st.last_id
@@ -330,7 +333,7 @@ def _mark(cl: Clients, st: RangeState, run_id: str, **changes: Any) -> RangeStat
 
 
 def _read_range(
-    run: _Run,
+    run: LoadRun,
     st: RangeState,
     spec: RangeSpec,
     size: int,
@@ -374,7 +377,7 @@ def _batches(cursor: Cursor, size: int) -> Iterator[list[dict[str, Any]]]:
         yield buf
 
 
-def _store(run: _Run, docs: list[dict[str, Any]], upper_ms: int) -> None:
+def _store(run: LoadRun, docs: list[dict[str, Any]], upper_ms: int) -> None:
     """Store a batch as the sync does: rows, and rejects with their reasons. A document dated
     past LOADER_MAX_FUTURE_SECONDS is rejected as the sync's sweep rejects it (the sync loads
     it once its date has come)."""
@@ -386,7 +389,7 @@ def _store(run: _Run, docs: list[dict[str, Any]], upper_ms: int) -> None:
     if future:
         far = {id(d) for d in future}
         docs = [d for d in docs if id(d) not in far]
-        run._reject_new(future, upper_ms)
+        run.reject_new(future, upper_ms)
     if docs:
         batch = run.store_docs(docs)
         run.record.docs_read += len(docs)

@@ -204,8 +204,9 @@ def prepare_collection(clients: Clients, collection: str) -> bool:
     return created
 
 
-class _Run:
-    """State of one `sync_collection` call."""
+class LoadRun:
+    """State of one load: a `sync_collection` call, or a snapshot range (`loader.snapshot`),
+    which stores its batches through `store_docs` and `reject_new`."""
 
     def __init__(
         self,
@@ -398,11 +399,11 @@ class _Run:
             for doc in cursor:
                 buf.append(doc)
                 if len(buf) >= self.batch_size:
-                    self._reject_new(buf, upper_ms)
+                    self.reject_new(buf, upper_ms)
                     buf = []
-            self._reject_new(buf, upper_ms)
+            self.reject_new(buf, upper_ms)
 
-    def _reject_new(self, docs: list[dict[str, Any]], upper_ms: int) -> None:
+    def reject_new(self, docs: list[dict[str, Any]], upper_ms: int) -> None:
         if not docs:
             return
         ids = [id_to_str(d.get("_id")) for d in docs]
@@ -483,7 +484,7 @@ def sync_collection(
     size = batch_size or settings.batch_size
     with open_clients(settings, clients) as cl:
         prepare_clients(cl)
-        run = _Run(cl, collection, size, after_insert, progress, before_insert, shard)
+        run = LoadRun(cl, collection, size, after_insert, progress, before_insert, shard)
         rec = run.record
         ch = cl.clickhouse
         before: Watermark | None = None
