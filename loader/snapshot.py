@@ -33,13 +33,15 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Any
 
-from bson import MaxKey, MinKey
+import bson
+from bson import MaxKey, MinKey, ObjectId
 from bson.datetime_ms import DatetimeMS
 from pymongo.cursor import Cursor
 
 from loader.build_pending import mark_build_pending
 from loader.clients import Clients, clickhouse_call, mongo_call, open_clients
 from loader.identity import check_identity, record_identity
+from loader.mapping import CODEC_OPTIONS
 from loader.runs import RunStatus
 from loader.schema import SNAPSHOT_RANGES, require_collection
 from loader.settings import Settings
@@ -261,16 +263,18 @@ class RangeBatch:
     last_id: Any
 
 
-def range_cursor(run: LoadRun, st: RangeState, batch_size: int) -> Cursor:
-    """The range's documents in `_id` order, from its saved progress on. Index bounds
-    (`min`/`max` on the hinted `_id` index) compare across BSON types; a query filter would
-    bracket by type."""
+def range_cursor(run: LoadRun, st: RangeState, batch_size: int, *, raw: bool) -> Cursor:
+    """The range's documents in `_id` order, after its saved progress. Index bounds (`min`
+    and `max` on the hinted `_id` index) compare across BSON types; a query filter would
+    bracket by type. `raw`: server batches as BSON bytes (`find_raw_batches`)."""
     start: Any = decode_id(st.last_id or st.lower) if (st.last_id or st.lower) else MinKey()
     end: Any = decode_id(st.upper) if st.upper else MaxKey()
+    # `min` is inclusive: the last stored document is left out by the filter.
+    flt = {"_id": {"$ne": decode_id(st.last_id)}} if st.last_id else {}
+    find = run.coll.find_raw_batches if raw else run.coll.find
     # The last range stops at MaxKey, exclusive: an `_id` cannot be MaxKey, so none is missed.
-    cursor = run.coll.find({}, projection(run.collection)).hint(ID_INDEX)
-    cursor = cursor.min([("_id", start)]).max([("_id", end)])
-    return cursor.batch_size(batch_size)
+    cursor = find(flt, projection(run.collection)).hint(ID_INDEX)
+    return cursor.min([("_id", start)]).max([("_id", end)]).batch_size(batch_size)
 
 
 def load_range(
@@ -343,20 +347,13 @@ def _read_range(
     stored `_id` after a transient error."""
     state = st
     upper_ms = run.read_started_ms + int(run.settings.max_future_seconds * 1000)
+    raw = run.settings.decoder == "pymongoarrow"
 
     def from_last_stored() -> None:
         nonlocal state
-        resume = state.last_id
-        for docs in _batches(range_cursor(run, state, size), size):
-            if resume and encode_id(docs[0]["_id"]) == resume:
-                docs = docs[1:]  # `min` is inclusive: the last stored document comes again
-            resume = ""
-            if not docs:
-                continue
-            _store(run, docs, upper_ms)
-            last = docs[-1]["_id"]
+        for docs, last in _stored_batches(run, range_cursor(run, state, size, raw=raw), upper_ms):
             state = _mark(
-                run.clients, state, run.run_id, last_id=encode_id(last), docs=state.docs + len(docs)
+                run.clients, state, run.run_id, last_id=encode_id(last), docs=state.docs + docs
             )
             run.batch_no += 1
             if after_batch:
@@ -366,15 +363,33 @@ def _read_range(
     return _mark(run.clients, state, run.run_id, done=True)
 
 
-def _batches(cursor: Cursor, size: int) -> Iterator[list[dict[str, Any]]]:
+def _stored_batches(run: LoadRun, cursor: Cursor, upper_ms: int) -> Iterator[tuple[int, Any]]:
+    """Store the cursor's documents batch by batch (one server batch at a time when raw,
+    `LOADER_DECODER=pymongoarrow`); yields each stored batch's size and last `_id`."""
+    if run.settings.decoder == "pymongoarrow":
+        for raw in cursor:
+            table = run.store_valid_rows(raw, upper_ms)
+            if table is not None:
+                rows = table.num_rows
+                run.record.docs_read += rows
+                run.record.rows_written += rows
+                yield rows, ObjectId(table["_id"][-1].as_py())
+                continue
+            docs = bson.decode_all(raw, CODEC_OPTIONS)
+            if docs:
+                _store(run, docs, upper_ms)
+                yield len(docs), docs[-1]["_id"]
+        return
     buf: list[dict[str, Any]] = []
     for doc in cursor:
         buf.append(doc)
-        if len(buf) >= size:
-            yield buf
+        if len(buf) >= run.batch_size:
+            _store(run, buf, upper_ms)
+            yield len(buf), buf[-1]["_id"]
             buf = []
     if buf:
-        yield buf
+        _store(run, buf, upper_ms)
+        yield len(buf), buf[-1]["_id"]
 
 
 def _store(run: LoadRun, docs: list[dict[str, Any]], upper_ms: int) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import bson
 from bson import MinKey, ObjectId
@@ -72,6 +72,9 @@ from loader.watermark import (
     reset_watermark,
     save_watermark,
 )
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -289,25 +292,38 @@ class LoadRun:
     def flush_raw(self, raw: bytes) -> None:
         """Store a raw server batch through Arrow when every document maps; otherwise map it
         document by document (`flush`), which records each reject with its reason."""
+        import pyarrow as pa
+
+        table = self.store_valid_rows(raw)
+        if table is None:
+            self.flush(bson.decode_all(raw, CODEC_OPTIONS))
+            return
+        rows = table.num_rows
+        last_ms = table["updated_at"][-1].cast(pa.int64()).as_py()
+        self._stored(rows, rows, 0, (last_ms, ObjectId(table["_id"][-1].as_py())))
+
+    def store_valid_rows(self, raw: bytes, upper_ms: int | None = None) -> pa.Table | None:
+        """Store a raw server batch as one Arrow table when every document maps (and, given
+        `upper_ms`, none is dated past it); None, with nothing stored, when one does not (or
+        the batch is empty): the caller then maps it document by document."""
         # Imported here: pymongoarrow brings pandas and pyarrow (half a second), which a run
         # that only probes for changes (`has_changes`, a no-op flow run) never needs.
         import pyarrow as pa
+        import pyarrow.compute as pc
 
         from loader.columnar import decode_valid_rows
 
         columns = decode_valid_rows(raw, self.collection, self.settings.max_string_chars)
-        if columns is None:
-            self.flush(bson.decode_all(raw, CODEC_OPTIONS))
-            return
-        rows = len(columns["_id"])
-        if not rows:
-            return
+        if columns is None or not len(columns["_id"]):
+            return None
         table = with_bookkeeping(self.collection, columns, self.run_id, now_ms())
+        latest = pc.max(table["updated_at"].cast(pa.int64())).as_py()
+        if upper_ms is not None and latest > upper_ms:
+            return None
         self.rss.sample()
         self._about_to_write()
         store_table(self.clients, self.collection, table)
-        last_ms = table["updated_at"][-1].cast(pa.int64()).as_py()
-        self._stored(rows, rows, 0, (last_ms, ObjectId(table["_id"][-1].as_py())))
+        return table
 
     def _stored(self, docs: int, rows: int, rejects: int, mark: tuple[int, Any] | None) -> None:
         """Count a stored batch and save the watermark at `mark` (updated_at ms, _id)."""
