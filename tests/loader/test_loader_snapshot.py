@@ -300,3 +300,33 @@ def test_reload_empties_the_table_and_loads_again_in_processes(
     # The deleted documents' rows went with the emptied table.
     assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
     assert clickhouse_client.command("SELECT count() FROM raw.tasks") == 490
+
+
+def test_a_plan_then_range_workers_in_processes_of_their_own_load_everything(
+    settings: Settings, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 1_500, seed=55)
+    env = os.environ | {"MONGO_DB": settings.mongo_db}
+    base = [sys.executable, "-m", "loader", "snapshot", "--collection", "tasks"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*base, *args], env=env, capture_output=True, text=True, timeout=300)
+
+    planned = run("--workers", "2", "--plan")
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    assert "--range k/2" in " ".join(planned.stdout.split())
+    assert load_watermarks(clickhouse_client, "tasks") == {}
+    workers = [
+        subprocess.Popen(
+            [*base, "--range", f"{k}/2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for k in range(2)
+    ]
+    codes = [w.wait(300) for w in workers]
+
+    assert codes == [0, 0]
+    assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
+    assert load_watermark(clickhouse_client, "tasks") is not None  # the last one wrote it
+    refused = run("--range", "0/3")
+    assert refused.returncode != 0
+    assert "--plan" in " ".join((refused.stdout + refused.stderr).split())
