@@ -51,16 +51,11 @@ def new_measurements(scale: int, small: int) -> dict[str, Measurement]:
         m("freshness.50_per_s", "write → pipeline_state, 50 writes/s", "ms", False, True),
         m("freshness.500_per_s", "write → pipeline_state, 500 writes/s", "ms", False, True),
         *(
-            m(f"shards.{n}w{suffix}", f"initial load, {n} shard worker(s) at once: {what}", u, h)
-            for n in SHARD_WORKERS
-            for suffix, what, u, h in (
-                ("", "all workers", "docs/s", True),
-                ("_per_worker", "per worker", "docs/s", True),
-                ("_rss", "peak RSS per worker", "MiB", False),
+            m(f"{kind}.{n}w{suffix}", f"initial {load}, {n} {workers} at once: {what}", u, h)
+            for kind, load, workers in (
+                ("shards", "load", "shard worker(s)"),
+                ("snapshot", "snapshot", "_id range(s)"),
             )
-        ),
-        *(
-            m(f"snapshot.{n}w{suffix}", f"initial snapshot, {n} _id range(s) at once: {what}", u, h)
             for n in SHARD_WORKERS
             for suffix, what, u, h in (
                 ("", "all workers", "docs/s", True),
