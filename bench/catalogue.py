@@ -12,6 +12,8 @@ WEB_PAGES = (
 )
 # Loader shard workers the `shards` group runs side by side (issue 15).
 SHARD_WORKERS = (1, 2, 4)
+# How the one `snapshot --workers N` command runs its ranges (`--threads` or not).
+SNAPSHOT_MODES = ("processes", "threads")
 # The issue's target for every page, cached, at 1M tasks.
 WEB_P95_TARGET_MS = 50.0
 
@@ -49,13 +51,32 @@ def new_measurements(scale: int, small: int) -> dict[str, Measurement]:
         m("freshness.50_per_s", "write → pipeline_state, 50 writes/s", "ms", False, True),
         m("freshness.500_per_s", "write → pipeline_state, 500 writes/s", "ms", False, True),
         *(
-            m(f"shards.{n}w{suffix}", f"initial load, {n} shard worker(s) at once: {what}", u, h)
+            m(f"{kind}.{n}w{suffix}", f"initial {load}, {n} {workers} at once: {what}", u, h)
+            for kind, load, workers in (
+                ("shards", "load", "shard worker(s)"),
+                ("snapshot", "snapshot", "_id range(s)"),
+            )
             for n in SHARD_WORKERS
             for suffix, what, u, h in (
                 ("", "all workers", "docs/s", True),
                 ("_per_worker", "per worker", "docs/s", True),
                 ("_rss", "peak RSS per worker", "MiB", False),
             )
+        ),
+        m(
+            "snapshot.plan",
+            f"snapshot plan ({SHARD_WORKERS[-1]} ranges): resume point + $sample",
+            "s",
+            False,
+        ),
+        *(
+            m(
+                f"snapshot.command_{mode}",
+                f"`snapshot --workers {SHARD_WORKERS[-1]}` in {mode}, plan and start-up included",
+                "docs/s",
+                True,
+            )
+            for mode in SNAPSHOT_MODES
         ),
     ]
     return {x.key: x for x in items}

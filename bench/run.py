@@ -27,6 +27,7 @@ from rich.console import Console
 
 from bench.catalogue import (
     SHARD_WORKERS,
+    SNAPSHOT_MODES,
     WEB_P95_TARGET_MS,
     WEB_PAGES,
     new_comparisons,
@@ -54,8 +55,12 @@ GROUP_MEASUREMENTS: dict[str, tuple[str, ...]] = {
     "web": tuple(f"web.{page}{suffix}" for page, _ in WEB_PAGES for suffix in ("", "_uncached")),
     "freshness": ("freshness.50_per_s", "freshness.500_per_s"),
     "shards": tuple(
-        f"shards.{n}w{suffix}" for n in SHARD_WORKERS for suffix in ("", "_per_worker", "_rss")
-    ),
+        f"{kind}.{n}w{suffix}"
+        for kind in ("shards", "snapshot")
+        for n in SHARD_WORKERS
+        for suffix in ("", "_per_worker", "_rss")
+    )
+    + ("snapshot.plan", *(f"snapshot.command_{mode}" for mode in SNAPSHOT_MODES)),
 }
 # Latency targets of the freshness group (issue 12), in ms, and the figure the issue measured
 # before the hot path (event-driven flow run + dbt build per change, 100k tasks, 6 probes).
@@ -466,38 +471,74 @@ class Harness:
     def run_shards(self) -> None:
         """1, 2 and 4 shard workers load the whole collection at once, from an empty table:
         throughput of all of them together (documents over the span from the first start to
-        the last end, interpreter start-up left out), per worker, and each worker's peak RSS."""
+        the last end, interpreter start-up left out), per worker, and each worker's peak RSS;
+        then the same for 1, 2 and 4 snapshot range workers, and the one `snapshot` command
+        with its ranges in processes and in threads."""
         for n in SHARD_WORKERS:
             keys = (f"shards.{n}w", f"shards.{n}w_per_worker", f"shards.{n}w_rss")
             self.measure(keys, functools.partial(self._shards_once, n), f"shards x{n}")
-        self.loaded = self.measurements[f"shards.{SHARD_WORKERS[-1]}w"].ok
+        # The same loads split by `_id` range (`loader.snapshot`), after the same emptying;
+        # the plan (resume point + `$sample`) is timed on its own, before the range workers.
+        for n in SHARD_WORKERS:
+            plan = ("snapshot.plan",) if n == SHARD_WORKERS[-1] else ()
+            figures = (f"snapshot.{n}w", f"snapshot.{n}w_per_worker", f"snapshot.{n}w_rss", *plan)
+            self.measure(figures, functools.partial(self._snapshot_once, n), f"snapshot x{n}")
+        for mode in SNAPSHOT_MODES:
+            self.measure(
+                (f"snapshot.command_{mode}",),
+                functools.partial(self._snapshot_command_once, mode),
+                f"snapshot command, {mode}",
+            )
+        self.loaded = self.measurements[f"snapshot.{SHARD_WORKERS[-1]}w"].ok
         self.built = False
 
-    def _shards_once(self, n: int, run: int) -> dict[str, float]:
+    def _empty_tasks(self) -> None:
+        """Not measured: the tables exist, and every run loads everything from nothing."""
         from loader.clients import connect_clickhouse
-        from loader.schema import ensure_schema
+        from loader.schema import SNAPSHOT_RANGES, ensure_schema
         from loader.watermark import reset_watermark
 
         ch = connect_clickhouse(self.settings())
-        try:  # not measured: the tables exist, and every run loads everything
+        try:
             ensure_schema(ch)
             ch.command("TRUNCATE TABLE raw.tasks")
+            ch.command(f"TRUNCATE TABLE {SNAPSHOT_RANGES.qualified}")
             reset_watermark(ch, "tasks")
         finally:
             ch.close()
-        jobs = [{"kind": "loader_shard", "shard": f"{i}/{n}"} for i in range(n)]
+
+    def _workers_figures(self, kind: str, n: int, jobs: list[dict[str, Any]]) -> dict[str, float]:
+        """N workers at once: documents over the span from the first start to the last end
+        (interpreter start-up left out), per worker, and the largest peak RSS."""
         results = self.workers_at_once(jobs)
         docs = sum(r["items"] for r in results)
         if docs != self.dataset.get("tasks", docs):
-            raise StepFailed(f"{n} shard workers read {docs:,} tasks, not all of them")
+            raise StepFailed(f"{n} {kind} workers read {docs:,} tasks, not all of them")
         span = max(r["extra"]["ended_at"] for r in results) - min(
             r["extra"]["started_at"] for r in results
         )
         return {
-            f"shards.{n}w": docs / span,
-            f"shards.{n}w_per_worker": sum(r["items"] / r["seconds"] for r in results) / n,
-            f"shards.{n}w_rss": max(r["peak_rss_bytes"] for r in results) / MIB,
+            f"{kind}.{n}w": docs / span,
+            f"{kind}.{n}w_per_worker": sum(r["items"] / r["seconds"] for r in results) / n,
+            f"{kind}.{n}w_rss": max(r["peak_rss_bytes"] for r in results) / MIB,
         }
+
+    def _shards_once(self, n: int, run: int) -> dict[str, float]:
+        self._empty_tasks()
+        jobs = [{"kind": "loader_shard", "shard": f"{i}/{n}"} for i in range(n)]
+        return self._workers_figures("shards", n, jobs)
+
+    def _snapshot_once(self, n: int, run: int) -> dict[str, float]:
+        self._empty_tasks()
+        plan = self.worker({"kind": "snapshot_plan", "workers": n})
+        jobs = [{"kind": "snapshot_range", "range": f"{k}/{n}"} for k in range(n)]
+        return self._workers_figures("snapshot", n, jobs) | {"snapshot.plan": plan["seconds"]}
+
+    def _snapshot_command_once(self, mode: str, run: int) -> dict[str, float]:
+        self._empty_tasks()
+        n = SHARD_WORKERS[-1]
+        r = self.worker({"kind": "snapshot_command", "workers": n, "threads": mode == "threads"})
+        return {f"snapshot.command_{mode}": r["items"] / r["seconds"]}
 
     def run_noop(self) -> None:
         self.ensure_loaded()

@@ -68,6 +68,42 @@ def loader_shard(params: dict[str, Any]) -> tuple[Any, float]:
     return (result.docs_read, extra), seconds
 
 
+def snapshot_plan(params: dict[str, Any]) -> tuple[Any, float]:
+    """The snapshot's plan step: the change-stream resume point and the `$sample` split
+    points of `workers` ranges."""
+    from loader.snapshot import plan_snapshot
+
+    settings = _settings()
+    ranges, seconds = _timed(lambda: plan_snapshot(settings, "tasks", int(params["workers"])))
+    return (len(ranges), {}), seconds
+
+
+def snapshot_range(params: dict[str, Any]) -> tuple[Any, float]:
+    """One range worker of the stored plan (`snapshot --range k/N`), timed like a shard."""
+    from loader.snapshot import load_range
+    from loader.snapshot_ranges import parse_range
+
+    settings = _settings()
+    spec = parse_range(params["range"])
+    started_at = time.time()
+    result, seconds = _timed(lambda: load_range(settings, "tasks", spec))
+    extra = {"started_at": started_at, "ended_at": time.time(), "docs_read": result.docs_read}
+    return (result.docs_read, extra), seconds
+
+
+def snapshot_command(params: dict[str, Any]) -> tuple[Any, float]:
+    """`snapshot --workers N [--threads]` as one call: plan, N ranges in processes or threads."""
+    from loader.snapshot import run_snapshot
+
+    settings = _settings()
+    threads = bool(params.get("threads"))
+    workers = int(params["workers"])
+    results, seconds = _timed(
+        lambda: run_snapshot(settings, "tasks", workers, processes=not threads)
+    )
+    return (sum(r.docs_read for r in results), {}), seconds
+
+
 def has_changes(params: dict[str, Any]) -> tuple[Any, float]:
     from loader.changes import has_changes as probe
 
@@ -195,6 +231,9 @@ def freshness(params: dict[str, Any]) -> tuple[Any, float]:
 JOBS: dict[str, Callable[[dict[str, Any]], tuple[Any, float]]] = {
     "loader_sync": loader_sync,
     "loader_shard": loader_shard,
+    "snapshot_plan": snapshot_plan,
+    "snapshot_range": snapshot_range,
+    "snapshot_command": snapshot_command,
     "has_changes": has_changes,
     "dbt_build": dbt_build,
     "drain": drain,

@@ -61,6 +61,8 @@ from loader.identity import check_identity
 from loader.reconcile import ReconcileResult, reconcile_collection
 from loader.settings import Settings as LoaderSettings
 from loader.shards import Shard
+from loader.snapshot import load_range, never_loaded, plan_snapshot
+from loader.snapshot_ranges import RangeSpec
 from loader.sync import SyncResult, sync_collection
 
 
@@ -105,8 +107,10 @@ def _task_options(settings: FlowSettings) -> dict[str, Any]:
 
 
 @task(name="detect-changes", cache_policy=NO_CACHE)
-def detect_changes(clients: Clients, collections: list[str]) -> list[str]:
-    return [c for c in collections if has_changes(clients.settings, c, clients=clients)]
+def detect_changes(clients: Clients, collections: list[str], shards: int = 1) -> list[str]:
+    return [
+        c for c in collections if has_changes(clients.settings, c, clients=clients, shards=shards)
+    ]
 
 
 @task(name="load-collection", task_run_name="load-{collection}", cache_policy=NO_CACHE)
@@ -119,13 +123,26 @@ def load_shard(clients: Clients, collection: str, shard: Shard) -> SyncResult:
     return sync_collection(clients.settings, collection, clients=clients, shard=shard)
 
 
+@task(name="load-range", task_run_name="load-{collection}-snapshot-{spec}", cache_policy=NO_CACHE)
+def load_snapshot_range(clients: Clients, collection: str, spec: RangeSpec) -> SyncResult:
+    return load_range(clients.settings, collection, spec, clients=clients)
+
+
 def _load(
     clients: Clients, collection: str, full_refresh: bool, shards: int, options: dict[str, Any]
 ) -> list[SyncResult]:
     """One load task, or `shards` mapped ones running at once. A full refresh or a replaced
-    collection empties the table for every shard, so it stays one unsharded task."""
+    collection empties the table for every shard, so it stays one unsharded task. A collection
+    never loaded is split by `_id` range instead of hash (`loader.snapshot`): each task then
+    scans only its part of the collection."""
     if shards == 1 or full_refresh or check_identity(clients, collection).replaced:
         return [load_collection.with_options(**options)(clients, collection, full_refresh)]
+    if never_loaded(clients, collection):
+        plan_snapshot(clients.settings, collection, shards, clients=clients)
+        ranges = load_snapshot_range.with_options(**options).map(
+            unmapped(clients), collection, [RangeSpec(k, shards) for k in range(shards)]
+        )
+        return list(ranges.result())
     futures = load_shard.with_options(**options).map(
         unmapped(clients), collection, [Shard(i, shards) for i in range(shards)]
     )
@@ -246,7 +263,9 @@ def _run(run: RunContext, full_refresh: bool, build_all: bool, reconcile: bool) 
         if full_refresh:
             changed = collections
         else:
-            changed = detect_changes.with_options(**options)(clients, collections)
+            changed = detect_changes.with_options(**options)(
+                clients, collections, settings.loader_shards
+            )
         step.rows = len(changed)
         step.message = f"changed={changed}"
 

@@ -27,6 +27,7 @@ from loader.identity import check_identity
 from loader.mapping import BatchMapper, id_to_str
 from loader.schema import REJECTS, fields_of, raw_table
 from loader.settings import Settings
+from loader.shards import UNSHARDED, Shard, shard_starts
 from loader.sync import prepare_clients, prepare_collection, projection, watermark_range
 from loader.watermark import (
     ReadBounds,
@@ -40,11 +41,14 @@ from loader.watermark import (
 Row = tuple[Any, ...]
 
 
-def has_changes(settings: Settings, collection: str, *, clients: Clients | None = None) -> bool:
+def has_changes(
+    settings: Settings, collection: str, *, clients: Clients | None = None, shards: int = 1
+) -> bool:
     """True when a sync would store something: a document past the watermark, a window that
     differs from raw (see the module docstring), or a replaced collection (the sync reloads
     it). Raises `SourceMissing` when the collection is gone while the warehouse holds
-    documents of it.
+    documents of it. `shards`: the loader runs as that many shard workers, which read from
+    their own marks (`_sharded_changes`), not from the unsharded one.
 
     Documents whose `updated_at` is not a usable date are not considered (the next sync that
     runs for another reason rejects them)."""
@@ -53,6 +57,8 @@ def has_changes(settings: Settings, collection: str, *, clients: Clients | None 
         if check_identity(cl, collection).replaced:
             return True
         prepare_collection(cl, collection)
+        if shards > 1:
+            return _sharded_changes(cl, collection, shards)
         wm = clickhouse_call(settings, lambda: load_watermark(cl.clickhouse, collection))
         now = now_ms()
         bounds = read_bounds(wm, settings.overlap_seconds, settings.max_future_seconds, now)
@@ -74,8 +80,38 @@ def has_changes(settings: Settings, collection: str, *, clients: Clients | None 
         return False
 
 
-def _any_document(clients: Clients, collection: str, bounds: ReadBounds) -> bool:
-    probe = watermark_range(clients.db[collection], bounds, {"_id": 1}).limit(1)
+def _sharded_changes(clients: Clients, collection: str, count: int) -> bool:
+    """`has_changes` for `count` shard workers. The unsharded mark does not move while they
+    run, so each shard is asked from where it would start (`shards.shard_starts`): exactly
+    past its mark, for its own documents; windows still open are compared with raw as one
+    (from the earliest, which holds the others). Nothing is saved: a shard's window closes
+    `LOADER_OVERLAP_SECONDS` after its last read."""
+    settings = clients.settings
+    overlap_ms = int(settings.overlap_seconds * 1000)
+    starts = clickhouse_call(
+        settings, lambda: shard_starts(clients.clickhouse, collection, count, overlap_ms)
+    )
+    now = now_ms()
+    windows: list[ReadBounds] = []
+    for shard, wm in starts.items():
+        bounds = read_bounds(wm, settings.overlap_seconds, settings.max_future_seconds, now)
+        if wm is None or bounds.lower_id is not None:
+            if _any_document(clients, collection, bounds, shard):
+                return True
+            continue
+        past = ReadBounds(wm.updated_at_ms, wm.id_value(), bounds.upper_ms)
+        if wm.last_id and _any_document(clients, collection, past, shard):
+            return True
+        windows.append(bounds)
+    if not windows:
+        return False
+    return window_differs(clients, collection, min(windows, key=lambda b: b.lower_ms or 0))
+
+
+def _any_document(
+    clients: Clients, collection: str, bounds: ReadBounds, shard: Shard = UNSHARDED
+) -> bool:
+    probe = watermark_range(clients.db[collection], bounds, {"_id": 1}, shard=shard).limit(1)
     return mongo_call(clients.settings, lambda: next(probe.clone(), None)) is not None
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -31,6 +32,12 @@ from loader.runs import RunKind
 from loader.schema import COLLECTIONS
 from loader.settings import Settings
 from loader.shards import UNSHARDED, Shard, ShardSpecError, parse_shard
+from loader.snapshot_ranges import RangeSpec, RangeSpecError, parse_range
+
+if TYPE_CHECKING:
+    from loader.sync import SyncResult
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="Stream changed MongoDB documents into ClickHouse `raw` tables (see docs/ARCHITECTURE.md)."
@@ -96,11 +103,29 @@ def _fail(exc: BaseException) -> typer.Exit:
     return typer.Exit(code=errors.report(exc, verbose=_verbose))
 
 
-def _shard_option(value: str) -> Shard:
-    try:
-        return parse_shard(value)
-    except ShardSpecError as exc:
-        raise typer.BadParameter(str(exc)) from None
+def _option(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """A typer parser from a spec parser: its error (naming the right form) as a bad value."""
+
+    def parser(value: str) -> T:
+        try:
+            return parse(value)
+        except (ShardSpecError, RangeSpecError) as exc:
+            raise typer.BadParameter(str(exc)) from None
+
+    return parser
+
+
+def _load_cells(r: SyncResult) -> list[str]:
+    """The summary cells of a load run: read, written, rejects, seconds, docs/s, peak RSS."""
+    rate = r.docs_read / r.duration_s if r.duration_s > 0 else 0.0
+    return [
+        f"{r.docs_read:,}",
+        f"{r.rows_written:,}",
+        f"{r.rejects:,}",
+        f"{r.duration_s:.2f}",
+        f"{rate:,.0f}",
+        f"{r.peak_rss_bytes / 2**20:.0f}",
+    ]
 
 
 @app.command()
@@ -124,7 +149,7 @@ def sync(
     shard: Annotated[
         Shard | None,
         typer.Option(
-            parser=_shard_option,
+            parser=_option(parse_shard),
             metavar="I/N",
             help="Load only the documents whose _id hashes to shard I of N, from that shard's "
             "own watermark; run N of them at once (I = 0 .. N-1).",
@@ -178,17 +203,7 @@ def sync(
         table.add_column(col, justify="left" if col == "collection" else "right")
     table.add_column("watermark")
     for r in results:
-        rate = r.docs_read / r.duration_s if r.duration_s > 0 else 0.0
-        table.add_row(
-            r.collection,
-            f"{r.docs_read:,}",
-            f"{r.rows_written:,}",
-            f"{r.rejects:,}",
-            f"{r.duration_s:.2f}",
-            f"{rate:,.0f}",
-            f"{r.peak_rss_bytes / 2**20:.0f}",
-            r.watermark_after or "-",
-        )
+        table.add_row(r.collection, *_load_cells(r), r.watermark_after or "-")
         if r.index_created:
             console.print(f"created the (updated_at, _id) index on {r.collection}")
         if r.source_replaced:
@@ -196,6 +211,103 @@ def sync(
     console.print(table)
     if any(r.rows_written or r.rejects for r in results):
         console.print("the next flow run (`make sync`) builds the models downstream of this load")
+
+
+@app.command()
+def snapshot(
+    collection: Annotated[Which, typer.Option(help="Collection to load.")] = Which.tasks,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Number of _id ranges, loaded at once by this command.")
+    ] = 4,
+    range_: Annotated[
+        RangeSpec | None,
+        typer.Option(
+            "--range",
+            parser=_option(parse_range),
+            metavar="k/N",
+            help="Load only range k of the stored plan of N ranges (one worker; run the N "
+            "of them anywhere, after --plan). The last one to finish writes the watermark.",
+        ),
+    ] = None,
+    plan: Annotated[
+        bool,
+        typer.Option(
+            "--plan",
+            help="Only take the change-stream resume point and store the plan of --workers "
+            "ranges, for --range workers started elsewhere.",
+        ),
+    ] = False,
+    reload: Annotated[
+        bool,
+        typer.Option(
+            "--reload",
+            help="Load a collection that is already loaded again: empties raw.<collection>, "
+            "its rejects and its watermarks first (as sync --full-refresh).",
+        ),
+    ] = False,
+    threads: Annotated[
+        bool,
+        typer.Option(
+            "--threads", help="Run the ranges in threads of this process (default: processes)."
+        ),
+    ] = False,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Documents per batch (default LOADER_BATCH_SIZE).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
+) -> None:
+    """First load of a large collection, split by _id range over N workers.
+
+    Before any read it stores the collection's change-stream position (ops.change_stream_state),
+    so `python -m loader watch --all-changes` replays every write made during the snapshot;
+    then it picks N-1 split points of _id from a $sample and loads each range in _id order,
+    saving the range's progress after each stored batch (a killed worker resumes there: run the
+    same command again). When every range is done it writes the watermark, so the next
+    `python -m loader sync` reads only what changed since the snapshot started. Refused when
+    the collection is already loaded (use sync, or --reload)."""
+    from loader.snapshot import load_range, plan_snapshot, run_snapshot
+
+    _setup_logging(verbose)
+    settings = _settings()
+    names = _collections(collection)
+    results = []
+    try:
+        with sync_clients(settings, names) as clients:
+            for name in names:
+                if plan:
+                    ranges = plan_snapshot(settings, name, workers, reload=reload, clients=clients)
+                    console.print(
+                        f"{name}: plan of {len(ranges)} ranges stored; start the workers with "
+                        f"`python -m loader snapshot --collection {name} --range k/{len(ranges)}`"
+                    )
+                elif range_ is not None:
+                    results.append(
+                        load_range(settings, name, range_, batch_size=batch_size, clients=clients)
+                    )
+                else:
+                    results += run_snapshot(
+                        settings,
+                        name,
+                        workers,
+                        reload=reload,
+                        processes=not threads,
+                        batch_size=batch_size,
+                        clients=clients,
+                    )
+    except ServerUnavailable as exc:
+        raise _fail(exc) from exc
+    if not results:
+        return
+    table = Table(title="snapshot")
+    for col in ("collection", "range", "read", "written", "rejects", "seconds", "docs/s"):
+        table.add_column(col, justify="left" if col in ("collection", "range") else "right")
+    table.add_column("peak RSS MiB", justify="right")
+    for r in results:
+        table.add_row(r.collection, r.shard, *_load_cells(r))
+    console.print(table)
+    for r in results:
+        if "watermark written" in r.message:
+            console.print(f"{r.collection}: snapshot complete; `python -m loader sync` goes on")
 
 
 @app.command()

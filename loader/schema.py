@@ -331,6 +331,30 @@ ID_SETS = Table(
     partition_by="set_id",
     ttl="created_at + INTERVAL 1 DAY",
 )
+# The initial snapshot by `_id` range (`loader.snapshot`): one row per range of a plan when it is
+# made, then one per stored batch (`last_id`: the last `_id` stored, canonical extended JSON) and
+# one when the range is done. The latest row of each range is its state.
+SNAPSHOT_RANGES = Table(
+    OPS_DB,
+    "snapshot_ranges",
+    (
+        ("collection", "String"),
+        ("plan_id", "String"),
+        ("workers", "UInt16"),
+        ("range_index", "UInt16"),
+        ("lower", "String"),  # inclusive `_id` bound, extended JSON; "" = from the lowest
+        ("upper", "String"),  # exclusive `_id` bound; "" = to the highest
+        ("last_id", "String"),
+        ("docs", "UInt64"),
+        ("done", "UInt8"),
+        ("started_at", "DateTime64(3, 'UTC')"),  # taken before the resume point
+        ("run_id", "String"),
+        ("saved_at", "DateTime64(6, 'UTC')"),
+    ),
+    "ReplacingMergeTree(saved_at)",
+    "(collection, plan_id, range_index)",
+    shard_key="cityHash64(collection)",
+)
 OPS_TABLES: tuple[Table, ...] = (
     WATERMARKS,
     SYNC_RUNS,
@@ -339,6 +363,7 @@ OPS_TABLES: tuple[Table, ...] = (
     DRIFT_CHECKS,
     BUILD_PENDING,
     ID_SETS,
+    SNAPSHOT_RANGES,
 )
 
 

@@ -137,6 +137,23 @@ def start_watermark(
     `inherited_watermark`. Unsharded, exactly the collection's own (`load_watermark`)."""
     if not shard.sharded:
         return load_watermark(client, collection)
-    saved = load_watermarks(client, collection)
+    return _start_in(load_watermarks(client, collection), collection, shard, overlap_ms)
+
+
+def _start_in(
+    saved: dict[str, Watermark], collection: str, shard: Shard, overlap_ms: int
+) -> Watermark | None:
     own = saved.get(shard.key(collection))
     return own if own is not None else inherited_watermark(saved, collection, overlap_ms)
+
+
+def shard_starts(
+    client: Client, collection: str, count: int, overlap_ms: int
+) -> dict[Shard, Watermark | None]:
+    """`start_watermark` of every shard of `count` (one read of the marks): where each of
+    them would start reading now (the flow's change probe asks each shard)."""
+    if count == 1:
+        return {UNSHARDED: load_watermark(client, collection)}
+    saved = load_watermarks(client, collection)
+    shards = [Shard(i, count) for i in range(count)]
+    return {s: _start_in(saved, collection, s, overlap_ms) for s in shards}

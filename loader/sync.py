@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import bson
 from bson import MinKey, ObjectId
@@ -47,6 +47,7 @@ from loader.mapping import (
 from loader.runs import PeakRss, RunRecord, RunStatus, new_run_id
 from loader.schema import (
     REJECTS,
+    SNAPSHOT_RANGES,
     ensure_schema,
     fields_of,
     mutation_target,
@@ -71,6 +72,9 @@ from loader.watermark import (
     reset_watermark,
     save_watermark,
 )
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -203,8 +207,9 @@ def prepare_collection(clients: Clients, collection: str) -> bool:
     return created
 
 
-class _Run:
-    """State of one `sync_collection` call."""
+class LoadRun:
+    """State of one load: a `sync_collection` call, or a snapshot range (`loader.snapshot`),
+    which stores its batches through `store_docs` and `reject_new`."""
 
     def __init__(
         self,
@@ -266,6 +271,15 @@ class _Run:
         """Map documents one by one, store them, then move the watermark past the last one."""
         if not docs:
             return
+        batch = self.store_docs(docs)
+        last = _last_dated(docs)
+        # None when only arrays of dates were read (all rejected): nothing to move the mark to.
+        mark = None if last is None else (int(last["updated_at"]), last["_id"])
+        self._stored(len(docs), batch.rows, len(batch.rejects), mark)
+
+    def store_docs(self, docs: list[dict[str, Any]]) -> MappedBatch:
+        """Map documents one by one and store the rows and the rejects (with their reasons);
+        the caller saves its own progress after (a watermark, or a snapshot range's)."""
         for doc in docs:
             self.mapper.add(doc)
         batch = self.mapper.take()
@@ -273,33 +287,43 @@ class _Run:
         self._about_to_write()
         self._insert_rows(batch)
         self._insert_rejects(batch)
-        last = _last_dated(docs)
-        # None when only arrays of dates were read (all rejected): nothing to move the mark to.
-        mark = None if last is None else (int(last["updated_at"]), last["_id"])
-        self._stored(len(docs), batch.rows, len(batch.rejects), mark)
+        return batch
 
     def flush_raw(self, raw: bytes) -> None:
         """Store a raw server batch through Arrow when every document maps; otherwise map it
         document by document (`flush`), which records each reject with its reason."""
+        import pyarrow as pa
+
+        table = self.store_valid_rows(raw)
+        if table is None:
+            self.flush(bson.decode_all(raw, CODEC_OPTIONS))
+            return
+        rows = table.num_rows
+        last_ms = table["updated_at"][-1].cast(pa.int64()).as_py()
+        self._stored(rows, rows, 0, (last_ms, ObjectId(table["_id"][-1].as_py())))
+
+    def store_valid_rows(self, raw: bytes, upper_ms: int | None = None) -> pa.Table | None:
+        """Store a raw server batch as one Arrow table when every document maps (and, given
+        `upper_ms`, none is dated past it); None, with nothing stored, when one does not (or
+        the batch is empty): the caller then maps it document by document."""
         # Imported here: pymongoarrow brings pandas and pyarrow (half a second), which a run
         # that only probes for changes (`has_changes`, a no-op flow run) never needs.
         import pyarrow as pa
+        import pyarrow.compute as pc
 
         from loader.columnar import decode_valid_rows
 
         columns = decode_valid_rows(raw, self.collection, self.settings.max_string_chars)
-        if columns is None:
-            self.flush(bson.decode_all(raw, CODEC_OPTIONS))
-            return
-        rows = len(columns["_id"])
-        if not rows:
-            return
+        if columns is None or not len(columns["_id"]):
+            return None
         table = with_bookkeeping(self.collection, columns, self.run_id, now_ms())
+        latest = pc.max(table["updated_at"].cast(pa.int64())).as_py()
+        if upper_ms is not None and latest > upper_ms:
+            return None
         self.rss.sample()
         self._about_to_write()
         store_table(self.clients, self.collection, table)
-        last_ms = table["updated_at"][-1].cast(pa.int64()).as_py()
-        self._stored(rows, rows, 0, (last_ms, ObjectId(table["_id"][-1].as_py())))
+        return table
 
     def _stored(self, docs: int, rows: int, rejects: int, mark: tuple[int, Any] | None) -> None:
         """Count a stored batch and save the watermark at `mark` (updated_at ms, _id)."""
@@ -391,11 +415,11 @@ class _Run:
             for doc in cursor:
                 buf.append(doc)
                 if len(buf) >= self.batch_size:
-                    self._reject_new(buf, upper_ms)
+                    self.reject_new(buf, upper_ms)
                     buf = []
-            self._reject_new(buf, upper_ms)
+            self.reject_new(buf, upper_ms)
 
-    def _reject_new(self, docs: list[dict[str, Any]], upper_ms: int) -> None:
+    def reject_new(self, docs: list[dict[str, Any]], upper_ms: int) -> None:
         if not docs:
             return
         ids = [id_to_str(d.get("_id")) for d in docs]
@@ -476,7 +500,7 @@ def sync_collection(
     size = batch_size or settings.batch_size
     with open_clients(settings, clients) as cl:
         prepare_clients(cl)
-        run = _Run(cl, collection, size, after_insert, progress, before_insert, shard)
+        run = LoadRun(cl, collection, size, after_insert, progress, before_insert, shard)
         rec = run.record
         ch = cl.clickhouse
         before: Watermark | None = None
@@ -513,7 +537,7 @@ def sync_collection(
                     lambda: mark_build_pending(ch, collection, run.run_id, full_refresh=True),
                 )
                 run.marked_pending = True
-                _truncate(cl, collection, reset_change_stream=identity.replaced)
+                truncate_collection(cl, collection, reset_change_stream=identity.replaced)
                 before = None  # the rebuilt table is read from the beginning
             if identity.current and identity.current != identity.recorded:
                 record_identity(cl, collection, identity.current, run.run_id)
@@ -560,7 +584,8 @@ def _identity(clients: Clients, collection: str, full_refresh: bool) -> Identity
     return check_identity(clients, collection)
 
 
-def _truncate(clients: Clients, collection: str, *, reset_change_stream: bool) -> None:
+def truncate_collection(clients: Clients, collection: str, *, reset_change_stream: bool) -> None:
+    """Empty `raw.<collection>`, its rejects and its watermarks (a full refresh, a reload)."""
     ch = clients.clickhouse
     cluster = clients.settings.clickhouse_cluster  # on a cluster: the local tables, every shard
 
@@ -571,6 +596,13 @@ def _truncate(clients: Clients, collection: str, *, reset_change_stream: bool) -
             parameters={"c": collection},
         )
         reset_watermark(ch, collection)
+        # An unfinished snapshot plan would resume over the emptied table and skip what its
+        # ranges had stored (`loader.snapshot`).
+        ch.command(
+            f"DELETE FROM {mutation_target(SNAPSHOT_RANGES, cluster)} "
+            "WHERE collection = {c:String}",
+            parameters={"c": collection},
+        )
 
     clickhouse_call(clients.settings, go)
     if reset_change_stream:

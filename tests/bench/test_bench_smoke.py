@@ -50,7 +50,15 @@ MEASUREMENT_KEYS = {
     *(f"web.{page}{suffix}" for page in PAGES for suffix in ("", "_uncached")),
     "freshness.50_per_s",
     "freshness.500_per_s",
-    *(f"shards.{n}w{suffix}" for n in (1, 2, 4) for suffix in ("", "_per_worker", "_rss")),
+    *(
+        f"{kind}.{n}w{suffix}"
+        for kind in ("shards", "snapshot")
+        for n in (1, 2, 4)
+        for suffix in ("", "_per_worker", "_rss")
+    ),
+    "snapshot.plan",
+    "snapshot.command_processes",
+    "snapshot.command_threads",
 }
 COMPARISON_KEYS = {
     "loader_vs_cursor_drain",

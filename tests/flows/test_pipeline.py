@@ -288,7 +288,7 @@ def test_dashboard_shows_every_panel_after_a_sync(pipeline: Pipeline) -> None:
         assert "error" not in panel.rows[0], panel.rows[0]
 
 
-def test_loader_shards_load_as_mapped_tasks_and_match_mongo(
+def test_loader_shards_snapshot_by_range_then_load_as_mapped_tasks_and_match_mongo(
     pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from bson import ObjectId
@@ -301,15 +301,26 @@ def test_loader_shards_load_as_mapped_tasks_and_match_mongo(
     )
 
     second = sync_pipeline()
+    third = sync_pipeline()
 
     assert first["status"] == second["status"] == "ok"
-    runs = pipeline.rows(
-        "SELECT shard, docs_read FROM ops.sync_runs WHERE collection = 'tasks' AND kind = 'sync'"
-        " AND status = 'ok' ORDER BY started_at"
-    )
-    assert sorted(r["shard"] for r in runs) == ["0/2", "0/2", "1/2", "1/2"]
-    assert all(r["docs_read"] > 0 for r in runs[:2])  # both shards loaded a share
+
+    def shards_of(summary: dict[str, Any]) -> list[dict[str, Any]]:
+        run_ids = summary["loads"]["tasks"]["loader_run_id"].split(",")
+        return pipeline.rows(
+            "SELECT shard, docs_read FROM ops.sync_runs WHERE run_id IN {r:Array(String)} "
+            "AND status = 'ok' ORDER BY shard",
+            r=run_ids,
+        )
+
+    # Never loaded: the first run loads by _id range, each range a share; then hash shards.
+    snapshot = shards_of(first)
+    assert [r["shard"] for r in snapshot] == ["snapshot 0/2", "snapshot 1/2"]
+    assert all(r["docs_read"] > 0 for r in snapshot)
+    assert [r["shard"] for r in shards_of(second)] == ["0/2", "1/2"]
     assert second["loads"]["tasks"]["docs_read"] == 1  # the changed task, once
+    # Nothing changed since: the probe asks the shards' marks and skips the load.
+    assert third["changed"] == []
     assert pipeline.scalar("SELECT count() FROM raw.tasks FINAL") == (
         pipeline.db.tasks.count_documents({})
     )

@@ -19,6 +19,7 @@ from clickhouse_connect.driver.client import Client
 from loader_testlib import clickhouse_tasks, mongo_tasks, run_record
 from pymongo.database import Database
 
+from loader.changes import has_changes
 from loader.clients import Clients
 from loader.schema import SOURCE_IDENTITY
 from loader.settings import Settings
@@ -227,3 +228,21 @@ def test_sync_with_shard_loads_only_that_shard(
     assert "shard 1/3" in out.stdout
     loaded = {r[0] for r in clickhouse_client.query("SELECT _id FROM raw.tasks").result_rows}
     assert loaded == _shard_ids_in_mongo(db, Shard(1, 3))
+
+
+def test_the_change_probe_asks_the_shards_so_a_sharded_no_op_run_is_skipped(
+    settings: Settings, clients: Clients, db: Database
+) -> None:
+    seed(db, 1_000, seed=45)  # a fixed past date: the shard marks are outside the overlap
+    shards = [Shard(i, 2) for i in range(2)]
+    for shard in shards:
+        sync_collection(settings, "tasks", clients=clients, shard=shard)
+
+    # The unsharded mark never moved (there is none): only the shard marks say "read".
+    assert not has_changes(settings, "tasks", clients=clients, shards=2)
+    assert mutate(db, 20, seed=46).changed
+    assert has_changes(settings, "tasks", clients=clients, shards=2)
+    for shard in shards:
+        sync_collection(settings, "tasks", clients=clients, shard=shard)
+    # The marks are now inside the overlap window: compared with raw, found equal.
+    assert not has_changes(settings, "tasks", clients=clients, shards=2)
