@@ -19,10 +19,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from bson import ObjectId
-from clickhouse_connect.driver.client import Client
 from pymongo.change_stream import ChangeStream
 from pymongo.errors import OperationFailure
 
@@ -41,10 +40,13 @@ from loader.settings import Settings
 from loader.state import Settled, TaskVersions, settle
 from loader.steps import Steps
 from loader.store import (
+    FEW_TOMBSTONES,
+    insert_tombstones,
     load_resume_token,
     save_resume_token,
     store_rejects,
     store_rows,
+    tombstone_rows,
     write_run_or_log,
     write_tombstones,
 )
@@ -52,6 +54,7 @@ from loader.sync import prepare_clients
 from loader.watermark import now_ms
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHANGE_STREAM_HISTORY_LOST = 286  # the oplog starts after the stored position
 INVALID_RESUME_TOKEN = 260
@@ -295,29 +298,31 @@ class _Settler:
                 )
 
 
-class _Marker:
-    """Marks the collection's build pending on a thread and ClickHouse connection of its own,
-    so the mark of a batch with deletes costs no time of its own: it runs while the batch is
-    being written."""
+class _Side:
+    """A thread pool and ClickHouse connection of the follower's own for the statements of a
+    batch that need not wait for its rows to be written: the re-mark of a batch with deletes,
+    the lookup of its tombstones. They run while the rows are inserted."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mark-pending")
-        self._client: Client | None = None
+    def __init__(self, clients: Clients) -> None:
+        self.clients = clients
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="follower-side")
+        self._lock = threading.Lock()
+        self._own: Clients | None = None
 
-    def mark(self, collection: str, run_id: str) -> Future[None]:
-        return self._pool.submit(self._mark, collection, run_id)
+    def submit(self, fn: Callable[[Clients], T]) -> Future[T]:
+        return self._pool.submit(lambda: fn(self._connected()))
 
-    def _mark(self, collection: str, run_id: str) -> None:
-        if self._client is None:
-            self._client = connect_clickhouse(self.settings)
-        client = self._client
-        clickhouse_call(self.settings, lambda: mark_build_pending(client, collection, run_id))
+    def _connected(self) -> Clients:
+        with self._lock:
+            if self._own is None:
+                cl = self.clients
+                self._own = Clients(cl.settings, cl.mongo, connect_clickhouse(cl.settings))
+            return self._own
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        if self._client is not None:
-            self._client.close()
+        if self._own is not None:
+            self._own.clickhouse.close()
 
 
 def _deleted_at_ms(change: dict[str, Any]) -> int:
@@ -438,7 +443,7 @@ class ChangeFollower:
         self.last_event = time.monotonic()
         self.last_event_ms: int | None = None  # commit time of the last event
         self.marked_pending = False
-        self.marker = _Marker(clients.settings)
+        self.side = _Side(clients)
         # Settling and saving the position run in a thread of their own (`_Settler`, with its
         # own ClickHouse connection), so the next batch is stored while the last one settles:
         # a new task, a status change or a reassignment shows in pipeline_state as soon as its
@@ -477,7 +482,7 @@ class ChangeFollower:
             raise
         finally:
             self.settler.stop()
-            self.marker.close()
+            self.side.close()
         batches = self.settler.batches
         self._record(RunStatus.ok, f"watch: {why}; resumed={self.resumed}; batches={batches}")
         return FollowResult(
@@ -616,10 +621,19 @@ class ChangeFollower:
             # Again with a batch of deletes: a build may have cleared the mark meanwhile, and
             # a delete is invisible to the watermark, so no scheduled run would load it (a
             # changed document is: the next run's sync reads it again and marks it). This
-            # mark is written while the batch is (`_Marker`): it is in place before the batch
+            # mark is written while the batch is (`_Side`): it is in place before the batch
             # is handed to the settler, hence before its position is saved, and a follower
             # that dies before then marks again before its first write when it resumes.
-            remark = self.marker.mark(collection, run_id)
+            remark = self.side.submit(
+                lambda own: clickhouse_call(
+                    own.settings, lambda: mark_build_pending(own.clickhouse, collection, run_id)
+                )
+            )
+        deleted = dict(self.batch.deleted)
+        lookup: Future[list[list[Any]]] | None = None
+        if deleted and len(deleted) <= FEW_TOMBSTONES:
+            # The tombstones' rows are looked up while the batch's rows are written.
+            lookup = self.side.submit(lambda own: tombstone_rows(own, collection, deleted, run_id))
         versions = TaskVersions()
         written = tombstoned = 0
         if self.batch.docs:
@@ -637,7 +651,10 @@ class ChangeFollower:
                 versions.add_batch(mapped)
         if self.batch.deleted:
             with steps.time("tombstones"):
-                tombstoned = write_tombstones(cl, collection, self.batch.deleted, run_id)
+                if lookup is not None:
+                    tombstoned = insert_tombstones(cl, collection, lookup.result())
+                else:
+                    tombstoned = write_tombstones(cl, collection, deleted, run_id)
             self.deletes += tombstoned
             versions.add_deleted(self.batch.deleted)
         if remark is not None:
