@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from bson import ObjectId
 from mongo_oracle import current_task_per_file, differences_from_mongo, warehouse_state
+from test_pipeline_state_older_servers import _add_stale_candidate
 from test_pipeline_state_scenario import STEPS
 
 from loader.follower import StoredBatch, follow_changes
@@ -170,12 +171,7 @@ def test_a_merge_between_inserting_the_best_row_and_deleting_the_stale_one_loses
 
     db, ch = built.db, built.ch
     file_id = sorted(current_task_per_file(db))[0]
-    ch.command(
-        "INSERT INTO analytics.pipeline_state_store SELECT * REPLACE ("
-        "'ffffffffffffffffffffffff' AS task_id, rank + bitShiftLeft(toUInt256(1), 250) AS rank) "
-        "FROM analytics.pipeline_state_store FINAL WHERE file_id = {f:String}",
-        parameters={"f": file_id},
-    )
+    _add_stale_candidate(ch, file_id)
     assert warehouse_state(ch)[file_id][4] == "f" * 24
 
     with open_clients(built.settings) as clients:
@@ -339,12 +335,7 @@ def test_settling_a_retraction_reuses_the_fallback_row_the_store_still_holds(bui
 
     db, ch = built.db, built.ch
     file_id = sorted(current_task_per_file(db))[0]
-    ch.command(
-        "INSERT INTO analytics.pipeline_state_store SELECT * REPLACE ("
-        "'ffffffffffffffffffffffff' AS task_id, rank + bitShiftLeft(toUInt256(1), 250) AS rank) "
-        "FROM analytics.pipeline_state_store FINAL WHERE file_id = {f:String}",
-        parameters={"f": file_id},
-    )
+    _add_stale_candidate(ch, file_id)
     ch.command("SYSTEM STOP MERGES analytics.pipeline_state_store")
     try:
 
