@@ -342,16 +342,11 @@ class _MicroBatch:
     deleted: dict[str, int] = field(default_factory=dict)  # hex id -> deletion time in ms
     events: int = 0  # events buffered (before de-duplication by _id)
     first_at: float | None = None  # monotonic time of the first of them
-    # Monotonic time the follower last stopped reading the stream (a flush began): the first
-    # event read after it may have waited in the stream since then, so the batch's age counts
-    # from there. A batch that piled up while the last one was stored is due at once, rather
-    # than a whole flush interval after it is read.
-    unread_since: float | None = None
 
     def add(self, change: dict[str, Any], at: float, event_ms: int) -> None:
         self.events += 1
         if self.first_at is None:
-            self.first_at = at if self.unread_since is None else min(at, self.unread_since)
+            self.first_at = at
         key = change.get("documentKey", {}).get("_id")
         if change.get("operationType") == "delete":
             if isinstance(key, ObjectId):
@@ -366,12 +361,11 @@ class _MicroBatch:
     def __len__(self) -> int:
         return len(self.docs) + len(self.deleted)
 
-    def clear(self, unread_since: float | None = None) -> None:
+    def clear(self) -> None:
         self.docs.clear()
         self.deleted.clear()
         self.events = 0
         self.first_at = None
-        self.unread_since = unread_since
 
 
 class ChangeFollower:
@@ -580,7 +574,6 @@ class ChangeFollower:
         """Store the micro-batch (if any), then hand it and the stream position after it to
         the settling thread, which saves the position once the batch is settled. An idle
         flush hands over the position alone (the heartbeat)."""
-        started = time.monotonic()
         stored = bool(self.batch)
         steps = Steps()
         if stored:
@@ -608,7 +601,7 @@ class ChangeFollower:
         )
         if final:
             self.settler.drain()  # settled and the position saved before leaving
-        self.batch.clear(unread_since=started)
+        self.batch.clear()
         if self.on_flush:
             self.on_flush(self.events, self.deletes)
 
