@@ -356,3 +356,20 @@ def test_settling_a_retraction_reuses_the_fallback_row_the_store_still_holds(bui
     finally:
         ch.command("SYSTEM START MERGES analytics.pipeline_state_store")
     assert warehouse_state(ch).get(file_id) == current_task_per_file(db)[file_id]
+
+
+def test_the_stale_check_finds_the_tasks_files_by_the_members_projection(built: Any) -> None:
+    """The stale check looks up the files of the given tasks in `pipeline_state_members` by
+    its by_task projection, not by reading every member (force_optimize_projection refuses a
+    query that uses no projection)."""
+    from loader.clients import open_clients
+    from loader.state import STALE_VIEW, TaskVersions, _stale_files, view_text
+
+    db = built.db
+    versions = TaskVersions()
+    versions.add_deleted(str(d["_id"]) for d in db.tasks.find({}, {"_id": 1}).limit(5))
+    with open_clients(built.settings) as clients:
+        sql = view_text(clients, STALE_VIEW)
+        assert sql is not None
+        for params in versions.params():
+            _stale_files(clients.clickhouse, sql, params, {"force_optimize_projection": 1})
