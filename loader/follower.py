@@ -272,7 +272,7 @@ class _Settler:
             self.unsaved_lag = None
         for i in stored:
             self.batches += 1
-            log.debug(
+            log.info(
                 "batch of %d events: %d rows, %d tombstones, %d files settled; store: %s; "
                 "queued=%.0f settle: %s",
                 i.buffered,
