@@ -33,7 +33,7 @@ from loader.clients import (
     mongo_call,
     open_clients,
 )
-from loader.mapping import BatchMapper
+from loader.mapping import BatchMapper, id_to_str
 from loader.runs import PeakRss, RunKind, RunRecord, RunStatus, new_run_id
 from loader.schema import require_collection
 from loader.settings import Settings
@@ -333,6 +333,27 @@ def _deleted_at_ms(change: dict[str, Any]) -> int:
     return int(cluster.time) * 1000 if cluster is not None else now_ms()
 
 
+# The fields that place a task version among its file's candidates besides its id and
+# version: a change to them can leave an earlier candidate of the task outranking or elsewhere.
+PLACING_FIELDS = ("file_id", "assigned_at")
+
+
+def _may_retract(change: dict[str, Any]) -> bool:
+    """Whether the event may leave a store row of its document that its new version does
+    not outrank in the same file (`loader.state`'s stale check is needed).
+
+    Not for an update that sets or removes neither `file_id` nor `assigned_at` (a status
+    change, a reassignment): the new version is a candidate of the same file with the same
+    `assigned_at`, so it outranks every earlier version of the task there unless its
+    `updated_at` went back, and then `raw` keeps the earlier version as the current one, which
+    the store already shows. Everything else (inserts, replacements, other updates) may."""
+    if change.get("operationType") != "update":
+        return True
+    description = change.get("updateDescription") or {}
+    fields = [*(description.get("updatedFields") or {}), *(description.get("removedFields") or [])]
+    return any(f.split(".")[0] in PLACING_FIELDS for f in fields) or not description
+
+
 @dataclass
 class _MicroBatch:
     """The events buffered since the last flush: the last full document or delete per `_id`
@@ -342,12 +363,17 @@ class _MicroBatch:
     deleted: dict[str, int] = field(default_factory=dict)  # hex id -> deletion time in ms
     events: int = 0  # events buffered (before de-duplication by _id)
     first_at: float | None = None  # monotonic time of the first of them
+    # Documents with an event that may retract a candidate of theirs: all but those changed
+    # only by updates that leave `file_id` and `assigned_at` alone (`_may_retract`).
+    retracting: set[Any] = field(default_factory=set)
 
     def add(self, change: dict[str, Any], at: float, event_ms: int) -> None:
         self.events += 1
         if self.first_at is None:
             self.first_at = at
         key = change.get("documentKey", {}).get("_id")
+        if _may_retract(change):
+            self.retracting.add(key)
         if change.get("operationType") == "delete":
             if isinstance(key, ObjectId):
                 self.deleted[str(key)] = event_ms
@@ -364,6 +390,7 @@ class _MicroBatch:
     def clear(self) -> None:
         self.docs.clear()
         self.deleted.clear()
+        self.retracting.clear()
         self.events = 0
         self.first_at = None
 
@@ -648,7 +675,7 @@ class ChangeFollower:
             self.rec.rejects += len(mapped.rejects)
             written = mapped.rows
             if collection == "tasks":
-                versions.add_batch(mapped)
+                versions.add_batch(mapped, {id_to_str(k) for k in self.batch.retracting})
         if self.batch.deleted:
             with steps.time("tombstones"):
                 if lookup is not None:

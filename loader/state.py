@@ -23,7 +23,7 @@ are missing: `settle` then returns None and the next build brings the store up t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -68,11 +68,14 @@ class TaskVersions:
     version: dict[str, int] = field(default_factory=dict)
     deleted: set[str] = field(default_factory=set)
 
-    def add_batch(self, batch: MappedBatch) -> None:
+    def add_batch(self, batch: MappedBatch, only: Container[str] | None = None) -> None:
+        """The batch's versions (`only`: of these task ids alone)."""
         cols = batch.columns
         for task_id, file_id, assigned, updated in zip(
             cols["_id"], cols["file_id"], cols["assigned_at"], cols["updated_at"], strict=True
         ):
+            if only is not None and task_id not in only:
+                continue
             self.file_id[task_id] = file_id
             self.assigned_ms[task_id] = int(assigned)
             self.version[task_id] = int(updated)  # `_version` is updated_at in milliseconds
