@@ -16,8 +16,9 @@ through a cycle of four writes, each issued once the previous one is visible:
 A poller reads the outstanding probe files' rows every `poll_s` and records, per probe, the time
 from the write's acknowledgement by MongoDB to the first read that shows it. The poll interval
 bounds the resolution (`poll_s`, 100 ms by default, adds about half of it on average); each poll
-is a read of `pipeline_state` that competes with the follower for the embedded engine, which runs
-one statement at a time.
+is a read of `pipeline_state` that competes with the follower for the machine's cores (the
+embedded engine runs the statements of different connections side by side, up to its
+`max_concurrent_queries`).
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from bson import ObjectId
 from pymongo.change_stream import ChangeStream
@@ -32,16 +33,20 @@ from loader.clients import (
     mongo_call,
     open_clients,
 )
-from loader.mapping import BatchMapper
+from loader.mapping import BatchMapper, id_to_str
 from loader.runs import PeakRss, RunKind, RunRecord, RunStatus, new_run_id
 from loader.schema import require_collection
 from loader.settings import Settings
 from loader.state import Settled, TaskVersions, settle
+from loader.steps import Steps
 from loader.store import (
+    FEW_TOMBSTONES,
+    insert_tombstones,
     load_resume_token,
     save_resume_token,
     store_rejects,
     store_rows,
+    tombstone_rows,
     write_run_or_log,
     write_tombstones,
 )
@@ -49,6 +54,7 @@ from loader.sync import prepare_clients
 from loader.watermark import now_ms
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHANGE_STREAM_HISTORY_LOST = 286  # the oplog starts after the stored position
 INVALID_RESUME_TOKEN = 260
@@ -57,6 +63,8 @@ CANNOT_RESUME = (CHANGE_STREAM_HISTORY_LOST, INVALID_RESUME_TOKEN, CHANGE_STREAM
 INVALIDATED = "collection dropped or renamed: run reconcile"
 # An idle follower re-saves its position this often (its `saved_at` is its heartbeat).
 ALIVE_EVERY_S = 5.0
+# Stored batches that may wait for the settler before the follower stops storing more.
+MAX_UNSETTLED = 8
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,7 @@ class StoredBatch:
     settled: Settled | None  # None: pipeline_state is not maintained here (no store yet)
     lag_seconds: float  # now - commit time of the batch's last event
     stored_at: float  # time.time() when the batch was stored and settled
+    steps: Steps = field(default_factory=Steps)  # ms per step of storing it (the debug log)
 
 
 @dataclass
@@ -97,6 +106,8 @@ class _Pending:
     deletes: int
     last_event_ms: int | None
     final: bool = False
+    steps: Steps = field(default_factory=Steps)  # storing it: waiting for room, each write
+    handed_at: float = field(default_factory=time.monotonic)  # when the settler got it
 
 
 class _Settler:
@@ -121,8 +132,12 @@ class _Settler:
         save_every_s: float,
         heartbeat_s: float,
         alive_every_s: float,
+        max_unsettled: int = MAX_UNSETTLED,
+        before_settle: Callable[[], None] | None = None,
     ) -> None:
         self.clients = clients
+        self.max_unsettled = max_unsettled
+        self.before_settle = before_settle
         self.collection = collection
         self.on_stored = on_stored
         self.save_every_s = save_every_s
@@ -150,12 +165,16 @@ class _Settler:
         self._queue.put(item)
 
     def wait_for_room(self) -> None:
-        """Block while a stored batch is still settling and another one waits behind it: the
-        next batch is stored while the last one settles, no further ahead. On an engine that
-        runs one statement at a time (the embedded stack) a deeper queue only interleaves more,
-        smaller batches; waiting lets the buffered batch grow instead."""
+        """Block while `max_unsettled` stored batches wait to be settled. The follower stores
+        batch after batch while a settle runs (the server runs the two connections' statements
+        side by side): a new task, a status change or a reassignment is in pipeline_state once
+        its batch is stored, so it must not wait behind the settle of a retraction before it.
+        The settler takes all the batches stored meanwhile in one go; the bound only keeps a
+        settler that falls behind from holding more than that many batches in memory."""
         with self._settled:
-            self._settled.wait_for(lambda: self._inflight <= 1 or self.error is not None)
+            self._settled.wait_for(
+                lambda: self._inflight < self.max_unsettled or self.error is not None
+            )
 
     def check(self) -> None:
         if self.error is not None:
@@ -206,8 +225,12 @@ class _Settler:
                 self._own.clickhouse.close()
 
     def _settle(self, items: list[_Pending]) -> None:
+        started = time.monotonic()
         stored = [i for i in items if i.stored]
         settled = None
+        group = Steps()  # this settle's steps and the position's save (the debug log)
+        if stored and self.before_settle is not None:  # tests hold the settle here
+            self.before_settle()
         if any(i.versions is not None for i in stored):
             merged = TaskVersions()
             for i in stored:
@@ -216,6 +239,7 @@ class _Settler:
             settled = settle(self._clients(), merged)
             if settled is not None:
                 self.settled_files += settled.files
+                group.update(settled.steps)
         now = time.time()
         lags = {
             id(i): max(0.0, now - i.last_event_ms / 1000) if i.last_event_ms is not None else 0.0
@@ -234,19 +258,31 @@ class _Settler:
         if last.token is not None and (
             (moved and (final or mono - self.saved_at >= wait)) or alive
         ):
-            save_resume_token(
-                self._clients(),
-                self.collection,
-                last.token,
-                last.events,
-                lag_seconds=self.unsaved_lag or 0.0,
-                last_event_ms=last.last_event_ms,
-            )
+            with group.time("save"):
+                save_resume_token(
+                    self._clients(),
+                    self.collection,
+                    last.token,
+                    last.events,
+                    lag_seconds=self.unsaved_lag or 0.0,
+                    last_event_ms=last.last_event_ms,
+                )
             self.saved_token = last.token
             self.saved_at = mono
             self.unsaved_lag = None
         for i in stored:
             self.batches += 1
+            log.info(
+                "batch of %d events: %d rows, %d tombstones, %d files settled; store: %s; "
+                "queued=%.0f settle: %s",
+                i.buffered,
+                i.rows,
+                i.deletes,
+                settled.files if settled else 0,
+                i.steps.line(),
+                (started - i.handed_at) * 1000,
+                group.line() or "-",
+            )
             if self.on_stored is not None:
                 self.on_stored(
                     StoredBatch(
@@ -257,8 +293,36 @@ class _Settler:
                         settled,
                         lags[id(i)],
                         time.time(),
+                        i.steps,
                     )
                 )
+
+
+class _Side:
+    """A thread pool and ClickHouse connection of the follower's own for the statements of a
+    batch that need not wait for its rows to be written: the re-mark of a batch with deletes,
+    the lookup of its tombstones. They run while the rows are inserted."""
+
+    def __init__(self, clients: Clients) -> None:
+        self.clients = clients
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="follower-side")
+        self._lock = threading.Lock()
+        self._own: Clients | None = None
+
+    def submit(self, fn: Callable[[Clients], T]) -> Future[T]:
+        return self._pool.submit(lambda: fn(self._connected()))
+
+    def _connected(self) -> Clients:
+        with self._lock:
+            if self._own is None:
+                cl = self.clients
+                self._own = Clients(cl.settings, cl.mongo, connect_clickhouse(cl.settings))
+            return self._own
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self._own is not None:
+            self._own.clickhouse.close()
 
 
 def _deleted_at_ms(change: dict[str, Any]) -> int:
@@ -267,6 +331,27 @@ def _deleted_at_ms(change: dict[str, Any]) -> int:
         return int(wall) if not hasattr(wall, "timestamp") else int(wall.timestamp() * 1000)
     cluster = change.get("clusterTime")
     return int(cluster.time) * 1000 if cluster is not None else now_ms()
+
+
+# The fields that place a task version among its file's candidates besides its id and
+# version: a change to them can leave an earlier candidate of the task outranking or elsewhere.
+PLACING_FIELDS = ("file_id", "assigned_at")
+
+
+def _may_retract(change: dict[str, Any]) -> bool:
+    """Whether the event may leave a store row of its document that its new version does
+    not outrank in the same file (`loader.state`'s stale check is needed).
+
+    Not for an update that sets or removes neither `file_id` nor `assigned_at` (a status
+    change, a reassignment): the new version is a candidate of the same file with the same
+    `assigned_at`, so it outranks every earlier version of the task there unless its
+    `updated_at` went back, and then `raw` keeps the earlier version as the current one, which
+    the store already shows. Everything else (inserts, replacements, other updates) may."""
+    if change.get("operationType") != "update":
+        return True
+    description = change.get("updateDescription") or {}
+    fields = [*(description.get("updatedFields") or {}), *(description.get("removedFields") or [])]
+    return any(f.split(".")[0] in PLACING_FIELDS for f in fields) or not description
 
 
 @dataclass
@@ -278,12 +363,17 @@ class _MicroBatch:
     deleted: dict[str, int] = field(default_factory=dict)  # hex id -> deletion time in ms
     events: int = 0  # events buffered (before de-duplication by _id)
     first_at: float | None = None  # monotonic time of the first of them
+    # Documents with an event that may retract a candidate of theirs: all but those changed
+    # only by updates that leave `file_id` and `assigned_at` alone (`_may_retract`).
+    retracting: set[Any] = field(default_factory=set)
 
     def add(self, change: dict[str, Any], at: float, event_ms: int) -> None:
         self.events += 1
         if self.first_at is None:
             self.first_at = at
         key = change.get("documentKey", {}).get("_id")
+        if _may_retract(change):
+            self.retracting.add(key)
         if change.get("operationType") == "delete":
             if isinstance(key, ObjectId):
                 self.deleted[str(key)] = event_ms
@@ -300,6 +390,7 @@ class _MicroBatch:
     def clear(self) -> None:
         self.docs.clear()
         self.deleted.clear()
+        self.retracting.clear()
         self.events = 0
         self.first_at = None
 
@@ -315,7 +406,8 @@ class ChangeFollower:
     `flush_interval_s` (LOADER_FLUSH_INTERVAL_MS, 0.1 s) after the first of them, or at
     `flush_every` events; for `tasks`, each stored batch is then settled into
     `analytics.pipeline_state_store` (`loader.state.settle`) by a thread of its own (`_Settler`)
-    while the next batch is stored (one batch settling at a time, one stored ahead of it). The
+    while the next batches are stored (one settle at a time, of every batch stored since the
+    last one; the follower stores on without waiting, up to `MAX_UNSETTLED` batches ahead). The
     resume token is saved in `ops.change_stream_state`, with the follower's lag, only after the
     batch is stored and settled, so a crash replays the batch (raw dedupes it, settling is
     idempotent). Resumes from the stored token (from "now" on the first run). Stops after
@@ -323,7 +415,8 @@ class ChangeFollower:
     runs forever otherwise. `on_flush(events, deletes)` reports progress after every flush
     (idle ones included); `on_stored(StoredBatch)` after each batch that stored something has
     been settled (from the settling thread). `after_store` runs between storing a batch and
-    handing it over for settling (tests inject crashes there).
+    handing it over for settling (tests inject crashes there); `before_settle` runs in the
+    settling thread before each settle of stored batches (tests hold it there).
 
     The steps, one method each: open the stream at the stored resume token (`_open_stream`),
     buffer events into a micro-batch (`_MicroBatch`), store it when due (`_store`), hand it to the
@@ -350,6 +443,7 @@ class ChangeFollower:
         save_every_s: float = 0.5,
         alive_every_s: float = ALIVE_EVERY_S,
         after_store: Callable[[], None] | None = None,
+        before_settle: Callable[[], None] | None = None,
     ) -> None:
         require_collection(collection)
         self.cl = clients
@@ -376,6 +470,7 @@ class ChangeFollower:
         self.last_event = time.monotonic()
         self.last_event_ms: int | None = None  # commit time of the last event
         self.marked_pending = False
+        self.side = _Side(clients)
         # Settling and saving the position run in a thread of their own (`_Settler`, with its
         # own ClickHouse connection), so the next batch is stored while the last one settles:
         # a new task, a status change or a reassignment shows in pipeline_state as soon as its
@@ -388,6 +483,7 @@ class ChangeFollower:
             save_every_s=save_every_s,
             heartbeat_s=heartbeat_s,
             alive_every_s=alive_every_s,
+            before_settle=before_settle,
         )
 
     @property
@@ -413,6 +509,7 @@ class ChangeFollower:
             raise
         finally:
             self.settler.stop()
+            self.side.close()
         batches = self.settler.batches
         self._record(RunStatus.ok, f"watch: {why}; resumed={self.resumed}; batches={batches}")
         return FollowResult(
@@ -505,11 +602,13 @@ class ChangeFollower:
         the settling thread, which saves the position once the batch is settled. An idle
         flush hands over the position alone (the heartbeat)."""
         stored = bool(self.batch)
+        steps = Steps()
         if stored:
-            self.settler.wait_for_room()
+            with steps.time("room"):
+                self.settler.wait_for_room()
         self.settler.check()
         events = self.batch.events
-        versions, written, tombstoned = self._store() if stored else (None, 0, 0)
+        versions, written, tombstoned = self._store(steps) if stored else (None, 0, 0)
         if stored and self.after_store is not None:
             self.after_store()
         self.rss.sample()
@@ -524,6 +623,7 @@ class ChangeFollower:
                 tombstoned,
                 self.last_event_ms,
                 final,
+                steps,
             )
         )
         if final:
@@ -532,37 +632,61 @@ class ChangeFollower:
         if self.on_flush:
             self.on_flush(self.events, self.deletes)
 
-    def _store(self) -> tuple[TaskVersions | None, int, int]:
+    def _store(self, steps: Steps) -> tuple[TaskVersions | None, int, int]:
         """Write the micro-batch: rows and rejects, then tombstones. Returns the task versions
         to settle (None unless `tasks`), the rows written and the tombstones written."""
         cl, collection, run_id = self.cl, self.collection, self.rec.run_id
-        if not self.marked_pending or self.batch.deleted:
-            # Before the first write: the downstream models need a build. Again before a
-            # batch with deletes: a build may have cleared the mark meanwhile, and a delete
-            # is invisible to the watermark, so no scheduled run would load it (a changed
-            # document is: the next run's sync reads it again and marks it).
-            clickhouse_call(
-                self.settings, lambda: mark_build_pending(cl.clickhouse, collection, run_id)
-            )
+        remark: Future[None] | None = None
+        if not self.marked_pending:
+            # Before the first write: the downstream models need a build.
+            with steps.time("mark"):
+                clickhouse_call(
+                    self.settings, lambda: mark_build_pending(cl.clickhouse, collection, run_id)
+                )
             self.marked_pending = True
+        elif self.batch.deleted:
+            # Again with a batch of deletes: a build may have cleared the mark meanwhile, and
+            # a delete is invisible to the watermark, so no scheduled run would load it (a
+            # changed document is: the next run's sync reads it again and marks it). This
+            # mark is written while the batch is (`_Side`): it is in place before the batch
+            # is handed to the settler, hence before its position is saved, and a follower
+            # that dies before then marks again before its first write when it resumes.
+            remark = self.side.submit(
+                lambda own: clickhouse_call(
+                    own.settings, lambda: mark_build_pending(own.clickhouse, collection, run_id)
+                )
+            )
+        deleted = dict(self.batch.deleted)
+        lookup: Future[list[list[Any]]] | None = None
+        if deleted and len(deleted) <= FEW_TOMBSTONES:
+            # The tombstones' rows are looked up while the batch's rows are written.
+            lookup = self.side.submit(lambda own: tombstone_rows(own, collection, deleted, run_id))
         versions = TaskVersions()
         written = tombstoned = 0
         if self.batch.docs:
             for doc in self.batch.docs.values():
                 self.mapper.add(doc)
             mapped = self.mapper.take()
-            store_rows(cl, mapped, run_id)
-            store_rejects(cl, mapped, run_id)
+            with steps.time("rows"):
+                store_rows(cl, mapped, run_id)
+                store_rejects(cl, mapped, run_id)
             self.rec.docs_read += len(self.batch.docs)
             self.rec.rows_written += mapped.rows
             self.rec.rejects += len(mapped.rejects)
             written = mapped.rows
             if collection == "tasks":
-                versions.add_batch(mapped)
+                versions.add_batch(mapped, {id_to_str(k) for k in self.batch.retracting})
         if self.batch.deleted:
-            tombstoned = write_tombstones(cl, collection, self.batch.deleted, run_id)
+            with steps.time("tombstones"):
+                if lookup is not None:
+                    tombstoned = insert_tombstones(cl, collection, lookup.result())
+                else:
+                    tombstoned = write_tombstones(cl, collection, deleted, run_id)
             self.deletes += tombstoned
             versions.add_deleted(self.batch.deleted)
+        if remark is not None:
+            with steps.time("mark"):  # the part of the mark the writes did not cover
+                remark.result()
         return (versions if collection == "tasks" else None), written, tombstoned
 
     def _record(self, status: RunStatus, message: str) -> None:

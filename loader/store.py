@@ -161,9 +161,20 @@ def write_tombstones(
 def _write_few_tombstones(
     clients: Clients, collection: str, deleted: dict[str, int], run_id: str
 ) -> int:
-    """`write_tombstones` for a change-stream batch: the latest row of each id by primary key
-    (the ids as a query parameter; no FINAL, which merges every part of the table), then one
-    insert of the tombstones built from them. Same rows as the INSERT ... SELECT path."""
+    """`write_tombstones` for a change-stream batch: `tombstone_rows`, then one insert of
+    them (`insert_tombstones`). Same rows as the INSERT ... SELECT path."""
+    return insert_tombstones(
+        clients, collection, tombstone_rows(clients, collection, deleted, run_id)
+    )
+
+
+def tombstone_rows(
+    clients: Clients, collection: str, deleted: dict[str, int], run_id: str
+) -> list[list[Any]]:
+    """The tombstones of the ids in `deleted` (at most `FEW_TOMBSTONES`) that have a live row:
+    the latest row of each id by primary key (the ids as a query parameter; no FINAL, which
+    merges every part of the table), marked deleted. A lookup only: the caller may run it on
+    another connection while it writes the batch's rows."""
     table = raw_table(collection).qualified
     names = [n for n, _ in raw_columns(collection)]
     cols = ", ".join(f"`{n}`" for n in names)
@@ -176,8 +187,6 @@ def _write_few_tombstones(
         clients.settings,
         lambda: ch.query(latest, parameters={"ids": list(deleted)}).result_rows,
     )
-    if not live:
-        return 0
     at = {n: i for i, n in enumerate(names)}
     loaded_at = datetime.fromtimestamp(now_ms() / 1000, UTC)
     rows = []
@@ -188,6 +197,16 @@ def _write_few_tombstones(
         tomb[at["_loaded_at"]] = loaded_at
         tomb[at["_run_id"]] = run_id
         rows.append(tomb)
+    return rows
+
+
+def insert_tombstones(clients: Clients, collection: str, rows: list[list[Any]]) -> int:
+    """Insert `tombstone_rows`' rows into `raw.<collection>`; returns how many."""
+    if not rows:
+        return 0
+    table = raw_table(collection).qualified
+    names = [n for n, _ in raw_columns(collection)]
+    ch = clients.clickhouse
     dedup = insert_settings(clients.settings.clickhouse_cluster, table, rows_payload(names, rows))
     clickhouse_call(
         clients.settings, lambda: ch.insert(table, rows, column_names=names, settings=dedup)

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from bson import ObjectId
 from mongo_oracle import current_task_per_file, differences_from_mongo, warehouse_state
+from test_pipeline_state_older_servers import _add_stale_candidate
 from test_pipeline_state_scenario import STEPS
 
 from loader.follower import StoredBatch, follow_changes
@@ -170,12 +171,7 @@ def test_a_merge_between_inserting_the_best_row_and_deleting_the_stale_one_loses
 
     db, ch = built.db, built.ch
     file_id = sorted(current_task_per_file(db))[0]
-    ch.command(
-        "INSERT INTO analytics.pipeline_state_store SELECT * REPLACE ("
-        "'ffffffffffffffffffffffff' AS task_id, rank + bitShiftLeft(toUInt256(1), 250) AS rank) "
-        "FROM analytics.pipeline_state_store FINAL WHERE file_id = {f:String}",
-        parameters={"f": file_id},
-    )
+    _add_stale_candidate(ch, file_id)
     assert warehouse_state(ch)[file_id][4] == "f" * 24
 
     with open_clients(built.settings) as clients:
@@ -268,3 +264,112 @@ def test_a_follower_that_fell_behind_records_its_lag(following: Any) -> None:
         "WHERE collection = 'tasks'"
     ).result_rows[0]
     assert lag >= 1.5 and last_event_at is not None
+
+
+def test_new_tasks_show_while_an_earlier_batch_is_still_being_settled(following: Any) -> None:
+    """A batch without retractions is in pipeline_state once it is stored (the materialized
+    view): the follower stores it without waiting for the settle of the batches before it.
+    Here the settle of a delete is held while two new tasks arrive, each in a batch of its own;
+    both must show before the settle is let go."""
+    db, ch = following.db, following.ch
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        if not held.is_set():
+            held.set()
+            release.wait(timeout=120)
+
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            follow_changes(
+                following.settings, "tasks", all_changes=True, stop=stop, before_settle=hold
+            )
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    employee = db.employee.find_one({})
+    try:
+        db.tasks.delete_one({"_id": ObjectId(next(iter(current_task_per_file(db).values()))[4])})
+        assert held.wait(timeout=60), "the delete's batch never reached the settler"
+        for i in range(2):
+            task = ObjectId()
+            now = datetime.now(UTC)
+            db.tasks.insert_one(
+                {
+                    "_id": task,
+                    "file_id": f"WHILE-SETTLING-{i}",
+                    "stage": "intake",
+                    "employee_code": employee["employee_code"],
+                    "employee_name": employee["employee_name"],
+                    "status": "assigned",
+                    "assigned_at": now,
+                    "updated_at": now,
+                }
+            )
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not errors:
+                if warehouse_state(ch).get(f"WHILE-SETTLING-{i}", (None,) * 5)[4] == str(task):
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError(f"new task {i} did not show while a settle was held")
+            assert not release.is_set()
+    finally:
+        release.set()
+        stop.set()
+        thread.join(timeout=60)
+    assert not errors, errors
+    assert not _differing(current_task_per_file(db), warehouse_state(ch))
+
+
+def test_settling_a_retraction_reuses_the_fallback_row_the_store_still_holds(built: Any) -> None:
+    """A file whose current task is deleted falls back to a candidate the store kept: the
+    settle deletes the outranking row and adds no second copy of the fallback row."""
+    from loader.clients import open_clients
+    from loader.state import settle_files
+
+    db, ch = built.db, built.ch
+    file_id = sorted(current_task_per_file(db))[0]
+    _add_stale_candidate(ch, file_id)
+    ch.command("SYSTEM STOP MERGES analytics.pipeline_state_store")
+    try:
+
+        def copies() -> int:
+            return int(
+                ch.query(
+                    "SELECT count() FROM analytics.pipeline_state_store "
+                    "WHERE file_id = {f:String} AND task_id = {t:String}",
+                    parameters={"f": file_id, "t": current_task_per_file(db)[file_id][4]},
+                ).result_rows[0][0]
+            )
+
+        before = copies()
+        with open_clients(built.settings) as clients:
+            assert settle_files(clients, [file_id]) == 1
+
+        assert copies() == before
+    finally:
+        ch.command("SYSTEM START MERGES analytics.pipeline_state_store")
+    assert warehouse_state(ch).get(file_id) == current_task_per_file(db)[file_id]
+
+
+def test_the_stale_check_finds_the_tasks_files_by_the_members_projection(built: Any) -> None:
+    """The stale check looks up the files of the given tasks in `pipeline_state_members` by
+    its by_task projection, not by reading every member (force_optimize_projection refuses a
+    query that uses no projection)."""
+    from loader.clients import open_clients
+    from loader.state import STALE_VIEW, TaskVersions, _stale_files, view_text
+
+    db = built.db
+    versions = TaskVersions()
+    versions.add_deleted(str(d["_id"]) for d in db.tasks.find({}, {"_id": 1}).limit(5))
+    with open_clients(built.settings) as clients:
+        sql = view_text(clients, STALE_VIEW)
+        assert sql is not None
+        for params in versions.params():
+            _stale_files(clients.clickhouse, sql, params, {"force_optimize_projection": 1})
