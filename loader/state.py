@@ -142,36 +142,42 @@ def view_settings(clients: Clients) -> dict[str, Any]:
 # EXPLAIN: 1000 of 1000 granules) instead of the given tasks' granules (353 of 1000 at 400
 # tasks). A SETTINGS clause in the view's text does not reach that read; the query's does.
 STALE_QUERY_SETTINGS = {"optimize_distinct_in_order": 0}
-# A view's text, by (host, port, view): read again after this many seconds (a new version of
-# the dbt project may have replaced the view), and every time while the view is missing.
+# A view's text is read again after this many seconds (a new version of the dbt project may
+# have replaced the view), and every time while the view is missing.
 VIEW_TEXT_TTL_S = 30.0
-_view_texts: dict[tuple[str, int, str], tuple[float, str | None]] = {}
 
 
-def view_text(clients: Clients, view: str) -> str | None:
-    """The SELECT of `view` as dbt created it (None: no such view yet), to run it directly.
+@dataclass
+class ViewTexts:
+    """The SELECT of each view as dbt created it, read from `system.tables` and kept for
+    `VIEW_TEXT_TTL_S` by whoever settles batch after batch (the follower's settling thread).
 
     The engine answers a parameterized view's SELECT run as a query with the same parameters
     faster than a call of the view (at 400 tasks, 105 to 145 ms against 150 to 290 ms for
     `pipeline_state_stale` on the embedded stack): the call substitutes the arrays into the
     view's text wherever they occur before analysing it. Same SQL, same rows; dbt stays its
     only author."""
-    s = clients.settings
-    key = (s.clickhouse_host, s.clickhouse_port, view)
-    cached = _view_texts.get(key)
-    now = time.monotonic()
-    if cached is not None and cached[1] is not None and now - cached[0] < VIEW_TEXT_TTL_S:
-        return cached[1]
-    database, name = view.split(".")
-    rows = _query(
-        clients,
-        "SELECT as_select FROM system.tables WHERE database = {d:String} AND name = {n:String}",
-        d=database,
-        n=name,
-    )
-    text = str(rows[0][0]) if rows and rows[0][0] else None
-    _view_texts[key] = (now, text)
-    return text
+
+    ttl_s: float = VIEW_TEXT_TTL_S
+    _read: dict[str, tuple[float, str]] = field(default_factory=dict)
+
+    def get(self, clients: Clients, view: str) -> str | None:
+        """The text of `view` (None: no such view yet)."""
+        now = time.monotonic()
+        cached = self._read.get(view)
+        if cached is not None and now - cached[0] < self.ttl_s:
+            return cached[1]
+        database, name = view.split(".")
+        rows = _query(
+            clients,
+            "SELECT as_select FROM system.tables WHERE database = {d:String} AND name = {n:String}",
+            d=database,
+            n=name,
+        )
+        text = str(rows[0][0]) if rows and rows[0][0] else None
+        if text is not None:
+            self._read[view] = (now, text)
+        return text
 
 
 def _stale_files(
@@ -187,9 +193,12 @@ def _stale_files(
     ).result_rows
 
 
-def settle(clients: Clients, versions: TaskVersions) -> Settled | None:
+def settle(
+    clients: Clients, versions: TaskVersions, views: ViewTexts | None = None
+) -> Settled | None:
     """Bring the store in line with `versions` (see the module docstring). None when the store
-    or its views do not exist yet (no dbt build so far): nothing to settle."""
+    or its views do not exist yet (no dbt build so far): nothing to settle. `views`: the view
+    texts kept from earlier settles (read afresh without)."""
     t0 = time.perf_counter()
     if not versions:
         return Settled(0, 0, 0.0)
@@ -198,7 +207,7 @@ def settle(clients: Clients, versions: TaskVersions) -> Settled | None:
     steps = Steps()
     try:
         with steps.time("stale"):
-            view_sql = view_text(clients, STALE_VIEW)
+            view_sql = (views or ViewTexts()).get(clients, STALE_VIEW)
             if view_sql is None:
                 return None
             for params in versions.params():
