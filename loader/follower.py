@@ -37,7 +37,7 @@ from loader.mapping import BatchMapper, id_to_str
 from loader.runs import PeakRss, RunKind, RunRecord, RunStatus, new_run_id
 from loader.schema import require_collection
 from loader.settings import Settings
-from loader.state import Settled, TaskVersions, settle
+from loader.state import Settled, TaskVersions, ViewTexts, settle
 from loader.steps import Steps
 from loader.store import (
     FEW_TOMBSTONES,
@@ -152,6 +152,7 @@ class _Settler:
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=f"settle-{collection}", daemon=True)
         self._own: Clients | None = None
+        self.views = ViewTexts()  # the stale check's SQL, read once per VIEW_TEXT_TTL_S
         self._inflight = 0  # stored batches handed over and not settled yet
         self._settled = threading.Condition()
 
@@ -236,7 +237,7 @@ class _Settler:
             for i in stored:
                 if i.versions is not None:
                     merged.merge(i.versions)
-            settled = settle(self._clients(), merged)
+            settled = settle(self._clients(), merged, self.views)
             if settled is not None:
                 self.settled_files += settled.files
                 group.update(settled.steps)
@@ -342,12 +343,19 @@ def _may_retract(change: dict[str, Any]) -> bool:
     """Whether the event may leave a store row of its document that its new version does
     not outrank in the same file (`loader.state`'s stale check is needed).
 
+    Not for an insert: a new document has no earlier version, and an `_id` inserted again
+    after a delete is checked through the delete (the delete's event marks the id in the
+    same micro-batch, and a delete in an earlier batch is settled before this one or together
+    with it, the merged versions still saying "deleted", which recomputes its files from raw).
     Not for an update that sets or removes neither `file_id` nor `assigned_at` (a status
     change, a reassignment): the new version is a candidate of the same file with the same
     `assigned_at`, so it outranks every earlier version of the task there unless its
     `updated_at` went back, and then `raw` keeps the earlier version as the current one, which
-    the store already shows. Everything else (inserts, replacements, other updates) may."""
-    if change.get("operationType") != "update":
+    the store already shows. Everything else (deletes, replacements, other updates) may."""
+    operation = change.get("operationType")
+    if operation == "insert":
+        return False
+    if operation != "update":
         return True
     description = change.get("updateDescription") or {}
     fields = [*(description.get("updatedFields") or {}), *(description.get("removedFields") or [])]
@@ -363,8 +371,8 @@ class _MicroBatch:
     deleted: dict[str, int] = field(default_factory=dict)  # hex id -> deletion time in ms
     events: int = 0  # events buffered (before de-duplication by _id)
     first_at: float | None = None  # monotonic time of the first of them
-    # Documents with an event that may retract a candidate of theirs: all but those changed
-    # only by updates that leave `file_id` and `assigned_at` alone (`_may_retract`).
+    # Documents with an event that may retract a candidate of theirs: deletes, replacements,
+    # moves and new `assigned_at`s; not inserts, status changes, reassignments (`_may_retract`).
     retracting: set[Any] = field(default_factory=set)
 
     def add(self, change: dict[str, Any], at: float, event_ms: int) -> None:

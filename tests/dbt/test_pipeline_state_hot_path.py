@@ -89,6 +89,31 @@ def test_a_batch_replayed_after_the_follower_died_before_settling_it_settles_the
     assert not _differing(current_task_per_file(db), warehouse_state(ch))
 
 
+def test_a_task_deleted_and_inserted_again_in_another_file_leaves_its_old_file(
+    following: Any,
+) -> None:
+    """Inserts skip the stale check (a new document has no earlier version), but an `_id`
+    inserted again right after its delete does have one: the file it was current in must
+    fall back to its next task, though the batch holds only the insert's document."""
+    db, ch = following.db, following.ch
+    per_file: dict[str, int] = {}
+    for doc in db.tasks.find({}, {"file_id": 1}):
+        per_file[doc["file_id"]] = per_file.get(doc["file_id"], 0) + 1
+    states = sorted(current_task_per_file(db).items())
+    old_file = next(f for f, s in states if per_file[f] > 1)
+    new_file = next(f for f, _ in states if f != old_file)
+    task = db.tasks.find_one({"_id": ObjectId(current_task_per_file(db)[old_file][4])})
+    assert task is not None
+    db.tasks.delete_one({"_id": task["_id"]})
+    db.tasks.insert_one(task | {"file_id": new_file, "updated_at": datetime.now(UTC)})
+
+    result = _follow(following)
+
+    assert result.events == 2 and result.batches == 1, "the delete and insert in one batch"
+    assert warehouse_state(ch)[old_file][4] != str(task["_id"])
+    assert not _differing(current_task_per_file(db), warehouse_state(ch))
+
+
 def test_a_replay_restores_a_file_that_an_interrupted_settle_left_without_any_row(
     following: Any,
 ) -> None:
@@ -363,13 +388,13 @@ def test_the_stale_check_finds_the_tasks_files_by_the_members_projection(built: 
     its by_task projection, not by reading every member (force_optimize_projection refuses a
     query that uses no projection)."""
     from loader.clients import open_clients
-    from loader.state import STALE_VIEW, TaskVersions, _stale_files, view_text
+    from loader.state import STALE_VIEW, TaskVersions, ViewTexts, _stale_files
 
     db = built.db
     versions = TaskVersions()
     versions.add_deleted(str(d["_id"]) for d in db.tasks.find({}, {"_id": 1}).limit(5))
     with open_clients(built.settings) as clients:
-        sql = view_text(clients, STALE_VIEW)
+        sql = ViewTexts().get(clients, STALE_VIEW)
         assert sql is not None
         for params in versions.params():
             _stale_files(clients.clickhouse, sql, params, {"force_optimize_projection": 1})

@@ -23,7 +23,11 @@ def test_a_move_to_another_file_or_a_new_assigned_at_needs_the_stale_check() -> 
     assert _may_retract(_update({"updated_at": 1}, removed=["assigned_at"]))
 
 
-def test_inserts_replacements_and_updates_without_a_description_need_the_stale_check() -> None:
-    assert _may_retract({"operationType": "insert"})
+def test_an_insert_needs_no_stale_check() -> None:
+    assert not _may_retract({"operationType": "insert"})
+
+
+def test_deletes_replacements_and_updates_without_a_description_need_the_stale_check() -> None:
+    assert _may_retract({"operationType": "delete"})
     assert _may_retract({"operationType": "replace"})
     assert _may_retract({"operationType": "update"})
