@@ -13,15 +13,14 @@ says where a shard without one starts.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
+from loader.parts import check_part, parse_part
 from loader.watermark import Watermark, load_watermark, load_watermarks
 
-_SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 KEY_SEPARATOR = "@"
 
 
@@ -35,11 +34,7 @@ class Shard:
     count: int
 
     def __post_init__(self) -> None:
-        if self.count < 1 or not 0 <= self.index < self.count:
-            raise ShardSpecError(
-                f"shard {self.index}/{self.count} does not exist: shards of N are numbered "
-                f"0 to N-1 (for 4 workers run --shard 0/4, 1/4, 2/4 and 3/4)"
-            )
+        check_part(self.index, self.count, "shard", ShardSpecError)
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
@@ -66,12 +61,7 @@ UNSHARDED = Shard(0, 1)
 
 def parse_shard(spec: str) -> Shard:
     """`"I/N"` → `Shard(I, N)`; a clear error naming the expected form otherwise."""
-    match = _SPEC.match(spec)
-    if not match:
-        raise ShardSpecError(
-            f"--shard {spec!r} is not of the form I/N (shard I of N, 0 <= I < N, e.g. 0/4)"
-        )
-    return Shard(int(match.group(1)), int(match.group(2)))
+    return Shard(*parse_part(spec, "shard", "I", ShardSpecError))
 
 
 def id_hash() -> dict[str, Any]:

@@ -3,14 +3,14 @@ the choice of split points and ranges, and the exact text form of an `_id` bound
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from bson import json_util
 
-_SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+from loader.parts import parse_part
+
 _JSON = json_util.CANONICAL_JSON_OPTIONS
 
 
@@ -33,18 +33,8 @@ class RangeSpec:
 
 
 def parse_range(spec: str) -> RangeSpec:
-    match = _SPEC.match(spec)
-    if not match:
-        raise RangeSpecError(
-            f"--range {spec!r} is not of the form k/N (range k of N, 0 <= k < N, e.g. 0/4)"
-        )
-    index, count = int(match.group(1)), int(match.group(2))
-    if count < 1 or not 0 <= index < count:
-        raise RangeSpecError(
-            f"range {index}/{count} does not exist: ranges of N are numbered 0 to N-1 "
-            f"(for 4 workers run --range 0/4, 1/4, 2/4 and 3/4)"
-        )
-    return RangeSpec(index, count)
+    """`"k/N"` → `RangeSpec(k, N)`; a clear error naming the expected form otherwise."""
+    return RangeSpec(*parse_part(spec, "range", "k", RangeSpecError))
 
 
 # -- pure planning -----------------------------------------------------------------------------
