@@ -351,13 +351,15 @@ def _read_range(
 
     def from_last_stored() -> None:
         nonlocal state
-        for docs, last in _stored_batches(run, range_cursor(run, state, size, raw=raw), upper_ms):
-            state = _mark(
-                run.clients, state, run.run_id, last_id=encode_id(last), docs=state.docs + docs
-            )
-            run.batch_no += 1
-            if after_batch:
-                after_batch(RangeBatch(spec, run.batch_no, last))
+        # `with`: a failed pass closes its server cursor at once (see `LoadRun._read_batches`).
+        with range_cursor(run, state, size, raw=raw) as cursor:
+            for docs, last in _stored_batches(run, cursor, upper_ms):
+                state = _mark(
+                    run.clients, state, run.run_id, last_id=encode_id(last), docs=state.docs + docs
+                )
+                run.batch_no += 1
+                if after_batch:
+                    after_batch(RangeBatch(spec, run.batch_no, last))
 
     mongo_call(run.settings, from_last_stored, progress=lambda: run.batch_no)
     return _mark(run.clients, state, run.run_id, done=True)

@@ -360,16 +360,20 @@ class LoadRun:
 
     def _read_batches(self, bounds: ReadBounds) -> None:
         """One pass of the main read: store batch after batch until the cursor is drained."""
+        # `with`: a failed pass closes its server cursor now, not when the exception's frames
+        # are collected (an idle cursor otherwise stays open on the server for ten minutes).
         if self.settings.decoder == "pymongoarrow":
-            for raw in self._cursor(bounds, raw=True):  # one server reply, <= batch_size docs
-                self.flush_raw(raw)
+            with self._cursor(bounds, raw=True) as raw_batches:
+                for raw in raw_batches:  # one server reply, <= batch_size docs
+                    self.flush_raw(raw)
             return
         buf: list[dict[str, Any]] = []
-        for doc in self._cursor(bounds, raw=False):
-            buf.append(doc)
-            if len(buf) >= self.batch_size:
-                self.flush(buf)
-                buf = []
+        with self._cursor(bounds, raw=False) as cursor:
+            for doc in cursor:
+                buf.append(doc)
+                if len(buf) >= self.batch_size:
+                    self.flush(buf)
+                    buf = []
         self.flush(buf)
 
     def hinted(self, read: Callable[[], T]) -> T:
