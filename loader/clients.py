@@ -247,6 +247,17 @@ class Clients:
             )
         return self.server_version
 
+    def with_own_clickhouse(self) -> Clients:
+        """The same MongoDB client, settings and known server version over a ClickHouse
+        connection of its own (a thread that queries beside this one); close only its
+        `clickhouse`."""
+        return Clients(
+            self.settings,
+            self.mongo,
+            connect_clickhouse(self.settings),
+            server_version=self.server_version,
+        )
+
     def close(self) -> None:
         self.mongo.close()
         self.clickhouse.close()

@@ -29,7 +29,6 @@ from loader.build_pending import mark_build_pending
 from loader.clients import (
     Clients,
     clickhouse_call,
-    connect_clickhouse,
     mongo_call,
     open_clients,
 )
@@ -194,8 +193,7 @@ class _Settler:
 
     def _clients(self) -> Clients:
         if self._own is None:
-            cl = self.clients
-            self._own = Clients(cl.settings, cl.mongo, connect_clickhouse(cl.settings))
+            self._own = self.clients.with_own_clickhouse()
         return self._own
 
     def _run(self) -> None:
@@ -316,8 +314,7 @@ class _Side:
     def _connected(self) -> Clients:
         with self._lock:
             if self._own is None:
-                cl = self.clients
-                self._own = Clients(cl.settings, cl.mongo, connect_clickhouse(cl.settings))
+                self._own = self.clients.with_own_clickhouse()
             return self._own
 
     def close(self) -> None:
