@@ -61,18 +61,15 @@ def has_changes(
             return _sharded_changes(cl, collection, shards)
         wm = clickhouse_call(settings, lambda: load_watermark(cl.clickhouse, collection))
         now = now_ms()
-        bounds = read_bounds(wm, settings.overlap_seconds, settings.max_future_seconds, now)
-        if wm is None or bounds.lower_id is not None:
-            # Nothing loaded yet, or the window has passed: the read is past the watermark.
-            return _any_document(cl, collection, bounds)
-        past = ReadBounds(wm.updated_at_ms, wm.id_value(), bounds.upper_ms)
-        if wm.last_id and _any_document(cl, collection, past):
-            return True  # never loaded: no need to compare the window
-        if window_differs(cl, collection, bounds):
+        found, window = _probe_mark(cl, collection, wm, now)
+        if found or window is None:
+            return found
+        if window_differs(cl, collection, window):
             return True
         # The window holds what raw holds, as a sync reading it now would have found: move the
         # watermark's read start to now, as that sync would, so the next probe looks only
         # past the watermark once this window has passed.
+        assert wm is not None  # a window is open only past a saved watermark
         verified = Watermark(wm.updated_at_ms, wm.last_id, now)
         clickhouse_call(
             settings, lambda: save_watermark(cl.clickhouse, collection, verified, "has_changes")
@@ -94,18 +91,34 @@ def _sharded_changes(clients: Clients, collection: str, count: int) -> bool:
     now = now_ms()
     windows: list[ReadBounds] = []
     for shard, wm in starts.items():
-        bounds = read_bounds(wm, settings.overlap_seconds, settings.max_future_seconds, now)
-        if wm is None or bounds.lower_id is not None:
-            if _any_document(clients, collection, bounds, shard):
-                return True
-            continue
-        past = ReadBounds(wm.updated_at_ms, wm.id_value(), bounds.upper_ms)
-        if wm.last_id and _any_document(clients, collection, past, shard):
+        found, window = _probe_mark(clients, collection, wm, now, shard)
+        if found:
             return True
-        windows.append(bounds)
+        if window is not None:
+            windows.append(window)
     if not windows:
         return False
     return window_differs(clients, collection, min(windows, key=lambda b: b.lower_ms or 0))
+
+
+def _probe_mark(
+    clients: Clients,
+    collection: str,
+    wm: Watermark | None,
+    now: int,
+    shard: Shard = UNSHARDED,
+) -> tuple[bool, ReadBounds | None]:
+    """From one mark (`shard`'s documents): whether a document lies past it, and the re-read
+    window still open behind it (None once it has passed, or when a document was found)."""
+    settings = clients.settings
+    bounds = read_bounds(wm, settings.overlap_seconds, settings.max_future_seconds, now)
+    if wm is None or bounds.lower_id is not None:
+        # Nothing loaded yet, or the window has passed: the read is past the watermark.
+        return _any_document(clients, collection, bounds, shard), None
+    past = ReadBounds(wm.updated_at_ms, wm.id_value(), bounds.upper_ms)
+    if wm.last_id and _any_document(clients, collection, past, shard):
+        return True, None  # never loaded: no need to compare the window
+    return False, bounds
 
 
 def _any_document(

@@ -247,7 +247,9 @@ def settle_files(
     (`pipeline_state_settle_files`) does the same inside a dbt build.
 
     The best rows of the files whose state differs are inserted first, then the rows that
-    outrank them are deleted, so a reader sees the old or the new state. A ReplacingMergeTree
+    outrank them and that raw supersedes are deleted (`pipeline_state_superseded`: a row of a
+    version stored after the recomputation read raw stays), so a reader sees the old or the new
+    state. A ReplacingMergeTree
     merge in between keeps the top row of each file, which may still be the stale one, and drop
     the best row just inserted: the best rows missing after the delete are inserted again."""
     if not files:
@@ -257,7 +259,8 @@ def settle_files(
     cluster = clients.settings.clickhouse_cluster
     cols = ", ".join(STORE_COLUMNS)
     best: dict[str, list[Any]] = {}
-    rows: list[tuple[str, int]] = []  # every live candidate row of the files
+    rows: list[tuple[str, int]] = []  # every row the store holds for the files
+    superseded: set[tuple[str, int]] = set()  # those raw says are no longer candidates
     with steps.time("recompute"):
         recomputed = _query(
             clients,
@@ -269,6 +272,8 @@ def settle_files(
             best[r[1]] = list(r[1:])
         else:
             rows.append((r[1], int(r[2])))
+            if r[0] == "superseded":
+                superseded.add(rows[-1])
     rank = {f: int(row[1]) for f, row in best.items()}
     shown: dict[str, int] = {}  # what FINAL shows: the top row per file
     for f, file_rank in rows:
@@ -295,8 +300,10 @@ def settle_files(
     insert([f for f in differing if f in best and (f, rank[f]) not in held])
     if after_insert is not None:  # tests force a merge here
         after_insert()
+    # Only rows raw supersedes: a row that outranks the best without being superseded is a
+    # version this recomputation did not see yet (stored meanwhile), and newer than it.
     wrong = set(differing)
-    doomed = sorted({(f, r) for f, r in rows if f in wrong and r > rank.get(f, 0)})
+    doomed = sorted({(f, r) for f, r in superseded if f in wrong and r > rank.get(f, 0)})
     if doomed:
         with steps.time("delete"):
             clickhouse_call(
@@ -319,7 +326,8 @@ def settle_files(
                     files=[f for f in differing if f in best],
                 )
             }
-        dropped = [f for f in differing if f in best and now.get(f) != rank[f]]
+        # below the best (a merge kept the stale row over it), not above (a newer version)
+        dropped = [f for f in differing if f in best and now.get(f, 0) < rank[f]]
         if not dropped:
             break
         insert(dropped)

@@ -122,9 +122,50 @@
         employee_name,
         status,
         assigned_at,
-        is_deleted
+        is_deleted,
+        _version
     from {{ ref('stg_mongo__tasks') }}
     where {{ task_filter }}
+{%- endmacro %}
+
+{% macro pipeline_state_superseded(held, current) -%}
+    {#-
+        Whether raw says the store row `held` is no longer a candidate: `current`, its task's
+        current version (a left join on task_id), is at least as new as the row (the low 64
+        bits of a rank are the version) and differs from it: deleted, in another file, or
+        ranked otherwise. A row whose version raw does not show yet (an insert landing
+        between the reads of raw and of the store, whichever came first) is not superseded, so
+        a settle never deletes a candidate newer than what it recomputed from.
+    -#}
+    (
+        {{ current }}.task_id != ''
+        and {{ current }}._version >= toUInt64(bitAnd({{ held }}.rank, toUInt256('18446744073709551615')))
+        and (
+            {{ current }}.is_deleted = 1
+            or {{ current }}.file_id != {{ held }}.file_id
+            or {{ current }}.rank != {{ held }}.rank
+        )
+    )
+{%- endmacro %}
+
+{% macro pipeline_state_held_rows(store, members, files_sql) -%}
+    {#-
+        The rows the store holds for the files in `files_sql` (a subquery of file ids), each
+        with `superseded` (pipeline_state_superseded) from its task's current version in raw
+        (the tasks that ever had a version in those files: `members`, by primary key).
+    -#}
+    select
+        h.file_id as file_id,
+        h.rank as rank,
+        h.task_id as task_id,
+        {{ pipeline_state_superseded('h', 'c') }} as superseded
+    from {{ store }} as h
+    left join (
+        {{ pipeline_state_current_versions(
+            "task_id in (select task_id from " ~ members ~ " where file_id in " ~ files_sql ~ ")"
+        ) }}
+    ) as c on h.task_id = c.task_id
+    where h.file_id in {{ files_sql }}
 {%- endmacro %}
 
 {% macro pipeline_state_best_of_files(members, files_sql) -%}
@@ -259,9 +300,12 @@
 
         union all
 
-        {# the rows the store holds for those files now, for the caller to diff #}
+        {#-
+            the rows the store holds for those files now, for the caller to diff: kind
+            'superseded' for a row raw says is no longer a candidate (only those may be deleted)
+        #}
         select
-            'held' as kind,
+            if(superseded, 'superseded', 'held') as kind,
             file_id,
             rank,
             '' as stage,
@@ -270,8 +314,7 @@
             '' as status,
             toDateTime64(0, 3, 'UTC') as assigned_at,
             task_id
-        from {{ store }}
-        where file_id in {file_ids:Array(String)}
+        from ({{ pipeline_state_held_rows(store, members, "{file_ids:Array(String)}") }})
     {% endset %}
     {% do pipeline_state_ddl(
         "create or replace view", pipeline_state_relation(events_relation, "recomputed", "view"),
@@ -356,21 +399,33 @@
     {{ return("") }}
 {% endmacro %}
 
-{% macro pipeline_state_settle_files(store, members, files) %}
+{% macro pipeline_state_settle_files(store, members, files, round=1) %}
     {#-
         Make the store's row of every file in the table `files` (file_id) the best row
         recomputed from raw: insert the best rows of the files whose state differs, then delete
-        their rows that outrank the best (all of them for a file left without live tasks), then
-        insert again any best row a merge dropped meanwhile (ReplacingMergeTree keeps the top
-        row when it merges, which may still be the stale one until the delete lands).
+        their rows that outrank the best and that raw supersedes (all of them for a file left
+        without live tasks; a row newer than the recomputation stays), then insert again any
+        best row a merge dropped meanwhile (ReplacingMergeTree keeps the top row when it
+        merges, which may still be the stale one until the delete lands).
         loader/state.py `settle_files` does the same for the change-stream follower.
+
+        A load may land while this runs (the follower does not wait for builds): a best row
+        recomputed before a retraction was stored, and inserted after the follower settled
+        it, would show a deleted or moved task until the next build. So the files whose shown
+        row raw supersedes at the end are settled again (three rounds at most).
     -#}
     {% set best = pipeline_state_relation(store, "settle_best") %}
     {% set diff = pipeline_state_relation(store, "settle_diff") %}
+    {% set doomed = pipeline_state_relation(store, "settle_doomed") %}
+    {% set again = pipeline_state_relation(store, "settle_again_" ~ round) %}
     {% do pipeline_state_ddl("drop table if exists", best) %}
     {% do pipeline_state_ddl("drop table if exists", diff) %}
     {% set files_sql = "(select file_id from " ~ files ~ ")" %}
     {% do pipeline_state_scratch(best, pipeline_state_best_of_files(members, files_sql)) %}
+    {#- tests only: statements that land a load here, between the recomputation and its insert -#}
+    {% for sql in var('pipeline_state_test_after_recompute', []) if round == 1 %}
+        {% do pipeline_state_execute("test: after recompute", sql) %}
+    {% endfor %}
     {% set differing %}
         select
             f.file_id as file_id,
@@ -398,15 +453,22 @@
             where (file_id, rank) in (select file_id, best_rank from {{ diff }})
         {% endset %}
         {% do pipeline_state_execute("insert best rows", insert_best) %}
+        {#-
+            the rows that outrank the best and that raw supersedes, read after the insert: a
+            row a load added since the best rows were computed is newer than them, and stays
+        #}
+        {% set outranking %}
+            select
+                h.file_id as file_id,
+                h.rank as rank
+            from ({{ pipeline_state_held_rows(store, members, "(select file_id from " ~ diff ~ ")") }}) as h
+            inner join {{ diff }} as d on h.file_id = d.file_id
+            where h.superseded and h.rank > d.best_rank
+        {% endset %}
+        {% do pipeline_state_ddl("drop table if exists", doomed) %}
+        {% do pipeline_state_scratch(doomed, outranking) %}
         {% set delete_outranking %}
-            where (file_id, rank) in (
-                select
-                    s.file_id,
-                    s.rank
-                from {{ local_relation(store) }} as s
-                inner join {{ diff }} as d on s.file_id = d.file_id
-                where s.file_id in (select file_id from {{ diff }}) and s.rank > d.best_rank
-            )
+            where (file_id, rank) in (select file_id, rank from {{ doomed }})
             {% if var('task_events_patch_deletes', true) -%}
                 settings lightweight_delete_mode = 'lightweight_update'
             {%- endif %}
@@ -422,7 +484,7 @@
                 from {{ store }} final
                 where file_id in (select file_id from {{ diff }})
             ) as s on d.file_id = s.file_id
-            where d.best_rank != 0 and s.rank != d.best_rank
+            where d.best_rank != 0 and s.rank < d.best_rank
             settings join_use_nulls = 0
         {% endset %}
         {% for attempt in range(3) %}
@@ -430,9 +492,26 @@
                 {% do pipeline_state_execute("insert dropped best rows", insert_best) %}
             {% endif %}
         {% endfor %}
+        {% if round < 3 %}
+            {% set superseded_now %}
+                select file_id
+                from ({{ pipeline_state_held_rows(store, members, "(select file_id from " ~ diff ~ ")") }})
+                group by file_id
+                having argMax(superseded, rank) = 1
+            {% endset %}
+            {% do pipeline_state_ddl("drop table if exists", again) %}
+            {% do pipeline_state_scratch(again, superseded_now) %}
+            {% set left = pipeline_state_execute("count superseded rows shown", "select count() from " ~ again, fetch=true)[0][0] %}
+            {% if left > 0 %}
+                {{ log("pipeline_state: " ~ left ~ " file state(s) superseded by loads meanwhile, settling again", info=True) }}
+                {% do pipeline_state_settle_files(store, members, again, round + 1) %}
+            {% endif %}
+            {% do pipeline_state_ddl("drop table if exists", again) %}
+        {% endif %}
     {% endif %}
     {% do pipeline_state_ddl("drop table if exists", best) %}
     {% do pipeline_state_ddl("drop table if exists", diff) %}
+    {% do pipeline_state_ddl("drop table if exists", doomed) %}
 {% endmacro %}
 
 {% macro pipeline_state_swap_in(target, create_macro, view, view_select, copy_select, aside) %}

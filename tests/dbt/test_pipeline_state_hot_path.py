@@ -185,6 +185,122 @@ def test_a_build_settles_a_stale_candidate_that_a_late_load_left_in_the_store(
     dbt.ok("test", "--select", "assert_pipeline_state_matches_naive_recomputation")
 
 
+def _store_a_version_ahead_of_raw(ch: Any, file_id: str) -> tuple[str, int, str]:
+    """What a settle can read while a newer version of a file's current task is being stored:
+    its candidate row in the store (the materialized view wrote it) and raw not showing it
+    yet (the settle read raw first). Returns the task id, the new version and its status."""
+    task_id, status = ch.query(
+        "SELECT task_id, status FROM analytics.pipeline_state_store FINAL "
+        "WHERE file_id = {f:String}",
+        parameters={"f": file_id},
+    ).result_rows[0]
+    newer = "rejected" if status != "rejected" else "done"
+    version = int(time.time() * 1000)  # `_version`: updated_at in milliseconds
+    ch.command(
+        "INSERT INTO analytics.pipeline_state_store SELECT * REPLACE ({s:String} AS status, "
+        "rank - bitAnd(rank, toUInt256('18446744073709551615')) + {v:UInt64} AS rank) "
+        "FROM analytics.pipeline_state_store FINAL WHERE file_id = {f:String}",
+        parameters={"f": file_id, "s": newer, "v": version},
+    )
+    return task_id, version, newer
+
+
+def _store_in_mongo(db: Any, task_id: str, version: int, status: str) -> None:
+    """The version `_store_a_version_ahead_of_raw` made up, written to MongoDB."""
+    updated_at = datetime.fromtimestamp(version / 1000, UTC)
+    db.tasks.update_one(
+        {"_id": ObjectId(task_id)}, {"$set": {"status": status, "updated_at": updated_at}}
+    )
+
+
+def test_a_settle_keeps_a_candidate_newer_than_the_raw_it_recomputed_from(built: Any) -> None:
+    """A version stored while a settle runs can be in the store but not yet in what the
+    settle read from raw: its row outranks the recomputed best row, yet it is the newest
+    state, and the settle must not delete it (a CI run of the follower under a mongod restart
+    showed a file with its task's previous assignee, the newer row deleted so)."""
+    from loader.clients import open_clients
+    from loader.state import settle_files
+
+    db, ch = built.db, built.ch
+    file_id = sorted(current_task_per_file(db))[0]
+    task_id, version, status = _store_a_version_ahead_of_raw(ch, file_id)
+
+    with open_clients(built.settings) as clients:
+        assert settle_files(clients, [file_id]) == 0
+
+    shown = warehouse_state(ch)[file_id]
+    assert (shown[2], shown[4]) == (status, task_id), "the settle deleted the newer row"
+    _store_in_mongo(db, task_id, version, status)
+    built.load()
+    assert warehouse_state(ch)[file_id] == current_task_per_file(db)[file_id]
+
+
+def test_a_build_keeps_a_candidate_that_a_load_stored_while_it_settled(
+    built: Any, dbt: Any
+) -> None:
+    """The same race in a build's settle (a follower storing while dbt runs): a file the build
+    settles holds a row of a version raw did not show when the build recomputed it."""
+    db, ch = built.db, built.ch
+    per_file: dict[str, int] = {}
+    for doc in db.tasks.find({}, {"file_id": 1}):
+        per_file[doc["file_id"]] = per_file.get(doc["file_id"], 0) + 1
+    file_id = next(f for f in sorted(current_task_per_file(db)) if per_file[f] > 1)
+    current = current_task_per_file(db)[file_id][4]
+    other = db.tasks.find_one({"file_id": file_id, "_id": {"$ne": ObjectId(current)}})
+    assert other is not None
+    db.tasks.update_one(  # a change in the file, so the build settles it
+        {"_id": other["_id"]}, {"$set": {"note": "touched", "updated_at": datetime.now(UTC)}}
+    )
+    built.load()
+    task_id, version, status = _store_a_version_ahead_of_raw(ch, file_id)
+
+    dbt.ok("run", "--select", "task_events+")
+
+    assert warehouse_state(ch)[file_id][2] == status, "the build deleted the newer row"
+    _store_in_mongo(db, task_id, version, status)
+    built.load()
+    assert not _differing(current_task_per_file(db), warehouse_state(ch))
+    dbt.ok("run", "--select", "task_events+")
+    dbt.ok("test", "--select", "assert_pipeline_state_matches_naive_recomputation")
+
+
+def test_a_build_settles_again_a_file_whose_task_the_follower_deleted_while_it_settled(
+    built: Any, dbt: Any
+) -> None:
+    """The follower stores and settles a delete between the build's recomputation of a file
+    and the build's insert of that file's best row: the build re-inserts the deleted task's
+    row, which the follower has already settled away. The build must notice that raw
+    supersedes what its file shows and settle the file again."""
+    db, ch = built.db, built.ch
+    per_file: dict[str, int] = {}
+    for doc in db.tasks.find({}, {"file_id": 1}):
+        per_file[doc["file_id"]] = per_file.get(doc["file_id"], 0) + 1
+    file_id = next(f for f in sorted(current_task_per_file(db)) if per_file[f] > 1)
+    current = current_task_per_file(db)[file_id][4]
+    other = db.tasks.find_one({"file_id": file_id, "_id": {"$ne": ObjectId(current)}})
+    assert other is not None
+    db.tasks.update_one(  # a change in the file, so the build settles it
+        {"_id": other["_id"]}, {"$set": {"note": "touched", "updated_at": datetime.now(UTC)}}
+    )
+    built.load()
+    db.tasks.delete_one({"_id": ObjectId(current)})
+    follower_meanwhile = [  # its tombstone, then the deleted task out of the store (its settle)
+        "INSERT INTO raw.tasks SELECT * REPLACE (1 AS is_deleted, _version + 1 AS _version, "
+        f"now64(3, 'UTC') AS _loaded_at) FROM raw.tasks FINAL WHERE _id = '{current}'",
+        f"DELETE FROM analytics.pipeline_state_store WHERE task_id = '{current}'",
+    ]
+
+    dbt.ok(
+        "run",
+        "--select",
+        "task_events+",
+        dbt_vars={"pipeline_state_test_after_recompute": follower_meanwhile},
+    )
+
+    assert warehouse_state(ch).get(file_id) == current_task_per_file(db)[file_id]
+    assert not _differing(current_task_per_file(db), warehouse_state(ch))
+
+
 def test_a_merge_between_inserting_the_best_row_and_deleting_the_stale_one_loses_nothing(
     built: Any,
 ) -> None:
@@ -197,7 +313,7 @@ def test_a_merge_between_inserting_the_best_row_and_deleting_the_stale_one_loses
     db, ch = built.db, built.ch
     file_id = sorted(current_task_per_file(db))[0]
     _add_stale_candidate(ch, file_id)
-    assert warehouse_state(ch)[file_id][4] == "f" * 24
+    assert warehouse_state(ch)[file_id] != current_task_per_file(db)[file_id]
 
     with open_clients(built.settings) as clients:
         settle_files(
@@ -360,6 +476,10 @@ def test_settling_a_retraction_reuses_the_fallback_row_the_store_still_holds(bui
 
     db, ch = built.db, built.ch
     file_id = sorted(current_task_per_file(db))[0]
+    fallback = ch.query(
+        "SELECT rank FROM analytics.pipeline_state_store FINAL WHERE file_id = {f:String}",
+        parameters={"f": file_id},
+    ).result_rows[0][0]
     _add_stale_candidate(ch, file_id)
     ch.command("SYSTEM STOP MERGES analytics.pipeline_state_store")
     try:
@@ -368,8 +488,8 @@ def test_settling_a_retraction_reuses_the_fallback_row_the_store_still_holds(bui
             return int(
                 ch.query(
                     "SELECT count() FROM analytics.pipeline_state_store "
-                    "WHERE file_id = {f:String} AND task_id = {t:String}",
-                    parameters={"f": file_id, "t": current_task_per_file(db)[file_id][4]},
+                    "WHERE file_id = {f:String} AND rank = {r:UInt256}",
+                    parameters={"f": file_id, "r": fallback},
                 ).result_rows[0][0]
             )
 

@@ -25,10 +25,13 @@ RELEASES = [("25.3.6.56", False), ("26.9.1.1", True)]  # (reported version, patc
 
 
 def _add_stale_candidate(ch: Any, file_id: str) -> None:
-    """A candidate outranking the file's true state in the store: settling must delete it."""
+    """A candidate outranking the file's true state in the store that raw supersedes (the
+    current task's row with a later `assigned_at` than its current version has, as if it had
+    moved backwards since): settling must delete it."""
     ch.command(
         "INSERT INTO analytics.pipeline_state_store SELECT * REPLACE ("
-        "'ffffffffffffffffffffffff' AS task_id, rank + bitShiftLeft(toUInt256(1), 250) AS rank) "
+        "assigned_at + INTERVAL 1 YEAR AS assigned_at, "
+        "rank + bitShiftLeft(toUInt256(1), 250) AS rank) "
         "FROM analytics.pipeline_state_store FINAL WHERE file_id = {f:String}",
         parameters={"f": file_id},
     )
