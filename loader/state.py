@@ -9,10 +9,12 @@ thread, while the next batch is being stored; batches stored meanwhile are settl
 their versions merged with `TaskVersions.merge`) the follower asks
 `pipeline_state_stale` which files the batch's versions contradict (a store row of a batch task
 that is deleted, now elsewhere or ranked above its current version, or a file whose best row
-ranks below a live batch version), recomputes those files from raw with
-`pipeline_state_recomputed`, and replaces what differs (`settle_files`): the recomputed best
-rows are inserted first, then the rows that outrank them deleted, so a reader sees the old or
-the new state of a file; a best row that a merge dropped in between is inserted again.
+ranks below a live batch version), reads those files' task versions and store rows with
+`pipeline_state_recomputed` and chooses each file's best row (`Recomputation`), and replaces
+what differs (`settle_files`): the best rows are inserted first, then the rows that outrank
+them and that raw supersedes deleted, so a reader sees the old or the new state of a file; a
+best row that a merge dropped in between is inserted again. Both views run as their SELECT
+text (`ViewTexts`): faster than a call, same SQL.
 
 It needs no memory of earlier batches: the store itself says where a task's candidates are, so a
 batch replayed after a crash (the resume token is saved only after this step) settles the same
@@ -53,6 +55,9 @@ STORE_COLUMNS = [
     "assigned_at",
     "task_id",
 ]
+# What `pipeline_state_recomputed` returns, per row.
+RECOMPUTED_COLUMNS = ["kind", *STORE_COLUMNS, "is_deleted", "_version"]
+VERSION_BITS = (1 << 64) - 1  # the low 64 bits of a rank are its task's version
 # Tasks per request: the arrays travel as URL parameters (128 KiB each on ClickHouse's side).
 CHUNK = 2_000
 # A parameterized view that does not exist is an unknown table function.
@@ -180,6 +185,52 @@ class ViewTexts:
         return text
 
 
+@dataclass(frozen=True)
+class Recomputation:
+    """Some files as raw says they should be, and what the store holds for them."""
+
+    best: dict[str, list[Any]]  # file -> its best row (STORE_COLUMNS); none without live tasks
+    held: list[tuple[str, int]]  # (file, rank) of every row the store holds for the files
+    superseded: set[tuple[str, int]]  # the held rows raw says are no longer candidates
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[Sequence[Any]], files: Container[str]) -> Recomputation:
+        """Judge the rows of `pipeline_state_recomputed` by the rules a build's settle applies
+        in SQL: a file's best row is the top-ranked live current version in it
+        (`pipeline_state_best_rows`); a held row is superseded when its task's current version
+        is at least as new and differs from it: deleted, in another file or ranked otherwise
+        (`pipeline_state_superseded`). A row of a version raw does not show yet (stored while
+        the view read) is not superseded."""
+        current: dict[str, dict[str, Any]] = {}
+        held_rows: list[dict[str, Any]] = []
+        for values in rows:
+            named = dict(zip(RECOMPUTED_COLUMNS, values, strict=True))
+            if named["kind"] == "current":
+                current[named["task_id"]] = named
+            else:
+                held_rows.append(named)
+        best: dict[str, list[Any]] = {}
+        for version in current.values():
+            f = version["file_id"]
+            if version["is_deleted"] or f not in files:
+                continue
+            if f not in best or int(version["rank"]) > int(best[f][1]):
+                best[f] = [version[name] for name in STORE_COLUMNS]
+        held: list[tuple[str, int]] = []
+        superseded: set[tuple[str, int]] = set()
+        for row in held_rows:
+            key = (row["file_id"], int(row["rank"]))
+            held.append(key)
+            now = current.get(row["task_id"])
+            if (
+                now is not None
+                and int(now["_version"]) >= key[1] & VERSION_BITS
+                and (now["is_deleted"] or now["file_id"] != key[0] or int(now["rank"]) != key[1])
+            ):
+                superseded.add(key)
+        return cls(best, held, superseded)
+
+
 def _stale_files(
     ch: Client, view_sql: str, params: dict[str, list[Any]], settings: dict[str, Any]
 ) -> Sequence[Sequence[Any]]:
@@ -205,10 +256,11 @@ def settle(
     ch = clients.clickhouse
     flagged: set[str] = set()
     steps = Steps()
+    views = views or ViewTexts()
     try:
         with steps.time("stale"):
-            view_sql = (views or ViewTexts()).get(clients, STALE_VIEW)
-            if view_sql is None:
+            view_sql = views.get(clients, STALE_VIEW)
+            if view_sql is None or views.get(clients, RECOMPUTED_VIEW) is None:
                 return None
             for params in versions.params():
                 rows = clickhouse_call(
@@ -223,7 +275,7 @@ def settle(
     removed = 0
     files = sorted(flagged)
     for start in range(0, len(files), CHUNK):
-        removed += settle_files(clients, files[start : start + CHUNK], steps=steps)
+        removed += settle_files(clients, files[start : start + CHUNK], steps=steps, views=views)
     return Settled(removed, len(files), time.perf_counter() - t0, steps)
 
 
@@ -241,10 +293,12 @@ def settle_files(
     *,
     after_insert: Callable[[], None] | None = None,
     steps: Steps | None = None,
+    views: ViewTexts | None = None,
 ) -> int:
     """Make the store's row of each of `files` the best row recomputed from raw (none for a
     file without live tasks); returns the rows deleted. `macros/pipeline_state.sql`
-    (`pipeline_state_settle_files`) does the same inside a dbt build.
+    (`pipeline_state_settle_files`) does the same inside a dbt build. `views`: the view texts
+    kept from earlier settles (read afresh without).
 
     The best rows of the files whose state differs are inserted first, then the rows that
     outrank them and that raw supersedes are deleted (`pipeline_state_superseded`: a row of a
@@ -257,23 +311,19 @@ def settle_files(
     steps = Steps() if steps is None else steps
     ch = clients.clickhouse
     cluster = clients.settings.clickhouse_cluster
-    cols = ", ".join(STORE_COLUMNS)
-    best: dict[str, list[Any]] = {}
-    rows: list[tuple[str, int]] = []  # every row the store holds for the files
-    superseded: set[tuple[str, int]] = set()  # those raw says are no longer candidates
     with steps.time("recompute"):
-        recomputed = _query(
-            clients,
-            f"SELECT kind, {cols} FROM {RECOMPUTED_VIEW}(file_ids = {{files:Array(String)}})",
-            files=files,
+        view_sql = (views or ViewTexts()).get(clients, RECOMPUTED_VIEW)
+        if view_sql is None:
+            raise RuntimeError(f"{RECOMPUTED_VIEW} is missing: run a dbt build first")
+        recomputed = Recomputation.from_rows(
+            _query(
+                clients,
+                f"SELECT {', '.join(RECOMPUTED_COLUMNS)} FROM ({view_sql})",
+                file_ids=files,
+            ),
+            set(files),
         )
-    for r in recomputed:
-        if r[0] == "best":
-            best[r[1]] = list(r[1:])
-        else:
-            rows.append((r[1], int(r[2])))
-            if r[0] == "superseded":
-                superseded.add(rows[-1])
+    best, rows, superseded = recomputed.best, recomputed.held, recomputed.superseded
     rank = {f: int(row[1]) for f, row in best.items()}
     shown: dict[str, int] = {}  # what FINAL shows: the top row per file
     for f, file_rank in rows:

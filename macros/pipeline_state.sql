@@ -23,8 +23,8 @@
       the change-stream follower runs after each micro-batch (`loader/state.py`):
         `pipeline_state_stale(task_ids, file_ids, assigned_ms, versions, deleted)`: the files
           the given task versions make stale;
-        `pipeline_state_recomputed(file_ids)`: the best row of each file, from raw (kind
-          'best'), and the rows the store holds for those files (kind 'held').
+        `pipeline_state_recomputed(file_ids)`: the current versions of the tasks of those
+          files, from raw (kind 'current'), and the rows the store holds for them (kind 'held').
       The hooks of `task_events` settle every file a task loaded since the last build touched
       (`pipeline_state_record_changed_tasks`, `pipeline_state_sync`), so whatever loaded a
       change, a build leaves the store equal to the recomputation.
@@ -293,19 +293,26 @@
         "create or replace view", pipeline_state_relation(events_relation, "stale", "view"), "as " ~ stale
     ) %}
     {% set recomputed %}
+        {#-
+            One read of raw and one of the store; the caller chooses (loader/state.py, by the
+            rules of pipeline_state_best_rows and pipeline_state_superseded, which a build's
+            settle applies in SQL). Kind 'current': the current version of every task that
+            ever had a version in the files (members), deleted ones included, with its rank
+            and version; kind 'held': the rows the store holds for the files now.
+        #}
         select
-            'best' as kind,
-            {{ pipeline_state_store_columns() }}
-        from ({{ pipeline_state_best_of_files(members, "{file_ids:Array(String)}") }})
+            'current' as kind,
+            {{ pipeline_state_store_columns() }},
+            is_deleted,
+            _version
+        from ({{ pipeline_state_current_versions(
+            "task_id in (select task_id from " ~ members ~ " where file_id in {file_ids:Array(String)})"
+        ) }})
 
         union all
 
-        {#-
-            the rows the store holds for those files now, for the caller to diff: kind
-            'superseded' for a row raw says is no longer a candidate (only those may be deleted)
-        #}
         select
-            if(superseded, 'superseded', 'held') as kind,
+            'held' as kind,
             file_id,
             rank,
             '' as stage,
@@ -313,8 +320,11 @@
             '' as employee_name,
             '' as status,
             toDateTime64(0, 3, 'UTC') as assigned_at,
-            task_id
-        from ({{ pipeline_state_held_rows(store, members, "{file_ids:Array(String)}") }})
+            task_id,
+            toUInt8(0) as is_deleted,
+            toUInt64(0) as _version
+        from {{ store }}
+        where file_id in {file_ids:Array(String)}
     {% endset %}
     {% do pipeline_state_ddl(
         "create or replace view", pipeline_state_relation(events_relation, "recomputed", "view"),

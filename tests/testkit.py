@@ -1,5 +1,5 @@
-"""Helpers shared by several suites: capturing Prefect's run logs, starting calls at once, and
-running the project's modules as commands."""
+"""Helpers shared by several suites: a new task document, capturing Prefect's run logs, starting
+calls at once, and running the project's modules as commands."""
 
 from __future__ import annotations
 
@@ -9,14 +9,41 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from bson import ObjectId
 
 T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[1]
 
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+def new_task(
+    file_id: str,
+    employee: Mapping[str, Any] | None = None,
+    at: datetime | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """A valid task document as the source system writes it: a new `intake` task of `file_id`,
+    assigned to `employee` (an `employee` document; a fixed one without) and stamped `at`
+    (default now) for both `assigned_at` and `updated_at`; `overrides` replace any field."""
+    at = at or datetime.now(UTC)
+    employee = employee or {"employee_code": "E00001", "employee_name": "Ana Almeida"}
+    return {
+        "_id": ObjectId(),
+        "file_id": file_id,
+        "stage": "intake",
+        "employee_code": employee["employee_code"],
+        "employee_name": employee["employee_name"],
+        "status": "assigned",
+        "assigned_at": at,
+        "updated_at": at,
+        **overrides,
+    }
 
 
 class Captured(logging.Handler):

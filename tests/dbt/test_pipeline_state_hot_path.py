@@ -20,6 +20,7 @@ from bson import ObjectId
 from mongo_oracle import current_task_per_file, differences_from_mongo, warehouse_state
 from test_pipeline_state_older_servers import _add_stale_candidate
 from test_pipeline_state_scenario import STEPS
+from testkit import new_task
 
 from loader.follower import StoredBatch, follow_changes
 
@@ -439,19 +440,7 @@ def test_new_tasks_show_while_an_earlier_batch_is_still_being_settled(following:
         assert held.wait(timeout=60), "the delete's batch never reached the settler"
         for i in range(2):
             task = ObjectId()
-            now = datetime.now(UTC)
-            db.tasks.insert_one(
-                {
-                    "_id": task,
-                    "file_id": f"WHILE-SETTLING-{i}",
-                    "stage": "intake",
-                    "employee_code": employee["employee_code"],
-                    "employee_name": employee["employee_name"],
-                    "status": "assigned",
-                    "assigned_at": now,
-                    "updated_at": now,
-                }
-            )
+            db.tasks.insert_one(new_task(f"WHILE-SETTLING-{i}", employee, _id=task))
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not errors:
                 if warehouse_state(ch).get(f"WHILE-SETTLING-{i}", (None,) * 5)[4] == str(task):

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from testkit import new_task
 
 from flows.events import GROUP, connect, run_on_signals, signal_change, stream_key
 from flows.settings import FlowSettings
@@ -147,8 +148,6 @@ def test_the_hot_path_shows_a_task_write_on_the_dashboard_without_a_flow_run(
     panels (through the cache, whose data version it bumps): no signal, no flow run."""
     import time
 
-    from bson import ObjectId
-
     from flows.dashboard import PANELS, collect
     from flows.events import follow_and_signal
     from flows.pipeline import sync_pipeline
@@ -179,19 +178,7 @@ def test_the_hot_path_shows_a_task_write_on_the_dashboard_without_a_flow_run(
         ):
             time.sleep(0.1)  # the follower's stream is open once it has saved a position
         employee = pipeline.db.employee.find_one({})
-        now = datetime.now(UTC)
-        pipeline.db.tasks.insert_one(
-            {
-                "_id": ObjectId(),
-                "file_id": "HOT-PATH-1",
-                "stage": "intake",
-                "employee_code": employee["employee_code"],
-                "employee_name": employee["employee_name"],
-                "status": "assigned",
-                "assigned_at": now,
-                "updated_at": now,
-            }
-        )
+        pipeline.db.tasks.insert_one(new_task("HOT-PATH-1", employee))
         seen = before
         while time.monotonic() < deadline and seen == before:
             time.sleep(0.1)

@@ -25,6 +25,7 @@ from harness import Comparison, Report, assert_all_ok, compare_raw
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mongo_oracle import FIELDS, stored_id
+from testkit import new_task
 from world import World
 
 TASK_FIELDS = list(FIELDS["tasks"])
@@ -182,18 +183,11 @@ def test_many_generated_hostile_documents_are_loaded_or_rejected_with_a_reason(
 
 def valid_task(**overrides: Any) -> dict[str, Any]:
     now = datetime.now(UTC).replace(microsecond=0)
-    doc = {
-        "_id": ObjectId(),
-        "file_id": "F-hostile",
-        "stage": "intake",
-        "employee_code": "E00001",
-        "employee_name": "Ana Almeida",
-        "status": "assigned",
-        "assigned_at": now - timedelta(hours=2),
-        "updated_at": now - timedelta(hours=1),
-    }
-    doc.update(overrides)
-    return doc
+    return new_task(
+        "F-hostile",
+        **{"assigned_at": now - timedelta(hours=2), "updated_at": now - timedelta(hours=1)}
+        | overrides,
+    )
 
 
 def raw_with_bytes(doc: dict[str, Any], field: str, payload: bytes) -> RawBSONDocument:
