@@ -36,7 +36,7 @@ from loader.mapping import BatchMapper, id_to_str
 from loader.runs import PeakRss, RunKind, RunRecord, RunStatus, new_run_id
 from loader.schema import require_collection
 from loader.settings import Settings
-from loader.state import Settled, TaskVersions, ViewTexts, settle
+from loader.state import RetractingTasks, Settled, ViewTexts, settle
 from loader.steps import Steps
 from loader.store import (
     FEW_TOMBSTONES,
@@ -96,7 +96,7 @@ class StoredBatch:
 class _Pending:
     """A flush handed to the settler: a stored batch, or only a stream position (idle)."""
 
-    versions: TaskVersions | None  # the stored task versions to settle (tasks only)
+    retracting: RetractingTasks | None  # the stored tasks that may retract (tasks only)
     token: Any  # the stream position after this flush
     events: int  # events processed so far
     stored: bool
@@ -151,7 +151,7 @@ class _Settler:
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=f"settle-{collection}", daemon=True)
         self._own: Clients | None = None
-        self.views = ViewTexts()  # the stale check's SQL, read once per VIEW_TEXT_TTL_S
+        self.views = ViewTexts()  # the settle's SQL, read once per VIEW_TEXT_TTL_S
         self._inflight = 0  # stored batches handed over and not settled yet
         self._settled = threading.Condition()
 
@@ -230,11 +230,11 @@ class _Settler:
         group = Steps()  # this settle's steps and the position's save (the debug log)
         if stored and self.before_settle is not None:  # tests hold the settle here
             self.before_settle()
-        if any(i.versions is not None for i in stored):
-            merged = TaskVersions()
+        if any(i.retracting is not None for i in stored):
+            merged = RetractingTasks()
             for i in stored:
-                if i.versions is not None:
-                    merged.merge(i.versions)
+                if i.retracting is not None:
+                    merged.merge(i.retracting)
             settled = settle(self._clients(), merged, self.views)
             if settled is not None:
                 self.settled_files += settled.files
@@ -338,12 +338,12 @@ PLACING_FIELDS = ("file_id", "assigned_at")
 
 def _may_retract(change: dict[str, Any]) -> bool:
     """Whether the event may leave a store row of its document that its new version does
-    not outrank in the same file (`loader.state`'s stale check is needed).
+    not outrank in the same file (`loader.state.settle` must recompute its files).
 
     Not for an insert: a new document has no earlier version, and an `_id` inserted again
     after a delete is checked through the delete (the delete's event marks the id in the
     same micro-batch, and a delete in an earlier batch is settled before this one or together
-    with it, the merged versions still saying "deleted", which recomputes its files from raw).
+    with it, which recomputes its files from raw).
     Not for an update that sets or removes neither `file_id` nor `assigned_at` (a status
     change, a reassignment): the new version is a candidate of the same file with the same
     `assigned_at`, so it outranks every earlier version of the task there unless its
@@ -613,13 +613,13 @@ class ChangeFollower:
                 self.settler.wait_for_room()
         self.settler.check()
         events = self.batch.events
-        versions, written, tombstoned = self._store(steps) if stored else (None, 0, 0)
+        retracting, written, tombstoned = self._store(steps) if stored else (None, 0, 0)
         if stored and self.after_store is not None:
             self.after_store()
         self.rss.sample()
         self.settler.put(
             _Pending(
-                versions,
+                retracting,
                 stream.resume_token,
                 self.events,
                 stored,
@@ -637,9 +637,9 @@ class ChangeFollower:
         if self.on_flush:
             self.on_flush(self.events, self.deletes)
 
-    def _store(self, steps: Steps) -> tuple[TaskVersions | None, int, int]:
-        """Write the micro-batch: rows and rejects, then tombstones. Returns the task versions
-        to settle (None unless `tasks`), the rows written and the tombstones written."""
+    def _store(self, steps: Steps) -> tuple[RetractingTasks | None, int, int]:
+        """Write the micro-batch: rows and rejects, then tombstones. Returns the tasks to
+        settle (None unless `tasks`), the rows written and the tombstones written."""
         cl, collection, run_id = self.cl, self.collection, self.rec.run_id
         remark: Future[None] | None = None
         if not self.marked_pending:
@@ -666,7 +666,7 @@ class ChangeFollower:
         if deleted and len(deleted) <= FEW_TOMBSTONES:
             # The tombstones' rows are looked up while the batch's rows are written.
             lookup = self.side.submit(lambda own: tombstone_rows(own, collection, deleted, run_id))
-        versions = TaskVersions()
+        retracting = RetractingTasks()
         written = tombstoned = 0
         if self.batch.docs:
             for doc in self.batch.docs.values():
@@ -680,7 +680,7 @@ class ChangeFollower:
             self.rec.rejects += len(mapped.rejects)
             written = mapped.rows
             if collection == "tasks":
-                versions.add_batch(mapped, {id_to_str(k) for k in self.batch.retracting})
+                retracting.add_batch(mapped, {id_to_str(k) for k in self.batch.retracting})
         if self.batch.deleted:
             with steps.time("tombstones"):
                 if lookup is not None:
@@ -688,11 +688,11 @@ class ChangeFollower:
                 else:
                     tombstoned = write_tombstones(cl, collection, deleted, run_id)
             self.deletes += tombstoned
-            versions.add_deleted(self.batch.deleted)
+            retracting.add_deleted(self.batch.deleted)
         if remark is not None:
             with steps.time("mark"):  # the part of the mark the writes did not cover
                 remark.result()
-        return (versions if collection == "tasks" else None), written, tombstoned
+        return (retracting if collection == "tasks" else None), written, tombstoned
 
     def _record(self, status: RunStatus, message: str) -> None:
         rec = self.rec

@@ -1,25 +1,25 @@
 """Settle `analytics.pipeline_state_store` after the change-stream follower stores a batch.
 
-The store, the materialized view that feeds it from `raw.tasks` and the two parameterized views
-used here are dbt's (`macros/pipeline_state.sql`); this module only calls them. The view makes
+The store, the materialized view that feeds it from `raw.tasks` and the parameterized view used
+here are dbt's (`macros/pipeline_state.sql`); this module only calls them. The view makes
 every stored task version a candidate current state of its file in the same INSERT. What it
 cannot express is a retraction: a deleted task, `assigned_at` moved backwards, a task moved to
 another file, or a version older than one already stored. After each batch (in its settling
-thread, while the next batch is being stored; batches stored meanwhile are settled together,
-their versions merged with `TaskVersions.merge`) the follower asks
-`pipeline_state_stale` which files the batch's versions contradict (a store row of a batch task
-that is deleted, now elsewhere or ranked above its current version, or a file whose best row
-ranks below a live batch version), reads those files' task versions and store rows with
-`pipeline_state_recomputed` and chooses each file's best row (`Recomputation`), and replaces
-what differs (`settle_files`): the best rows are inserted first, then the rows that outrank
-them and that raw supersedes deleted, so a reader sees the old or the new state of a file; a
-best row that a merge dropped in between is inserted again. Both views run as their SELECT
-text (`ViewTexts`): faster than a call, same SQL.
+thread, while the next batch is being stored; batches stored meanwhile are settled together)
+the follower settles the files its retracting tasks (`RetractingTasks`: deletes, moves, new
+`assigned_at`s) ever had a version in or are in now: `pipeline_state_recomputed` reads, in one
+query, those files (`touched`), the current versions of their tasks from raw and the rows the
+store holds for them; `Recomputation` chooses each file's best row and the rows raw
+supersedes, by the rules a build's settle applies in SQL; `_settle` replaces what differs: the
+best rows are inserted first, then the rows that outrank them and that raw supersedes deleted,
+so a reader sees the old or the new state of a file; a best row that a merge dropped in between
+is inserted again. The view runs as its SELECT text (`ViewTexts`): faster than a call, same SQL.
 
-It needs no memory of earlier batches: the store itself says where a task's candidates are, so a
-batch replayed after a crash (the resume token is saved only after this step) settles the same
-way, whoever loaded the versions first. Until dbt has built the store (first build) the views
-are missing: `settle` then returns None and the next build brings the store up to date.
+It needs no memory of earlier batches: `pipeline_state_members` says where a task's candidates
+are, so a batch replayed after a crash (the resume token is saved only after this step) settles
+the same way, whoever loaded the versions first. Until dbt has built the store (first build)
+the view is missing: `settle` then returns None and the next build brings the store up to
+date.
 """
 
 from __future__ import annotations
@@ -27,10 +27,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
-from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 
 from loader.clients import Clients, clickhouse_call
@@ -41,7 +39,6 @@ from loader.steps import Steps
 
 ANALYTICS_DB = "analytics"  # the dbt profile's schema (docs/ARCHITECTURE.md)
 STORE = f"{ANALYTICS_DB}.pipeline_state_store"
-STALE_VIEW = f"{ANALYTICS_DB}.pipeline_state_stale"
 RECOMPUTED_VIEW = f"{ANALYTICS_DB}.pipeline_state_recomputed"
 # The store's names only (dbt creates it): on a cluster its deletes go to the local tables.
 STORE_TABLE = Table(ANALYTICS_DB, "pipeline_state_store", (), "", "file_id")
@@ -65,61 +62,46 @@ MISSING = ("UNKNOWN_TABLE", "UNKNOWN_DATABASE", "UNKNOWN_VIEW", "UNKNOWN_FUNCTIO
 
 
 @dataclass
-class TaskVersions:
-    """The current versions of the tasks a batch stored (or tombstoned), by task id."""
+class RetractingTasks:
+    """The tasks of stored batches whose events may retract a candidate (`follower`'s
+    `_may_retract`), and the files their stored versions are in: the settle recomputes every
+    file these tasks ever had a version in (`pipeline_state_members`) or are in now."""
 
-    file_id: dict[str, str] = field(default_factory=dict)
-    assigned_ms: dict[str, int] = field(default_factory=dict)
-    version: dict[str, int] = field(default_factory=dict)
-    deleted: set[str] = field(default_factory=set)
+    task_ids: set[str] = field(default_factory=set)
+    file_ids: set[str] = field(default_factory=set)
 
     def add_batch(self, batch: MappedBatch, only: Container[str] | None = None) -> None:
-        """The batch's versions (`only`: of these task ids alone)."""
+        """The batch's tasks (`only`: these task ids alone)."""
         cols = batch.columns
-        for task_id, file_id, assigned, updated in zip(
-            cols["_id"], cols["file_id"], cols["assigned_at"], cols["updated_at"], strict=True
-        ):
-            if only is not None and task_id not in only:
-                continue
-            self.file_id[task_id] = file_id
-            self.assigned_ms[task_id] = int(assigned)
-            self.version[task_id] = int(updated)  # `_version` is updated_at in milliseconds
-            self.deleted.discard(task_id)
+        for task_id, file_id in zip(cols["_id"], cols["file_id"], strict=True):
+            if only is None or task_id in only:
+                self.task_ids.add(task_id)
+                self.file_ids.add(file_id)
 
     def add_deleted(self, task_ids: Iterable[str]) -> None:
-        for task_id in task_ids:
-            self.deleted.add(task_id)
-            self.file_id.pop(task_id, None)
+        self.task_ids.update(task_ids)
 
-    def merge(self, later: TaskVersions) -> None:
-        """Apply the versions of a later batch on top of these."""
-        for task_id, file_id in later.file_id.items():
-            self.file_id[task_id] = file_id
-            self.assigned_ms[task_id] = later.assigned_ms[task_id]
-            self.version[task_id] = later.version[task_id]
-            self.deleted.discard(task_id)
-        self.add_deleted(later.deleted)
+    def merge(self, later: RetractingTasks) -> None:
+        self.task_ids |= later.task_ids
+        self.file_ids |= later.file_ids
 
     def __len__(self) -> int:
-        return len(self.file_id) + len(self.deleted)
+        return len(self.task_ids) + len(self.file_ids)
 
-    def params(self) -> Iterable[dict[str, list[Any]]]:
-        ids = list(self.file_id) + sorted(self.deleted)
-        for start in range(0, len(ids), CHUNK):
-            chunk = ids[start : start + CHUNK]
+    def params(self) -> Iterable[dict[str, list[str]]]:
+        """The view's parameters, `CHUNK` ids of each kind per request."""
+        tasks, files = sorted(self.task_ids), sorted(self.file_ids)
+        for start in range(0, max(len(tasks), len(files)), CHUNK):
             yield {
-                "task_ids": chunk,
-                "file_ids": [self.file_id.get(t, "") for t in chunk],
-                "assigned_ms": [self.assigned_ms.get(t, 0) for t in chunk],
-                "versions": [self.version.get(t, 0) for t in chunk],
-                "deleted": [1 if t in self.deleted else 0 for t in chunk],
+                "task_ids": tasks[start : start + CHUNK],
+                "file_ids": files[start : start + CHUNK],
             }
 
 
 @dataclass(frozen=True)
 class Settled:
-    stale_rows: int  # store rows the batch contradicted (deleted)
-    files: int  # files recomputed
+    deleted_rows: int  # store rows raw superseded (deleted)
+    files: int  # files whose state changed
     seconds: float
     steps: Steps = field(default_factory=Steps)  # ms per statement kind (the debug log line)
 
@@ -127,7 +109,7 @@ class Settled:
 def _missing(exc: BaseException) -> bool:
     """The store or its views do not exist (rather than any other error in them)."""
     text = str(exc)
-    names = (STORE, STALE_VIEW, RECOMPUTED_VIEW, ANALYTICS_DB)
+    names = (STORE, RECOMPUTED_VIEW, ANALYTICS_DB)
     return (
         isinstance(exc, DatabaseError)
         and any(code in text for code in MISSING)
@@ -142,11 +124,11 @@ def view_settings(clients: Clients) -> dict[str, Any]:
     return {"distributed_product_mode": "global"} if clients.settings.clickhouse_cluster else {}
 
 
-# optimize_distinct_in_order reads the members of the stale check's `touched` in the table's
-# order, which rules out their by_task projection: every member is read (1M rows at 1M tasks,
-# EXPLAIN: 1000 of 1000 granules) instead of the given tasks' granules (353 of 1000 at 400
-# tasks). A SETTINGS clause in the view's text does not reach that read; the query's does.
-STALE_QUERY_SETTINGS = {"optimize_distinct_in_order": 0}
+# optimize_distinct_in_order reads the members of the view's `touched` in the table's order,
+# which rules out their by_task projection: every member is read (1M rows at 1M tasks, EXPLAIN:
+# 1000 of 1000 granules) instead of the given tasks' granules (353 of 1000 at 400 tasks). A
+# SETTINGS clause in the view's text does not reach that read; the query's does.
+RECOMPUTE_SETTINGS = {"optimize_distinct_in_order": 0}
 # A view's text is read again after this many seconds (a new version of the dbt project may
 # have replaced the view), and every time while the view is missing.
 VIEW_TEXT_TTL_S = 30.0
@@ -158,8 +140,9 @@ class ViewTexts:
     `VIEW_TEXT_TTL_S` by whoever settles batch after batch (the follower's settling thread).
 
     The engine answers a parameterized view's SELECT run as a query with the same parameters
-    faster than a call of the view (at 400 tasks, 105 to 145 ms against 150 to 290 ms for
-    `pipeline_state_stale` on the embedded stack): the call substitutes the arrays into the
+    faster than a call of the view (at 400 tasks, 105 to 145 ms against 150 to 290 ms for the
+    stale check this project had before on the embedded stack; 82 against 100 ms for one file
+    of `pipeline_state_recomputed` at 1M tasks): the call substitutes the arrays into the
     view's text wherever they occur before analysing it. Same SQL, same rows; dbt stays its
     only author."""
 
@@ -189,30 +172,35 @@ class ViewTexts:
 class Recomputation:
     """Some files as raw says they should be, and what the store holds for them."""
 
+    files: list[str]  # the files recomputed (the view's `touched`)
     best: dict[str, list[Any]]  # file -> its best row (STORE_COLUMNS); none without live tasks
     held: list[tuple[str, int]]  # (file, rank) of every row the store holds for the files
     superseded: set[tuple[str, int]]  # the held rows raw says are no longer candidates
 
     @classmethod
-    def from_rows(cls, rows: Iterable[Sequence[Any]], files: Container[str]) -> Recomputation:
+    def from_rows(cls, rows: Iterable[Sequence[Any]]) -> Recomputation:
         """Judge the rows of `pipeline_state_recomputed` by the rules a build's settle applies
         in SQL: a file's best row is the top-ranked live current version in it
         (`pipeline_state_best_rows`); a held row is superseded when its task's current version
         is at least as new and differs from it: deleted, in another file or ranked otherwise
         (`pipeline_state_superseded`). A row of a version raw does not show yet (stored while
         the view read) is not superseded."""
+        files: list[str] = []
         current: dict[str, dict[str, Any]] = {}
         held_rows: list[dict[str, Any]] = []
         for values in rows:
             named = dict(zip(RECOMPUTED_COLUMNS, values, strict=True))
-            if named["kind"] == "current":
+            if named["kind"] == "touched":
+                files.append(named["file_id"])
+            elif named["kind"] == "current":
                 current[named["task_id"]] = named
             else:
                 held_rows.append(named)
+        touched = set(files)
         best: dict[str, list[Any]] = {}
         for version in current.values():
             f = version["file_id"]
-            if version["is_deleted"] or f not in files:
+            if version["is_deleted"] or f not in touched:
                 continue
             if f not in best or int(version["rank"]) > int(best[f][1]):
                 best[f] = [version[name] for name in STORE_COLUMNS]
@@ -228,55 +216,33 @@ class Recomputation:
                 and (now["is_deleted"] or now["file_id"] != key[0] or int(now["rank"]) != key[1])
             ):
                 superseded.add(key)
-        return cls(best, held, superseded)
-
-
-def _stale_files(
-    ch: Client, view_sql: str, params: dict[str, list[Any]], settings: dict[str, Any]
-) -> Sequence[Sequence[Any]]:
-    """The files whose store rows one chunk of task versions contradicts (`view_sql`: the
-    text of `pipeline_state_stale`, parameters `task_ids`, `file_ids`, `assigned_ms`,
-    `versions`, `deleted`)."""
-    return ch.query(
-        f"SELECT DISTINCT file_id FROM ({view_sql})",
-        parameters=params,
-        settings={**settings, **STALE_QUERY_SETTINGS},
-    ).result_rows
+        return cls(files, best, held, superseded)
 
 
 def settle(
-    clients: Clients, versions: TaskVersions, views: ViewTexts | None = None
+    clients: Clients, retracting: RetractingTasks, views: ViewTexts | None = None
 ) -> Settled | None:
-    """Bring the store in line with `versions` (see the module docstring). None when the store
-    or its views do not exist yet (no dbt build so far): nothing to settle. `views`: the view
-    texts kept from earlier settles (read afresh without)."""
+    """Bring the store in line with the stored batches (see the module docstring): settle every
+    file the `retracting` tasks ever had a version in or are in now. None when the store or its
+    views do not exist yet (no dbt build so far): nothing to settle. `views`: the view texts
+    kept from earlier settles (read afresh without)."""
     t0 = time.perf_counter()
-    if not versions:
+    if not retracting:
         return Settled(0, 0, 0.0)
-    ch = clients.clickhouse
-    flagged: set[str] = set()
-    steps = Steps()
     views = views or ViewTexts()
+    steps = Steps()
+    removed = changed = 0
     try:
-        with steps.time("stale"):
-            view_sql = views.get(clients, STALE_VIEW)
-            if view_sql is None or views.get(clients, RECOMPUTED_VIEW) is None:
-                return None
-            for params in versions.params():
-                rows = clickhouse_call(
-                    clients.settings,
-                    partial(_stale_files, ch, view_sql, params, view_settings(clients)),
-                )
-                flagged.update(r[0] for r in rows)
+        if views.get(clients, RECOMPUTED_VIEW) is None:
+            return None
+        for params in retracting.params():
+            rows, files = _settle(clients, params, views, steps)
+            removed, changed = removed + rows, changed + files
     except DatabaseError as exc:
         if _missing(exc):
             return None
         raise
-    removed = 0
-    files = sorted(flagged)
-    for start in range(0, len(files), CHUNK):
-        removed += settle_files(clients, files[start : start + CHUNK], steps=steps, views=views)
-    return Settled(removed, len(files), time.perf_counter() - t0, steps)
+    return Settled(removed, changed, time.perf_counter() - t0, steps)
 
 
 def _query(clients: Clients, sql: str, **parameters: Any) -> Sequence[Sequence[Any]]:
@@ -287,18 +253,50 @@ def _query(clients: Clients, sql: str, **parameters: Any) -> Sequence[Sequence[A
     )
 
 
-def settle_files(
+def recompute(
     clients: Clients,
-    files: list[str],
-    *,
-    after_insert: Callable[[], None] | None = None,
-    steps: Steps | None = None,
-    views: ViewTexts | None = None,
+    views: ViewTexts,
+    params: dict[str, list[str]],
+    settings: dict[str, Any] | None = None,
+) -> Recomputation:
+    """`pipeline_state_recomputed` for `params` (`task_ids`, `file_ids`), judged."""
+    view_sql = views.get(clients, RECOMPUTED_VIEW)
+    if view_sql is None:
+        raise RuntimeError(f"{RECOMPUTED_VIEW} is missing: run a dbt build first")
+    sql = f"SELECT {', '.join(RECOMPUTED_COLUMNS)} FROM ({view_sql})"
+    query_settings = {**view_settings(clients), **RECOMPUTE_SETTINGS, **(settings or {})}
+    ch = clients.clickhouse
+    return Recomputation.from_rows(
+        clickhouse_call(
+            clients.settings,
+            lambda: ch.query(sql, parameters=params, settings=query_settings).result_rows,
+        )
+    )
+
+
+def settle_files(
+    clients: Clients, files: list[str], *, after_insert: Callable[[], None] | None = None
 ) -> int:
     """Make the store's row of each of `files` the best row recomputed from raw (none for a
-    file without live tasks); returns the rows deleted. `macros/pipeline_state.sql`
-    (`pipeline_state_settle_files`) does the same inside a dbt build. `views`: the view texts
-    kept from earlier settles (read afresh without).
+    file without live tasks); returns the rows deleted. `after_insert`: tests force a merge
+    there."""
+    if not files:
+        return 0
+    params = {"task_ids": [], "file_ids": files}
+    return _settle(clients, params, ViewTexts(), Steps(), after_insert)[0]
+
+
+def _settle(
+    clients: Clients,
+    params: dict[str, list[str]],
+    views: ViewTexts,
+    steps: Steps,
+    after_insert: Callable[[], None] | None = None,
+) -> tuple[int, int]:
+    """Make the store's row of each file the tasks `task_ids` ever had a version in, and of
+    each of `file_ids`, the best row recomputed from raw (none for a file without live tasks);
+    returns the rows deleted and the files changed. `macros/pipeline_state.sql`
+    (`pipeline_state_settle_files`) does the same inside a dbt build.
 
     The best rows of the files whose state differs are inserted first, then the rows that
     outrank them and that raw supersedes are deleted (`pipeline_state_superseded`: a row of a
@@ -306,31 +304,19 @@ def settle_files(
     state. A ReplacingMergeTree
     merge in between keeps the top row of each file, which may still be the stale one, and drop
     the best row just inserted: the best rows missing after the delete are inserted again."""
-    if not files:
-        return 0
-    steps = Steps() if steps is None else steps
     ch = clients.clickhouse
     cluster = clients.settings.clickhouse_cluster
     with steps.time("recompute"):
-        view_sql = (views or ViewTexts()).get(clients, RECOMPUTED_VIEW)
-        if view_sql is None:
-            raise RuntimeError(f"{RECOMPUTED_VIEW} is missing: run a dbt build first")
-        recomputed = Recomputation.from_rows(
-            _query(
-                clients,
-                f"SELECT {', '.join(RECOMPUTED_COLUMNS)} FROM ({view_sql})",
-                file_ids=files,
-            ),
-            set(files),
-        )
-    best, rows, superseded = recomputed.best, recomputed.held, recomputed.superseded
+        recomputed = recompute(clients, views, params)
+    files, best, rows = recomputed.files, recomputed.best, recomputed.held
+    superseded = recomputed.superseded
     rank = {f: int(row[1]) for f, row in best.items()}
     shown: dict[str, int] = {}  # what FINAL shows: the top row per file
     for f, file_rank in rows:
         shown[f] = max(file_rank, shown.get(f, 0))
     differing = [f for f in files if shown.get(f) != rank.get(f)]
     if not differing:
-        return 0
+        return 0, 0
 
     def insert(which: list[str]) -> None:
         new = [best[f] for f in which if f in best]
@@ -381,4 +367,4 @@ def settle_files(
         if not dropped:
             break
         insert(dropped)
-    return len(doomed)
+    return len(doomed), len(differing)

@@ -16,15 +16,13 @@
       the change-stream follower) becomes a candidate row of its file in the same INSERT, with
       no dbt run in between.
     - Settling (what an insert-only view cannot express: a deleted task, assigned_at moved
-      backwards, a task moved to another file, a version that arrived after a newer one): a
-      store row of a changed task that its current version contradicts is stale, and so is a
-      file whose best row ranks below a live current version; those files are recomputed from
-      raw and replaced (see pipeline_state_settle_files). Two parameterized views hold the SQL
+      backwards, a task moved to another file, a version that arrived after a newer one): every
+      file a changed task ever had a version in is recomputed from raw, and what differs is
+      replaced (see pipeline_state_settle_files). A parameterized view holds the SQL
       the change-stream follower runs after each micro-batch (`loader/state.py`):
-        `pipeline_state_stale(task_ids, file_ids, assigned_ms, versions, deleted)`: the files
-          the given task versions make stale;
-        `pipeline_state_recomputed(file_ids)`: the current versions of the tasks of those
-          files, from raw (kind 'current'), and the rows the store holds for them (kind 'held').
+        `pipeline_state_recomputed(task_ids, file_ids)`: every file the given tasks ever had a
+          version in and the given files (kind 'touched'), the current versions of their
+          tasks from raw (kind 'current') and the rows the store holds for them (kind 'held').
       The hooks of `task_events` settle every file a task loaded since the last build touched
       (`pipeline_state_record_changed_tasks`, `pipeline_state_sync`), so whatever loaded a
       change, a build leaves the store equal to the recomputation.
@@ -194,10 +192,12 @@
 {%- endmacro %}
 
 {% macro pipeline_state_create_views(events_relation) -%}
-    {#- The materialized views and the two parameterized views (idempotent). -#}
+    {#- The materialized views and the parameterized view (idempotent). -#}
     {% set store = pipeline_state_relation(events_relation, "store") %}
     {% set members = pipeline_state_relation(events_relation, "members") %}
     {% set raw = local_relation(source('mongo', 'tasks')) %}
+    {#- the stale check of an earlier version: the follower now recomputes every touched file -#}
+    {% do pipeline_state_ddl("drop view if exists", pipeline_state_relation(events_relation, "stale", "view")) %}
     {% do pipeline_state_ddl(
         "create materialized view if not exists",
         pipeline_state_relation(events_relation, "raw_mv", "materialized_view"),
@@ -208,105 +208,46 @@
         pipeline_state_relation(events_relation, "members_mv", "materialized_view"),
         "to " ~ members ~ " as " ~ pipeline_state_members_select(raw)
     ) %}
-    {% set stale %}
-        with
-        latest as (
-            select
-                task_id,
-                file_id,
-                {{ pipeline_state_rank(assigned_at="fromUnixTimestamp64Milli(assigned_ms, 'UTC')") }} as rank,
-                is_deleted
-            from (
-                select
-                    tupleElement(v, 1) as task_id,
-                    tupleElement(v, 2) as file_id,
-                    tupleElement(v, 3) as assigned_ms,
-                    tupleElement(v, 4) as _version,
-                    tupleElement(v, 5) as is_deleted
-                from (
-                    select arrayJoin(arrayZip(
-                        {task_ids:Array(String)},
-                        {file_ids:Array(String)},
-                        {assigned_ms:Array(Int64)},
-                        {versions:Array(UInt64)},
-                        {deleted:Array(UInt8)}
-                    )) as v
-                )
-            )
-        ),
-
+    {% set recomputed %}
         {#-
-            One read of the store: every row of the files the given tasks ever had a version
-            in (members, by task) or have now, aggregated per file: its best rank, and
-            whether a row of a given task is contradicted by that task's current version.
+            One query; the caller chooses (loader/state.py, by the rules of
+            pipeline_state_best_rows and pipeline_state_superseded, which a build's settle
+            applies in SQL). Kind 'touched': every file the given tasks ever had a version in
+            (members, through their by_task projection) and the given files; 'current': the
+            current version of every task that ever had a version in those files, deleted
+            ones included, with its rank and version; 'held': the rows the store holds for
+            those files now.
         #}
-        held as (
-            select
-                h.file_id as file_id,
-                max(h.rank) as best,
-                max(
-                    l.task_id != ''
-                    and (l.is_deleted = 1 or h.file_id != l.file_id or h.rank > l.rank)
-                ) as contradicted
-            from {{ store }} as h
-            left join latest as l on h.task_id = l.task_id
-            where
-                h.file_id in (select file_id from {{ members }} where task_id in {task_ids:Array(String)})
-                or h.file_id in {file_ids:Array(String)}
-            group by h.file_id
-        ),
-
-        {#- per file, the best live given version #}
-        given as (
-            select
-                file_id,
-                max(rank) as top
-            from latest
-            where is_deleted = 0
-            group by file_id
-        ),
-
-        {#- every file the given tasks ever had a version in, or have now #}
-        touched as (
+        with touched as (
             select file_id from {{ members }} where task_id in {task_ids:Array(String)}
             union distinct
             select arrayJoin({file_ids:Array(String)}) as file_id
         )
 
-        {#-
-            a file holding a contradicted row of a given task, a file whose best row ranks
-            below a live given version (a candidate never delivered), or a touched file with no
-            row at all: a settle interrupted between deleting a file's outranking rows and
-            inserting its best row again (after a merge dropped it) leaves it so, and its
-            replay may hold no live version of that file to notice it by
-        #}
-        select t.file_id as file_id
-        from touched as t
-        left join held on t.file_id = held.file_id
-        left join given on t.file_id = given.file_id
-        where
-            t.file_id != ''
-            and (held.file_id = '' or held.contradicted = 1 or held.best < given.top)
-        settings join_use_nulls = 0
-    {% endset %}
-    {% do pipeline_state_ddl(
-        "create or replace view", pipeline_state_relation(events_relation, "stale", "view"), "as " ~ stale
-    ) %}
-    {% set recomputed %}
-        {#-
-            One read of raw and one of the store; the caller chooses (loader/state.py, by the
-            rules of pipeline_state_best_rows and pipeline_state_superseded, which a build's
-            settle applies in SQL). Kind 'current': the current version of every task that
-            ever had a version in the files (members), deleted ones included, with its rank
-            and version; kind 'held': the rows the store holds for the files now.
-        #}
+        select
+            'touched' as kind,
+            file_id,
+            toUInt256(0) as rank,
+            '' as stage,
+            '' as employee_code,
+            '' as employee_name,
+            '' as status,
+            toDateTime64(0, 3, 'UTC') as assigned_at,
+            '' as task_id,
+            toUInt8(0) as is_deleted,
+            toUInt64(0) as _version
+        from touched
+        where file_id != ''
+
+        union all
+
         select
             'current' as kind,
             {{ pipeline_state_store_columns() }},
             is_deleted,
             _version
         from ({{ pipeline_state_current_versions(
-            "task_id in (select task_id from " ~ members ~ " where file_id in {file_ids:Array(String)})"
+            "task_id in (select task_id from " ~ members ~ " where file_id in (select file_id from touched))"
         ) }})
 
         union all
@@ -324,7 +265,7 @@
             toUInt8(0) as is_deleted,
             toUInt64(0) as _version
         from {{ store }}
-        where file_id in {file_ids:Array(String)}
+        where file_id in (select file_id from touched)
     {% endset %}
     {% do pipeline_state_ddl(
         "create or replace view", pipeline_state_relation(events_relation, "recomputed", "view"),

@@ -93,7 +93,7 @@ def test_a_batch_replayed_after_the_follower_died_before_settling_it_settles_the
 def test_a_task_deleted_and_inserted_again_in_another_file_leaves_its_old_file(
     following: Any,
 ) -> None:
-    """Inserts skip the stale check (a new document has no earlier version), but an `_id`
+    """Inserts are not settled (a new document has no earlier version), but an `_id`
     inserted again right after its delete does have one: the file it was current in must
     fall back to its next task, though the batch holds only the insert's document."""
     db, ch = following.db, following.ch
@@ -492,18 +492,17 @@ def test_settling_a_retraction_reuses_the_fallback_row_the_store_still_holds(bui
     assert warehouse_state(ch).get(file_id) == current_task_per_file(db)[file_id]
 
 
-def test_the_stale_check_finds_the_tasks_files_by_the_members_projection(built: Any) -> None:
-    """The stale check looks up the files of the given tasks in `pipeline_state_members` by
-    its by_task projection, not by reading every member (force_optimize_projection refuses a
+def test_the_settle_finds_the_tasks_files_by_the_members_projection(built: Any) -> None:
+    """The settle looks up the files of the given tasks in `pipeline_state_members` by its
+    by_task projection, not by reading every member (force_optimize_projection refuses a
     query that uses no projection)."""
     from loader.clients import open_clients
-    from loader.state import STALE_VIEW, TaskVersions, ViewTexts, _stale_files
+    from loader.state import RetractingTasks, ViewTexts, recompute
 
     db = built.db
-    versions = TaskVersions()
-    versions.add_deleted(str(d["_id"]) for d in db.tasks.find({}, {"_id": 1}).limit(5))
+    retracting = RetractingTasks()
+    retracting.add_deleted(str(d["_id"]) for d in db.tasks.find({}, {"_id": 1}).limit(5))
     with open_clients(built.settings) as clients:
-        sql = ViewTexts().get(clients, STALE_VIEW)
-        assert sql is not None
-        for params in versions.params():
-            _stale_files(clients.clickhouse, sql, params, {"force_optimize_projection": 1})
+        for params in retracting.params():
+            found = recompute(clients, ViewTexts(), params, {"force_optimize_projection": 1})
+            assert found.files, "the tasks' files were found"
