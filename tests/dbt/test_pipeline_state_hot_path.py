@@ -236,12 +236,10 @@ def test_a_settle_keeps_a_candidate_newer_than_the_raw_it_recomputed_from(built:
     assert warehouse_state(ch)[file_id] == current_task_per_file(db)[file_id]
 
 
-def test_a_build_keeps_a_candidate_that_a_load_stored_while_it_settled(
-    built: Any, dbt: Any
-) -> None:
-    """The same race in a build's settle (a follower storing while dbt runs): a file the build
-    settles holds a row of a version raw did not show when the build recomputed it."""
-    db, ch = built.db, built.ch
+def _a_file_the_next_build_settles(built: Any) -> tuple[str, str]:
+    """A file with more than one task, one of them changed (not its current one) and loaded, so
+    the next build settles the file; returns the file and its current task."""
+    db = built.db
     per_file: dict[str, int] = {}
     for doc in db.tasks.find({}, {"file_id": 1}):
         per_file[doc["file_id"]] = per_file.get(doc["file_id"], 0) + 1
@@ -249,10 +247,20 @@ def test_a_build_keeps_a_candidate_that_a_load_stored_while_it_settled(
     current = current_task_per_file(db)[file_id][4]
     other = db.tasks.find_one({"file_id": file_id, "_id": {"$ne": ObjectId(current)}})
     assert other is not None
-    db.tasks.update_one(  # a change in the file, so the build settles it
+    db.tasks.update_one(
         {"_id": other["_id"]}, {"$set": {"note": "touched", "updated_at": datetime.now(UTC)}}
     )
     built.load()
+    return file_id, current
+
+
+def test_a_build_keeps_a_candidate_that_a_load_stored_while_it_settled(
+    built: Any, dbt: Any
+) -> None:
+    """The same race in a build's settle (a follower storing while dbt runs): a file the build
+    settles holds a row of a version raw did not show when the build recomputed it."""
+    db, ch = built.db, built.ch
+    file_id, _ = _a_file_the_next_build_settles(built)
     task_id, version, status = _store_a_version_ahead_of_raw(ch, file_id)
 
     dbt.ok("run", "--select", "task_events+")
@@ -273,17 +281,7 @@ def test_a_build_settles_again_a_file_whose_task_the_follower_deleted_while_it_s
     row, which the follower has already settled away. The build must notice that raw
     supersedes what its file shows and settle the file again."""
     db, ch = built.db, built.ch
-    per_file: dict[str, int] = {}
-    for doc in db.tasks.find({}, {"file_id": 1}):
-        per_file[doc["file_id"]] = per_file.get(doc["file_id"], 0) + 1
-    file_id = next(f for f in sorted(current_task_per_file(db)) if per_file[f] > 1)
-    current = current_task_per_file(db)[file_id][4]
-    other = db.tasks.find_one({"file_id": file_id, "_id": {"$ne": ObjectId(current)}})
-    assert other is not None
-    db.tasks.update_one(  # a change in the file, so the build settles it
-        {"_id": other["_id"]}, {"$set": {"note": "touched", "updated_at": datetime.now(UTC)}}
-    )
-    built.load()
+    file_id, current = _a_file_the_next_build_settles(built)
     db.tasks.delete_one({"_id": ObjectId(current)})
     follower_meanwhile = [  # its tombstone, then the deleted task out of the store (its settle)
         "INSERT INTO raw.tasks SELECT * REPLACE (1 AS is_deleted, _version + 1 AS _version, "
