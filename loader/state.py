@@ -33,6 +33,7 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 
 from loader.clients import Clients, clickhouse_call
 from loader.cluster import insert_settings, rows_payload
+from loader.errors import ActionableError
 from loader.mapping import MappedBatch
 from loader.schema import Table, mutation_target
 from loader.steps import Steps
@@ -262,15 +263,30 @@ def recompute(
     """`pipeline_state_recomputed` for `params` (`task_ids`, `file_ids`), judged."""
     view_sql = views.get(clients, RECOMPUTED_VIEW)
     if view_sql is None:
-        raise RuntimeError(f"{RECOMPUTED_VIEW} is missing: run a dbt build first")
+        raise _outdated_view("is missing")
     sql = f"SELECT {', '.join(RECOMPUTED_COLUMNS)} FROM ({view_sql})"
     query_settings = {**view_settings(clients), **RECOMPUTE_SETTINGS, **(settings or {})}
     ch = clients.clickhouse
-    return Recomputation.from_rows(
-        clickhouse_call(
+    try:
+        rows = clickhouse_call(
             clients.settings,
             lambda: ch.query(sql, parameters=params, settings=query_settings).result_rows,
         )
+    except DatabaseError as exc:
+        if "UNKNOWN_IDENTIFIER" in str(exc) or "UNKNOWN_QUERY_PARAMETER" in str(exc):
+            raise _outdated_view("does not return what this loader reads") from exc
+        raise
+    return Recomputation.from_rows(rows)
+
+
+def _outdated_view(what: str) -> ActionableError:
+    return ActionableError(
+        f"{RECOMPUTED_VIEW} {what}: it comes from another version of the dbt project than "
+        "the loader's. Run a dbt build of this version (`make sync`, or `dbt run --select "
+        "task_events`), which creates it again, then start the follower again.",
+        "",
+        kind="dbt",
+        server="dbt",
     )
 
 

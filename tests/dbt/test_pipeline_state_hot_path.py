@@ -504,3 +504,24 @@ def test_the_settle_finds_the_tasks_files_by_the_members_projection(built: Any) 
         for params in retracting.params():
             found = recompute(clients, ViewTexts(), params, {"force_optimize_projection": 1})
             assert found.files, "the tasks' files were found"
+
+
+def test_a_settle_against_the_view_of_an_older_dbt_project_says_to_run_a_build(
+    built: Any,
+) -> None:
+    """After an upgrade of the loader and before the first build of the new dbt project, the
+    view still has its earlier shape: the follower says what to run instead of a SQL error."""
+    from loader.clients import open_clients
+    from loader.errors import ActionableError
+    from loader.state import settle_files
+
+    ch = built.ch
+    ch.command(
+        "CREATE OR REPLACE VIEW analytics.pipeline_state_recomputed AS "
+        "SELECT 'best' AS kind, file_id, rank, stage, employee_code, employee_name, status, "
+        "assigned_at, task_id FROM analytics.pipeline_state_store "
+        "WHERE file_id IN {file_ids:Array(String)}"
+    )
+    file_id = sorted(current_task_per_file(built.db))[0]
+    with open_clients(built.settings) as clients, pytest.raises(ActionableError, match="dbt"):
+        settle_files(clients, [file_id])
