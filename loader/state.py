@@ -101,9 +101,7 @@ class RetractingTasks:
 
 @dataclass(frozen=True)
 class Settled:
-    deleted_rows: int  # store rows raw superseded (deleted)
     files: int  # files whose state changed
-    seconds: float
     steps: Steps = field(default_factory=Steps)  # ms per statement kind (the debug log line)
 
 
@@ -227,30 +225,31 @@ def settle(
     file the `retracting` tasks ever had a version in or are in now. None when the store or its
     views do not exist yet (no dbt build so far): nothing to settle. `views`: the view texts
     kept from earlier settles (read afresh without)."""
-    t0 = time.perf_counter()
     if not retracting:
-        return Settled(0, 0, 0.0)
+        return Settled(0)
     views = views or ViewTexts()
     steps = Steps()
-    removed = changed = 0
+    changed = 0
     try:
         if views.get(clients, RECOMPUTED_VIEW) is None:
             return None
         for params in retracting.params():
-            rows, files = _settle(clients, params, views, steps)
-            removed, changed = removed + rows, changed + files
+            changed += _settle(clients, params, views, steps)[1]
     except DatabaseError as exc:
         if _missing(exc):
             return None
         raise
-    return Settled(removed, changed, time.perf_counter() - t0, steps)
+    return Settled(changed, steps)
 
 
-def _query(clients: Clients, sql: str, **parameters: Any) -> Sequence[Sequence[Any]]:
+def _query(
+    clients: Clients, sql: str, settings: dict[str, Any] | None = None, **parameters: Any
+) -> Sequence[Sequence[Any]]:
     ch = clients.clickhouse
+    query_settings = {**view_settings(clients), **(settings or {})}
     return clickhouse_call(
         clients.settings,
-        lambda: ch.query(sql, parameters=parameters, settings=view_settings(clients)).result_rows,
+        lambda: ch.query(sql, parameters=parameters, settings=query_settings).result_rows,
     )
 
 
@@ -265,13 +264,8 @@ def recompute(
     if view_sql is None:
         raise _outdated_view("is missing")
     sql = f"SELECT {', '.join(RECOMPUTED_COLUMNS)} FROM ({view_sql})"
-    query_settings = {**view_settings(clients), **RECOMPUTE_SETTINGS, **(settings or {})}
-    ch = clients.clickhouse
     try:
-        rows = clickhouse_call(
-            clients.settings,
-            lambda: ch.query(sql, parameters=params, settings=query_settings).result_rows,
-        )
+        rows = _query(clients, sql, {**RECOMPUTE_SETTINGS, **(settings or {})}, **params)
     except DatabaseError as exc:
         if "UNKNOWN_IDENTIFIER" in str(exc) or "UNKNOWN_QUERY_PARAMETER" in str(exc):
             raise _outdated_view("does not return what this loader reads") from exc
