@@ -130,7 +130,7 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 def _classify_one(exc: BaseException) -> Problem | None:
     if isinstance(exc, ActionableError):
         return Problem(exc.kind, exc.server, exc.variables, one_line(str(exc)))
-    for check in (_settings, _loader, _mongo, _clickhouse, _redis, _dbt):
+    for check in (_settings, _loader, _mongo, _clickhouse, _redis, _dbt, _prefect):
         problem = check(exc)
         if problem is not None:
             return problem
@@ -331,6 +331,23 @@ DBT_PROFILE = re.compile(
     re.IGNORECASE,
 )
 DBT_CONNECT = re.compile(r"FailedToConnectError|connection refused|Max retries exceeded", re.I)
+
+
+def _prefect(exc: BaseException) -> Problem | None:
+    """A flow run without PREFECT_API_URL starts a temporary Prefect server first; on a busy
+    machine it may not answer within Prefect's startup timeout."""
+    if not (isinstance(exc, RuntimeError) and "ephemeral Prefect API server" in str(exc)):
+        return None
+    variables = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, PREFECT_API_URL"
+    return Problem(
+        "unreachable",
+        "Prefect",
+        variables,
+        "the flow's temporary Prefect server did not start in time (a busy machine): run "
+        "again, raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or point "
+        "PREFECT_API_URL at a running Prefect server (`make serve` runs one); nothing was "
+        "loaded or built",
+    )
 
 
 def _dbt(exc: BaseException) -> Problem | None:

@@ -3,7 +3,7 @@ var to fix, never show a password, and say whether a failed sync moved its water
 
 from __future__ import annotations
 
-from loader.errors import one_line, redact, watermark_outcome
+from loader.errors import describe, one_line, redact, watermark_outcome
 from loader.watermark import Watermark
 
 BEFORE = Watermark(1_767_268_800_000, "65a000000000000000000001", 1_767_268_900_000)
@@ -55,3 +55,10 @@ def test_the_first_failed_sync_of_a_collection_says_none_was_stored() -> None:
         None,
         "the watermark of employee did not move (none stored yet)",
     )
+
+
+def test_a_temporary_prefect_server_that_did_not_start_says_what_to_do() -> None:
+    line = describe(
+        RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
+    )
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in line and "run again" in line
