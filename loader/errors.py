@@ -381,7 +381,7 @@ def _dbt(exc: BaseException) -> Problem | None:
             one_line(
                 f"dbt could not connect to ClickHouse at {_clickhouse_url(text)} "
                 f"({short_reason(exc)}): check CLICKHOUSE_HOST / CLICKHOUSE_PORT (read by "
-                f"{profile_vars})"
+                f"{profile_vars}) and that the server is running ({MONGO_HINT})"
             ),
         )
     return None

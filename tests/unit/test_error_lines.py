@@ -62,3 +62,17 @@ def test_a_temporary_prefect_server_that_did_not_start_says_what_to_do() -> None
         RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
     )
     assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in line and "run again" in line
+
+
+def test_dbt_unable_to_reach_clickhouse_names_the_variables_and_the_server() -> None:
+    class DbtBuildError(RuntimeError):  # dbt's failure as flows.dbt_build raises it, by name
+        pass
+
+    line = describe(
+        DbtBuildError(
+            "Error HTTPConnectionPool(host='127.0.0.1', port=8123): Max retries exceeded with "
+            "url: / (Caused by NewConnectionError: [Errno 111] Connection refused) "
+            "executing HTTP request attempt 1 (http://127.0.0.1:8123)"
+        )
+    )
+    assert "CLICKHOUSE_HOST / CLICKHOUSE_PORT" in line and "`make up`" in line
