@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -325,10 +326,11 @@ def watch(
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
 ) -> None:
-    """Follow the change stream and tombstone deleted documents (Ctrl-C to stop).
+    """Follow the change stream and tombstone deleted documents (Ctrl-C or SIGTERM to stop).
 
     The resume token is stored in ops.change_stream_state after each processed batch of events,
-    so a restart resumes where the previous run stopped."""
+    so a restart resumes where the previous run stopped. Stopping stores and settles the batch
+    in hand and saves the position after it first."""
     from loader.follower import FollowResult, follow_changes, reset_resume_token
 
     _setup_logging(verbose)
@@ -360,7 +362,9 @@ def watch(
                     stop.set()
 
             threads = [threading.Thread(target=run, args=(n,), daemon=True) for n in names]
-            console.print(f"following {', '.join(names)} (Ctrl-C to stop)")
+            # A service manager stops a process with SIGTERM: the same clean stop as Ctrl-C.
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            console.print(f"following {', '.join(names)} (Ctrl-C or SIGTERM to stop)")
             for t in threads:
                 t.start()
             try:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from clickhouse_connect.driver.client import Client
@@ -179,3 +181,43 @@ def test_cli_with_a_port_that_is_not_a_port_prints_one_line_naming_it(
         "error: invalid setting CLICKHOUSE_PORT: should be a port number from 1 to 65535, "
         "got 'abc' (fix or unset the variable)."
     ]
+
+
+def test_watch_stopped_with_sigterm_ends_cleanly_and_records_why(
+    settings: Settings, clickhouse_client: Client
+) -> None:
+    """A service manager (systemd, Docker, Kubernetes) stops a process with SIGTERM: watch
+    stops as on Ctrl-C, with its position saved and its run recorded, and exits 0."""
+    _loader(settings, "seed", "--tasks", "100", "--seed", "4")
+    _loader(settings, "sync", "--collection", "tasks")
+    started = time.time()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loader", "watch", "--collection", "tasks", "--all-changes"],
+        env=os.environ | {"MONGO_DB": settings.mongo_db, "LOADER_RETRY_ATTEMPTS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            saved = clickhouse_client.command(
+                "SELECT toUnixTimestamp(max(saved_at)) FROM ops.change_stream_state "
+                "WHERE collection = 'tasks'"
+            )
+            if int(saved or 0) >= int(started):
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    assert proc.returncode == 0, err
+    assert "stop requested" in out
+    recorded = clickhouse_client.query(
+        "SELECT status, message FROM ops.sync_runs WHERE kind = 'watch' "
+        "ORDER BY started_at DESC LIMIT 1"
+    ).result_rows
+    assert recorded[0][0] == "ok" and "stop requested" in recorded[0][1]
