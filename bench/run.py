@@ -753,6 +753,7 @@ class Harness:
                     "mix": extra["mix"],
                     "probes_unseen_within_30s": extra["unseen"],
                     "probe_ticks_deferred": extra.get("deferred", 0),
+                    "poll_ms_p50": extra.get("poll_ms_p50"),
                     "p50_ms_by_kind": {
                         k: round(percentile(v, 50), 1) for k, v in sorted(by_kind.items())
                     },

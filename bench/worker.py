@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -224,6 +225,7 @@ def freshness(params: dict[str, Any]) -> tuple[Any, float]:
         "unseen": out.unseen,
         "deferred": out.deferred,
         "mix": dict(out.mix),
+        "poll_ms_p50": round(1000 * statistics.median(out.poll_s), 1) if out.poll_s else None,
     }
     return (len(out.latencies_s), extra), seconds
 
