@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -39,15 +39,35 @@ FEW_TOMBSTONES = 2_000  # up to this many ids: one lookup by primary key and one
 
 # -- raw rows and rejects ----------------------------------------------------------------------
 def store_rows(
-    clients: Clients, batch: MappedBatch, run_id: str, on_built: Callable[[], Any] | None = None
+    clients: Clients,
+    batch: MappedBatch,
+    run_id: str,
+    on_built: Callable[[], Any] | None = None,
+    tombstones: Sequence[Sequence[Any]] = (),
 ) -> None:
-    """Insert the batch's rows into `raw.<collection>` as one Arrow batch."""
+    """Insert the batch's rows into `raw.<collection>` as one Arrow batch; `tombstones`
+    (`tombstone_rows`' rows) go in the same insert."""
     if not batch.rows:
         return
     table = to_arrow(batch, run_id, now_ms())
+    if tombstones:
+        import pyarrow as pa
+
+        table = pa.concat_tables([table, _rows_table(table.schema, tombstones)])
     if on_built:
         on_built()
     store_table(clients, batch.collection, table)
+
+
+def _rows_table(schema: pa.Schema, rows: Sequence[Sequence[Any]]) -> pa.Table:
+    """Rows in `raw_columns` order as an Arrow table of `schema` (the same columns)."""
+    import pyarrow as pa
+
+    columns = list(zip(*rows, strict=True))
+    return pa.table(
+        [pa.array(values, f.type) for f, values in zip(schema, columns, strict=True)],
+        schema=schema,
+    )
 
 
 def store_table(clients: Clients, collection: str, table: pa.Table) -> None:

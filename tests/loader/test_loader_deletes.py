@@ -326,3 +326,33 @@ def test_a_delete_marks_the_build_pending_again_after_a_build_cleared_the_mark(
         follower.join(timeout=60)
 
     assert "tasks" in pending_builds(clickhouse_client, ["tasks"])
+
+
+def test_a_batch_of_updates_and_deletes_stores_rows_and_tombstones_together(
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    """The tombstones of a batch that also has rows go into raw in the same insert as them:
+    each keeps its own values (the rows their new ones, the tombstones the last known ones)."""
+    loaded(300, seed=209, follow=True)
+    gone, changed = _first_ids(db, 3), _first_ids(db, 6)[3:]
+    before = {k: v for k, v in clickhouse_tasks(clickhouse_client).items() if k in map(str, gone)}
+    db.tasks.update_many(
+        {"_id": {"$in": changed}}, {"$set": {"status": "rejected", "updated_at": datetime.now(UTC)}}
+    )
+    db.tasks.delete_many({"_id": {"$in": gone}})
+    stored: list[StoredBatch] = []
+
+    result = follow_changes(
+        settings,
+        "tasks",
+        clients=clients,
+        idle_timeout_s=0.5,
+        all_changes=True,
+        flush_interval_s=5.0,  # one batch holds all six events
+        on_stored=stored.append,
+    )
+
+    assert (result.events, result.deletes) == (6, 3)
+    assert [(b.rows, b.deletes) for b in stored] == [(3, 3)]
+    assert clickhouse_tasks(clickhouse_client, deleted=True) == before
+    assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
