@@ -361,7 +361,10 @@ def _settle(
                     settings=clients.version().delete_settings(),
                 ),
             )
-    for _ in range(3):
+    # Only a file with a row deleted can have lost its best row to a merge: elsewhere nothing
+    # above the best went, so a merge keeps the best or a newer version over it.
+    exposed = sorted({f for f, _ in doomed if f in best})
+    for _ in range(3 if exposed else 0):
         with steps.time("recheck"):
             now = {
                 r[0]: int(r[1])
@@ -369,12 +372,12 @@ def _settle(
                     clients,
                     f"SELECT file_id, rank FROM {STORE} FINAL "
                     "WHERE file_id IN {files:Array(String)}",
-                    files=[f for f in differing if f in best],
+                    files=exposed,
                 )
             }
         # below the best (a merge kept the stale row over it), not above (a newer version)
-        dropped = [f for f in differing if f in best and now.get(f, 0) < rank[f]]
-        if not dropped:
+        exposed = [f for f in exposed if now.get(f, 0) < rank[f]]
+        if not exposed:
             break
-        insert(dropped)
+        insert(exposed)
     return len(doomed), len(differing)
