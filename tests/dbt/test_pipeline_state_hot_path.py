@@ -324,6 +324,49 @@ def test_a_merge_between_inserting_the_best_row_and_deleting_the_stale_one_loses
     assert warehouse_state(ch).get(file_id) == current_task_per_file(db)[file_id]
 
 
+def _drop_the_file_rows(file_id: str) -> str:
+    """What a merge that began before a settle's delete and ends after it leaves of a file: the
+    stale row (which the delete hides) and not the best row (dropped for being below it). Here
+    every row of the file goes, which shows the same as that (the stale row is hidden)."""
+    return f"DELETE FROM analytics.pipeline_state_store WHERE file_id = '{file_id}'"
+
+
+def test_a_best_row_a_merge_drops_after_the_settle_deleted_the_stale_one_is_put_back(
+    built: Any,
+) -> None:
+    """A merge may end after the delete, and after any read that found the best row in place:
+    only a copy of the best row inserted after the delete is safe from it."""
+    from loader.clients import open_clients
+    from loader.state import settle_files
+
+    db, ch = built.db, built.ch
+    file_id = sorted(current_task_per_file(db))[0]
+    _add_stale_candidate(ch, file_id)
+
+    with open_clients(built.settings) as clients:
+        settle_files(
+            clients, [file_id], after_delete=lambda: ch.command(_drop_the_file_rows(file_id))
+        )
+
+    assert warehouse_state(ch).get(file_id) == current_task_per_file(db)[file_id]
+
+
+def test_a_build_puts_back_a_best_row_a_merge_drops_after_its_delete(built: Any, dbt: Any) -> None:
+    """The same merge in a build's settle."""
+    db, ch = built.db, built.ch
+    file_id, _ = _a_file_the_next_build_settles(built)
+    _add_stale_candidate(ch, file_id)
+
+    dbt.ok(
+        "run",
+        "--select",
+        "task_events+",
+        dbt_vars={"pipeline_state_test_after_delete": [_drop_the_file_rows(file_id)]},
+    )
+
+    assert warehouse_state(ch).get(file_id) == current_task_per_file(db)[file_id]
+
+
 def test_a_burst_of_writes_while_the_follower_runs_loses_and_duplicates_nothing(
     following: Any, dbt: Any
 ) -> None:
@@ -455,9 +498,12 @@ def test_new_tasks_show_while_an_earlier_batch_is_still_being_settled(following:
     assert not _differing(current_task_per_file(db), warehouse_state(ch))
 
 
-def test_settling_a_retraction_reuses_the_fallback_row_the_store_still_holds(built: Any) -> None:
+def test_settling_a_retraction_to_a_fallback_row_the_store_holds_copies_it_only_after_the_delete(
+    built: Any,
+) -> None:
     """A file whose current task is deleted falls back to a candidate the store kept: the
-    settle deletes the outranking row and adds no second copy of the fallback row."""
+    settle inserts no copy of it before deleting the outranking row (the store shows it once
+    that row goes), and one after (the copy no merge that began before the delete can drop)."""
     from loader.clients import open_clients
     from loader.state import settle_files
 
@@ -484,7 +530,7 @@ def test_settling_a_retraction_reuses_the_fallback_row_the_store_still_holds(bui
         with open_clients(built.settings) as clients:
             assert settle_files(clients, [file_id]) == 1
 
-        assert copies() == before
+        assert copies() == before + 1
     finally:
         ch.command("SYSTEM START MERGES analytics.pipeline_state_store")
     assert warehouse_state(ch).get(file_id) == current_task_per_file(db)[file_id]
