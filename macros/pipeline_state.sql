@@ -109,8 +109,8 @@
     from {{ raw_relation }}
 {%- endmacro %}
 
-{% macro pipeline_state_current_versions(task_filter) -%}
-    {#- the current version of the tasks matching `task_filter` (on task_id), with their rank -#}
+{% macro pipeline_state_ranked(versions) -%}
+    {#- `versions` (a relation or subquery of task versions named as staging names them), ranked -#}
     select
         task_id,
         file_id,
@@ -122,7 +122,12 @@
         assigned_at,
         is_deleted,
         _version
-    from {{ ref('stg_mongo__tasks') }}
+    from {{ versions }}
+{%- endmacro %}
+
+{% macro pipeline_state_current_versions(task_filter) -%}
+    {#- the current version of the tasks matching `task_filter` (on task_id), with their rank -#}
+    {{ pipeline_state_ranked(ref('stg_mongo__tasks')) }}
     where {{ task_filter }}
 {%- endmacro %}
 
@@ -135,33 +140,25 @@
         quarter less CPU, most of which is planning, and the follower runs it after every
         micro-batch (loader/state.py).
     -#}
-    select
-        task_id,
-        file_id,
-        {{ pipeline_state_rank() }} as rank,
-        stage,
-        employee_code,
-        employee_name,
-        status,
-        assigned_at,
-        is_deleted,
-        _version
-    from (
-        select
-            _id as task_id,
-            file_id,
-            stage,
-            employee_code,
-            employee_name,
-            status,
-            assigned_at,
-            toUInt8(is_deleted) as is_deleted,
-            _version
-        from {{ source('mongo', 'tasks') }}
-        where {{ id_filter }}
-        order by _id, _version desc
-        limit 1 by _id
-    )
+    {% set latest %}
+        (
+            select
+                _id as task_id,
+                file_id,
+                stage,
+                employee_code,
+                employee_name,
+                status,
+                assigned_at,
+                toUInt8(is_deleted) as is_deleted,
+                _version
+            from {{ source('mongo', 'tasks') }}
+            where {{ id_filter }}
+            order by _id, _version desc
+            limit 1 by _id
+        )
+    {% endset %}
+    {{ pipeline_state_ranked(latest) }}
 {%- endmacro %}
 
 {% macro pipeline_state_superseded(held, current) -%}
