@@ -15,6 +15,7 @@ from pymongo.database import Database
 from loader.build_pending import clear_build_pending, pending_builds
 from loader.clients import Clients
 from loader.follower import FollowResult, StoredBatch, follow_changes
+from loader.identity import SourceMissing
 from loader.reconcile import reconcile_collection
 from loader.settings import Settings
 from loader.store import load_resume_token, save_resume_token, write_tombstones
@@ -356,3 +357,19 @@ def test_a_batch_of_updates_and_deletes_stores_rows_and_tombstones_together(
     assert [(b.rows, b.deletes) for b in stored] == [(3, 3)]
     assert clickhouse_tasks(clickhouse_client, deleted=True) == before
     assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
+
+
+def test_watch_of_a_database_that_does_not_exist_stops_naming_the_variables(
+    loaded: Loaded, settings: Settings, clients: Clients, db: Database
+) -> None:
+    """A mistyped MONGO_DB names no database; the stream of its collection shows nothing, and
+    its position would replace the real one: the follower says so instead of following it."""
+    loaded(50, seed=210, follow=True)
+    position = load_resume_token(clients, "tasks")
+    mistyped = settings.model_copy(update={"mongo_db": f"{settings.mongo_db}_typo"})
+
+    with pytest.raises(SourceMissing) as failure:
+        follow_changes(mistyped, "tasks", idle_timeout_s=0.5, all_changes=True)
+
+    assert "MONGO_DB" in str(failure.value) and f"{settings.mongo_db}_typo" in str(failure.value)
+    assert load_resume_token(clients, "tasks") == position
