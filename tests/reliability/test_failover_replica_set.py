@@ -382,6 +382,11 @@ def reads_per_member(replica_set: MongoReplicaSet, namespace: str) -> dict[str, 
     return counts
 
 
+def election_term(member: ReplicaMember) -> int:
+    with member.direct_client() as client:
+        return int(client.admin.command("replSetGetStatus")["term"])
+
+
 @pytest.mark.parametrize("preference", ["primary", "secondaryPreferred"])
 def test_the_snapshot_reads_from_the_members_its_read_preference_names(
     rs_world: World, replica_stack: ReplicaSetStack, preference: str
@@ -390,15 +395,20 @@ def test_the_snapshot_reads_from_the_members_its_read_preference_names(
     world.seed(1_000)
     # w: all members, so whichever secondary serves the read holds every seeded document.
     world.db.get_collection("sentinel", write_concern=WriteConcern(w=3)).insert_one({})
+    # No election while the sync reads: on a loaded machine a 2 s timeout can elect another
+    # primary, which pymongo's retried read then uses (the next test's `heal` restores it).
+    set_election_timeout(world.mongo, FROZEN_ELECTION_TIMEOUT_MS)
     primary = replica_set.primary()
     assert primary is not None
     settings = world.settings.model_copy(update={"read_preference": preference})
     namespace = f"{world.db.name}.tasks"
+    term = election_term(primary)
     before = reads_per_member(replica_set, namespace)
 
     sync_collection(settings, "tasks")
 
     after = reads_per_member(replica_set, namespace)
+    assert election_term(primary) == term, "an election during the sync: the reads moved with it"
     grew = {a for a, n in after.items() if n > before[a]}
     if preference == "primary":
         assert grew == {primary.address}, grew
