@@ -114,13 +114,13 @@ def run(
                     waiting = dict(outstanding)
                 if waiting:
                     files = sorted({p.file_id for p in waiting.values()})
-                    seen_at = time.time()  # the answer shows the state when the read started
+                    sent_at = time.time()  # the answer shows the state when the read started
                     rows = clickhouse.query(
                         "SELECT file_id, task_id, status, employee_code "
                         "FROM analytics.pipeline_state WHERE file_id IN {f:Array(String)}",
                         parameters={"f": files},
                     ).result_rows
-                    out.poll_s.append(time.time() - seen_at)
+                    out.poll_s.append(time.time() - sent_at)
                     shown = {
                         r[0]: {"task_id": r[1], "status": r[2], "employee_code": r[3]} for r in rows
                     }
@@ -128,11 +128,11 @@ def run(
                         for i, p in waiting.items():  # written before the read was sent
                             row = shown.get(p.file_id, {})
                             if all(row.get(k) == v for k, v in p.expect.items()):
-                                out.latencies_s.append(seen_at - p.written_at)
+                                out.latencies_s.append(sent_at - p.written_at)
                                 out.kinds.append(p.kind)
                                 del outstanding[i]
                                 idle.append(i)
-                            elif seen_at - p.written_at > timeout_s:
+                            elif sent_at - p.written_at > timeout_s:
                                 out.unseen += 1
                                 del outstanding[i]
                 if stop.is_set() and not outstanding:

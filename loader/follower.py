@@ -32,7 +32,7 @@ from loader.clients import (
     mongo_call,
     open_clients,
 )
-from loader.identity import check_identity
+from loader.identity import check_followable
 from loader.mapping import BatchMapper, id_to_str
 from loader.runs import PeakRss, RunKind, RunRecord, RunStatus, new_run_id
 from loader.schema import require_collection
@@ -714,17 +714,12 @@ def follow_changes(
     """Follow `collection`'s change stream with a `ChangeFollower` (`options` are its keyword
     arguments) over `clients`, or over connections opened and closed here.
 
-    A MONGO_DB that names no database while raw holds documents of the collection (most often
-    a typo) stops the follower before it saves any position (`loader.identity.SourceMissing`):
-    the stream of a collection that does not exist shows nothing, and its position would
-    replace the real one. A collection dropped from an existing database is followed: its
-    stream replays up to the drop, and the follower stops there."""
+    A MONGO_DB that names no database stops it before it saves any position
+    (`loader.identity.check_followable`)."""
     require_collection(collection)
     with open_clients(settings, clients) as cl:
         prepare_clients(cl)
-        databases = mongo_call(settings, cl.mongo.list_database_names)
-        if settings.mongo_db not in databases:
-            check_identity(cl, collection)
+        check_followable(cl, collection)
         return ChangeFollower(cl, collection, **options).run()
 
 

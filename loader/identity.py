@@ -94,6 +94,18 @@ def check_identity(clients: Clients, collection: str) -> Identity:
     return identity
 
 
+def check_followable(clients: Clients, collection: str) -> None:
+    """`check_identity` for the change-stream follower, which records no identity: a MONGO_DB
+    that names no database while raw holds documents of the collection (most often a typo)
+    raises `SourceMissing`, before the follower saves any position (the stream of a collection
+    that does not exist shows nothing, and its position would replace the real one). A
+    collection dropped from an existing database is followed: its stream replays up to the
+    drop, and the follower stops there."""
+    databases = mongo_call(clients.settings, clients.mongo.list_database_names)
+    if clients.settings.mongo_db not in databases:
+        check_identity(clients, collection)
+
+
 def record_identity(clients: Clients, collection: str, uuid: str, run_id: str) -> None:
     ch = clients.clickhouse
     row = [collection, clients.settings.mongo_db, uuid, run_id, datetime.now(UTC)]

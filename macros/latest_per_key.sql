@@ -47,6 +47,21 @@
     ) }}
 {%- endmacro %}
 
+{% macro latest_row_per_id(relation, columns, id_filter) -%}
+    {#-
+        latest_version_per_id's rule for a few documents read whole: the row with the highest
+        `_version` of each `_id` of `relation` matching `id_filter`, its `columns` (expressions).
+        ORDER BY ... LIMIT 1 BY plans faster than the aggregate for the handful of ids a filter
+        on the primary key leaves (the follower's settle, after every micro-batch).
+    -#}
+    select
+        {{ columns | join(",\n        ") }}
+    from {{ relation }}
+    where {{ id_filter }}
+    order by _id, _version desc
+    limit 1 by _id
+{%- endmacro %}
+
 {% macro raw_bookkeeping_columns() -%}
     {#- the loader's bookkeeping columns of a latest_version_per_id row, as staging names them -#}
     toUInt8(is_deleted) as is_deleted,

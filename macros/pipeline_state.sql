@@ -133,30 +133,18 @@
 
 {% macro pipeline_state_latest_in_raw(id_filter) -%}
     {#-
-        pipeline_state_current_versions for the follower's settle: the latest row of each task
-        matching `id_filter` (on _id) read straight from raw by its primary key (equal versions
-        are re-loads of one document version, as in latest_version_per_id). The same rows as
-        the staging view's aggregate, planned faster: at 1M tasks the settle's query takes a
-        quarter less CPU, most of which is planning, and the follower runs it after every
-        micro-batch (loader/state.py).
+        pipeline_state_current_versions for the follower's settle: the current version of each
+        task matching `id_filter` (on _id) read straight from raw by its primary key
+        (latest_row_per_id). The same rows as the staging view's aggregate, planned faster: at
+        1M tasks the settle's query takes a quarter less CPU, most of which is planning, and
+        the follower runs it after every micro-batch (loader/state.py).
     -#}
+    {% set columns = [
+        '_id as task_id', 'file_id', 'stage', 'employee_code', 'employee_name', 'status',
+        'assigned_at', 'toUInt8(is_deleted) as is_deleted', '_version',
+    ] %}
     {% set latest %}
-        (
-            select
-                _id as task_id,
-                file_id,
-                stage,
-                employee_code,
-                employee_name,
-                status,
-                assigned_at,
-                toUInt8(is_deleted) as is_deleted,
-                _version
-            from {{ source('mongo', 'tasks') }}
-            where {{ id_filter }}
-            order by _id, _version desc
-            limit 1 by _id
-        )
+        ({{ latest_row_per_id(source('mongo', 'tasks'), columns, id_filter) }})
     {% endset %}
     {{ pipeline_state_ranked(latest) }}
 {%- endmacro %}
@@ -385,16 +373,26 @@
     {{ return("") }}
 {% endmacro %}
 
+{% macro pipeline_state_insert_best(store, best, diff, diff_filter="1") -%}
+    {#- insert the best rows of the differing files (`diff` rows matching `diff_filter`) again:
+        the inserts repeat rows on purpose, so no block deduplication -#}
+    insert into {{ store }}
+    select {{ pipeline_state_store_columns() }}
+    from {{ best }}
+    where (file_id, rank) in (select file_id, best_rank from {{ diff }} where {{ diff_filter }})
+    settings insert_deduplicate = 0
+{%- endmacro %}
+
 {% macro pipeline_state_settle_files(store, members, files, round=1) %}
     {#-
         Make the store's row of every file in the table `files` (file_id) the best row
         recomputed from raw: insert the best rows of the files whose state differs, then delete
         their rows that outrank the best and that raw supersedes (all of them for a file left
         without live tasks; a row newer than the recomputation stays), then insert the best
-        rows once more. ReplacingMergeTree keeps each file's top row when it merges, and a merge
-        that began before the delete (it may end at any time after it) keeps the stale row,
-        which the delete hides, and drops the best one; a row inserted after the delete is in a
-        part no such merge reads. The inserts repeat rows on purpose: no block deduplication.
+        rows of the files that lost a row once more. ReplacingMergeTree keeps each file's top
+        row when it merges, and a merge that began before the delete (it may end at any time
+        after it) keeps the stale row, which the delete hides, and drops the best one; a row
+        inserted after the delete is in a part no such merge reads.
         loader/state.py `settle_files` does the same for the change-stream follower.
 
         A load may land while this runs (the follower does not wait for builds): a best row
@@ -434,14 +432,7 @@
     {% set n = pipeline_state_execute("count differing files", "select count() from " ~ diff, fetch=true)[0][0] %}
     {% if n > 0 %}
         {{ log("pipeline_state: settling " ~ n ~ " file state(s)", info=True) }}
-        {% set insert_best %}
-            insert into {{ store }}
-            select {{ pipeline_state_store_columns() }}
-            from {{ best }}
-            where (file_id, rank) in (select file_id, best_rank from {{ diff }})
-            settings insert_deduplicate = 0
-        {% endset %}
-        {% do pipeline_state_execute("insert best rows", insert_best) %}
+        {% do pipeline_state_execute("insert best rows", pipeline_state_insert_best(store, best, diff)) %}
         {#-
             the rows that outrank the best and that raw supersedes, read after the insert: a
             row a load added since the best rows were computed is newer than them, and stays
@@ -467,7 +458,9 @@
         {% for sql in var('pipeline_state_test_after_delete', []) if round == 1 %}
             {% do pipeline_state_execute("test: after delete", sql) %}
         {% endfor %}
-        {% do pipeline_state_execute("insert best rows after the delete", insert_best) %}
+        {#- only a file with a row deleted can lose its best row so (as in loader/state.py) -#}
+        {% set lost = "file_id in (select file_id from " ~ doomed ~ ")" %}
+        {% do pipeline_state_execute("insert best rows after the delete", pipeline_state_insert_best(store, best, diff, lost)) %}
         {% if round < 3 %}
             {% set superseded_now %}
                 select file_id

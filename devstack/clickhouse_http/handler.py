@@ -28,7 +28,7 @@ from devstack.clickhouse_http.codecs import Encoder, response_encoder
 from devstack.clickhouse_http.config import ServerConfig
 from devstack.clickhouse_http.engine import Applied, Connection, Engine
 from devstack.clickhouse_http.errors import ClickHouseError
-from devstack.clickhouse_http.native import REVISION_WITH_TIME_ZONE_IN_DATETIME, NativeUpgrade
+from devstack.clickhouse_http.native import NativeUpgrade
 from devstack.clickhouse_http.request import MAX_QUERY_BYTES, QueryRequest, parse_head, read_query
 from devstack.clickhouse_http.response import (
     ARROW_FORMATS,
@@ -241,7 +241,7 @@ class Statement:
         fmt = statements.output_format(text, req.default_format)
         changes_session = statements.is_set(text) or statements.is_use(text)
         before = await in_thread(self.conn.changed_settings) if changes_session else {}
-        upgrade = await self._native_upgrade(fmt)
+        upgrade = self._native_upgrade(fmt)
         stream = None
         if fmt.lower() in STREAMABLE_FORMATS or fmt.lower() in ARROW_FORMATS:
             stream = await in_thread(self.conn.stream, req.sql, req.default_format, req.params)
@@ -253,19 +253,25 @@ class Statement:
             await in_thread(self._remember_session_change, text, before)
         self.summary.add_result(result)
         body = bytes(result.bytes())
+        if upgrade is not None and self._wants_column_types(upgrade, body):
+            upgrade.column_types = await self._column_types()
         await self._start(fmt if statements.returns_result(text) else None)
         await self.reply.body(upgrade.blocks(body) if upgrade else body, last=True)
 
-    async def _native_upgrade(self, fmt: str) -> NativeUpgrade | None:
+    def _native_upgrade(self, fmt: str) -> NativeUpgrade | None:
         """For Native output to a client that names its protocol revision (native.py)."""
         revision = self.req.client_protocol_version
         if fmt.lower() != "native" or revision <= 0:
             return None
-        types = None
-        if revision >= REVISION_WITH_TIME_ZONE_IN_DATETIME and statements.is_select(self.req.text):
-            sql = statements.without_format(self.req.text)
-            types = await in_thread(self.conn.result_types, sql, self.req.params)
-        return NativeUpgrade(revision, types)
+        return NativeUpgrade(revision)
+
+    def _wants_column_types(self, upgrade: NativeUpgrade, first_block: bytes) -> bool:
+        # Only a SELECT can be described.
+        return statements.is_select(self.req.text) and upgrade.wants_column_types(first_block)
+
+    async def _column_types(self) -> list[str] | None:
+        sql = statements.without_format(self.req.text)
+        return await in_thread(self.conn.result_types, sql, self.req.params)
 
     async def _run_whole(self, cancellable: bool) -> Any:
         """Run a statement to its end. A query that answers is cancelled if its client leaves
@@ -314,6 +320,17 @@ class Statement:
         reframer = ArrowReframer(kind) if kind else None
         try:
             first = await in_thread(stream.fetch)
+            if (
+                first is not None
+                and upgrade is not None
+                and self._wants_column_types(upgrade, bytes(first.bytes()))
+            ):
+                # Nothing is sent yet: describe the statement, then run it again from the start
+                # (the connection answers one statement at a time).
+                await run_sync(_quietly(stream.cancel))
+                upgrade.column_types = await self._column_types()
+                stream = await in_thread(self.conn.stream, req.sql, req.default_format, req.params)
+                first = await in_thread(stream.fetch)
             if first is not None:
                 self.summary.add_result(first)
             elif reframer is not None:

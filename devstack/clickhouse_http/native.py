@@ -7,7 +7,9 @@ always writes it for revision 0. The differences, applied here block by block:
 - revision < 54337 hides the time zone of a top-level `DateTime('Zone')` column type (it is
   written as plain `DateTime`); from 54337 on the type keeps its zone, so the client reads the
   values in the right zone. The zones come from the statement's own column types
-  (`DESCRIBE`), since a revision-0 block no longer has them;
+  (`DESCRIBE`), since a revision-0 block no longer has them; the handler asks for them only
+  when a result's first block has such a column (`wants_column_types`): a DESCRIBE plans the
+  statement a second time;
 - revision >= 54454: each column type is followed by a "custom serialization" flag (0: chdb's
   revision-0 output never uses sparse columns).
 
@@ -216,6 +218,29 @@ class NativeUpgrade:
         # The statement's column types with their zones (DESCRIBE); None when unknown.
         self.column_types = column_types
         self._warned = False
+
+    def wants_column_types(self, first_block: bytes) -> bool:
+        """Whether the statement's column types are needed to rewrite its result, judged on its
+        first block: a top-level `DateTime` column hides a zone this revision shows (also when
+        the block cannot be read up to its last column)."""
+        if self.revision < REVISION_WITH_TIME_ZONE_IN_DATETIME or self.column_types is not None:
+            return False
+        try:
+            reader = _Reader(first_block)
+            columns = reader.varint()
+            rows = reader.varint()
+            for _ in range(columns):
+                reader.string()
+                written_type = reader.string().decode()
+                if written_type == "DateTime":
+                    return True
+                if rows:
+                    type_ = Type.parse(written_type)
+                    _skip_prefix(reader, type_)
+                    _skip_data(reader, type_, rows)
+        except UnknownLayout:
+            return True
+        return False
 
     def blocks(self, data: bytes) -> bytes:
         """Rewrite every block in `data` (a streamed chunk is one block, a whole result many)."""

@@ -21,6 +21,8 @@ from clickhouse_connect.driver.external import ExternalData
 from clickhouse_connect.driver.summary import QuerySummary
 from clickhouse_fronts import Front
 
+from devstack.clickhouse_http.native import REVISION_WITH_TIME_ZONE_IN_DATETIME, NativeUpgrade
+
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -262,6 +264,27 @@ def test_native_output_for_a_protocol_version_has_block_info_and_zones(front: Fr
     assert b"\x08DateTime" in plain and b"Asia/Tokyo" not in plain  # revision 0 hides zones
     assert revised.startswith(b"\x01\x00\x02\xff\xff\xff\xff\x00")  # BlockInfo
     assert b"\x16DateTime('Asia/Tokyo')" in revised
+
+
+@pytest.mark.parametrize(
+    ("select", "wanted"),
+    [
+        ("toDateTime(0, 'Asia/Tokyo') AS d", True),
+        ("7 AS n, 'x' AS s, toDateTime(0, 'UTC') AS d", True),  # found past other columns
+        ("7 AS n, toDateTime64(0, 3, 'UTC') AS d64, [toDateTime(0, 'UTC')] AS a", False),
+        ("'x' AS s", False),
+    ],
+)
+def test_only_a_result_with_a_zoned_datetime_column_is_described(
+    front: Front, select: str, wanted: bool
+) -> None:
+    # A DESCRIBE plans the statement a second time: asked for only when a zone is hidden (a
+    # revision-0 block writes a top-level DateTime('Zone') as plain DateTime, nothing else).
+    first_block = post(front, f"SELECT {select} FORMAT Native".encode()).content
+    assert NativeUpgrade(54405).wants_column_types(first_block) is wanted
+    assert not NativeUpgrade(REVISION_WITH_TIME_ZONE_IN_DATETIME - 1).wants_column_types(
+        first_block
+    )
 
 
 ALL_TYPES = """
