@@ -54,6 +54,7 @@ class Reply:
         self._send = send
         self.display_name = display_name
         self.started = False
+        self.finished = False  # the last piece of the body is sent
         self.tag = secrets.token_hex(8)  # marks an error written into a started body
         self._encoder: Encoder | None = None
         # Runs just before the last piece of the response goes out: a client may send its next
@@ -81,6 +82,7 @@ class Reply:
                 data += self._encoder.flush()
         if last:
             await self.end()
+            self.finished = True
         if data or last:
             await self._send({"type": "http.response.body", "body": data, "more_body": not last})
 
@@ -366,8 +368,10 @@ class Statement:
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
-                log.info("query %s: client went away mid-result", self.req.query_id)
-                scope.cancel()
+                # The server reports the end of a complete answer as a disconnect too.
+                if not self.reply.finished:
+                    log.info("query %s: client went away mid-result", self.req.query_id)
+                    scope.cancel()
                 return
 
     # --- INSERT with data in the body ----------------------------------------------------------

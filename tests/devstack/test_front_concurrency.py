@@ -141,6 +141,21 @@ def test_streamed_query_whose_client_disconnects_is_cancelled(front: Front) -> N
         next(chunks)
         assert running_queries(front, tag) == 1
     wait_until(lambda: running_queries(front, tag) == 0, "the streamed query to be cancelled")
+    assert "client went away mid-result" in front.log
+
+
+def test_a_streamed_answer_sent_to_its_end_is_not_taken_for_a_client_that_went_away(
+    front: Front,
+) -> None:
+    # The server reports the end of a complete answer as a disconnect too.
+    query_id = f"whole-{uuid.uuid4().hex[:8]}"
+    with httpx.Client(timeout=60) as client:  # one connection, kept alive
+        answer = client.post(
+            front.url, params={"query_id": query_id}, content=b"SELECT number FROM numbers(3)"
+        )
+        assert answer.text.split() == ["0", "1", "2"]
+        assert client.post(front.url, content=b"SELECT 1").text.strip() == "1"
+    assert f"query {query_id}: client went away" not in front.log
 
 
 @pytest.mark.parametrize(
