@@ -153,7 +153,7 @@ def _stored_failures(result: Any) -> StoredFailures | None:
     return StoredFailures(test=node.name, relation=relation, failures=int(result.failures or 0))
 
 
-def _forget_ensured_databases() -> None:
+def forget_ensured_databases() -> None:
     """dbt-clickhouse remembers per process which databases it has created and never checks
     again; a long-lived process (tests, an in-process serve) then fails with UNKNOWN_DATABASE
     after the target database is dropped. Forgetting costs one EXISTS query per build."""
@@ -176,7 +176,7 @@ def run_build(
     scratch; `dbt_vars`: passed as `--vars`); raise DbtBuildError naming the failed nodes."""
     from dbt.cli.main import dbtRunner
 
-    _forget_ensured_databases()
+    forget_ensured_databases()
     # A fresh runner per build: dbtRunner instances are not meant to be reused concurrently.
     args = dbt_args(settings, "build", select, dbt_vars)
     args += ["--full-refresh"] if full_refresh else []

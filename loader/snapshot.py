@@ -20,7 +20,9 @@ reads each document once. The steps:
 A write during the snapshot lands after the stored resume point: `python -m loader watch
 --all-changes` (or the service's follower) replays it even when its range was read before the
 write, and the next `sync` reads it too (its `updated_at` is past the watermark). Deletes during
-the snapshot only the follower (or `reconcile`) can see, as for any load.
+the snapshot only the follower (or `reconcile`) can see, as for any load; one the follower
+replays before the range stores the document leaves a bare tombstone (`loader.store`), which
+the older copy stored after it does not outrank.
 """
 
 from __future__ import annotations

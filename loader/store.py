@@ -7,6 +7,10 @@ errors); what to write and when is the caller's business.
 
 A tombstone is a copy of the last stored row with `is_deleted = 1` and a higher `_version`
 (`max(deleted_at_ms, last _version + 1)`), so the last known values stay in the table as history.
+A deleted id raw has no row of yet gets a bare tombstone (the id, `_version` = the deletion time,
+empty values): a load that read the document before it was deleted (a sync or a snapshot range
+running beside the follower) may store it after the follower replays the delete, and its older
+`_version` then loses to the tombstone instead of bringing the document back.
 """
 
 from __future__ import annotations
@@ -128,12 +132,14 @@ def insert_rejects(
 def write_tombstones(
     clients: Clients, collection: str, deleted: dict[str, int], run_id: str
 ) -> int:
-    """Tombstone every id in `deleted` (hex id → deletion time in ms) that has a live row.
+    """Tombstone every id in `deleted` (hex id → deletion time in ms) that raw does not show
+    deleted already: a copy of its live row, or a bare tombstone when raw has no row of it
+    (see the module docstring).
 
-    Ids without a live row (never loaded, or already tombstoned) are skipped, which makes
-    replaying the same delete events harmless. The ids travel as an id set (request body), so
-    any number works; many are written by one `INSERT ... SELECT ... FINAL` per chunk with
-    server-side parameters. Returns the number of tombstones written."""
+    Ids already tombstoned are skipped, which makes replaying the same delete events harmless.
+    The ids travel as an id set (request body), so any number works; many are written by
+    `INSERT ... SELECT`s per chunk with server-side parameters. Returns the number of
+    tombstones written."""
     if not deleted:
         return 0
     if len(deleted) <= FEW_TOMBSTONES:
@@ -149,8 +155,6 @@ def write_tombstones(
     select = ", ".join(f"{exprs[n]} AS `{n}`" if n in exprs else f"live.`{n}`" for n in names)
     cols = ", ".join(f"`{n}`" for n in names)
     written = 0
-    ch = clients.clickhouse
-    cluster = clients.settings.clickhouse_cluster
     params = {"run": run_id}
     items = list(deleted.items())
     for start in range(0, len(items), TOMBSTONE_CHUNK):
@@ -161,21 +165,46 @@ def write_tombstones(
                 f"SELECT *, _version AS prev_version FROM {table} FINAL "
                 f"WHERE _id IN {ids.keys()} AND is_deleted = 0"
             )
-            count = f"SELECT count() FROM ({live})"
             insert = (
                 f"INSERT INTO {table} ({cols}) SELECT {select} FROM ({live}) AS live "
                 f"INNER JOIN {ids.pairs()} AS deleted ON live._id = deleted.key"
             )
-            dedup = insert_settings(cluster, table, statement_payload(insert, params))
-
-            def go(count: str = count, insert: str = insert, dedup: dict[str, Any] = dedup) -> int:
-                n = int(cast(int, ch.command(count, settings=ids.settings)))
-                if n:
-                    ch.command(insert, parameters=params, settings={**dedup, **ids.settings})
-                return n
-
-            written += clickhouse_call(clients.settings, go)
+            unknown = (
+                f"SELECT key, value FROM {ids.pairs()} "
+                f"WHERE key NOT IN (SELECT _id FROM {table} WHERE _id IN {ids.keys()})"
+            )
+            bare = (
+                f"INSERT INTO {table} (`_id`, `is_deleted`, `_version`, `_loaded_at`, `_run_id`) "
+                "SELECT key, toUInt8(1), toUInt64(value), now64(3, 'UTC'), {run:String} "
+                f"FROM ({unknown})"
+            )
+            for statement, rows in ((insert, live), (bare, unknown)):
+                written += _insert_counted(clients, table, statement, rows, params, ids.settings)
     return written
+
+
+def _insert_counted(
+    clients: Clients,
+    table: str,
+    insert: str,
+    rows: str,
+    params: dict[str, Any],
+    settings: dict[str, Any],
+) -> int:
+    """Run `insert` into `table` (an INSERT ... SELECT of the rows `rows` selects) when there
+    are any; returns how many."""
+    dedup = insert_settings(
+        clients.settings.clickhouse_cluster, table, statement_payload(insert, params)
+    )
+    ch = clients.clickhouse
+
+    def go() -> int:
+        n = int(cast(int, ch.command(f"SELECT count() FROM ({rows})", settings=settings)))
+        if n:
+            ch.command(insert, parameters=params, settings={**dedup, **settings})
+        return n
+
+    return clickhouse_call(clients.settings, go)
 
 
 def _write_few_tombstones(
@@ -191,33 +220,53 @@ def _write_few_tombstones(
 def tombstone_rows(
     clients: Clients, collection: str, deleted: dict[str, int], run_id: str
 ) -> list[list[Any]]:
-    """The tombstones of the ids in `deleted` (at most `FEW_TOMBSTONES`) that have a live row:
-    the latest row of each id by primary key (the ids as a query parameter; no FINAL, which
-    merges every part of the table), marked deleted. A lookup only: the caller may run it on
-    another connection while it writes the batch's rows."""
+    """The tombstones of the ids in `deleted` (at most `FEW_TOMBSTONES`) that raw does not show
+    deleted: the latest row of each id by primary key (the ids as a query parameter; no FINAL,
+    which merges every part of the table) marked deleted, and a bare tombstone for each id raw
+    has no row of. A lookup only: the caller may run it on another connection while it writes
+    the batch's rows."""
     table = raw_table(collection).qualified
-    names = [n for n, _ in raw_columns(collection)]
+    columns = raw_columns(collection)
+    names = [n for n, _ in columns]
     cols = ", ".join(f"`{n}`" for n in names)
     ch = clients.clickhouse
     latest = (
-        f"SELECT {cols} FROM (SELECT {cols} FROM {table} WHERE _id IN {{ids:Array(String)}} "
-        "ORDER BY _id, _version DESC LIMIT 1 BY _id) WHERE is_deleted = 0"
+        f"SELECT {cols} FROM {table} WHERE _id IN {{ids:Array(String)}} "
+        "ORDER BY _id, _version DESC LIMIT 1 BY _id"
     )
-    live = clickhouse_call(
+    stored = clickhouse_call(
         clients.settings,
         lambda: ch.query(latest, parameters={"ids": list(deleted)}).result_rows,
     )
     at = {n: i for i, n in enumerate(names)}
     loaded_at = datetime.fromtimestamp(now_ms() / 1000, UTC)
     rows = []
-    for row in live:
+    for row in stored:
+        if row[at["is_deleted"]]:
+            continue
         tomb = list(row)
         tomb[at["is_deleted"]] = 1
         tomb[at["_version"]] = max(int(row[at["_version"]]) + 1, deleted[row[at["_id"]]])
         tomb[at["_loaded_at"]] = loaded_at
         tomb[at["_run_id"]] = run_id
         rows.append(tomb)
+    known = {row[at["_id"]] for row in stored}
+    for _id, deleted_at in deleted.items():
+        if _id not in known:
+            bare = {"_id": _id, "is_deleted": 1, "_version": deleted_at, "_loaded_at": loaded_at}
+            bare["_run_id"] = run_id
+            rows.append([bare.get(n, _empty(t)) for n, t in columns])
     return rows
+
+
+def _empty(ch_type: str) -> Any:
+    """The value of a bare tombstone's column of type `ch_type`: what ClickHouse fills in for a
+    column an insert leaves out."""
+    if "String" in ch_type:
+        return ""
+    if ch_type.startswith("DateTime"):
+        return datetime.fromtimestamp(0, UTC)
+    return 0
 
 
 def insert_tombstones(clients: Clients, collection: str, rows: list[list[Any]]) -> int:

@@ -65,6 +65,9 @@ class DbtProject:
 
         from dbt.cli.main import dbtRunner
 
+        from flows.dbt_build import forget_ensured_databases
+
+        forget_ensured_databases()  # an earlier test's stack had the database; this one may not
         log: list[str] = []
         runner = dbtRunner(callbacks=[lambda event: log.append(event.info.msg)])
         res = runner.invoke(

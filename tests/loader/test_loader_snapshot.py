@@ -211,6 +211,36 @@ def test_a_worker_killed_mid_range_resumes_from_its_stored_progress(
     assert load_watermark(clickhouse_client, "tasks") is not None
 
 
+def test_a_delete_the_follower_replays_before_its_range_stores_the_document_stays_deleted(
+    settings: Settings, clients: Clients, db: Database, clickhouse_client: Client
+) -> None:
+    seed(db, 600, seed=53)
+    deleted: list[Any] = []
+
+    def delete_then_follow(spec: RangeSpec, n: int) -> None:
+        if spec.index == 0 and n == 1:
+            # Range 0 has read its first batch and not stored it: its first document is
+            # deleted, and the follower replays the delete before the batch reaches raw.
+            first = _range_ids(db, load_plan(clients, "tasks"), 0)[0]
+            assert db.tasks.delete_one({"_id": first}).deleted_count == 1
+            deleted.append(first)
+            follow_changes(settings, "tasks", all_changes=True, idle_timeout_s=1.0)
+
+    run_snapshot(
+        settings,
+        "tasks",
+        2,
+        processes=False,
+        batch_size=100,
+        clients=clients,
+        before_insert=delete_then_follow,
+    )
+
+    assert deleted, "the delete was not made"
+    assert id_to_str(deleted[0]) not in clickhouse_tasks(clickhouse_client)
+    assert clickhouse_tasks(clickhouse_client) == mongo_tasks(db)
+
+
 MIXED_IDS: list[Any] = (
     list(range(40))
     + [f"task-{i:03d}" for i in range(40)]
