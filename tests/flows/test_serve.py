@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
+from devstack.process import free_ports
 from flows.events import GROUP, connect, signal_change, stream_key
 from flows.serve import DEPLOYMENT
 
@@ -49,6 +50,8 @@ def served(pipeline: Pipeline, tmp_path: Path) -> Iterator[subprocess.Popen[byte
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",
         "PIPELINE_SYNC_INTERVAL_MINUTES": "60",
         "PIPELINE_RECONCILE_INTERVAL_MINUTES": "1440",
+        # The served dashboard on a free port: 8050 may be taken by a `make serve` on this machine.
+        "PIPELINE_WEB_PORT": str(free_ports(1)[0]),
     }
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(
