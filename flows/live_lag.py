@@ -2,9 +2,9 @@
 
 Read from `ops.change_stream_state`: each follower saves its position there with the lag of its
 last stored batch, at most every 0.5 s while batches come and at least every few seconds while
-idle (`loader.follower.ALIVE_EVERY_S`), so a recent `saved_at` means "running", an old one
-"stopped". `make demo` runs no follower: that is the neutral "off" state, never an alarm.
-Shared by the web banner and `make dashboard`.
+idle (`loader.follower.ALIVE_EVERY_S`), so a recent `saved_at` means "running", one older than
+`SILENT_AFTER_S` "stopped". `make demo` runs no follower: that is the neutral "off" state, never
+an alarm. Shared by the web banner and `make dashboard`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from loader.follower import ALIVE_EVERY_S
-
-# Silent for this long: the follower is not running (several missed idle saves, and more than
-# a slow batch takes to store and settle on the embedded stack).
-SILENT_AFTER_S = 6 * ALIVE_EVERY_S
+from loader.follower import SILENT_AFTER_S
 
 # Ages come from ClickHouse's clock (the one that stamped `saved_at`), not the reader's.
 LAG_SQL = """

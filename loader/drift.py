@@ -7,6 +7,15 @@ ObjectId is older than the overlap window (`LOADER_OVERLAP_SECONDS`), so inserts
 while the check ran, and which the next sync loads anyway, do not read as drift. Documents
 with another kind of `_id` are never loaded and not counted on either side.
 
+MongoDB's count is not taken at one instant, nor at the instant ClickHouse counts: a document
+deleted in between would read as drift (and make the flow reconcile the whole collection)
+although the warehouse stores its delete a moment later. So the warehouse is counted as it
+stood while MongoDB counted: a tombstone stamped and stored after the count began still counts
+as the document it replaced (`clickhouse_count_sql`), and the count nearest MongoDB's among
+those of that span is the one compared. When they still differ while a change-stream follower
+is running, the follower may not have stored the last deletes yet: the warehouse is counted
+again for up to `FOLLOWER_CATCH_UP_S`.
+
 Equal counts do not prove equal contents (a delete and a late insert cancel out), which is why
 the scheduled deployment also reconciles daily; different counts prove that something differs,
 and the flow then reconciles that collection in the same run.
@@ -14,21 +23,52 @@ and the flow then reconciles that collection in the same run.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from bson import ObjectId
 from clickhouse_connect.driver.client import Client
 from pymongo.collection import Collection
 
 from loader.clients import Clients, clickhouse_call, insert_json_rows, mongo_call
-from loader.schema import DRIFT_CHECKS, REJECTS, raw_table
+from loader.follower import SILENT_AFTER_S
+from loader.schema import CHANGE_STREAM_STATE, DRIFT_CHECKS, REJECTS, raw_table
+from loader.watermark import now_ms
 
 if TYPE_CHECKING:
     from loader.raw_count import CountMemo
+
+
+# MongoDB stamps a delete with its clock, the loader times its count with its own.
+CLOCK_MARGIN_MS = 100
+# How long a difference may wait for a running follower to store the deletes it has seen.
+FOLLOWER_CATCH_UP_S = 2.0
+LIVE_NOW = (2**64 - 1, 2**64 - 1)  # a span no tombstone is stamped after: the live count
+
+
+@dataclass(frozen=True)
+class TimedCount:
+    """MongoDB's count and the span (epoch ms, margins included) it was taken in."""
+
+    count: int
+    started_ms: int
+    finished_ms: int
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.started_ms - CLOCK_MARGIN_MS, self.finished_ms + CLOCK_MARGIN_MS
+
+
+def timed_count(
+    count: Callable[[Collection, ObjectId], int], coll: Collection, cut: ObjectId
+) -> TimedCount:
+    started_ms = now_ms()
+    return TimedCount(count(coll, cut), started_ms, now_ms())
 
 
 @dataclass(frozen=True)
@@ -77,12 +117,40 @@ def rejected_only_sql(collection: str) -> str:
 
 
 def clickhouse_count_sql(collection: str) -> str:
-    """Documents the warehouse accounts for with an id below `cut`. Takes `c` and `cut`."""
+    """Documents the warehouse accounts for with an id below `cut`, as it stood at `start` and
+    at `end` (epoch ms): a tombstone stamped and stored after a moment still counts as the
+    document it replaced (`LIVE_NOW` for both: the live count). Takes `c`, `cut`, `start`,
+    `end`."""
     table = raw_table(collection).qualified
+    rejected = f"(SELECT count() FROM ({rejected_only_sql(collection)}) WHERE _id < {{cut:String}})"
+
+    def live_at(moment: str) -> str:
+        after = f"{{{moment}:UInt64}}"
+        stored_after = f"toUnixTimestamp64Milli(_loaded_at) > {after}"
+        return f"countIf(is_deleted = 0 OR (_version > {after} AND {stored_after})) + {rejected}"
+
     return (
-        f"SELECT (SELECT count() FROM {table} FINAL WHERE is_deleted = 0 AND _id < {{cut:String}})"
-        f" + (SELECT count() FROM ({rejected_only_sql(collection)}) WHERE _id < {{cut:String}})"
+        f"SELECT {live_at('start')}, {live_at('end')} FROM {table} FINAL WHERE _id < {{cut:String}}"
     )
+
+
+def clickhouse_counts(
+    ch: Client, collection: str, cut: ObjectId, span: tuple[int, int] = LIVE_NOW
+) -> tuple[int, int]:
+    """`clickhouse_count_sql`: the counts at the start and at the end of `span`."""
+    params = {"c": collection, "cut": str(cut), "start": span[0], "end": span[1]}
+    row = ch.query(clickhouse_count_sql(collection), parameters=params).result_rows[0]
+    return int(row[0]), int(row[1])
+
+
+def follower_running(ch: Client, collection: str) -> bool:
+    """Has a change-stream follower of `collection` saved its position lately (its heartbeat)?"""
+    sql = (
+        f"SELECT count() FROM {CHANGE_STREAM_STATE.qualified} FINAL WHERE collection = {{c:String}}"
+        " AND resume_token != '' AND saved_at > now64(6) - toIntervalMillisecond({ms:UInt64})"
+    )
+    params = {"c": collection, "ms": int(SILENT_AFTER_S * 1000)}
+    return int(str(ch.command(sql, parameters=params))) > 0
 
 
 def measure_drift(clients: Clients, collection: str) -> Drift:
@@ -113,7 +181,9 @@ class Counts:
         count = estimated_count if estimate else exact_count
         self._mongo = {
             c: self._pool.submit(
-                mongo_call, settings, lambda coll=clients.db[c]: count(coll, self.cut)
+                mongo_call,
+                settings,
+                partial(timed_count, count, clients.db[c], self.cut),
             )
             for c in collections
         }
@@ -121,27 +191,50 @@ class Counts:
     def result(self) -> list[Drift]:
         settings = self.clients.settings
         ch = self.clients.clickhouse
+        remembered: dict[str, int] = {}
         try:
-            in_clickhouse = {
-                c: clickhouse_call(settings, partial(self._clickhouse_count, ch, c))
-                for c in self.collections
-            }
+            if self.memo is not None:  # counted while MongoDB counts: the quick look's path
+                remembered = {
+                    c: clickhouse_call(settings, partial(self._remembered_count, ch, c))
+                    for c in self.collections
+                }
             in_mongo = {c: f.result() for c, f in self._mongo.items()}
         finally:
             self.cancel()
+        in_clickhouse = {
+            c: remembered[c] if c in remembered else self._warehouse_count(ch, c, in_mongo[c])
+            for c in self.collections
+        }
         checked_at = datetime.now(UTC)
         return [
-            Drift(c, int(in_mongo[c]), in_clickhouse[c], self.counted_before, checked_at)
+            Drift(c, in_mongo[c].count, in_clickhouse[c], self.counted_before, checked_at)
             for c in self.collections
         ]
 
-    def _clickhouse_count(self, ch: Client, collection: str) -> int:
-        if self.memo is not None:
-            from loader.raw_count import remembered_count
+    def _remembered_count(self, ch: Client, collection: str) -> int:
+        from loader.raw_count import remembered_count
 
-            return remembered_count(ch, collection, self.cut, self.memo)
-        sql = clickhouse_count_sql(collection)
-        return int(cast(int, ch.command(sql, parameters={"c": collection, "cut": str(self.cut)})))
+        assert self.memo is not None
+        return remembered_count(ch, collection, self.cut, self.memo)
+
+    def _warehouse_count(self, ch: Client, collection: str, mongo: TimedCount) -> int:
+        """The warehouse's count nearest MongoDB's among those it had while MongoDB counted,
+        counted again while a running follower may still be storing that span's deletes."""
+        settings = self.clients.settings
+        deadline = time.monotonic() + FOLLOWER_CATCH_UP_S
+        follower: bool | None = None  # asked once, on the first difference
+        while True:
+            at_start, at_end = clickhouse_call(
+                settings, partial(clickhouse_counts, ch, collection, self.cut, mongo.span)
+            )
+            nearest = min(max(mongo.count, at_end), at_start)
+            if nearest == mongo.count or time.monotonic() >= deadline:
+                return nearest
+            if follower is None:
+                follower = clickhouse_call(settings, partial(follower_running, ch, collection))
+            if not follower:
+                return nearest
+            time.sleep(0.2)
 
     def cancel(self) -> None:
         """Stop waiting (a count already running finishes in its thread)."""

@@ -63,6 +63,9 @@ CANNOT_RESUME = (CHANGE_STREAM_HISTORY_LOST, INVALID_RESUME_TOKEN, CHANGE_STREAM
 INVALIDATED = "collection dropped or renamed: run reconcile"
 # An idle follower re-saves its position this often (its `saved_at` is its heartbeat).
 ALIVE_EVERY_S = 5.0
+# Silent for this long: the follower is not running (several missed idle saves, and more than
+# a slow batch takes to store and settle on the embedded stack).
+SILENT_AFTER_S = 6 * ALIVE_EVERY_S
 # Stored batches that may wait for the settler before the follower stops storing more.
 MAX_UNSETTLED = 8
 

@@ -1,10 +1,10 @@
 """The warehouse's side of a drift count without recounting a million rows every run.
 
-`clickhouse_count_sql` counts the live documents of `raw.<collection>` below a cut with FINAL,
-a quarter of a second at a million rows, which is most of a scheduled run that finds nothing
-to do. Between two such runs the table usually has not changed at all: then the count below the
-new cut is the count below the old one plus the live ids between the two cuts (a short range of
-the primary key, FINAL per `_id` being the same whichever range it is read in).
+`loader.drift.clickhouse_counts` counts the live documents of `raw.<collection>` below a cut
+with FINAL, a quarter of a second at a million rows, which is most of a scheduled run that finds
+nothing to do. Between two such runs the table usually has not changed at all: then the count
+below the new cut is the count below the old one plus the live ids between the two cuts (a short
+range of the primary key, FINAL per `_id` being the same whichever range it is read in).
 
 "Not changed" is judged from the table's active parts (`system.parts`: how many, their rows,
 highest block number and data version): an insert adds a part with a new block number, a merge
@@ -56,7 +56,7 @@ def _rejected_only_below(ch: Client, collection: str, cut: str) -> int:
 
 
 def remembered_count(ch: Client, collection: str, cut: ObjectId, memo: CountMemo) -> int:
-    """What `clickhouse_count_sql` counts below `cut`, from the last count in `memo` when
+    """The live count `clickhouse_counts` gives below `cut`, from the last count in `memo` when
     the raw table has not changed since (see the module docstring)."""
     mark = fingerprint(ch, collection)
     new_cut = str(cut)

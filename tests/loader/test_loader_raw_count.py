@@ -9,7 +9,7 @@ from clickhouse_connect.driver.client import Client
 from pymongo.database import Database
 
 from loader.clients import Clients
-from loader.drift import clickhouse_count_sql
+from loader.drift import clickhouse_counts
 from loader.raw_count import remembered_count
 from loader.settings import Settings
 from loader.sync import sync_collection
@@ -35,9 +35,8 @@ def load(settings: Settings, clients: Clients, db: Database, ch: Client, n: int)
 
 
 def full_count(ch: Client, cut: ObjectId) -> int:
-    return int(
-        ch.command(clickhouse_count_sql("tasks"), parameters={"c": "tasks", "cut": str(cut)})
-    )
+    live, _ = clickhouse_counts(ch, "tasks", cut)
+    return live
 
 
 def test_a_later_cut_adds_the_ids_between_the_cuts(

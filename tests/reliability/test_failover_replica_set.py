@@ -323,7 +323,10 @@ def test_a_w1_write_rolled_back_by_a_failover_is_not_left_in_clickhouse_after_re
         try:
             doomed = dict(world.db.tasks.find_one({}, {"_id": 0}) or {})
             doomed |= {"_id": ObjectId(), "file_id": "ROLLED-BACK", "updated_at": now()}
-            world.db.tasks.with_options(write_concern=WriteConcern(w=1)).insert_one(doomed)
+            # j=True: on the primary's journal before the kill, else the kill can lose it (an
+            # unclean shutdown within the journal's commit interval) and there is no rollback.
+            on_primary_only = WriteConcern(w=1, j=True)
+            world.db.tasks.with_options(write_concern=on_primary_only).insert_one(doomed)
             sync_collection(world.settings, "tasks", clients=clients)
             assert live_in_clickhouse(world, doomed["_id"]), "the sync did not load the w:1 write"
             assert old.is_primary(), "the primary changed before the kill: no rollback to see"
