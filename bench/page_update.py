@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -59,26 +58,25 @@ def probe(page: Any, tasks: Any, url: str, file_id: str, task_id: Any, timeout_s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--probes", type=int, default=40, help="status changes (default 40)")
-    parser.add_argument("--url", default="http://127.0.0.1:8050", help="the web dashboard")
+    parser.add_argument(
+        "--url", help="the web dashboard (default: PIPELINE_WEB_HOST and PIPELINE_WEB_PORT)"
+    )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per probe")
     args = parser.parse_args()
 
-    import clickhouse_connect
     from bson import ObjectId
     from playwright.sync_api import sync_playwright
 
-    from loader.clients import connect_mongo
+    from bench.report import percentile
+    from loader.clients import connect_clickhouse, connect_mongo
     from loader.settings import Settings
     from web.browser import launch
+    from web.settings import WebSettings
 
     settings = Settings()
+    url = args.url or WebSettings().url
     mongo = connect_mongo(settings)
-    ch = clickhouse_connect.get_client(
-        host=settings.clickhouse_host,
-        port=settings.clickhouse_port,
-        username=settings.clickhouse_user,
-        password=settings.clickhouse_password.get_secret_value(),
-    )
+    ch = connect_clickhouse(settings)
     files = ch.query(
         "SELECT file_id, task_id FROM analytics.pipeline_state "
         "ORDER BY cityHash64(file_id) LIMIT {n:UInt32}",
@@ -92,13 +90,11 @@ def main() -> None:
         page = browser.new_page()
         for file_id, task_id in files:
             time.sleep(rng.uniform(0.2, 0.6))  # writes fall anywhere in the live interval
-            latencies.append(probe(page, tasks, args.url, file_id, ObjectId(task_id), args.timeout))
+            latencies.append(probe(page, tasks, url, file_id, ObjectId(task_id), args.timeout))
         browser.close()
-    latencies.sort()
-    p90 = latencies[max(0, int(len(latencies) * 0.9) - 1)]
     print(
-        f"write → open page, {len(latencies)} probes: p50 {statistics.median(latencies):.0f} ms, "
-        f"p90 {p90:.0f} ms, max {latencies[-1]:.0f} ms"
+        f"write → open page, {len(latencies)} probes: p50 {percentile(latencies, 50):.0f} ms, "
+        f"p90 {percentile(latencies, 90):.0f} ms, max {max(latencies):.0f} ms"
     )
 
 

@@ -36,8 +36,8 @@ from clickhouse_connect.driver.client import Client
 from pymongo.collection import Collection
 
 from loader.clients import Clients, clickhouse_call, insert_json_rows, mongo_call
-from loader.follower import SILENT_AFTER_S
-from loader.schema import CHANGE_STREAM_STATE, DRIFT_CHECKS, REJECTS, raw_table
+from loader.follower import follower_running
+from loader.schema import DRIFT_CHECKS, REJECTS, raw_table
 from loader.watermark import now_ms
 
 if TYPE_CHECKING:
@@ -122,15 +122,16 @@ def clickhouse_count_sql(collection: str) -> str:
     document it replaced (`LIVE_NOW` for both: the live count). Takes `c`, `cut`, `start`,
     `end`."""
     table = raw_table(collection).qualified
-    rejected = f"(SELECT count() FROM ({rejected_only_sql(collection)}) WHERE _id < {{cut:String}})"
 
     def live_at(moment: str) -> str:
         after = f"{{{moment}:UInt64}}"
         stored_after = f"toUnixTimestamp64Milli(_loaded_at) > {after}"
-        return f"countIf(is_deleted = 0 OR (_version > {after} AND {stored_after})) + {rejected}"
+        return f"countIf(is_deleted = 0 OR (_version > {after} AND {stored_after})) + rejected"
 
     return (
-        f"SELECT {live_at('start')}, {live_at('end')} FROM {table} FINAL WHERE _id < {{cut:String}}"
+        f"WITH (SELECT count() FROM ({rejected_only_sql(collection)}) WHERE _id < {{cut:String}})"
+        f" AS rejected SELECT {live_at('start')}, {live_at('end')} "
+        f"FROM {table} FINAL WHERE _id < {{cut:String}}"
     )
 
 
@@ -141,16 +142,6 @@ def clickhouse_counts(
     params = {"c": collection, "cut": str(cut), "start": span[0], "end": span[1]}
     row = ch.query(clickhouse_count_sql(collection), parameters=params).result_rows[0]
     return int(row[0]), int(row[1])
-
-
-def follower_running(ch: Client, collection: str) -> bool:
-    """Has a change-stream follower of `collection` saved its position lately (its heartbeat)?"""
-    sql = (
-        f"SELECT count() FROM {CHANGE_STREAM_STATE.qualified} FINAL WHERE collection = {{c:String}}"
-        " AND resume_token != '' AND saved_at > now64(6) - toIntervalMillisecond({ms:UInt64})"
-    )
-    params = {"c": collection, "ms": int(SILENT_AFTER_S * 1000)}
-    return int(str(ch.command(sql, parameters=params))) > 0
 
 
 def measure_drift(clients: Clients, collection: str) -> Drift:
@@ -191,31 +182,26 @@ class Counts:
     def result(self) -> list[Drift]:
         settings = self.clients.settings
         ch = self.clients.clickhouse
-        remembered: dict[str, int] = {}
         try:
             if self.memo is not None:  # counted while MongoDB counts: the quick look's path
-                remembered = {
-                    c: clickhouse_call(settings, partial(self._remembered_count, ch, c))
+                from loader.raw_count import remembered_count
+
+                in_clickhouse = {
+                    c: clickhouse_call(
+                        settings, partial(remembered_count, ch, c, self.cut, self.memo)
+                    )
                     for c in self.collections
                 }
             in_mongo = {c: f.result() for c, f in self._mongo.items()}
         finally:
             self.cancel()
-        in_clickhouse = {
-            c: remembered[c] if c in remembered else self._warehouse_count(ch, c, in_mongo[c])
-            for c in self.collections
-        }
+        if self.memo is None:  # as of MongoDB's count, which must have ended
+            in_clickhouse = {c: self._warehouse_count(ch, c, in_mongo[c]) for c in self.collections}
         checked_at = datetime.now(UTC)
         return [
             Drift(c, in_mongo[c].count, in_clickhouse[c], self.counted_before, checked_at)
             for c in self.collections
         ]
-
-    def _remembered_count(self, ch: Client, collection: str) -> int:
-        from loader.raw_count import remembered_count
-
-        assert self.memo is not None
-        return remembered_count(ch, collection, self.cut, self.memo)
 
     def _warehouse_count(self, ch: Client, collection: str, mongo: TimedCount) -> int:
         """The warehouse's count nearest MongoDB's among those it had while MongoDB counted,

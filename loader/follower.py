@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from bson import ObjectId
+from clickhouse_connect.driver.client import Client
 from pymongo.change_stream import ChangeStream
 from pymongo.errors import OperationFailure
 
@@ -35,7 +36,7 @@ from loader.clients import (
 from loader.identity import check_followable
 from loader.mapping import BatchMapper, id_to_str
 from loader.runs import PeakRss, RunKind, RunRecord, RunStatus, new_run_id
-from loader.schema import require_collection
+from loader.schema import CHANGE_STREAM_STATE, require_collection
 from loader.settings import Settings
 from loader.state import RetractingTasks, Settled, ViewTexts, settle
 from loader.steps import Steps
@@ -709,6 +710,17 @@ class ChangeFollower:
         rec.deletes = self.deletes
         rec.peak_rss_bytes = self.rss.peak
         write_run_or_log(self.cl, rec)
+
+
+def follower_running(ch: Client, collection: str) -> bool:
+    """Has a follower of `collection` saved its position within `SILENT_AFTER_S` (its
+    heartbeat)?"""
+    sql = (
+        f"SELECT count() FROM {CHANGE_STREAM_STATE.qualified} FINAL WHERE collection = {{c:String}}"
+        " AND resume_token != '' AND saved_at > now64(6) - toIntervalMillisecond({ms:UInt64})"
+    )
+    params = {"c": collection, "ms": int(SILENT_AFTER_S * 1000)}
+    return int(str(ch.command(sql, parameters=params))) > 0
 
 
 def follow_changes(
