@@ -158,8 +158,9 @@ def test_range_workers_under_a_writer_then_the_follower_load_exactly_what_mongo_
     missed = {i for i in expected if before.get(i) != expected[i]}
     assert {str(i) for i in late_writes} <= missed
 
-    # ... which the follower replays from the resume point stored before the first read.
-    follow_changes(settings, "tasks", clients=clients, all_changes=True, idle_timeout_s=1.0)
+    # ... which the follower replays from the resume point stored before the first read (5 s
+    # idle: on a loaded 2-core machine its first batch can take longer than a second).
+    follow_changes(settings, "tasks", clients=clients, all_changes=True, idle_timeout_s=5.0)
 
     assert clickhouse_tasks(clickhouse_client) == expected
     assert clickhouse_client.command(

@@ -46,7 +46,7 @@ from devstack.replica_set import MongoReplicaSet, ReplicaMember
 from devstack.stack import Stack
 from loader.clients import open_clients_now
 from loader.follower import StoredBatch, follow_changes
-from loader.sync import BatchStored, sync_collection
+from loader.sync import BatchStored, ensure_watermark_index, sync_collection
 from synthetic import mutate
 
 ELECTION_TIMEOUT_MS = 2_000
@@ -396,14 +396,18 @@ def test_the_snapshot_reads_from_the_members_its_read_preference_names(
 ) -> None:
     world, replica_set = rs_world, replica_stack.replica_set
     world.seed(1_000)
-    # w: all members, so whichever secondary serves the read holds every seeded document.
+    settings = world.settings.model_copy(update={"read_preference": preference})
+    # The watermark index first: each secondary's build of it scans `tasks`, which `top`
+    # counts as reads of that member.
+    ensure_watermark_index(world.db.tasks, settings)
+    # w: all members, so whichever secondary serves the read holds every seeded document (and
+    # the index).
     world.db.get_collection("sentinel", write_concern=WriteConcern(w=3)).insert_one({})
     # No election while the sync reads: on a loaded machine a 2 s timeout can elect another
     # primary, which pymongo's retried read then uses (the next test's `heal` restores it).
     set_election_timeout(world.mongo, FROZEN_ELECTION_TIMEOUT_MS)
     primary = replica_set.primary()
     assert primary is not None
-    settings = world.settings.model_copy(update={"read_preference": preference})
     namespace = f"{world.db.name}.tasks"
     term = election_term(primary)
     before = reads_per_member(replica_set, namespace)
