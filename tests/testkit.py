@@ -1,5 +1,5 @@
 """Helpers shared by several suites: a new task document, capturing Prefect's run logs, starting
-calls at once, and running the project's modules as commands."""
+a call while another runs, and running the project's modules as commands."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -83,29 +84,80 @@ def captured_run_logs(
             logger.removeHandler(handler)
 
 
-def run_at_once(call: Callable[[], T], times: int = 2, timeout_s: float | None = None) -> list[T]:
-    """Run `call` in `times` threads released together (a barrier), and return what each
-    returned, in the order they finished. An exception raised in a thread is raised here
-    once every thread has ended."""
-    barrier = threading.Barrier(times)
-    results: list[T] = []
+def run_second_while_first_runs(
+    call: Callable[[], T], first_is_running: Callable[[], bool], timeout_s: float = 600.0
+) -> tuple[T, T]:
+    """Start `call` in a thread and, once `first_is_running()` says so (or the first has
+    ended), start it again in a second thread; return (first's result, second's result). An
+    exception raised in either is raised here once both have ended."""
+    results: dict[int, T] = {}
     errors: list[BaseException] = []
 
-    def start() -> None:
-        barrier.wait()
+    def start(slot: int) -> None:
         try:
-            results.append(call())
+            results[slot] = call()
         except BaseException as exc:  # noqa: BLE001 - raised in the calling thread below
             errors.append(exc)
 
-    threads = [threading.Thread(target=start) for _ in range(times)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout_s)
+    first = threading.Thread(target=start, args=(0,))
+    first.start()
+    deadline = time.monotonic() + timeout_s
+    while first.is_alive() and not first_is_running() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    second = threading.Thread(target=start, args=(1,))
+    second.start()
+    for thread in (first, second):
+        thread.join(max(0.0, deadline - time.monotonic()))
     if errors:
         raise errors[0]
-    return results
+    return results[0], results[1]
+
+
+def flow_runs_meeting_at_the_lock(
+    run: Callable[[], dict[str, Any]],
+    settings: Any,
+    ch: Any,
+    make_changes: Callable[[int], None],
+    attempts: int = 3,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Start a flow run with `run`, and a second one once the first holds the run lock (its
+    Redis key under `settings`); return (first, second) summaries of the first attempt in which
+    the second tried the lock wholly while the first held it, as `ops.step_timings` in `ch`
+    records. Prefect's SQLite API can delay a run's start by seconds (a "database is locked"
+    answer is retried after 2 s, then 4 s), so the second may start only after the first has
+    ended; then nothing met the lock, and after `make_changes(attempt)` (work for the next
+    first run) it is tried again. Fails the test if no attempt met the lock."""
+    from flows.redis_link import RedisLink
+
+    link = RedisLink(settings, logging.getLogger("testkit"))
+    lock_key = settings.key("lock", "sync")
+    try:
+        for attempt in range(attempts):
+            first, second = run_second_while_first_runs(
+                run, lambda: bool(link.call(lambda c: c.exists(lock_key), 0))
+            )
+            assert "run_id" in first and "run_id" in second, (first, second)
+            if _tried_the_lock_while_held(ch, first["run_id"], second["run_id"]):
+                return first, second
+            make_changes(attempt)
+    finally:
+        link.close()
+    raise AssertionError(f"in {attempts} attempts no second run tried the lock while it was held")
+
+
+def _tried_the_lock_while_held(ch: Any, holder: str, other: str) -> bool:
+    """Whether run `other`'s guard step began after run `holder` took the lock (its guard step
+    ended) and ended before `holder`'s last step did (it releases the lock after that)."""
+    row = ch.query(
+        "SELECT minIf(ended_at, run_id = {h:String} AND step = 'guard'), "
+        "maxIf(ended_at, run_id = {h:String}), "
+        "minIf(started_at, run_id = {o:String} AND step = 'guard'), "
+        "maxIf(ended_at, run_id = {o:String} AND step = 'guard') "
+        "FROM ops.step_timings WHERE run_id IN ({h:String}, {o:String})",
+        parameters={"h": holder, "o": other},
+    ).result_rows[0]
+    held_from, held_until, tried_from, tried_until = row
+    return held_from <= tried_from and tried_until <= held_until
 
 
 def run_module(*args: str, env: Mapping[str, str], timeout: float) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from testkit import run_at_once
+from testkit import flow_runs_meeting_at_the_lock
 
 from flows.pipeline import sync_pipeline
 from synthetic import mutate
@@ -157,15 +157,21 @@ def test_reconcile_run_with_nothing_to_repair_builds_nothing(pipeline: Pipeline)
     assert "in step with MongoDB" in summary["message"]
 
 
-def test_two_runs_started_together_one_runs_and_one_is_skipped(pipeline: Pipeline) -> None:
-    results = run_at_once(sync_pipeline)
+def test_a_run_started_while_another_holds_the_lock_is_skipped_naming_it(
+    pipeline: Pipeline,
+) -> None:
+    def more_work(attempt: int) -> None:
+        mutate(pipeline.db, count=20, seed=100 + attempt)
 
-    assert sorted(r["status"] for r in results) == ["ok", "skipped"]
-    skipped = next(r for r in results if r["status"] == "skipped")
-    assert "another run holds the lock" in skipped["message"]
+    first, second = flow_runs_meeting_at_the_lock(
+        sync_pipeline, pipeline.settings, pipeline.ch, more_work
+    )
+
+    assert (first["status"], second["status"]) == ("ok", "skipped")
+    assert f"another run holds the lock ({first['run_id']})" in second["message"]
     recorded = pipeline.rows(
         "SELECT DISTINCT status, message FROM ops.sync_runs WHERE run_id = {r:String}",
-        r=skipped["run_id"],
+        r=second["run_id"],
     )
     assert [r["status"] for r in recorded] == ["skipped"]
     assert "another run holds the lock" in recorded[0]["message"]
