@@ -208,12 +208,13 @@ def follow_and_signal(
     (durable): the scheduled runs build the marts and run the tests.
     """
     from flows.cache import QueryCache
-    from flows.redis_link import RedisLink
+    from flows.redis_link import FOLLOWER_WITHOUT_REDIS, RetryingRedisLink
     from loader.follower import StoredBatch, follow_changes
     from loader.settings import Settings
 
     client = connect(settings)
-    cache = QueryCache(settings, RedisLink(settings, logger))
+    link = RetryingRedisLink(settings, logger, without=FOLLOWER_WITHOUT_REDIS)
+    cache = QueryCache(settings, link)
 
     def on_stored(batch: StoredBatch) -> None:
         if batch.settled is not None:
@@ -236,4 +237,5 @@ def follow_and_signal(
                 )
                 stop.wait(10)
     finally:
+        link.close()
         client.close()

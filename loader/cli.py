@@ -6,7 +6,8 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, TypeVar
@@ -36,6 +37,7 @@ from loader.shards import UNSHARDED, Shard, ShardSpecError, parse_shard
 from loader.snapshot_ranges import RangeSpec, RangeSpecError, parse_range
 
 if TYPE_CHECKING:
+    from loader.follower import StoredBatch
     from loader.sync import SyncResult
 
 T = TypeVar("T")
@@ -330,7 +332,9 @@ def watch(
 
     The resume token is stored in ops.change_stream_state after each processed batch of events,
     so a restart resumes where the previous run stopped. Stopping stores and settles the batch
-    in hand and saves the position after it first."""
+    in hand and saves the position after it first. Each batch settled into pipeline_state
+    bumps the dashboard cache's version in Redis (REDIS_URL, PIPELINE_REDIS_PREFIX), so open
+    pages show it at once."""
     from loader.follower import FollowResult, follow_changes, reset_resume_token
 
     _setup_logging(verbose)
@@ -340,7 +344,10 @@ def watch(
     errors: list[BaseException] = []
     names = _collections(collection)
     try:
-        with sync_clients(settings, names, RunKind.watch) as clients:
+        with (
+            _dashboard_refresher() as refresh_dashboard,
+            sync_clients(settings, names, RunKind.watch) as clients,
+        ):
             if reset:
                 for name in names:
                     reset_resume_token(settings, name, clients=clients)
@@ -356,6 +363,7 @@ def watch(
                         on_flush=lambda events, deletes: logging.getLogger("loader.watch").info(
                             "%s: %d delete events, %d tombstones", name, events, deletes
                         ),
+                        on_stored=refresh_dashboard,
                     )
                 except BaseException as exc:  # noqa: BLE001 - reported below
                     errors.append(exc)
@@ -391,6 +399,35 @@ def watch(
             str(r.stopped_because),
         )
     console.print(table)
+
+
+@contextmanager
+def _dashboard_refresher() -> Iterator[Callable[[StoredBatch], None]]:
+    """An `on_stored` hook that, after each batch settled into `pipeline_state`, bumps the
+    dashboard cache's data version as the service's follower does, so open pages show the new
+    state now and not only once a flow run lands. Without Redis it warns once, the follower
+    goes on, and Redis is tried again a few seconds later; a wrong PIPELINE_* variable exits
+    naming it."""
+    from flows.cache import QueryCache
+    from flows.redis_link import FOLLOWER_WITHOUT_REDIS, RetryingRedisLink
+    from flows.settings import FlowSettings
+
+    try:
+        flow_settings = FlowSettings()
+    except ValidationError as exc:
+        raise _fail(exc) from None
+    log = logging.getLogger("loader.watch")
+    link = RetryingRedisLink(flow_settings, log, without=FOLLOWER_WITHOUT_REDIS)
+    cache = QueryCache(flow_settings, link)
+
+    def refresh(batch: StoredBatch) -> None:
+        if batch.settled is not None:
+            cache.bump_version()
+
+    try:
+        yield refresh
+    finally:
+        link.close()
 
 
 @app.command()

@@ -39,9 +39,10 @@ from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flows import ops
+from flows.redis_link import WEB_WITHOUT_REDIS, RetryingRedisLink
 from loader.clients import connect_clickhouse
 from web import views
-from web.data import LiveRedisLink, Reader, ReadStats
+from web.data import Reader, ReadStats
 from web.live import Broadcaster
 from web.settings import WebSettings
 
@@ -127,7 +128,7 @@ class Dashboard:
 
     def __init__(self, settings: WebSettings):
         self.settings = settings
-        self.link = LiveRedisLink(settings, logger)
+        self.link = RetryingRedisLink(settings, logger, without=WEB_WITHOUT_REDIS)
         # Sessionless (the factory's configuration): the pages' queries run concurrently, one
         # thread per request, and ClickHouse refuses concurrent queries within one session.
         self.ch = connect_clickhouse(settings)

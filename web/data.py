@@ -11,8 +11,6 @@ are cached for `PIPELINE_WEB_CLOCK_TTL_SECONDS` at most.
 from __future__ import annotations
 
 import json
-import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -361,30 +359,6 @@ def describe_error(exc: BaseException) -> str:
     if any(code in text for code in ("UNKNOWN_TABLE", "UNKNOWN_DATABASE", "code: 60", "code: 81")):
         return "no data yet: run `make sync` (or wait for the scheduled run) to build the marts"
     return text
-
-
-class LiveRedisLink(RedisLink):
-    """A `RedisLink` for a long-lived server: after a failure it tries again a while later
-    instead of staying down for good (a flow run's link lives for one run only)."""
-
-    retry_after_s = 5.0
-
-    def __init__(self, settings: WebSettings, logger: logging.Logger):
-        super().__init__(settings, logger)
-        self._down_since = 0.0
-        self._lock = threading.Lock()
-
-    def _mark_down(self, exc: BaseException) -> None:
-        self._down_since = time.monotonic()
-        super()._mark_down(exc)
-
-    def client(self) -> Any:
-        if self.down and time.monotonic() - self._down_since > self.retry_after_s:
-            with self._lock:
-                if self.down:
-                    self.down = False
-                    self.close()
-        return super().client()
 
 
 class Reader:

@@ -141,22 +141,20 @@ def test_the_change_follower_signals_a_change_and_marks_its_build_pending(
     assert "employee" in pending_builds(ch, ["employee"])
 
 
-def test_the_hot_path_shows_a_task_write_on_the_dashboard_without_a_flow_run(
-    pipeline: Any,
-) -> None:
-    """With the store built once, the follower alone carries a new task to the dashboard's
-    panels (through the cache, whose data version it bumps): no signal, no flow run."""
+def _new_task_on_the_cached_dashboard(
+    pipeline: Any, follower: Callable[[threading.Event], Callable[[], None]]
+) -> tuple[int, int]:
+    """After the caller's flow run, with the dashboard's `files_by_stage_status` panel cached,
+    start `follower(stop)` (it returns how to wait for its end once `stop` is set), write a new
+    `intake` task once its stream is open, and read the panel through the cache until it
+    changes (or 60 s): the panel's count of assigned intake files before and after."""
     import time
 
     from flows.dashboard import PANELS, collect
-    from flows.events import follow_and_signal
-    from flows.pipeline import sync_pipeline
     from flows.redis_link import RedisLink
 
     settings = pipeline.settings
     log = logging.getLogger("test")
-    sync_pipeline()
-    runs = pipeline.scalar("SELECT uniqExact(run_id) FROM ops.step_timings")
     panel = tuple(p for p in PANELS if p.name == "files_by_stage_status")
     link = RedisLink(settings, log)
 
@@ -167,10 +165,7 @@ def test_the_hot_path_shows_a_task_write_on_the_dashboard_without_a_flow_run(
     before = files("intake", "assigned")
     assert collect(settings, link, pipeline.ch, log, panel)[0].hit  # cached from here on
     stop = threading.Event()
-    follower = threading.Thread(
-        target=follow_and_signal, args=(settings, "tasks", stop, log), daemon=True
-    )
-    follower.start()
+    wait_for_end = follower(stop)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not pipeline.scalar(
@@ -185,9 +180,63 @@ def test_the_hot_path_shows_a_task_write_on_the_dashboard_without_a_flow_run(
             seen = files("intake", "assigned")
     finally:
         stop.set()
-        follower.join(timeout=30)
+        wait_for_end()
         link.close()
+    return before, seen
+
+
+def test_the_hot_path_shows_a_task_write_on_the_dashboard_without_a_flow_run(
+    pipeline: Any,
+) -> None:
+    """With the store built once, the service's follower alone carries a new task to the
+    dashboard's panels (through the cache, whose data version it bumps): no signal, no flow
+    run."""
+    from flows.events import follow_and_signal
+    from flows.pipeline import sync_pipeline
+
+    def service_follower(stop: threading.Event) -> Callable[[], None]:
+        args = (pipeline.settings, "tasks", stop, logging.getLogger("test"))
+        thread = threading.Thread(target=follow_and_signal, args=args, daemon=True)
+        thread.start()
+        return lambda: thread.join(timeout=30)
+
+    sync_pipeline()
+    runs = pipeline.scalar("SELECT uniqExact(run_id) FROM ops.step_timings")
+    before, seen = _new_task_on_the_cached_dashboard(pipeline, service_follower)
 
     assert seen == before + 1
-    assert connect(settings).xlen(stream_key(settings)) == 0
+    assert connect(pipeline.settings).xlen(stream_key(pipeline.settings)) == 0
     assert pipeline.scalar("SELECT uniqExact(run_id) FROM ops.step_timings") == runs
+
+
+def test_a_loader_watch_started_by_hand_also_refreshes_the_cached_dashboard(
+    pipeline: Any,
+) -> None:
+    """`python -m loader watch --all-changes`, run by hand, bumps the dashboard cache's data
+    version after each settled batch as the service's follower does: a cached panel shows a
+    new task without waiting for a flow run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from flows.pipeline import sync_pipeline
+
+    def hand_started_watch(stop: threading.Event) -> Callable[[], None]:
+        command = ["-m", "loader", "watch", "--collection", "tasks", "--all-changes"]
+        proc = subprocess.Popen([sys.executable, *command], env=dict(os.environ))
+
+        def end() -> None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+
+        return end
+
+    sync_pipeline()
+    before, seen = _new_task_on_the_cached_dashboard(pipeline, hand_started_watch)
+
+    assert seen == before + 1
