@@ -1,9 +1,10 @@
-"""One Redis connection per flow run / dashboard call that degrades to "no Redis", warning once.
+"""A Redis connection that degrades to "no Redis", warning once: one per flow run or dashboard
+call (`RedisLink`), or one per long-lived process (`RetryingRedisLink`: the web server, a change
+follower), which tries Redis again a while after a failure.
 
 Redis is an accelerator here (cache, lock, change signals), never a dependency: when it is down
-the caller gets `None` and carries on, and the operator reads one warning, not one per query.
-A long-lived caller (the web server, a change follower) uses `RetryingRedisLink`, which tries
-again a while after a failure.
+or refuses a command (out of memory, read-only) the caller gets its default and carries on, and
+the operator reads one warning, saying what goes missing, not one per query.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ WEB_WITHOUT_REDIS = (
 
 class RedisLink:
     """A lazily connected Redis client that reports the first failure once and then stays quiet.
-    `without` says in the warning what the caller goes without."""
+    `without` says in the warning what the caller goes without. Thread-safe: threads share its
+    client (a connection pool)."""
 
     def __init__(
         self,
@@ -59,39 +61,50 @@ class RedisLink:
         self._logger = logger
         self._without = without
         self._client: redis.Redis | None = None
+        self._lock = threading.Lock()  # guards connecting and dropping the client
         self.down = False
         self.warned = False
 
-    def _mark_down(self, exc: BaseException) -> None:
-        self.down = True
+    def _warn_once(self, problem: str, exc: BaseException, fix: str) -> None:
         if not self.warned:
             self.warned = True
             self._logger.warning(
-                "Redis at %s is unreachable (%s): %s Start Redis (`make up`) or fix REDIS_URL "
-                "to restore them.",
+                "Redis at %s %s (%s): %s %s",
                 self._settings.redis_url,
+                problem,
                 exc,
                 self._without,
+                fix,
             )
+
+    def _mark_down(self, exc: BaseException) -> None:
+        self.down = True
+        self._warn_once("is unreachable", exc, "Start Redis (`make up`) or fix REDIS_URL.")
 
     def client(self) -> redis.Redis | None:
         """The client if Redis answered so far (checked with a PING on first use), else None."""
         if self.down:
             return None
-        if self._client is None:
-            self._client = connect_redis(self._settings)
-            try:
-                self._client.ping()
-            except REDIS_ERRORS as exc:
-                self._mark_down(exc)
-                return None
-        return self._client
+        if self._client is not None:
+            return self._client
+        with self._lock:
+            if self._client is None and not self.down:
+                fresh = connect_redis(self._settings)
+                try:
+                    fresh.ping()
+                except REDIS_ERRORS as exc:
+                    fresh.close()
+                    self._mark_down(exc)
+                    return None
+                self._client = fresh
+            return None if self.down else self._client
 
     def call(self, fn: Callable[[redis.Redis], T], default: T) -> T:
         """Run `fn(client)`; on a Redis failure return `default` (warning once).
 
-        After one failure the link stays down for its lifetime (one flow run or one dashboard
-        call), so a dead Redis costs one connect timeout, not one per query.
+        After Redis is found unreachable the link stays down (for good here; for a while in
+        `RetryingRedisLink`), so a dead Redis costs one connect timeout, not one per query. A
+        command Redis refuses (out of memory, read-only replica) costs only that call.
         """
         client = self.client()
         if client is None:
@@ -100,17 +113,24 @@ class RedisLink:
             return fn(client)
         except REDIS_ERRORS as exc:
             self._mark_down(exc)
-            return default
+        except redis.RedisError as exc:
+            self._warn_once("refused a command", exc, "Check the Redis server's memory and log.")
+        return default
 
-    def close(self) -> None:
+    def _drop_client(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
 
+    def close(self) -> None:
+        with self._lock:
+            self._drop_client()
+
 
 class RetryingRedisLink(RedisLink):
-    """A `RedisLink` for a long-lived process: after a failure it tries again `retry_after_s`
-    later instead of staying down for good (a flow run's link lives for one run only)."""
+    """A `RedisLink` for a long-lived process: after Redis was found unreachable it tries again
+    `retry_after_s` later instead of staying down for good, and once Redis answers again it
+    says so and warns again at the next outage."""
 
     retry_after_s = 5.0
 
@@ -119,20 +139,25 @@ class RetryingRedisLink(RedisLink):
         settings: FlowSettings,
         logger: logging.Logger | logging.LoggerAdapter,
         *,
-        without: str = FLOW_RUN_WITHOUT_REDIS,
+        without: str,
     ):
         super().__init__(settings, logger, without=without)
         self._down_since = 0.0
-        self._lock = threading.Lock()
 
     def _mark_down(self, exc: BaseException) -> None:
         self._down_since = time.monotonic()
         super()._mark_down(exc)
 
     def client(self) -> redis.Redis | None:
+        retrying = False
         if self.down and time.monotonic() - self._down_since > self.retry_after_s:
             with self._lock:
                 if self.down:
                     self.down = False
-                    self.close()
-        return super().client()
+                    self._drop_client()
+                    retrying = True
+        client = super().client()
+        if retrying and client is not None:
+            self._logger.info("Redis at %s answers again", self._settings.redis_url)
+            self.warned = False
+        return client

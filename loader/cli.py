@@ -407,7 +407,8 @@ def _dashboard_refresher() -> Iterator[Callable[[StoredBatch], None]]:
     dashboard cache's data version as the service's follower does, so open pages show the new
     state now and not only once a flow run lands. Without Redis it warns once, the follower
     goes on, and Redis is tried again a few seconds later; a wrong PIPELINE_* variable exits
-    naming it."""
+    naming it. The cache belongs to `flows` (which builds on the loader): only this command
+    imports it, so the loader's library modules stay free of it."""
     from flows.cache import QueryCache
     from flows.redis_link import FOLLOWER_WITHOUT_REDIS, RetryingRedisLink
     from flows.settings import FlowSettings

@@ -110,6 +110,7 @@ def run_second_while_first_runs(
         thread.join(max(0.0, deadline - time.monotonic()))
     if errors:
         raise errors[0]
+    assert not first.is_alive() and not second.is_alive(), f"a call ran over {timeout_s} s"
     return results[0], results[1]
 
 
@@ -127,37 +128,44 @@ def flow_runs_meeting_at_the_lock(
     answer is retried after 2 s, then 4 s), so the second may start only after the first has
     ended; then nothing met the lock, and after `make_changes(attempt)` (work for the next
     first run) it is tried again. Fails the test if no attempt met the lock."""
-    from flows.redis_link import RedisLink
+    from loader.clients import connect_redis
 
-    link = RedisLink(settings, logging.getLogger("testkit"))
+    redis = connect_redis(settings)
     lock_key = settings.key("lock", "sync")
+    tried: list[Any] = []
     try:
         for attempt in range(attempts):
-            first, second = run_second_while_first_runs(
-                run, lambda: bool(link.call(lambda c: c.exists(lock_key), 0))
-            )
+            first, second = run_second_while_first_runs(run, lambda: bool(redis.exists(lock_key)))
             assert "run_id" in first and "run_id" in second, (first, second)
-            if _tried_the_lock_while_held(ch, first["run_id"], second["run_id"]):
+            tried.append(_lock_times(ch, first["run_id"], second["run_id"]))
+            held_from, held_until, tried_from, tried_until = tried[-1]
+            if held_from <= tried_from and tried_until <= held_until:
                 return first, second
             make_changes(attempt)
     finally:
-        link.close()
-    raise AssertionError(f"in {attempts} attempts no second run tried the lock while it was held")
+        redis.close()
+    raise AssertionError(
+        f"in {attempts} attempts no second run tried the lock while it was held: "
+        f"(held from, held until, tried from, tried until) = {tried}"
+    )
 
 
-def _tried_the_lock_while_held(ch: Any, holder: str, other: str) -> bool:
-    """Whether run `other`'s guard step began after run `holder` took the lock (its guard step
-    ended) and ended before `holder`'s last step did (it releases the lock after that)."""
-    row = ch.query(
+def _lock_times(ch: Any, holder: str, other: str) -> tuple[Any, Any, Any, Any]:
+    """When run `holder` held the lock (from the end of its guard step, which times taking
+    it, to the end of its last step: it releases the lock after that), and when run `other`
+    tried it (its guard step), from `ops.step_timings`."""
+    rows = ch.query(
         "SELECT minIf(ended_at, run_id = {h:String} AND step = 'guard'), "
         "maxIf(ended_at, run_id = {h:String}), "
         "minIf(started_at, run_id = {o:String} AND step = 'guard'), "
-        "maxIf(ended_at, run_id = {o:String} AND step = 'guard') "
+        "maxIf(ended_at, run_id = {o:String} AND step = 'guard'), "
+        "countIf(run_id = {h:String} AND step = 'guard'), "
+        "countIf(run_id = {o:String} AND step = 'guard') "
         "FROM ops.step_timings WHERE run_id IN ({h:String}, {o:String})",
         parameters={"h": holder, "o": other},
     ).result_rows[0]
-    held_from, held_until, tried_from, tried_until = row
-    return held_from <= tried_from and tried_until <= held_until
+    assert tuple(rows[4:]) == (1, 1), f"one guard step per run: {holder}, {other}: {rows[4:]}"
+    return rows[0], rows[1], rows[2], rows[3]
 
 
 def run_module(*args: str, env: Mapping[str, str], timeout: float) -> str:

@@ -7,6 +7,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -210,7 +211,7 @@ def test_the_hot_path_shows_a_task_write_on_the_dashboard_without_a_flow_run(
 
 
 def test_a_loader_watch_started_by_hand_also_refreshes_the_cached_dashboard(
-    pipeline: Any,
+    pipeline: Any, tmp_path: Path
 ) -> None:
     """`python -m loader watch --all-changes`, run by hand, bumps the dashboard cache's data
     version after each settled batch as the service's follower does: a cached panel shows a
@@ -222,21 +223,30 @@ def test_a_loader_watch_started_by_hand_also_refreshes_the_cached_dashboard(
 
     from flows.pipeline import sync_pipeline
 
+    log_path = tmp_path / "watch.log"
+    watches: list[subprocess.Popen[bytes]] = []
+
     def hand_started_watch(stop: threading.Event) -> Callable[[], None]:
         command = ["-m", "loader", "watch", "--collection", "tasks", "--all-changes"]
-        proc = subprocess.Popen([sys.executable, *command], env=dict(os.environ))
+        with log_path.open("wb") as log:
+            watches.append(
+                subprocess.Popen(
+                    [sys.executable, *command], env=dict(os.environ), stdout=log, stderr=log
+                )
+            )
 
         def end() -> None:
-            proc.send_signal(signal.SIGTERM)
+            watches[0].send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=30)
+                watches[0].wait(timeout=30)
             finally:
-                if proc.poll() is None:
-                    proc.kill()
+                if watches[0].poll() is None:
+                    watches[0].kill()
 
         return end
 
     sync_pipeline()
     before, seen = _new_task_on_the_cached_dashboard(pipeline, hand_started_watch)
 
+    assert watches[0].returncode == 0, log_path.read_text()  # ran until SIGTERM stopped it
     assert seen == before + 1

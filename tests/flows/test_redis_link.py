@@ -1,15 +1,16 @@
-"""The Redis link of long-lived processes (web server, change followers): one warning that says
-what goes missing, and Redis used again once it is back."""
+"""The Redis link: one warning that says what goes missing; for long-lived processes (web server,
+change followers), Redis used again once it is back."""
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from typing import Any
 
 import pytest
 
-from flows.redis_link import FOLLOWER_WITHOUT_REDIS, RetryingRedisLink
+from flows.redis_link import FOLLOWER_WITHOUT_REDIS, RedisLink, RetryingRedisLink
 from flows.settings import FlowSettings
 
 
@@ -37,3 +38,24 @@ def test_a_retrying_link_warns_once_and_uses_redis_again_once_it_is_back(
     assert len(warnings) == 1, warnings
     assert FOLLOWER_WITHOUT_REDIS in warnings[0]
     link.close()
+
+
+def test_a_command_redis_refuses_costs_only_that_call_and_one_warning(
+    stack: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = logging.getLogger("test.redis_link.refused")
+    link = RedisLink(FlowSettings(), log)
+    key = f"test-refused-{uuid.uuid4().hex[:8]}"
+    assert link.call(lambda c: c.rpush(key, "not a counter"), None) == 1
+    try:
+        with caplog.at_level(logging.WARNING, logger=log.name):
+            refused = [link.call(lambda c: c.incr(key), None) for _ in range(2)]  # WRONGTYPE
+        answered = link.call(lambda c: c.ping(), None)
+    finally:
+        link.call(lambda c: c.delete(key), None)
+        link.close()
+
+    assert refused == [None, None]
+    assert answered is True  # not taken for down
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "refused a command" in warnings[0], warnings

@@ -170,5 +170,7 @@ def test_two_overlapping_flow_runs_twice_leave_no_duplicate_and_lose_nothing(
         assert first["run_id"] in second["message"]
     # Deletes of round 2 reached ClickHouse through the ok run's own drift check and reconcile.
     comparisons = compare_everything(flow_world)
-    report.record("6 two flow runs at once (x2)", comparisons, time.monotonic() - started, faults=2)
+    report.record(
+        "6 two overlapping flow runs (x2)", comparisons, time.monotonic() - started, faults=2
+    )
     assert_all_ok(comparisons)

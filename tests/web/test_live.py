@@ -155,13 +155,13 @@ def test_documents_that_differ_from_mongodb_are_on_the_banner_until_repaired(
 def test_old_data_is_flagged_past_the_sync_threshold(site: Site) -> None:
     import logging
 
-    from flows.redis_link import RetryingRedisLink
+    from flows.redis_link import WEB_WITHOUT_REDIS, RetryingRedisLink
     from web.data import Reader, ReadStats
     from web.settings import WebSettings
     from web.views import now_ms, trust
 
     strict = WebSettings(web_stale_minutes=0.0001)  # 6 ms: every sync is older than that
-    link = RetryingRedisLink(strict, logging.getLogger("test"))
+    link = RetryingRedisLink(strict, logging.getLogger("test"), without=WEB_WITHOUT_REDIS)
     try:
         reader = Reader(strict, link, site.ch)
         fresh = trust(reader, site.settings, ReadStats(), now_ms())
