@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from flows.redis_link import RedisLink
+from flows.redis_link import FOLLOWER_WITHOUT_REDIS, RedisLink, RetryingRedisLink
 from flows.settings import FlowSettings
+
+if TYPE_CHECKING:
+    from loader.follower import StoredBatch
 
 Rows = list[dict[str, Any]]
 
@@ -188,3 +193,27 @@ class QueryCache:
         if raw is None:
             return None
         return CacheStats(hits=int(raw.get("hits", 0)), misses=int(raw.get("misses", 0)))
+
+
+@contextmanager
+def settled_batch_refresher(
+    settings: FlowSettings, logger: logging.Logger | logging.LoggerAdapter
+) -> Iterator[Callable[[StoredBatch], bool]]:
+    """A change follower's `on_stored` hook (the service's and `python -m loader watch`'s):
+    after a batch settled into `pipeline_state` it bumps the data version, so open pages show
+    the new state at once, and returns True; a batch the hot path does not carry to the
+    dashboard (not settled) it leaves to the caller and returns False. Its Redis link, closed
+    on exit, warns once while Redis is down and tries it again a few seconds later."""
+    link = RetryingRedisLink(settings, logger, without=FOLLOWER_WITHOUT_REDIS)
+    cache = QueryCache(settings, link)
+
+    def refresh(batch: StoredBatch) -> bool:
+        if batch.settled is None:
+            return False
+        cache.bump_version()
+        return True
+
+    try:
+        yield refresh
+    finally:
+        link.close()

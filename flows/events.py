@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable
+from contextlib import closing
 from typing import Any
 
 import redis
@@ -207,25 +208,22 @@ def follow_and_signal(
     when `--events` listens. Every write also marks its build pending in `ops.build_pending`
     (durable): the scheduled runs build the marts and run the tests.
     """
-    from flows.cache import QueryCache
-    from flows.redis_link import FOLLOWER_WITHOUT_REDIS, RetryingRedisLink
+    from flows.cache import settled_batch_refresher
     from loader.follower import StoredBatch, follow_changes
     from loader.settings import Settings
 
-    client = connect(settings)
-    link = RetryingRedisLink(settings, logger, without=FOLLOWER_WITHOUT_REDIS)
-    cache = QueryCache(settings, link)
-
     def on_stored(batch: StoredBatch) -> None:
-        if batch.settled is not None:
-            cache.bump_version()
+        if refresh_dashboard(batch):
             return
         try:
             signal_change(client, settings, collection, events=batch.events, deletes=batch.deletes)
         except REDIS_ERRORS as exc:  # the pending flag is durable; the schedule picks it up
             logger.warning("Could not signal a change of %s (%s)", collection, exc)
 
-    try:
+    with (
+        closing(connect(settings)) as client,
+        settled_batch_refresher(settings, logger) as refresh_dashboard,
+    ):
         while not stop.is_set():
             try:
                 follow_changes(
@@ -236,6 +234,3 @@ def follow_and_signal(
                     "Change follower of %s stopped (%s); restarting in 10 s", collection, exc
                 )
                 stop.wait(10)
-    finally:
-        link.close()
-        client.close()

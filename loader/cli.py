@@ -402,33 +402,20 @@ def watch(
 
 
 @contextmanager
-def _dashboard_refresher() -> Iterator[Callable[[StoredBatch], None]]:
-    """An `on_stored` hook that, after each batch settled into `pipeline_state`, bumps the
-    dashboard cache's data version as the service's follower does, so open pages show the new
-    state now and not only once a flow run lands. Without Redis it warns once, the follower
-    goes on, and Redis is tried again a few seconds later; a wrong PIPELINE_* variable exits
-    naming it. The cache belongs to `flows` (which builds on the loader): only this command
-    imports it, so the loader's library modules stay free of it."""
-    from flows.cache import QueryCache
-    from flows.redis_link import FOLLOWER_WITHOUT_REDIS, RetryingRedisLink
+def _dashboard_refresher() -> Iterator[Callable[[StoredBatch], bool]]:
+    """The service follower's `on_stored` hook (`flows.cache.settled_batch_refresher`): each
+    batch settled into `pipeline_state` refreshes open dashboard pages. A wrong PIPELINE_*
+    variable exits naming it. The cache belongs to `flows` (which builds on the loader): only
+    this command imports it, so the loader's library modules stay free of it."""
+    from flows.cache import settled_batch_refresher
     from flows.settings import FlowSettings
 
     try:
         flow_settings = FlowSettings()
     except ValidationError as exc:
         raise _fail(exc) from None
-    log = logging.getLogger("loader.watch")
-    link = RetryingRedisLink(flow_settings, log, without=FOLLOWER_WITHOUT_REDIS)
-    cache = QueryCache(flow_settings, link)
-
-    def refresh(batch: StoredBatch) -> None:
-        if batch.settled is not None:
-            cache.bump_version()
-
-    try:
+    with settled_batch_refresher(flow_settings, logging.getLogger("loader.watch")) as refresh:
         yield refresh
-    finally:
-        link.close()
 
 
 @app.command()
